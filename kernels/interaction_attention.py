@@ -1,0 +1,365 @@
+"""Triton kernels for attention that can also write its exact softmax maps.
+
+Notation (per batch b, query head h, kv head h // GROUP): S = scale * Q K^T + mask, P = softmax(S),
+O = P V. Scores are kept in base 2 (S2 = S * log2(e)) so that exp2 can be used; `lse` is stored in
+natural log units, (B, H, M) float32, +inf for query rows that have no unmasked key, which makes
+P = exp(S - lse) exactly 0 on those rows in every pass.
+
+All tensors are read through their strides (masks broadcast with stride 0); batch and head
+offsets are computed in int64 because maps of (B, H, N, N) overflow int32 offsets. Programs are
+laid out on a 1-D grid with the row blocks of one (b, h) adjacent, so they share K/V in L2.
+
+Kernels know nothing of autograd or modules: lfi.backends.triton launches them.
+"""
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = 1.4426950408889634
+LN2: tl.constexpr = 0.6931471805599453
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    # The CPU interpreter multiplies raw bf16 bits in tl.dot, so it gets float32 operands.
+    if DOT_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _scores(q, k_ptrs, mask_ptrs, offs_m, offs_n, M, N, qk_scale2, k_load_mask,
+            IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+            DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr):
+    """Base-2 masked scores (BLOCK_M, BLOCK_N) for q (BLOCK_M, BLOCK_D) and the key block at k_ptrs
+    (laid out (BLOCK_D, BLOCK_N)); keys past N and masked keys are -inf."""
+    k_t = tl.load(k_ptrs, mask=k_load_mask, other=0.0)
+    s = _dot(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION) * qk_scale2
+    valid = (offs_n < N)[None, :]
+    if IS_CAUSAL:
+        valid = valid & (offs_n[None, :] <= offs_m[:, None])
+    if HAS_MASK:
+        in_bounds = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        if MASK_BOOL:
+            valid = valid & (tl.load(mask_ptrs, mask=in_bounds, other=0) != 0)
+        else:
+            s += tl.load(mask_ptrs, mask=in_bounds, other=0.0).to(tl.float32) * LOG2E
+    return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def attention_fwd_kernel(
+    Q, K, V, MASK, OUT, LSE, W,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_wb, stride_wh, stride_wm, stride_wn,
+    H, GROUP, M, N, qk_scale2, w_start, w_stop,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per (row block, b, h). Writes OUT (B, H, M, Dv), LSE (B, H, M) and, for the rows
+    in [w_start, w_stop), the exact maps W (B, H, w_stop - w_start, N).
+
+    Row blocks that overlap the map rows take two passes over the keys: the first finds the row
+    max and sum, the second computes P = exp(S - lse) exactly, writes it, and accumulates P V.
+    The other row blocks take the usual single online-softmax pass.
+    """
+    num_m_blocks = tl.cdiv(M, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m_blocks
+    pid_bh = pid // num_m_blocks
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < M
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh + offs_d[:, None] * stride_kd
+    v_base = V + b * stride_vb + hk * stride_vh + offs_dv[None, :] * stride_vd
+    mask_base = MASK + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mm
+
+    hi = N
+    if IS_CAUSAL:
+        hi = tl.minimum(N, (pid_m + 1) * BLOCK_M)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    row_lo = pid_m * BLOCK_M
+    writes_maps = (row_lo < w_stop) & (row_lo + BLOCK_M > w_start)
+    if writes_maps:
+        for start_n in range(0, hi, BLOCK_N):
+            offs_n = start_n + offs_n0
+            s = _scores(q, k_base + offs_n[None, :] * stride_kn, mask_base + offs_n[None, :] * stride_mn,
+                        offs_m, offs_n, M, N, qk_scale2,
+                        (offs_d < HEAD_DIM)[:, None] & (offs_n < N)[None, :],
+                        IS_CAUSAL, HAS_MASK, MASK_BOOL, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+            m_i = m_new
+        m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
+        lse2 = tl.where(l_i == 0.0, float("inf"), m_fin + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+        w_rows = (offs_m >= w_start) & (offs_m < w_stop)
+        w_base = W + b * stride_wb + h * stride_wh + (offs_m - w_start)[:, None] * stride_wm
+        for start_n in range(0, hi, BLOCK_N):
+            offs_n = start_n + offs_n0
+            s = _scores(q, k_base + offs_n[None, :] * stride_kn, mask_base + offs_n[None, :] * stride_mn,
+                        offs_m, offs_n, M, N, qk_scale2,
+                        (offs_d < HEAD_DIM)[:, None] & (offs_n < N)[None, :],
+                        IS_CAUSAL, HAS_MASK, MASK_BOOL, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
+            p = tl.exp2(s - lse2[:, None]).to(W.dtype.element_ty)
+            tl.store(w_base + offs_n[None, :] * stride_wn, p, mask=w_rows[:, None] & (offs_n < N)[None, :])
+            v = tl.load(v_base + offs_n[:, None] * stride_vn,
+                        mask=(offs_n < N)[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
+            acc = _dot(p.to(V.dtype.element_ty), v, acc, DOT_FP32, PRECISION)
+        # Causal rows have no keys past `hi`: their maps are zero there.
+        for start_n in range(hi, N, BLOCK_N):
+            offs_n = start_n + offs_n0
+            tl.store(w_base + offs_n[None, :] * stride_wn, tl.zeros([BLOCK_M, BLOCK_N], dtype=W.dtype.element_ty),
+                     mask=w_rows[:, None] & (offs_n < N)[None, :])
+    else:
+        for start_n in range(0, hi, BLOCK_N):
+            offs_n = start_n + offs_n0
+            s = _scores(q, k_base + offs_n[None, :] * stride_kn, mask_base + offs_n[None, :] * stride_mn,
+                        offs_m, offs_n, M, N, qk_scale2,
+                        (offs_d < HEAD_DIM)[:, None] & (offs_n < N)[None, :],
+                        IS_CAUSAL, HAS_MASK, MASK_BOOL, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn,
+                        mask=(offs_n < N)[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
+            acc = _dot(p.to(V.dtype.element_ty), v, acc * alpha[:, None], DOT_FP32, PRECISION)
+            m_i = m_new
+        m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
+        lse2 = tl.where(l_i == 0.0, float("inf"), m_fin + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+        acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+
+    tl.store(LSE + pid_bh.to(tl.int64) * M + offs_m, lse2 * LN2, mask=row_ok)
+    tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+             acc.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
+
+
+@triton.jit
+def attention_bwd_preprocess_kernel(
+    OUT, DOUT, DELTA, Q, K, MASK, LSE, DW,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_gb, stride_gh, stride_gm, stride_gn,
+    H, GROUP, M, N, qk_scale2, w_start, w_stop,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_DW: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """DELTA (B, H, M) float32 = rowsum(dO * O) + rowsum(P * G), G = dL/dW on the map rows."""
+    num_m_blocks = tl.cdiv(M, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m_blocks
+    pid_bh = pid // num_m_blocks
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < M
+    ov_mask = row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :]
+    o = tl.load(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+                mask=ov_mask, other=0.0).to(tl.float32)
+    do = tl.load(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                 mask=ov_mask, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if HAS_DW:
+        row_lo = pid_m * BLOCK_M
+        if (row_lo < w_stop) & (row_lo + BLOCK_M > w_start):
+            hk = h // GROUP
+            offs_n0 = tl.arange(0, BLOCK_N)
+            offs_d = tl.arange(0, BLOCK_D)
+            q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                        mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+            lse2 = tl.load(LSE + pid_bh.to(tl.int64) * M + offs_m, mask=row_ok, other=0.0) * LOG2E
+            k_base = K + b * stride_kb + hk * stride_kh + offs_d[:, None] * stride_kd
+            mask_base = MASK + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mm
+            w_rows = (offs_m >= w_start) & (offs_m < w_stop)
+            g_base = DW + b * stride_gb + h * stride_gh + (offs_m - w_start)[:, None] * stride_gm
+            hi = N
+            if IS_CAUSAL:
+                hi = tl.minimum(N, (pid_m + 1) * BLOCK_M)
+            for start_n in range(0, hi, BLOCK_N):
+                offs_n = start_n + offs_n0
+                s = _scores(q, k_base + offs_n[None, :] * stride_kn, mask_base + offs_n[None, :] * stride_mn,
+                            offs_m, offs_n, M, N, qk_scale2,
+                            (offs_d < HEAD_DIM)[:, None] & (offs_n < N)[None, :],
+                            IS_CAUSAL, HAS_MASK, MASK_BOOL, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
+                p = tl.exp2(s - lse2[:, None])
+                g = tl.load(g_base + offs_n[None, :] * stride_gn, mask=w_rows[:, None] & (offs_n < N)[None, :],
+                            other=0.0).to(tl.float32)
+                delta += tl.sum(p * g, 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * M + offs_m, delta, mask=row_ok)
+
+
+@triton.jit
+def attention_bwd_dkdv_kernel(
+    Q, K, V, MASK, DOUT, DW, LSE, DELTA, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_gb, stride_gh, stride_gm, stride_gn,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    H, HKV, GROUP, M, N, qk_scale2, scale, w_start, w_stop,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_DW: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per (key block, b, kv head): dV = sum P^T dO and dK = scale sum dS^T Q over the
+    GROUP query heads sharing the kv head, so no atomics are needed."""
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_n = pid % num_n_blocks
+    pid_bhk = pid // num_n_blocks
+    b = (pid_bhk // HKV).to(tl.int64)
+    hk = (pid_bhk % HKV).to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    key_ok = offs_n < N
+    k_t_ptrs = K + b * stride_kb + hk * stride_kh + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
+    k_t_mask = (offs_d < HEAD_DIM)[:, None] & key_ok[None, :]
+    v_t = tl.load(V + b * stride_vb + hk * stride_vh + offs_dv[:, None] * stride_vd + offs_n[None, :] * stride_vn,
+                  mask=(offs_dv < HEAD_DIM_V)[:, None] & key_ok[None, :], other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    lo = 0
+    if IS_CAUSAL:
+        # Query i sees key j only when j <= i: skip row blocks entirely above this key block.
+        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        q_base = Q + b * stride_qb + h * stride_qh + offs_d[None, :] * stride_qd
+        do_base = DOUT + b * stride_dob + h * stride_doh + offs_dv[None, :] * stride_dod
+        mask_base = MASK + b * stride_mb + h * stride_mh + offs_n[None, :] * stride_mn
+        g_base = DW + b * stride_gb + h * stride_gh + offs_n[None, :] * stride_gn
+        row_stats = (b * H + h) * M
+        for start_m in range(lo, M, BLOCK_M):
+            offs_m = start_m + offs_m0
+            row_ok = offs_m < M
+            q = tl.load(q_base + offs_m[:, None] * stride_qm, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :],
+                        other=0.0)
+            s = _scores(q, k_t_ptrs, mask_base + offs_m[:, None] * stride_mm, offs_m, offs_n, M, N, qk_scale2,
+                        k_t_mask, IS_CAUSAL, HAS_MASK, MASK_BOOL, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
+            lse2 = tl.load(LSE + row_stats + offs_m, mask=row_ok, other=float("inf")) * LOG2E
+            p = tl.exp2(s - lse2[:, None])
+            do = tl.load(do_base + offs_m[:, None] * stride_dom, mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :],
+                         other=0.0)
+            dv = _dot(tl.trans(p.to(DOUT.dtype.element_ty)), do, dv, DOT_FP32, PRECISION)
+            dp = _dot(do, v_t.to(DOUT.dtype.element_ty), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
+                      DOT_FP32, PRECISION)
+            if HAS_DW:
+                w_rows = (offs_m >= w_start) & (offs_m < w_stop)
+                dp += tl.load(g_base + (offs_m - w_start)[:, None] * stride_gm, mask=w_rows[:, None] & key_ok[None, :],
+                              other=0.0).to(tl.float32)
+            delta = tl.load(DELTA + row_stats + offs_m, mask=row_ok, other=0.0)
+            ds = p * (dp - delta[:, None])
+            dk = _dot(tl.trans(ds.to(Q.dtype.element_ty)), q, dk, DOT_FP32, PRECISION)
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             (dk * scale).to(DK.dtype.element_ty), mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+    tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=key_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
+
+
+@triton.jit
+def attention_bwd_dq_kernel(
+    Q, K, V, MASK, DOUT, DW, LSE, DELTA, DQ, DS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_gb, stride_gh, stride_gm, stride_gn,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    H, GROUP, M, N, qk_scale2, scale, w_start, w_stop,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_DW: tl.constexpr,
+    WRITE_DS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per (row block, b, h): dQ = scale * dS K. With WRITE_DS, also stores dS into the
+    contiguous float32 buffer DS (B, H, M, N) (the gradient of an additive mask)."""
+    num_m_blocks = tl.cdiv(M, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m_blocks
+    pid_bh = pid // num_m_blocks
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < M
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    do = tl.load(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                 mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
+    row_stats = pid_bh.to(tl.int64) * M
+    lse2 = tl.load(LSE + row_stats + offs_m, mask=row_ok, other=float("inf")) * LOG2E
+    delta = tl.load(DELTA + row_stats + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    mask_base = MASK + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mm
+    w_rows = (offs_m >= w_start) & (offs_m < w_stop)
+    g_base = DW + b * stride_gb + h * stride_gh + (offs_m - w_start)[:, None] * stride_gm
+    ds_base = DS + pid_bh.to(tl.int64) * M * N + offs_m[:, None] * N
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    hi = N
+    if IS_CAUSAL:
+        hi = tl.minimum(N, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        key_ok = offs_n < N
+        s = _scores(q, k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
+                    mask_base + offs_n[None, :] * stride_mn, offs_m, offs_n, M, N, qk_scale2,
+                    (offs_d < HEAD_DIM)[:, None] & key_ok[None, :],
+                    IS_CAUSAL, HAS_MASK, MASK_BOOL, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
+        p = tl.exp2(s - lse2[:, None])
+        v_t = tl.load(v_base + offs_dv[:, None] * stride_vd + offs_n[None, :] * stride_vn,
+                      mask=(offs_dv < HEAD_DIM_V)[:, None] & key_ok[None, :], other=0.0)
+        dp = _dot(do, v_t.to(DOUT.dtype.element_ty), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
+                  DOT_FP32, PRECISION)
+        if HAS_DW:
+            dp += tl.load(g_base + offs_n[None, :] * stride_gn, mask=w_rows[:, None] & key_ok[None, :],
+                          other=0.0).to(tl.float32)
+        ds = p * (dp - delta[:, None])
+        if WRITE_DS:
+            tl.store(ds_base + offs_n[None, :], ds, mask=row_ok[:, None] & key_ok[None, :])
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+        dq = _dot(ds.to(K.dtype.element_ty), k, dq, DOT_FP32, PRECISION)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])

@@ -1,0 +1,1 @@
+"""Backend implementations of the ops; lfi._dispatch chooses among them."""

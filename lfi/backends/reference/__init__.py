@@ -1,0 +1,1 @@
+"""The "torch" backend: PyTorch reference implementations, any device, row-chunked."""

@@ -1,0 +1,155 @@
+"""Launchers for the Triton attention kernels (lfi.kernels.interaction_attention).
+
+Same contract as lfi.backends.reference.interaction_attention: q (B, H, M, D), k (B, Hkv, N, D), v (B, Hkv, N, Dv),
+mask 4-D broadcastable to (B, H, M, N) or None; float16/bfloat16/float32. On a GPU the block
+sizes are autotuned; under the CPU interpreter one fixed, small configuration is used.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from lfi.kernels import INTERPRET
+from lfi.kernels import interaction_attention as K
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634
+# Interpreter blocks: small, but distinct M and N blocks so that edge handling is exercised.
+INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32}
+
+
+def _prune_for_head_dim(configs, named_args, **kwargs):
+    """Large head dims need smaller tiles to fit shared memory."""
+    block_d = max(kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64)),
+                  kwargs.get("BLOCK_DV", named_args.get("BLOCK_DV", 64)))
+    limit = 128 * 128 if block_d <= 64 else (128 * 64 if block_d <= 128 else 64 * 64)
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit]
+    return kept or configs[-1:]
+
+
+def _configs(shapes, warps=(4, 8), stages=(2, 3)):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn in shapes for w in warps for s in stages]
+
+
+_KEY = ["M", "N", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS_MASK", "MASK_BOOL", "w_start", "w_stop"]
+_KEY_BWD = _KEY + ["HAS_DW"]
+_TUNING = {
+    "attention_fwd_kernel": _configs([(128, 64), (64, 64), (128, 128), (64, 32), (32, 32)]),
+    "attention_bwd_preprocess_kernel": _configs([(64, 64), (128, 64), (32, 32)], stages=(2,)),
+    "attention_bwd_dkdv_kernel": _configs([(32, 64), (64, 64), (32, 128), (64, 128), (32, 32)]),
+    "attention_bwd_dq_kernel": _configs([(64, 64), (128, 64), (64, 32), (128, 32), (32, 32)]),
+}
+_tuned_kernels: dict = {}
+
+
+def _kernel(name: str):
+    if INTERPRET:
+        return getattr(K, name)
+    if name not in _tuned_kernels:
+        _tuned_kernels[name] = triton.autotune(
+            configs=_TUNING[name], key=_KEY if name == "attention_fwd_kernel" else _KEY_BWD, prune_configs_by={"early_config_prune": _prune_for_head_dim}
+        )(getattr(K, name))
+    return _tuned_kernels[name]
+
+
+def _launch(name: str, grid, *args, **constexprs):
+    """grid(meta) -> program count; under the interpreter the fixed blocks are passed explicitly."""
+    if INTERPRET:
+        getattr(K, name)[(grid(INTERPRETER_BLOCKS),)](*args, **constexprs, **INTERPRETER_BLOCKS)
+    else:
+        _kernel(name)[lambda meta: (grid(meta),)](*args, **constexprs)
+
+
+def _block(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _strides(t, ndim=4):
+    return tuple(t.stride()) if t is not None else (0,) * ndim
+
+
+def _common(q, k, v, mask, is_causal):
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"backend='triton' supports float16, bfloat16 and float32, got q.dtype={q.dtype}; "
+                        "use backend='torch' for float64")
+    B, H, M, D = q.shape
+    N, Dv = k.shape[2], v.shape[-1]
+    if mask is not None:
+        mask_bool = mask.dtype == torch.bool
+        mask_arg = mask.view(torch.uint8) if mask_bool else mask
+        mask_strides = mask.expand(B, H, M, N).stride()
+    else:
+        mask_bool, mask_arg, mask_strides = False, q, (0, 0, 0, 0)
+    precise = INTERPRET or (q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
+    constexprs = dict(
+        HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=_block(D), BLOCK_DV=_block(Dv),
+        IS_CAUSAL=bool(is_causal), HAS_MASK=mask is not None, MASK_BOOL=mask_bool,
+        DOT_FP32=INTERPRET and q.dtype == torch.bfloat16, PRECISION="ieee" if precise else "tf32",
+    )
+    return mask_arg, mask_strides, constexprs
+
+
+def attention_forward(q, k, v, mask, scale: float, is_causal: bool, w_start: int, w_stop: int):
+    """Returns out (B, H, M, Dv) q.dtype, lse (B, H, M) float32, weights (B, H, w_stop-w_start, N) q.dtype."""
+    mask_arg, mask_strides, constexprs = _common(q, k, v, mask, is_causal)
+    B, H, M, _ = q.shape
+    Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    out = torch.empty(B, H, M, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, M, dtype=torch.float32, device=q.device)
+    weights = torch.empty(B, H, w_stop - w_start, N, dtype=q.dtype, device=q.device)
+    w_arg = weights if weights.numel() else out
+    _launch(
+        "attention_fwd_kernel", lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
+        q, k, v, mask_arg, out, lse, w_arg,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(), *_strides(weights if weights.numel() else None),
+        H, H // Hkv, M, N, scale * LOG2E, w_start, w_stop,
+        **constexprs,
+    )
+    return out, lse, weights
+
+
+def attention_backward(grad_out, grad_weights, q, k, v, out, lse, mask, scale: float, is_causal: bool,
+                       w_start: int, w_stop: int, mask_grad: bool):
+    """Returns (dq, dk, dv, dmask); dmask is None unless mask_grad (float mask only)."""
+    mask_arg, mask_strides, constexprs = _common(q, k, v, mask, is_causal)
+    B, H, M, _ = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    has_dw = grad_weights is not None and grad_weights.numel() > 0
+    g_arg = grad_weights if has_dw else grad_out
+    g_strides = _strides(grad_weights if has_dw else None)
+    qk_scale2 = scale * LOG2E
+
+    delta = torch.empty(B, H, M, dtype=torch.float32, device=q.device)
+    _launch(
+        "attention_bwd_preprocess_kernel", lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
+        out, grad_out, delta, q, k, mask_arg, lse, g_arg,
+        *out.stride(), *grad_out.stride(), *q.stride(), *k.stride(), *mask_strides, *g_strides,
+        H, H // Hkv, M, N, qk_scale2, w_start, w_stop,
+        HAS_DW=has_dw, **constexprs,
+    )
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    _launch(
+        "attention_bwd_dkdv_kernel", lambda meta: triton.cdiv(N, meta["BLOCK_N"]) * B * Hkv,
+        q, k, v, mask_arg, grad_out, g_arg, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(), *g_strides,
+        *dk.stride(), *dv.stride(),
+        H, Hkv, H // Hkv, M, N, qk_scale2, scale, w_start, w_stop,
+        HAS_DW=has_dw, **constexprs,
+    )
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    # dS is written only when an additive mask needs its gradient (it is as large as the maps).
+    ds = torch.zeros(B, H, M, N, dtype=torch.float32, device=q.device) if mask_grad else delta
+    _launch(
+        "attention_bwd_dq_kernel", lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
+        q, k, v, mask_arg, grad_out, g_arg, lse, delta, dq, ds,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(), *g_strides, *dq.stride(),
+        H, H // Hkv, M, N, qk_scale2, scale, w_start, w_stop,
+        HAS_DW=has_dw, WRITE_DS=mask_grad, **constexprs,
+    )
+    dmask = None
+    if mask_grad:
+        dims = [i for i, size in enumerate(mask.shape) if size == 1]
+        dmask = (ds.sum(dims, keepdim=True) if dims else ds).to(mask.dtype)
+    return dq, dk, dv, dmask

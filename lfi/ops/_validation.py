@@ -1,0 +1,99 @@
+"""Input checks shared by the public ops: every error names the argument and what was expected."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_HEAD_DIM = 256
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_tensor(name: str, t, ndims: tuple[int, ...], layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+            f"got {t.dtype}"
+        )
+    if t.dim() not in ndims:
+        raise ValueError(f"{name} must have shape {layout}, got {t.dim()} dims ({_describe(t)})")
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Checks q (B, H, M, D), k (B, Hkv, N, D), v (B, Hkv, N, Dv), all 4-D (callers unsqueeze 3-D)."""
+    B, H, M, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(
+            f"batch sizes differ: q has B={B}, k has B={k.shape[0]}, v has B={v.shape[0]}; "
+            "expected q (B, H, M, D), k (B, Hkv, N, D), v (B, Hkv, N, Dv)"
+        )
+    Hkv = k.shape[1]
+    if v.shape[1] != Hkv:
+        raise ValueError(f"k has {Hkv} heads but v has {v.shape[1]}: expected v (B, Hkv, N, Dv) with Hkv={Hkv}")
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(
+            f"q has H={H} heads and k has Hkv={Hkv}: grouped-query attention needs H % Hkv == 0"
+        )
+    if k.shape[-1] != D:
+        raise ValueError(f"head dims differ: q has D={D}, k has D={k.shape[-1]}; expected k (B, Hkv, N, {D})")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"k has N={k.shape[2]} keys but v has {v.shape[2]}: expected v (B, Hkv, {k.shape[2]}, Dv)"
+        )
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.shape[-1] > MAX_HEAD_DIM or t.shape[-1] < 1:
+            raise ValueError(f"{name} head dim must be in 1..{MAX_HEAD_DIM}, got {t.shape[-1]} ({_describe(t)})")
+    if M == 0 or k.shape[2] == 0 or B == 0 or H == 0:
+        raise ValueError(
+            f"empty attention: q {tuple(q.shape)}, k {tuple(k.shape)}; B, H, M and N must be >= 1"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+
+
+def normalize_mask(attn_mask, B: int, H: int, M: int, N: int, q: torch.Tensor):
+    """Returns the mask as a 4-D view broadcastable to (B, H, M, N) (no copy), or None."""
+    if attn_mask is None:
+        return None
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor (bool or float) or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+        raise TypeError(
+            f"attn_mask must be bool (True = attend) or floating point (added to the scores), got {attn_mask.dtype}"
+        )
+    if attn_mask.device != q.device:
+        raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
+    if attn_mask.dim() > 4:
+        raise ValueError(f"attn_mask must broadcast to (B, H, M, N) = {(B, H, M, N)}, got shape {tuple(attn_mask.shape)}")
+    mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)) if attn_mask.dim() < 4 else attn_mask
+    for size, want in zip(mask.shape, (B, H, M, N)):
+        if size not in (1, want):
+            raise ValueError(
+                f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (B, H, M, N) = {(B, H, M, N)}"
+            )
+    return mask
+
+
+def check_weights_rows(weights_rows, need_weights: bool, M: int) -> tuple[int, int]:
+    """Returns (start, stop) of the query rows whose weights are returned; (0, 0) when none are."""
+    if weights_rows is None:
+        return (0, M) if need_weights else (0, 0)
+    if not need_weights:
+        raise ValueError("weights_rows is only meaningful with need_weights=True")
+    if isinstance(weights_rows, slice):
+        if weights_rows.step not in (None, 1):
+            raise ValueError(f"weights_rows must be a contiguous range, got step {weights_rows.step}")
+        weights_rows = (weights_rows.start or 0, M if weights_rows.stop is None else weights_rows.stop)
+    try:
+        start, stop = (int(x) for x in weights_rows)
+    except (TypeError, ValueError):
+        raise TypeError(f"weights_rows must be a (start, stop) pair of ints, got {weights_rows!r}") from None
+    if not 0 <= start < stop <= M:
+        raise ValueError(f"weights_rows must satisfy 0 <= start < stop <= M = {M}, got ({start}, {stop})")
+    return start, stop

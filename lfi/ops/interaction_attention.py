@@ -1,0 +1,179 @@
+"""interaction_attention: scaled dot-product attention that can also return its exact maps.
+
+Layers: backend kernels (lfi.backends.*) -> custom ops `lfi::interaction_attention_fwd/_bwd`
+(torch.library, with fake and autograd registrations) -> the functional API below.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lfi import _dispatch
+from lfi.backends.reference import interaction_attention as reference
+from lfi.ops._validation import check_qkv, check_tensor, check_weights_rows, normalize_mask
+
+
+@torch.library.custom_op("lfi::interaction_attention_fwd", mutates_args=())
+def interaction_attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], scale: float, is_causal: bool,
+    weights_start: int, weights_stop: int, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward on a concrete backend: (out (B, H, M, Dv), lse (B, H, M) float32 (float64 for float64
+    inputs; +inf on fully masked rows), weights (B, H, weights_stop - weights_start, N))."""
+    return _dispatch.implementation(backend, "interaction_attention").attention_forward(
+        q, k, v, attn_mask, scale, is_causal, weights_start, weights_stop
+    )
+
+
+@interaction_attention_fwd.register_fake
+def _(q, k, v, attn_mask, scale, is_causal, weights_start, weights_stop, backend):
+    B, H, M, _ = q.shape
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return (
+        q.new_empty(B, H, M, v.shape[-1]),
+        q.new_empty(B, H, M, dtype=lse_dtype),
+        q.new_empty(B, H, weights_stop - weights_start, k.shape[2]),
+    )
+
+
+@torch.library.custom_op("lfi::interaction_attention_bwd", mutates_args=())
+def interaction_attention_bwd(
+    grad_out: Tensor, grad_weights: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+    lse: Tensor, attn_mask: Optional[Tensor], scale: float, is_causal: bool, weights_start: int,
+    weights_stop: int, mask_grad: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dmask); dmask has attn_mask's shape when mask_grad, else it is empty."""
+    dq, dk, dv, dmask = _dispatch.implementation(backend, "interaction_attention").attention_backward(
+        grad_out, grad_weights, q, k, v, out, lse, attn_mask, scale, is_causal,
+        weights_start, weights_stop, mask_grad,
+    )
+    return dq, dk, dv, dmask if dmask is not None else q.new_empty(0)
+
+
+@interaction_attention_bwd.register_fake
+def _(grad_out, grad_weights, q, k, v, out, lse, attn_mask, scale, is_causal, weights_start, weights_stop,
+      mask_grad, backend):
+    dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, scale, is_causal, weights_start, weights_stop, backend = inputs
+    out, lse, _ = output
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask)
+    ctx.args = (scale, is_causal, weights_start, weights_stop)
+    ctx.backend = backend
+    ctx.mark_non_differentiable(lse)
+    # Unused outputs then arrive as None: no zero-filled map-sized gradient when maps are not used.
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_out, grad_lse, grad_weights):
+    q, k, v, out, lse, attn_mask = ctx.saved_tensors
+    scale, is_causal, weights_start, weights_stop = ctx.args
+    if grad_out is None:  # only the maps enter the loss
+        grad_out = torch.zeros_like(out)
+    mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, dmask = torch.ops.lfi.interaction_attention_bwd(
+        grad_out, grad_weights, q, k, v, out, lse, attn_mask, scale, is_causal,
+        weights_start, weights_stop, mask_grad, ctx.backend,
+    )
+    return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None
+
+
+interaction_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+_warned_dropout_fallback = False
+
+
+def _warn_dropout_fallback(backend: str) -> None:
+    global _warned_dropout_fallback
+    if not _warned_dropout_fallback:
+        _warned_dropout_fallback = True
+        warnings.warn(
+            f"interaction_attention: dropout_p > 0 is not fused in the {backend!r} backend; "
+            "falling back to the eager PyTorch path (full attention matrix in memory). "
+            "This warning is shown once.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def interaction_attention(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+    is_causal: bool = False, scale: Optional[float] = None, *, need_weights: bool = False,
+    average_attn_weights: bool = False, weights_rows=None, backend: str = "auto",
+):
+    """Scaled dot-product attention, a drop-in for ``F.scaled_dot_product_attention`` that can also
+    return the exact softmax maps, with gradients flowing through them.
+
+    Args:
+        q: (B, H, M, D) queries, or (B, M, D).
+        k: (B, Hkv, N, D) keys with H % Hkv == 0 (grouped-query heads: q head h reads kv head
+            h // (H // Hkv)), or (B, N, D).
+        v: (B, Hkv, N, Dv) values, or (B, N, Dv). q, k, v share one floating dtype and device;
+            any strides (e.g. slices of a packed qkv tensor).
+        attn_mask: None, bool (True = attend) or floating (added to the scores), broadcastable to
+            (B, H, M, N); read through strides, never expanded in memory. A float mask that
+            requires grad receives its gradient.
+        dropout_p: dropout on the probabilities before ``P @ V`` (the returned maps are taken
+            before dropout). Not fused: runs the eager path (warning once on non-torch backends).
+        is_causal: query i attends keys j <= i (top-left aligned, as in SDPA); may be combined with
+            attn_mask.
+        scale: score scale, default D ** -0.5.
+        need_weights: also return the softmax probabilities P, in q's dtype.
+        average_attn_weights: return the mean over heads, (B, M, N), instead of (B, H, M, N).
+        weights_rows: (start, stop) or slice: return only query rows start..stop-1 of the maps,
+            (B, H, stop - start, N); the other rows are never written.
+        backend: "auto", "torch" or "triton" (see lfi._dispatch; LFI_BACKEND overrides "auto").
+
+    Returns:
+        out (B, H, M, Dv) in q's dtype, or (out, weights) when need_weights. A query row with no
+        attended key gives zeros in out and weights (never NaN) and zero gradients.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, (3, 4), "(B, H, L, D) or (B, L, D)")
+    if not q.dim() == k.dim() == v.dim():
+        raise ValueError(f"q, k and v must have the same number of dims, got {q.dim()}, {k.dim()}, {v.dim()}")
+    three_d = q.dim() == 3
+    if three_d:
+        q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
+    check_qkv(q, k, v)
+    B, H, M, D = q.shape
+    N = k.shape[2]
+    mask = normalize_mask(attn_mask, B, H, M, N, q)
+    if scale is None:
+        scale = D ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if average_attn_weights and not need_weights:
+        raise ValueError("average_attn_weights=True needs need_weights=True")
+    w_start, w_stop = check_weights_rows(weights_rows, need_weights, M)
+    name = _dispatch.resolve(backend, q.device)
+
+    if dropout_p > 0.0:
+        if name != "torch":
+            _warn_dropout_fallback(name)
+        out, weights = reference.attention_with_dropout(
+            q, k, v, mask, float(scale), bool(is_causal), float(dropout_p), w_start, w_stop
+        )
+    else:
+        out, _, weights = torch.ops.lfi.interaction_attention_fwd(
+            q, k, v, mask, float(scale), bool(is_causal), w_start, w_stop, name
+        )
+    if three_d:
+        out = out.squeeze(1)
+    if not need_weights:
+        return out
+    if average_attn_weights:
+        weights = weights.mean(1)
+    elif three_d:
+        weights = weights.squeeze(1)
+    return out, weights
