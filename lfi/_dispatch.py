@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import os
-from functools import lru_cache
 
 import torch
 
@@ -19,45 +18,56 @@ BACKENDS = ("torch", "triton")
 CHOICES = ("auto",) + BACKENDS
 
 
-@lru_cache(maxsize=None)
-def _triton_import_error() -> str | None:
+def _probe_triton() -> tuple[str | None, bool]:
+    """(why Triton is unusable or None, whether its kernels run under the CPU interpreter).
+
+    Probed once at import, so that dispatch is plain Python that torch.compile traces without
+    breaking the graph. TRITON_INTERPRET=1 must therefore be set before lfi is imported.
+    """
     try:
-        importlib.import_module("lfi.kernels")
+        kernels = importlib.import_module("lfi.kernels")
     except Exception as exc:  # ImportError, or Triton failing to initialise
-        return f"triton unavailable: {type(exc).__name__}: {exc}"
-    return None
+        return f"triton unavailable: {type(exc).__name__}: {exc}", False
+    return None, kernels.INTERPRET
 
 
-def triton_interpreting() -> bool:
-    """True when Triton kernels were defined under TRITON_INTERPRET=1 (CPU execution)."""
-    if _triton_import_error() is not None:
-        return False
-    from lfi.kernels import INTERPRET
+TRITON_ERROR, TRITON_INTERPRET = _probe_triton()
 
-    return INTERPRET
+
+def _unusable_reason(backend: str, device: torch.device) -> str | None:
+    """None when `backend` can run on `device`, else why not."""
+    if backend == "torch":
+        return None
+    if TRITON_ERROR is not None:
+        return TRITON_ERROR
+    if device.type == "cuda":
+        if TRITON_INTERPRET:
+            return "TRITON_INTERPRET=1 is set: Triton runs on CPU tensors only"
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        return None
+    if device.type == "cpu":
+        if TRITON_INTERPRET:
+            return None
+        return "CPU tensors need TRITON_INTERPRET=1 set before lfi is imported"
+    return f"no Triton support for device type {device.type!r}"
 
 
 def backend_status(device: torch.device | str) -> dict[str, tuple[bool, str]]:
     """Maps each backend name to (usable on `device`, reason)."""
     device = torch.device(device)
-    status = {"torch": (True, "PyTorch reference, any device")}
-    err = _triton_import_error()
-    if err is not None:
-        status["triton"] = (False, err)
-    elif device.type == "cuda":
-        if triton_interpreting():
-            status["triton"] = (False, "TRITON_INTERPRET=1 is set: Triton runs on CPU tensors only")
-        elif not torch.cuda.is_available():
-            status["triton"] = (False, "CUDA is not available")
-        else:
-            status["triton"] = (True, f"Triton kernels on {torch.cuda.get_device_name(device)}")
-    elif device.type == "cpu":
-        if triton_interpreting():
-            status["triton"] = (True, "Triton interpreter (TRITON_INTERPRET=1): correct but slow")
-        else:
-            status["triton"] = (False, "CPU tensors need TRITON_INTERPRET=1 set before lfi is imported")
-    else:
-        status["triton"] = (False, f"no Triton support for device type {device.type!r}")
+    described = {
+        "torch": "PyTorch reference, any device",
+        "triton": (
+            "Triton interpreter (TRITON_INTERPRET=1): correct but slow"
+            if device.type == "cpu"
+            else f"Triton kernels on {torch.cuda.get_device_name(device) if torch.cuda.is_available() else device}"
+        ),
+    }
+    status = {}
+    for name in BACKENDS:
+        reason = _unusable_reason(name, device)
+        status[name] = (reason is None, described[name] if reason is None else reason)
     return status
 
 
@@ -70,11 +80,11 @@ def resolve(backend: str, device: torch.device) -> str:
         if backend not in CHOICES:
             raise ValueError(f"LFI_BACKEND must be one of {CHOICES}, got {backend!r}")
         if backend == "auto":
-            if device.type == "cuda" and backend_status(device)["triton"][0]:
+            if device.type == "cuda" and _unusable_reason("triton", device) is None:
                 return "triton"
             return "torch"
-    usable, reason = backend_status(device)[backend]
-    if not usable:
+    reason = _unusable_reason(backend, device)
+    if reason is not None:
         raise ValueError(f"backend={backend!r} cannot run on {device}: {reason}")
     return backend
 
