@@ -97,3 +97,25 @@ def check_weights_rows(weights_rows, need_weights: bool, M: int) -> tuple[int, i
     if not 0 <= start < stop <= M:
         raise ValueError(f"weights_rows must satisfy 0 <= start < stop <= M = {M}, got ({start}, {stop})")
     return start, stop
+
+
+def as_4d(name: str, t, shape: tuple[int, int, int, int], what: str) -> torch.Tensor:
+    """A view of `t` with dims left-padded to 4 that broadcasts to `shape`; errors name `name`."""
+    if t.dim() > 4:
+        raise ValueError(f"{name} must broadcast to {what} = {tuple(shape)}, got shape {tuple(t.shape)}")
+    t4 = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+    for size, want in zip(t4.shape, shape):
+        if size not in (1, want):
+            raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to {what} = {tuple(shape)}")
+    return t4
+
+
+def check_key_mask(key_mask, shape, device) -> torch.Tensor | None:
+    if key_mask is None:
+        return None
+    if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
+        raise TypeError(f"key_mask must be a bool tensor (True = keep the key) or None, got "
+                        f"{key_mask.dtype if isinstance(key_mask, torch.Tensor) else type(key_mask).__name__}")
+    if key_mask.device != device:
+        raise ValueError(f"key_mask is on {key_mask.device} but the student is on {device}")
+    return as_4d("key_mask", key_mask, shape, "(B, H, M, N)")

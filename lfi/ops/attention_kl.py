@@ -1,0 +1,113 @@
+"""attention_kl: KL(target || softmax(student_logits / T)) per attention row, fused.
+
+Layers: backend kernels -> custom ops `lfi::attention_kl_fwd/_bwd` (fake + autograd) -> API.
+No gradient flows to the target (it is a teacher signal).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lfi import _dispatch
+from lfi.ops._kl import check_dense_target, check_options, reduce_rows, target_scale
+from lfi.ops._validation import check_key_mask, check_tensor
+
+OP = "attention_kl"
+
+
+def _stats_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("lfi::attention_kl_fwd", mutates_args=())
+def attention_kl_fwd(
+    logits: Tensor, target: Tensor, key_mask: Optional[Tensor], student_scale: float, target_scale: float,
+    target_is_logits: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row (kl, lse, tnorm), each (B, H, M) float32 (float64 for float64 logits)."""
+    return _dispatch.implementation(backend, OP).kl_forward(
+        logits, target, key_mask, student_scale, target_scale, target_is_logits
+    )
+
+
+@attention_kl_fwd.register_fake
+def _(logits, target, key_mask, student_scale, target_scale, target_is_logits, backend):
+    rows = logits.new_empty(logits.shape[:-1], dtype=_stats_dtype(logits))
+    return rows, torch.empty_like(rows), torch.empty_like(rows)
+
+
+@torch.library.custom_op("lfi::attention_kl_bwd", mutates_args=())
+def attention_kl_bwd(
+    grad_kl: Tensor, logits: Tensor, target: Tensor, key_mask: Optional[Tensor], lse: Tensor, tnorm: Tensor,
+    student_scale: float, target_scale: float, target_is_logits: bool, backend: str,
+) -> Tensor:
+    """dlogits (B, H, M, N) in logits.dtype."""
+    return _dispatch.implementation(backend, OP).kl_backward(
+        grad_kl, logits, target, key_mask, lse, tnorm, student_scale, target_scale, target_is_logits
+    )
+
+
+@attention_kl_bwd.register_fake
+def _(grad_kl, logits, target, key_mask, lse, tnorm, student_scale, target_scale, target_is_logits, backend):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, key_mask, student_scale, target_scale, target_is_logits, backend = inputs
+    _, lse, tnorm = output
+    ctx.save_for_backward(logits, target, key_mask, lse, tnorm)
+    ctx.args = (student_scale, target_scale, target_is_logits, backend)
+    ctx.mark_non_differentiable(lse, tnorm)
+
+
+def _backward(ctx, grad_kl, grad_lse, grad_tnorm):
+    logits, target, key_mask, lse, tnorm = ctx.saved_tensors
+    dlogits = torch.ops.lfi.attention_kl_bwd(grad_kl, logits, target, key_mask, lse, tnorm, *ctx.args)
+    return dlogits, None, None, None, None, None, None
+
+
+attention_kl_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention_kl(
+    student_logits: Tensor, target: Tensor, *, target_is: str = "probs", temperature: float = 1.0,
+    reduction: str = "batchmean", key_mask: Optional[Tensor] = None, validate: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """KL(target || softmax(student_logits / temperature)) over the last (key) dim, per row.
+
+    Args:
+        student_logits: (B, H, M, N) attention logits (any leading layout of 2 to 4 dims, rows over
+            the last dim); float16/bfloat16/float32 (float64 on the torch backend).
+        target: teacher rows broadcastable to the student's shape, e.g. (B, 1, M, N) for one map per
+            query shared by all heads. target_is="probs": non-negative weights; "logits": softmax
+            of target / temperature; "log_probs": softmax of target (temperature not applied).
+        key_mask: bool, True = keep, broadcastable to the student's shape (e.g. (B, 1, 1, N)).
+            Dropped keys are excluded from both distributions, which are renormalised over the kept
+            keys. Rows with no kept key, or with zero target mass, contribute 0.
+        reduction: "none" -> per-row KL (student shape without the last dim); "sum" -> sum over
+            rows; "mean" -> sum / number of rows (B*H*M; unlike F.kl_div, not / B*H*M*N);
+            "batchmean" -> sum / B (the student's first dim, as F.kl_div).
+        validate: also check that target rows sum to 1 (probs, log_probs); raises ValueError.
+        backend: "auto" | "torch" | "triton".
+
+    Returns:
+        The loss in float32 (float64 for float64 logits). Gradient flows to student_logits only:
+        d/d logits = (softmax(s) - t) / temperature per row.
+    """
+    check_tensor("student_logits", student_logits, (2, 3, 4), "(B, H, M, N)")
+    check_options(target_is, temperature, reduction)
+    batch, row_shape = student_logits.shape[0], student_logits.shape[:-1]
+    logits = student_logits.reshape((1,) * (4 - student_logits.dim()) + tuple(student_logits.shape))
+    if logits.numel() == 0:
+        raise ValueError(f"student_logits is empty: shape {tuple(student_logits.shape)}")
+    target4 = check_dense_target(target, logits.shape, logits, target_is, validate)
+    mask4 = check_key_mask(key_mask, logits.shape, logits.device)
+    name = _dispatch.resolve(backend, logits.device)
+    kl, _, _ = torch.ops.lfi.attention_kl_fwd(
+        logits, target4, mask4, 1.0 / float(temperature), target_scale(target_is, float(temperature)),
+        target_is != "probs", name,
+    )
+    return reduce_rows(kl.reshape(row_shape), reduction, batch)

@@ -1,0 +1,134 @@
+"""attention_kl_qk: the attention KL loss with student logits scale * q k^T never materialized.
+
+The target is a dense tensor or an implicit teacher (q_t, k_t) whose logits scale_t * q_t k_t^T are
+never materialized either. Extra memory is O(B * H * M) in forward and backward.
+Layers: backend kernels -> custom ops `lfi::attention_kl_qk_fwd/_bwd` (fake + autograd) -> API.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lfi import _dispatch
+from lfi.ops._kl import check_dense_target, check_options, reduce_rows, target_scale
+from lfi.ops._validation import check_key_mask, check_qkv, check_tensor
+
+OP = "attention_kl_qk"
+
+
+@torch.library.custom_op("lfi::attention_kl_qk_fwd", mutates_args=())
+def attention_kl_qk_fwd(
+    q: Tensor, k: Tensor, target: Optional[Tensor], q_t: Optional[Tensor], k_t: Optional[Tensor],
+    key_mask: Optional[Tensor], student_scale: float, target_scale: float, target_is_logits: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row (kl, lse, tnorm), each (B, H, M) float32 (float64 for float64 inputs)."""
+    return _dispatch.implementation(backend, OP).kl_qk_forward(
+        q, k, target, q_t, k_t, key_mask, student_scale, target_scale, target_is_logits
+    )
+
+
+@attention_kl_qk_fwd.register_fake
+def _(q, k, target, q_t, k_t, key_mask, student_scale, target_scale, target_is_logits, backend):
+    rows = q.new_empty(q.shape[:-1], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return rows, torch.empty_like(rows), torch.empty_like(rows)
+
+
+@torch.library.custom_op("lfi::attention_kl_qk_bwd", mutates_args=())
+def attention_kl_qk_bwd(
+    grad_kl: Tensor, q: Tensor, k: Tensor, target: Optional[Tensor], q_t: Optional[Tensor], k_t: Optional[Tensor],
+    key_mask: Optional[Tensor], lse: Tensor, tnorm: Tensor, student_scale: float, target_scale: float,
+    target_is_logits: bool, backend: str,
+) -> tuple[Tensor, Tensor]:
+    """(dq, dk) in q's and k's dtypes."""
+    return _dispatch.implementation(backend, OP).kl_qk_backward(
+        grad_kl, q, k, target, q_t, k_t, key_mask, lse, tnorm, student_scale, target_scale, target_is_logits
+    )
+
+
+@attention_kl_qk_bwd.register_fake
+def _(grad_kl, q, k, target, q_t, k_t, key_mask, lse, tnorm, student_scale, target_scale, target_is_logits,
+      backend):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, target, q_t, k_t, key_mask, student_scale, target_scale, target_is_logits, backend = inputs
+    _, lse, tnorm = output
+    ctx.save_for_backward(q, k, target, q_t, k_t, key_mask, lse, tnorm)
+    ctx.args = (student_scale, target_scale, target_is_logits, backend)
+    ctx.mark_non_differentiable(lse, tnorm)
+
+
+def _backward(ctx, grad_kl, grad_lse, grad_tnorm):
+    q, k, target, q_t, k_t, key_mask, lse, tnorm = ctx.saved_tensors
+    dq, dk = torch.ops.lfi.attention_kl_qk_bwd(grad_kl, q, k, target, q_t, k_t, key_mask, lse, tnorm, *ctx.args)
+    return dq, dk, None, None, None, None, None, None, None, None
+
+
+attention_kl_qk_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_teacher(q_t, k_t, q: Tensor, k: Tensor) -> None:
+    B, H, M, _ = q.shape
+    N = k.shape[2]
+    check_tensor("q_t", q_t, (4,), "(B, Ht, M, Dt) with Ht in {1, H}")
+    check_tensor("k_t", k_t, (4,), "(B, Htk, N, Dt)")
+    if q_t.shape[0] != B or q_t.shape[1] not in (1, H) or q_t.shape[2] != M:
+        raise ValueError(f"q_t must have shape (B, Ht, M, Dt) = ({B}, 1 or {H}, {M}, Dt), got {tuple(q_t.shape)}")
+    if k_t.shape[0] != B or k_t.shape[2] != N or k_t.shape[3] != q_t.shape[3]:
+        raise ValueError(f"k_t must have shape (B, Htk, N, Dt) = ({B}, Htk, {N}, {q_t.shape[3]}), got {tuple(k_t.shape)}")
+    if k_t.shape[1] == 0 or q_t.shape[1] % k_t.shape[1] != 0:
+        raise ValueError(f"q_t has {q_t.shape[1]} heads and k_t {k_t.shape[1]}: needs Ht % Htk == 0")
+    if q_t.dtype != k_t.dtype or q_t.device != q.device or k_t.device != q.device:
+        raise TypeError(f"q_t and k_t must share one dtype and q's device, got q_t {q_t.dtype} on {q_t.device}, "
+                        f"k_t {k_t.dtype} on {k_t.device}")
+    if q_t.shape[-1] > 256:
+        raise ValueError(f"q_t head dim must be <= 256, got {q_t.shape[-1]}")
+
+
+def attention_kl_qk(
+    q: Tensor, k: Tensor, target, *, scale: Optional[float] = None, scale_t: Optional[float] = None,
+    target_is: str = "probs", temperature: float = 1.0, reduction: str = "batchmean",
+    key_mask: Optional[Tensor] = None, validate: bool = False, backend: str = "auto",
+) -> Tensor:
+    """KL(target || softmax(scale * q k^T / temperature)) per query row, without the (M, N) map.
+
+    Args:
+        q: (B, H, M, D) student queries; k: (B, Hkv, N, D) student keys, H % Hkv == 0.
+        target: dense (B, H or 1, M, N) teacher rows (see attention_kl's target_is), or a pair
+            (q_t, k_t): q_t (B, Ht, M, Dt) with Ht in {1, H}, k_t (B, Htk, N, Dt), Ht % Htk == 0,
+            giving teacher logits scale_t * q_t k_t^T, softened by the same temperature.
+        scale: student logit scale, default D ** -0.5; scale_t: teacher's, default Dt ** -0.5.
+        temperature, reduction, key_mask, validate, backend: as in attention_kl ("batchmean"
+            divides by B, "mean" by B*H*M rows).
+
+    Returns:
+        The loss in float32 (float64 for float64 inputs). Gradients flow to q and k only.
+    """
+    check_tensor("q", q, (4,), "(B, H, M, D)")
+    check_tensor("k", k, (4,), "(B, Hkv, N, D)")
+    check_qkv(q, k, k)
+    check_options(target_is, temperature, reduction)
+    B, H, M, D = q.shape
+    N = k.shape[2]
+    temperature = float(temperature)
+    student_scale = (D ** -0.5 if scale is None else float(scale)) / temperature
+    q_t = k_t = dense = None
+    if isinstance(target, (tuple, list)):
+        if len(target) != 2:
+            raise ValueError(f"an implicit target must be a pair (q_t, k_t), got {len(target)} items")
+        q_t, k_t = target
+        _check_teacher(q_t, k_t, q, k)
+        t_scale = (q_t.shape[-1] ** -0.5 if scale_t is None else float(scale_t)) / temperature
+        is_logits = True
+    else:
+        if scale_t is not None:
+            raise ValueError("scale_t applies to an implicit (q_t, k_t) target only")
+        dense = check_dense_target(target, (B, H, M, N), q, target_is, validate)
+        t_scale, is_logits = target_scale(target_is, temperature), target_is != "probs"
+    mask4 = check_key_mask(key_mask, (B, H, M, N), q.device)
+    name = _dispatch.resolve(backend, q.device)
+    kl, _, _ = torch.ops.lfi.attention_kl_qk_fwd(q, k, dense, q_t, k_t, mask4, student_scale, t_scale, is_logits, name)
+    return reduce_rows(kl, reduction, B)
