@@ -49,17 +49,53 @@ def _scores(q, k_ptrs, mask_ptrs, offs_m, offs_n, M, N, qk_scale2, k_load_mask,
 
 
 @triton.jit
+def _kl_accumulate(t_ptrs, load_mask, s, m_prev, m_safe, kl_a, kl_b, kl_z):
+    """Online pieces of KL(t || softmax(s)) for one key block: kl_a = sum t ln t, kl_b = sum t (s2 - m)
+    kept centred on the running max m (so large logits do not cancel), kl_z = sum t. Keys the
+    student does not attend (s = -inf) are dropped from the target."""
+    t = tl.load(t_ptrs, mask=load_mask, other=0.0).to(tl.float32)
+    t = tl.where(s > float("-inf"), t, 0.0)
+    pos = t > 0.0
+    m_prev_safe = tl.where(m_prev == float("-inf"), 0.0, m_prev)
+    kl_b = kl_b + (m_prev_safe - m_safe) * kl_z + tl.sum(t * tl.where(pos, s - m_safe[:, None], 0.0), 1)
+    kl_a = kl_a + tl.sum(t * tl.log(tl.where(pos, t, 1.0)), 1)
+    return kl_a, kl_b, kl_z + tl.sum(t, 1)
+
+
+@triton.jit
+def _kl_finish(kl_a, kl_b, kl_z, l_i):
+    """(KL per row, tnorm = ln of the target mass): KL = A/Z - ln Z - (B/Z - log2 l) ln 2.
+    Rows without target mass give KL 0 and tnorm -inf."""
+    has_mass = kl_z > 0.0
+    z = tl.where(has_mass, kl_z, 1.0)
+    kl = kl_a / z - tl.log(z) + LN2 * (tl.log2(tl.where(l_i > 0.0, l_i, 1.0)) - kl_b / z)
+    return tl.where(has_mass, kl, 0.0), tl.where(has_mass, tl.log(z), float("-inf"))
+
+
+@triton.jit
+def _kl_grad(ds, p, s, t_ptrs, load_mask, tnorm, grad_kl):
+    """Adds the fused KL's score gradient grad_kl * (p - t / Z) to ds."""
+    t = tl.load(t_ptrs, mask=load_mask, other=0.0).to(tl.float32)
+    t = tl.where(s > float("-inf"), t, 0.0)
+    has_mass = tnorm > float("-inf")
+    inv_z = tl.where(has_mass, tl.exp(-tl.where(has_mass, tnorm, 0.0)), 0.0)
+    grad_kl = tl.where(has_mass, grad_kl, 0.0)
+    return ds + grad_kl[:, None] * (p - t * inv_z[:, None])
+
+
+@triton.jit
 def attention_fwd_kernel(
-    Q, K, V, MASK, OUT, LSE, W,
+    Q, K, V, MASK, OUT, LSE, W, T, KL, TNORM,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_wb, stride_wh, stride_wm, stride_wn,
+    stride_tb, stride_th, stride_tm, stride_tn,
     H, GROUP, M, N, qk_scale2, w_start, w_stop,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KL: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -69,6 +105,9 @@ def attention_fwd_kernel(
     Row blocks that overlap the map rows take two passes over the keys: the first finds the row
     max and sum, the second computes P = exp(S - lse) exactly, writes it, and accumulates P V.
     The other row blocks take the usual single online-softmax pass.
+    With HAS_KL, the same pass also computes KL(T || P) per row into KL (B, H, M) and the log of
+    the target mass into TNORM (B, H, M), T (B, H, M, N) being target probabilities read through
+    strides (restricted to the attended keys and renormalised there).
     """
     num_m_blocks = tl.cdiv(M, BLOCK_M)
     pid = tl.program_id(0)
@@ -94,9 +133,14 @@ def attention_fwd_kernel(
     if IS_CAUSAL:
         hi = tl.minimum(N, (pid_m + 1) * BLOCK_M)
 
+    t_base = T + b * stride_tb + h * stride_th + offs_m[:, None] * stride_tm
+
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    kl_a = tl.zeros([BLOCK_M], dtype=tl.float32)
+    kl_b = tl.zeros([BLOCK_M], dtype=tl.float32)
+    kl_z = tl.zeros([BLOCK_M], dtype=tl.float32)
     row_lo = pid_m * BLOCK_M
     writes_maps = (row_lo < w_stop) & (row_lo + BLOCK_M > w_start)
     if writes_maps:
@@ -109,6 +153,10 @@ def attention_fwd_kernel(
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+            if HAS_KL:
+                kl_a, kl_b, kl_z = _kl_accumulate(t_base + offs_n[None, :] * stride_tn,
+                                                  row_ok[:, None] & (offs_n < N)[None, :], s, m_i, m_safe,
+                                                  kl_a, kl_b, kl_z)
             m_i = m_new
         m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
         lse2 = tl.where(l_i == 0.0, float("inf"), m_fin + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
@@ -142,6 +190,10 @@ def attention_fwd_kernel(
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
+            if HAS_KL:
+                kl_a, kl_b, kl_z = _kl_accumulate(t_base + offs_n[None, :] * stride_tn,
+                                                  row_ok[:, None] & (offs_n < N)[None, :], s, m_i, m_safe,
+                                                  kl_a, kl_b, kl_z)
             v = tl.load(v_base + offs_n[:, None] * stride_vn,
                         mask=(offs_n < N)[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
             acc = _dot(p.to(V.dtype.element_ty), v, acc * alpha[:, None], DOT_FP32, PRECISION)
@@ -151,6 +203,10 @@ def attention_fwd_kernel(
         acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
 
     tl.store(LSE + pid_bh.to(tl.int64) * M + offs_m, lse2 * LN2, mask=row_ok)
+    if HAS_KL:
+        kl, tnorm = _kl_finish(kl_a, kl_b, kl_z, l_i)
+        tl.store(KL + pid_bh.to(tl.int64) * M + offs_m, kl, mask=row_ok)
+        tl.store(TNORM + pid_bh.to(tl.int64) * M + offs_m, tnorm, mask=row_ok)
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
              acc.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
 
@@ -217,7 +273,7 @@ def attention_bwd_preprocess_kernel(
 
 @triton.jit
 def attention_bwd_dkdv_kernel(
-    Q, K, V, MASK, DOUT, DW, LSE, DELTA, DK, DV,
+    Q, K, V, MASK, DOUT, DW, LSE, DELTA, DK, DV, T, TNORM, GKL,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -226,10 +282,12 @@ def attention_bwd_dkdv_kernel(
     stride_gb, stride_gh, stride_gm, stride_gn,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_tb, stride_th, stride_tm, stride_tn,
+    stride_gklb, stride_gklh, stride_gklm,
     H, HKV, GROUP, M, N, qk_scale2, scale, w_start, w_stop,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_DW: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_KL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (key block, b, kv head): dV = sum P^T dO and dK = scale sum dS^T Q over the
@@ -263,6 +321,8 @@ def attention_bwd_dkdv_kernel(
         do_base = DOUT + b * stride_dob + h * stride_doh + offs_dv[None, :] * stride_dod
         mask_base = MASK + b * stride_mb + h * stride_mh + offs_n[None, :] * stride_mn
         g_base = DW + b * stride_gb + h * stride_gh + offs_n[None, :] * stride_gn
+        t_base = T + b * stride_tb + h * stride_th + offs_n[None, :] * stride_tn
+        gkl_base = GKL + b * stride_gklb + h * stride_gklh
         row_stats = (b * H + h) * M
         for start_m in range(lo, M, BLOCK_M):
             offs_m = start_m + offs_m0
@@ -284,6 +344,10 @@ def attention_bwd_dkdv_kernel(
                               other=0.0).to(tl.float32)
             delta = tl.load(DELTA + row_stats + offs_m, mask=row_ok, other=0.0)
             ds = p * (dp - delta[:, None])
+            if HAS_KL:
+                ds = _kl_grad(ds, p, s, t_base + offs_m[:, None] * stride_tm, row_ok[:, None] & key_ok[None, :],
+                              tl.load(TNORM + row_stats + offs_m, mask=row_ok, other=float("-inf")),
+                              tl.load(gkl_base + offs_m * stride_gklm, mask=row_ok, other=0.0).to(tl.float32))
             dk = _dot(tl.trans(ds.to(Q.dtype.element_ty)), q, dk, DOT_FP32, PRECISION)
     tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              (dk * scale).to(DK.dtype.element_ty), mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
@@ -293,7 +357,7 @@ def attention_bwd_dkdv_kernel(
 
 @triton.jit
 def attention_bwd_dq_kernel(
-    Q, K, V, MASK, DOUT, DW, LSE, DELTA, DQ, DS,
+    Q, K, V, MASK, DOUT, DW, LSE, DELTA, DQ, DS, T, TNORM, GKL,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -301,13 +365,16 @@ def attention_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_gb, stride_gh, stride_gm, stride_gn,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_tb, stride_th, stride_tm, stride_tn,
+    stride_gklb, stride_gklh, stride_gklm,
     H, GROUP, M, N, qk_scale2, scale, w_start, w_stop,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_DW: tl.constexpr,
-    WRITE_DS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_KL: tl.constexpr, WRITE_DS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program per (row block, b, h): dQ = scale * dS K. With WRITE_DS, also stores dS into the
+    """One program per (row block, b, h): dQ = scale * dS K (dS including the fused KL's
+    grad_kl * (P - T / Z) when HAS_KL). With WRITE_DS, also stores dS into the
     contiguous float32 buffer DS (B, H, M, N) (the gradient of an additive mask)."""
     num_m_blocks = tl.cdiv(M, BLOCK_M)
     pid = tl.program_id(0)
@@ -329,6 +396,11 @@ def attention_bwd_dq_kernel(
     row_stats = pid_bh.to(tl.int64) * M
     lse2 = tl.load(LSE + row_stats + offs_m, mask=row_ok, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + row_stats + offs_m, mask=row_ok, other=0.0)
+    if HAS_KL:
+        tnorm = tl.load(TNORM + row_stats + offs_m, mask=row_ok, other=float("-inf"))
+        grad_kl = tl.load(GKL + b * stride_gklb + h * stride_gklh + offs_m * stride_gklm, mask=row_ok,
+                          other=0.0).to(tl.float32)
+    t_base = T + b * stride_tb + h * stride_th + offs_m[:, None] * stride_tm
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     mask_base = MASK + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mm
@@ -356,6 +428,9 @@ def attention_bwd_dq_kernel(
             dp += tl.load(g_base + offs_n[None, :] * stride_gn, mask=w_rows[:, None] & key_ok[None, :],
                           other=0.0).to(tl.float32)
         ds = p * (dp - delta[:, None])
+        if HAS_KL:
+            ds = _kl_grad(ds, p, s, t_base + offs_n[None, :] * stride_tn, row_ok[:, None] & key_ok[None, :],
+                          tnorm, grad_kl)
         if WRITE_DS:
             tl.store(ds_base + offs_n[None, :], ds, mask=row_ok[:, None] & key_ok[None, :])
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,

@@ -15,29 +15,39 @@ from torch import Tensor
 
 from lfi import _dispatch
 from lfi.backends.reference import interaction_attention as reference
+from lfi.ops._kl import check_dense_target, check_options, reduce_rows
 from lfi.ops._validation import check_qkv, check_tensor, check_weights_rows, normalize_mask
+
+OP = "interaction_attention"
 
 
 @torch.library.custom_op("lfi::interaction_attention_fwd", mutates_args=())
 def interaction_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], scale: float, is_causal: bool,
-    weights_start: int, weights_stop: int, backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Forward on a concrete backend: (out (B, H, M, Dv), lse (B, H, M) float32 (float64 for float64
-    inputs; +inf on fully masked rows), weights (B, H, weights_stop - weights_start, N))."""
-    return _dispatch.implementation(backend, "interaction_attention").attention_forward(
-        q, k, v, attn_mask, scale, is_causal, weights_start, weights_stop
+    weights_start: int, weights_stop: int, kl_target: Optional[Tensor], backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Forward on a concrete backend: out (B, H, M, Dv); lse (B, H, M) float32 (float64 for float64
+    inputs; +inf on fully masked rows); weights (B, H, weights_stop - weights_start, N); and, with
+    kl_target, per-row kl and tnorm (B, H, M) float32 (empty tensors without)."""
+    out, lse, weights, kl, tnorm = _dispatch.implementation(backend, OP).attention_forward(
+        q, k, v, attn_mask, scale, is_causal, weights_start, weights_stop, kl_target
     )
+    if kl is None:
+        kl, tnorm = lse.new_empty(0), lse.new_empty(0)
+    return out, lse, weights, kl, tnorm
 
 
 @interaction_attention_fwd.register_fake
-def _(q, k, v, attn_mask, scale, is_causal, weights_start, weights_stop, backend):
+def _(q, k, v, attn_mask, scale, is_causal, weights_start, weights_stop, kl_target, backend):
     B, H, M, _ = q.shape
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = q.new_empty(B, H, M, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    kl_shape = (B, H, M) if kl_target is not None else (0,)
     return (
         q.new_empty(B, H, M, v.shape[-1]),
-        q.new_empty(B, H, M, dtype=lse_dtype),
+        lse,
         q.new_empty(B, H, weights_stop - weights_start, k.shape[2]),
+        lse.new_empty(kl_shape),
+        lse.new_empty(kl_shape),
     )
 
 
@@ -45,45 +55,49 @@ def _(q, k, v, attn_mask, scale, is_causal, weights_start, weights_stop, backend
 def interaction_attention_bwd(
     grad_out: Tensor, grad_weights: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     lse: Tensor, attn_mask: Optional[Tensor], scale: float, is_causal: bool, weights_start: int,
-    weights_stop: int, mask_grad: bool, backend: str,
+    weights_stop: int, mask_grad: bool, kl_target: Optional[Tensor], tnorm: Optional[Tensor],
+    grad_kl: Optional[Tensor], backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dmask); dmask has attn_mask's shape when mask_grad, else it is empty."""
-    dq, dk, dv, dmask = _dispatch.implementation(backend, "interaction_attention").attention_backward(
+    dq, dk, dv, dmask = _dispatch.implementation(backend, OP).attention_backward(
         grad_out, grad_weights, q, k, v, out, lse, attn_mask, scale, is_causal,
-        weights_start, weights_stop, mask_grad,
+        weights_start, weights_stop, mask_grad, kl_target, tnorm, grad_kl,
     )
     return dq, dk, dv, dmask if dmask is not None else q.new_empty(0)
 
 
 @interaction_attention_bwd.register_fake
 def _(grad_out, grad_weights, q, k, v, out, lse, attn_mask, scale, is_causal, weights_start, weights_stop,
-      mask_grad, backend):
+      mask_grad, kl_target, tnorm, grad_kl, backend):
     dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, scale, is_causal, weights_start, weights_stop, backend = inputs
-    out, lse, _ = output
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask)
+    q, k, v, attn_mask, scale, is_causal, weights_start, weights_stop, kl_target, backend = inputs
+    out, lse, _, _, tnorm = output
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, kl_target, tnorm)
     ctx.args = (scale, is_causal, weights_start, weights_stop)
     ctx.backend = backend
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse, tnorm)
     # Unused outputs then arrive as None: no zero-filled map-sized gradient when maps are not used.
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_out, grad_lse, grad_weights):
-    q, k, v, out, lse, attn_mask = ctx.saved_tensors
+def _backward(ctx, grad_out, grad_lse, grad_weights, grad_kl, grad_tnorm):
+    q, k, v, out, lse, attn_mask, kl_target, tnorm = ctx.saved_tensors
     scale, is_causal, weights_start, weights_stop = ctx.args
-    if grad_out is None:  # only the maps enter the loss
+    if grad_out is None:  # only the maps or the KL enter the loss
         grad_out = torch.zeros_like(out)
     mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
+    if kl_target is None:
+        grad_kl = None
     dq, dk, dv, dmask = torch.ops.lfi.interaction_attention_bwd(
         grad_out, grad_weights, q, k, v, out, lse, attn_mask, scale, is_causal,
-        weights_start, weights_stop, mask_grad, ctx.backend,
+        weights_start, weights_stop, mask_grad, kl_target, tnorm if grad_kl is not None else None, grad_kl,
+        ctx.backend,
     )
-    return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None
+    return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None, None
 
 
 interaction_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -107,7 +121,8 @@ def _warn_dropout_fallback(backend: str) -> None:
 def interaction_attention(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
     is_causal: bool = False, scale: Optional[float] = None, *, need_weights: bool = False,
-    average_attn_weights: bool = False, weights_rows=None, backend: str = "auto",
+    average_attn_weights: bool = False, weights_rows=None, kl_target: Optional[Tensor] = None,
+    kl_reduction: str = "batchmean", backend: str = "auto",
 ):
     """Scaled dot-product attention, a drop-in for ``F.scaled_dot_product_attention`` that can also
     return the exact softmax maps, with gradients flowing through them.
@@ -130,11 +145,18 @@ def interaction_attention(
         average_attn_weights: return the mean over heads, (B, M, N), instead of (B, H, M, N).
         weights_rows: (start, stop) or slice: return only query rows start..stop-1 of the maps,
             (B, H, stop - start, N); the other rows are never written.
+        kl_target: teacher probabilities broadcastable to (B, H, M, N) (e.g. (B, 1, M, N)): also
+            return KL(kl_target || P) per row, computed in the same pass over the keys. The target
+            is restricted to the keys each row attends (mask, causal) and renormalised there; rows
+            without target mass give 0. No gradient flows to the target.
+        kl_reduction: "batchmean" (sum / B), "mean" (sum / (B*H*M) rows), "sum" or "none"
+            (per row, (B, H, M)), as in attention_kl.
         backend: "auto", "torch" or "triton" (see lfi._dispatch; LFI_BACKEND overrides "auto").
 
     Returns:
-        out (B, H, M, Dv) in q's dtype, or (out, weights) when need_weights. A query row with no
-        attended key gives zeros in out and weights (never NaN) and zero gradients.
+        out (B, H, M, Dv) in q's dtype; (out, weights) when need_weights; (out, kl) with a
+        kl_target; (out, weights, kl) with both (kl in float32). A query row with no attended key
+        gives zeros in out and weights (never NaN) and zero gradients.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, (3, 4), "(B, H, L, D) or (B, L, D)")
@@ -156,24 +178,30 @@ def interaction_attention(
     if average_attn_weights and not need_weights:
         raise ValueError("average_attn_weights=True needs need_weights=True")
     w_start, w_stop = check_weights_rows(weights_rows, need_weights, M)
+    if kl_target is not None:
+        check_options("probs", 1.0, kl_reduction)
+        kl_target = check_dense_target(kl_target, (B, H, M, N), q, "probs", validate=False)
     name = _dispatch.resolve(backend, q.device)
 
     if dropout_p > 0.0:
         if name != "torch":
             _warn_dropout_fallback(name)
-        out, weights = reference.attention_with_dropout(
-            q, k, v, mask, float(scale), bool(is_causal), float(dropout_p), w_start, w_stop
+        out, weights, kl = reference.attention_with_dropout(
+            q, k, v, mask, float(scale), bool(is_causal), float(dropout_p), w_start, w_stop, kl_target
         )
     else:
-        out, _, weights = torch.ops.lfi.interaction_attention_fwd(
-            q, k, v, mask, float(scale), bool(is_causal), w_start, w_stop, name
+        out, _, weights, kl, _ = torch.ops.lfi.interaction_attention_fwd(
+            q, k, v, mask, float(scale), bool(is_causal), w_start, w_stop, kl_target, name
         )
     if three_d:
         out = out.squeeze(1)
-    if not need_weights:
-        return out
-    if average_attn_weights:
-        weights = weights.mean(1)
-    elif three_d:
-        weights = weights.squeeze(1)
-    return out, weights
+    results = [out]
+    if need_weights:
+        if average_attn_weights:
+            weights = weights.mean(1)
+        elif three_d:
+            weights = weights.squeeze(1)
+        results.append(weights)
+    if kl_target is not None:
+        results.append(reduce_rows(kl.squeeze(1) if three_d else kl, kl_reduction, B))
+    return results[0] if len(results) == 1 else tuple(results)

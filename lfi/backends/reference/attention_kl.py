@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from lfi.backends.reference.interaction_attention import _chunk_rows, _lse, compute_dtype
+from lfi.backends.reference._common import chunk_rows, row_lse, rows_of, compute_dtype
 
 NEG_INF = float("-inf")
 
 
-def _rows(m, r0, r1):
-    """Rows r0:r1 of a 4-D tensor broadcast along dim 2 (size-1 dims stay as they are)."""
-    return None if m is None else (m[:, :, r0:r1] if m.shape[2] != 1 else m)
 
 
 def log_target(target, keep, target_scale: float, target_is_logits: bool, dtype, tnorm=None):
@@ -31,7 +28,7 @@ def log_target(target, keep, target_scale: float, target_is_logits: bool, dtype,
         if keep is not None:
             logits = logits.masked_fill(~keep, NEG_INF)
         if tnorm is None:
-            tnorm = _lse(logits)
+            tnorm = row_lse(logits)
         return logits - tnorm.to(dtype), tnorm
     probs = target.to(dtype)
     if keep is not None:
@@ -45,7 +42,7 @@ def log_target(target, keep, target_scale: float, target_is_logits: bool, dtype,
 
 def kl_rows(s, log_t):
     """Per-row KL(t || softmax(s)) for masked scores s (-inf at dropped keys) and log t; plus lse(s)."""
-    lse = _lse(s)
+    lse = row_lse(s)
     t = torch.exp(log_t)
     # t = 0 terms contribute 0 (also where s = -inf); rows without kept keys have t = 0 everywhere.
     terms = torch.where(t > 0, t * (log_t - s + lse), torch.zeros_like(t))
@@ -70,11 +67,11 @@ def kl_forward(logits, target, key_mask, student_scale: float, target_scale: flo
     B, H, M, N = logits.shape
     dt = compute_dtype(logits.dtype)
     kl, lse, tnorm = (torch.empty(B, H, M, dtype=dt, device=logits.device) for _ in range(3))
-    step = _chunk_rows(B, H, M, N, torch.finfo(dt).bits // 8)
+    step = chunk_rows(B, H, M, N, torch.finfo(dt).bits // 8)
     for r0 in range(0, M, step):
         r1 = min(M, r0 + step)
-        keep = _rows(key_mask, r0, r1)
-        log_t, tn = log_target(_rows(target, r0, r1), keep, target_scale, target_is_logits, dt)
+        keep = rows_of(key_mask, r0, r1)
+        log_t, tn = log_target(rows_of(target, r0, r1), keep, target_scale, target_is_logits, dt)
         s = _scores(logits[:, :, r0:r1], keep, student_scale, dt)
         log_t = log_t.expand(s.shape)
         kl[:, :, r0:r1], lse_rows = kl_rows(s, log_t)
@@ -89,12 +86,12 @@ def kl_backward(grad_kl, logits, target, key_mask, lse, tnorm, student_scale: fl
     B, H, M, N = logits.shape
     dt = compute_dtype(logits.dtype)
     dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    step = _chunk_rows(B, H, M, N, torch.finfo(dt).bits // 8)
+    step = chunk_rows(B, H, M, N, torch.finfo(dt).bits // 8)
     for r0 in range(0, M, step):
         r1 = min(M, r0 + step)
-        keep = _rows(key_mask, r0, r1)
+        keep = rows_of(key_mask, r0, r1)
         tn = tnorm[:, :, r0:r1, None]
-        log_t, _ = log_target(_rows(target, r0, r1), keep, target_scale, target_is_logits, dt, tn)
+        log_t, _ = log_target(rows_of(target, r0, r1), keep, target_scale, target_is_logits, dt, tn)
         s = _scores(logits[:, :, r0:r1], keep, student_scale, dt)
         ds = kl_grad(grad_kl[:, :, r0:r1].to(dt), s, lse[:, :, r0:r1, None].to(dt), log_t, tn)
         dlogits[:, :, r0:r1] = (ds * student_scale).to(logits.dtype)

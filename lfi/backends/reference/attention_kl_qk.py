@@ -6,21 +6,21 @@ from __future__ import annotations
 
 import torch
 
-from lfi.backends.reference.attention_kl import NEG_INF, _rows, kl_grad, kl_rows, log_target
-from lfi.backends.reference.interaction_attention import _chunk_rows, _grouped, compute_dtype
+from lfi.backends.reference._common import chunk_rows, grouped, rows_of, compute_dtype
+from lfi.backends.reference.attention_kl import NEG_INF, kl_grad, kl_rows, log_target
 
 
 def _logits(q_rows, k, scale: float):
     """(B, H, R, D) x (B, Hkv, N, D) -> (B, H, R, N) scaled logits, H % Hkv == 0."""
-    return torch.matmul(_grouped(q_rows, k.shape[1]), k.unsqueeze(2).transpose(-1, -2)).flatten(1, 2) * scale
+    return torch.matmul(grouped(q_rows, k.shape[1]), k.unsqueeze(2).transpose(-1, -2)).flatten(1, 2) * scale
 
 
 def _chunk_inputs(q, k, target, q_t, k_t, key_mask, r0, r1, student_scale, target_scale, dt):
-    keep = _rows(key_mask, r0, r1)
+    keep = rows_of(key_mask, r0, r1)
     s = _logits(q[:, :, r0:r1].to(dt), k, student_scale)
     if keep is not None:
         s = s.masked_fill(~keep, NEG_INF)
-    target_rows = _rows(target, r0, r1) if q_t is None else _logits(q_t[:, :, r0:r1].to(dt), k_t, 1.0)
+    target_rows = rows_of(target, r0, r1) if q_t is None else _logits(q_t[:, :, r0:r1].to(dt), k_t, 1.0)
     return s, keep, target_rows
 
 
@@ -34,7 +34,7 @@ def kl_qk_forward(q, k, target, q_t, k_t, key_mask, student_scale: float, target
     dt = compute_dtype(q.dtype)
     k, k_t = k.to(dt), (k_t.to(dt) if k_t is not None else None)
     kl, lse, tnorm = (torch.empty(B, H, M, dtype=dt, device=q.device) for _ in range(3))
-    step = _chunk_rows(B, H, M, N, torch.finfo(dt).bits // 8)
+    step = chunk_rows(B, H, M, N, torch.finfo(dt).bits // 8)
     for r0 in range(0, M, step):
         r1 = min(M, r0 + step)
         s, keep, target_rows = _chunk_inputs(q, k, target, q_t, k_t, key_mask, r0, r1, student_scale, target_scale, dt)
@@ -55,7 +55,7 @@ def kl_qk_backward(grad_kl, q, k, target, q_t, k_t, key_mask, lse, tnorm, studen
     k_dt, k_t = k.to(dt), (k_t.to(dt) if k_t is not None else None)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=dt, device=q.device)
-    step = _chunk_rows(B, H, M, N, torch.finfo(dt).bits // 8)
+    step = chunk_rows(B, H, M, N, torch.finfo(dt).bits // 8)
     for r0 in range(0, M, step):
         r1 = min(M, r0 + step)
         s, keep, target_rows = _chunk_inputs(q, k_dt, target, q_t, k_t, key_mask, r0, r1, student_scale,
@@ -63,6 +63,6 @@ def kl_qk_backward(grad_kl, q, k, target, q_t, k_t, key_mask, lse, tnorm, studen
         tn = tnorm[:, :, r0:r1, None]
         log_t, _ = log_target(target_rows, keep, target_scale, target_is_logits or q_t is not None, dt, tn)
         ds = kl_grad(grad_kl[:, :, r0:r1].to(dt), s, lse[:, :, r0:r1, None].to(dt), log_t, tn) * student_scale
-        dq[:, :, r0:r1] = torch.matmul(_grouped(ds, hkv), k_dt.unsqueeze(2)).flatten(1, 2).to(q.dtype)
-        dk += torch.matmul(_grouped(ds, hkv).transpose(-1, -2), _grouped(q[:, :, r0:r1].to(dt), hkv)).sum(2)
+        dq[:, :, r0:r1] = torch.matmul(grouped(ds, hkv), k_dt.unsqueeze(2)).flatten(1, 2).to(q.dtype)
+        dk += torch.matmul(grouped(ds, hkv).transpose(-1, -2), grouped(q[:, :, r0:r1].to(dt), hkv)).sum(2)
     return dq, dk.to(k.dtype)

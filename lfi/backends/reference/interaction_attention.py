@@ -2,43 +2,24 @@
 
 Works on any device. Computes in float32 (float64 for float64 inputs). Without maps, the largest
 temporary is one chunk of scores of about LFI_TORCH_CHUNK_BYTES (default 64 MiB), never the full
-(B, H, M, N) matrix. Shapes: q (B, H, M, D), k (B, Hkv, N, D), v (B, Hkv, N, Dv), mask 4-D and
-broadcastable to (B, H, M, N).
+(B, H, M, N) matrix. Shapes: q (B, H, M, D), k (B, Hkv, N, D), v (B, Hkv, N, Dv), mask and
+kl_target 4-D and broadcastable to (B, H, M, N).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _chunk_rows(B: int, H: int, M: int, N: int, itemsize: int) -> int:
-    budget = int(os.environ.get("LFI_TORCH_CHUNK_BYTES", 64 << 20))
-    # A chunk holds about three (B, H, rows, N) temporaries (scores, probabilities, gradients).
-    return max(1, min(M, budget // (3 * B * H * N * itemsize)))
-
-
-def _grouped(t: torch.Tensor, hkv: int) -> torch.Tensor:
-    """(B, H, R, X) -> (B, Hkv, G, R, X), a view."""
-    return t.unflatten(1, (hkv, t.shape[1] // hkv))
+from lfi.backends.reference._common import chunk_rows, compute_dtype, grouped, row_lse, rows_of
+from lfi.backends.reference.attention_kl import kl_grad, kl_rows, log_target
 
 
 def _scores(q_rows, k, mask, scale, is_causal, r0, r1, dtype):
     """Masked scores for query rows r0:r1: (B, H, r1-r0, N) in `dtype`."""
-    B, H = q_rows.shape[:2]
     hkv, N = k.shape[1], k.shape[2]
-    s = torch.matmul(_grouped(q_rows.to(dtype), hkv), k.unsqueeze(2).transpose(-1, -2)).flatten(1, 2)
-    s = s * scale
-    if mask is not None:
-        m = mask[:, :, r0:r1] if mask.shape[2] != 1 else mask
-        if m.dtype == torch.bool:
-            s = s.masked_fill(~m, float("-inf"))
-        else:
-            s = s + m.to(dtype)
+    s = torch.matmul(grouped(q_rows.to(dtype), hkv), k.unsqueeze(2).transpose(-1, -2)).flatten(1, 2) * scale
+    m = rows_of(mask, r0, r1)
+    if m is not None:
+        s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.to(dtype)
     if is_causal:
         rows = torch.arange(r0, r1, device=s.device)[:, None]
         cols = torch.arange(N, device=s.device)[None, :]
@@ -46,42 +27,49 @@ def _scores(q_rows, k, mask, scale, is_causal, r0, r1, dtype):
     return s
 
 
-def _lse(s: torch.Tensor) -> torch.Tensor:
-    """Row log-sum-exp, +inf for rows with no unmasked key (so exp(s - lse) is 0 there)."""
-    m = s.amax(-1, keepdim=True)
-    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
-    lse = m + torch.log(torch.exp(s - m).sum(-1, keepdim=True))
-    return torch.where(lse == float("-inf"), torch.full_like(lse, float("inf")), lse)
-
-
 def _overlap(r0: int, r1: int, w0: int, w1: int):
     a, b = max(r0, w0), min(r1, w1)
     return (a, b) if a < b else None
 
 
-def attention_forward(q, k, v, mask, scale: float, is_causal: bool, w_start: int, w_stop: int):
-    """Returns out (B, H, M, Dv) in q.dtype, lse (B, H, M) in float32 (float64 for float64 input),
-    and weights (B, H, w_stop - w_start, N) in q.dtype: exact softmax rows w_start:w_stop."""
+def _kl_log_target(kl_target, s, r0, r1, dtype, tnorm=None):
+    """The fused KL's target over the keys the student attends (s > -inf), renormalised there."""
+    return log_target(rows_of(kl_target, r0, r1), s > float("-inf"), 1.0, False, dtype, tnorm)
+
+
+def attention_forward(q, k, v, mask, scale: float, is_causal: bool, w_start: int, w_stop: int, kl_target=None):
+    """Returns out (B, H, M, Dv) in q.dtype; lse (B, H, M) float32 (float64 for float64 input);
+    weights (B, H, w_stop - w_start, N) in q.dtype, the exact softmax rows w_start:w_stop; and, with
+    a kl_target of probabilities, kl (B, H, M) = KL(target || P) per row and tnorm (B, H, M) = log
+    of the target mass over the attended keys (else None, None)."""
     B, H, M, _ = q.shape
     hkv, N, Dv = k.shape[1], k.shape[2], v.shape[-1]
     dt = compute_dtype(q.dtype)
+    stats_dt = dt if dt == torch.float64 else torch.float32
     out = q.new_empty(B, H, M, Dv)
-    lse = torch.empty(B, H, M, dtype=dt if dt == torch.float64 else torch.float32, device=q.device)
+    lse = torch.empty(B, H, M, dtype=stats_dt, device=q.device)
     weights = q.new_empty(B, H, w_stop - w_start, N)
+    kl = tnorm = None
+    if kl_target is not None:
+        kl, tnorm = (torch.empty(B, H, M, dtype=stats_dt, device=q.device) for _ in range(2))
     k_, v_ = k.to(dt), v.to(dt).unsqueeze(2)
-    step = _chunk_rows(B, H, M, N, torch.finfo(dt).bits // 8)
+    step = chunk_rows(B, H, M, N, torch.finfo(dt).bits // 8)
     for r0 in range(0, M, step):
         r1 = min(M, r0 + step)
         s = _scores(q[:, :, r0:r1], k_, mask, scale, is_causal, r0, r1, dt)
-        lse_rows = _lse(s)
+        lse_rows = row_lse(s)
         p = torch.exp(s - lse_rows)
-        out[:, :, r0:r1] = torch.matmul(_grouped(p, hkv), v_).flatten(1, 2).to(q.dtype)
+        out[:, :, r0:r1] = torch.matmul(grouped(p, hkv), v_).flatten(1, 2).to(q.dtype)
         lse[:, :, r0:r1] = lse_rows.squeeze(-1)
         rows = _overlap(r0, r1, w_start, w_stop)
         if rows is not None:
             a, b = rows
             weights[:, :, a - w_start : b - w_start] = p[:, :, a - r0 : b - r0]
-    return out, lse, weights
+        if kl_target is not None:
+            log_t, tn = _kl_log_target(kl_target, s, r0, r1, dt)
+            kl[:, :, r0:r1] = kl_rows(s, log_t)[0]
+            tnorm[:, :, r0:r1] = tn.squeeze(-1)
+    return out, lse, weights, kl, tnorm
 
 
 def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:
@@ -91,10 +79,11 @@ def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:
 
 
 def attention_backward(grad_out, grad_weights, q, k, v, out, lse, mask, scale: float, is_causal: bool,
-                       w_start: int, w_stop: int, mask_grad: bool):
-    """Gradients (dq, dk, dv, dmask) given dL/dout (B, H, M, Dv) and dL/dweights (B, H, R, N) or None.
+                       w_start: int, w_stop: int, mask_grad: bool, kl_target=None, tnorm=None, grad_kl=None):
+    """Gradients (dq, dk, dv, dmask) given dL/dout (B, H, M, Dv), dL/dweights (B, H, R, N) or None,
+    and dL/dkl (B, H, M) or None for the fused KL.
 
-    dP = dO V^T + G, delta = rowsum(dO * O) + rowsum(P * G), dS = P (dP - delta),
+    dP = dO V^T + G, delta = rowsum(dO * O) + rowsum(P * G), dS = P (dP - delta) + g (P - t),
     dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO; dmask = dS summed to the mask's shape.
     """
     B, H, M, _ = q.shape
@@ -106,14 +95,16 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, lse, mask, scale: f
     dk = torch.zeros(k.shape, dtype=dt, device=q.device)
     dv = torch.zeros(v.shape, dtype=dt, device=q.device)
     dmask = torch.zeros(mask.shape, dtype=dt, device=q.device) if mask_grad else None
-    step = _chunk_rows(B, H, M, N, torch.finfo(dt).bits // 8)
+    step = chunk_rows(B, H, M, N, torch.finfo(dt).bits // 8)
     for r0 in range(0, M, step):
         r1 = min(M, r0 + step)
         q_rows = q[:, :, r0:r1].to(dt)
-        p = torch.exp(_scores(q_rows, k_dt, mask, scale, is_causal, r0, r1, dt) - lse[:, :, r0:r1, None].to(dt))
+        s = _scores(q_rows, k_dt, mask, scale, is_causal, r0, r1, dt)
+        lse_rows = lse[:, :, r0:r1, None].to(dt)
+        p = torch.exp(s - lse_rows)
         do = grad_out[:, :, r0:r1].to(dt)
-        dv += torch.matmul(_grouped(p, hkv).transpose(-1, -2), _grouped(do, hkv)).sum(2)
-        dp = torch.matmul(_grouped(do, hkv), v_.transpose(-1, -2)).flatten(1, 2)
+        dv += torch.matmul(grouped(p, hkv).transpose(-1, -2), grouped(do, hkv)).sum(2)
+        dp = torch.matmul(grouped(do, hkv), v_.transpose(-1, -2)).flatten(1, 2)
         delta = (do * out[:, :, r0:r1].to(dt)).sum(-1, keepdim=True)
         rows = _overlap(r0, r1, w_start, w_stop) if grad_weights is not None else None
         if rows is not None:
@@ -122,8 +113,12 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, lse, mask, scale: f
             dp[:, :, a - r0 : b - r0] += g
             delta[:, :, a - r0 : b - r0] += (p[:, :, a - r0 : b - r0] * g).sum(-1, keepdim=True)
         ds = p * (dp - delta)
-        dq[:, :, r0:r1] = (torch.matmul(_grouped(ds, hkv), k_).flatten(1, 2) * scale).to(q.dtype)
-        dk += torch.matmul(_grouped(ds, hkv).transpose(-1, -2), _grouped(q_rows, hkv)).sum(2) * scale
+        if grad_kl is not None:
+            tn = tnorm[:, :, r0:r1, None]
+            log_t, _ = _kl_log_target(kl_target, s, r0, r1, dt, tn)
+            ds += kl_grad(grad_kl[:, :, r0:r1].to(dt), s, lse_rows, log_t, tn)
+        dq[:, :, r0:r1] = (torch.matmul(grouped(ds, hkv), k_).flatten(1, 2) * scale).to(q.dtype)
+        dk += torch.matmul(grouped(ds, hkv).transpose(-1, -2), grouped(q_rows, hkv)).sum(2) * scale
         if dmask is not None:
             part = _sum_to(ds, mask.shape)
             if mask.shape[2] == 1:
@@ -134,15 +129,19 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, lse, mask, scale: f
 
 
 def attention_with_dropout(q, k, v, mask, scale: float, is_causal: bool, dropout_p: float,
-                           w_start: int, w_stop: int):
-    """Differentiable eager attention with dropout on P (weights returned are pre-dropout).
+                           w_start: int, w_stop: int, kl_target=None):
+    """Differentiable eager attention with dropout on P (weights and KL use P before dropout).
 
     Holds the full (B, H, M, N) probabilities for autograd: dropout is not fused anywhere.
+    Returns out, weights rows w_start:w_stop, and per-row KL(kl_target || P) or None.
     """
     hkv = k.shape[1]
     dt = compute_dtype(q.dtype)
     s = _scores(q, k.to(dt), mask, scale, is_causal, 0, q.shape[2], dt)
-    p = torch.exp(s - _lse(s))
+    p = torch.exp(s - row_lse(s))
     p_drop = torch.nn.functional.dropout(p, dropout_p, training=True)
-    out = torch.matmul(_grouped(p_drop, hkv), v.to(dt).unsqueeze(2)).flatten(1, 2).to(q.dtype)
-    return out, p[:, :, w_start:w_stop].to(q.dtype)
+    out = torch.matmul(grouped(p_drop, hkv), v.to(dt).unsqueeze(2)).flatten(1, 2).to(q.dtype)
+    kl = None
+    if kl_target is not None:
+        kl = kl_rows(s, _kl_log_target(kl_target, s, 0, q.shape[2], dt)[0])[0]
+    return out, p[:, :, w_start:w_stop].to(q.dtype), kl

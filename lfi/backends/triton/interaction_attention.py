@@ -69,6 +69,11 @@ def _strides(t, ndim=4):
     return tuple(t.stride()) if t is not None else (0,) * ndim
 
 
+def _broadcast_strides(t, shape):
+    """Strides of t read as broadcast to shape (0 along size-1 dims); zeros for None."""
+    return tuple(t.expand(shape).stride()) if t is not None else (0,) * len(shape)
+
+
 def _common(q, k, v, mask, is_causal):
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"backend='triton' supports float16, bfloat16 and float32, got q.dtype={q.dtype}; "
@@ -78,7 +83,7 @@ def _common(q, k, v, mask, is_causal):
     if mask is not None:
         mask_bool = mask.dtype == torch.bool
         mask_arg = mask.view(torch.uint8) if mask_bool else mask
-        mask_strides = mask.expand(B, H, M, N).stride()
+        mask_strides = _broadcast_strides(mask, (B, H, M, N))
     else:
         mask_bool, mask_arg, mask_strides = False, q, (0, 0, 0, 0)
     precise = INTERPRET or (q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
@@ -90,28 +95,33 @@ def _common(q, k, v, mask, is_causal):
     return mask_arg, mask_strides, constexprs
 
 
-def attention_forward(q, k, v, mask, scale: float, is_causal: bool, w_start: int, w_stop: int):
-    """Returns out (B, H, M, Dv) q.dtype, lse (B, H, M) float32, weights (B, H, w_stop-w_start, N) q.dtype."""
+def attention_forward(q, k, v, mask, scale: float, is_causal: bool, w_start: int, w_stop: int, kl_target=None):
+    """Returns out (B, H, M, Dv) q.dtype, lse (B, H, M) float32, weights (B, H, w_stop-w_start, N)
+    q.dtype, and with kl_target (4-D probabilities) kl and tnorm (B, H, M) float32, else None, None."""
     mask_arg, mask_strides, constexprs = _common(q, k, v, mask, is_causal)
     B, H, M, _ = q.shape
     Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[-1]
     out = torch.empty(B, H, M, Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, M, dtype=torch.float32, device=q.device)
     weights = torch.empty(B, H, w_stop - w_start, N, dtype=q.dtype, device=q.device)
-    w_arg = weights if weights.numel() else out
+    has_kl = kl_target is not None
+    kl, tnorm = (torch.empty(B, H, M, dtype=torch.float32, device=q.device) for _ in range(2)) if has_kl else (None, None)
     _launch(
         "attention_fwd_kernel", lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
-        q, k, v, mask_arg, out, lse, w_arg,
-        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(), *_strides(weights if weights.numel() else None),
+        q, k, v, mask_arg, out, lse, weights if weights.numel() else out,
+        kl_target if has_kl else out, kl if has_kl else lse, tnorm if has_kl else lse,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
+        *_strides(weights if weights.numel() else None), *_broadcast_strides(kl_target, (B, H, M, N)),
         H, H // Hkv, M, N, scale * LOG2E, w_start, w_stop,
-        **constexprs,
+        HAS_KL=has_kl, **constexprs,
     )
-    return out, lse, weights
+    return out, lse, weights, kl, tnorm
 
 
 def attention_backward(grad_out, grad_weights, q, k, v, out, lse, mask, scale: float, is_causal: bool,
-                       w_start: int, w_stop: int, mask_grad: bool):
-    """Returns (dq, dk, dv, dmask); dmask is None unless mask_grad (float mask only)."""
+                       w_start: int, w_stop: int, mask_grad: bool, kl_target=None, tnorm=None, grad_kl=None):
+    """Returns (dq, dk, dv, dmask); dmask is None unless mask_grad (float mask only). grad_kl
+    (B, H, M), any strides, is the gradient of the fused per-row KL against kl_target."""
     mask_arg, mask_strides, constexprs = _common(q, k, v, mask, is_causal)
     B, H, M, _ = q.shape
     Hkv, N = k.shape[1], k.shape[2]
@@ -119,6 +129,9 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, lse, mask, scale: f
     g_arg = grad_weights if has_dw else grad_out
     g_strides = _strides(grad_weights if has_dw else None)
     qk_scale2 = scale * LOG2E
+    has_kl = grad_kl is not None
+    kl_args = (kl_target, tnorm, grad_kl) if has_kl else (q, lse, lse)
+    kl_strides = (*_broadcast_strides(kl_target, (B, H, M, N)), *(grad_kl.stride() if has_kl else (0, 0, 0)))
 
     delta = torch.empty(B, H, M, dtype=torch.float32, device=q.device)
     _launch(
@@ -132,21 +145,22 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, lse, mask, scale: f
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     _launch(
         "attention_bwd_dkdv_kernel", lambda meta: triton.cdiv(N, meta["BLOCK_N"]) * B * Hkv,
-        q, k, v, mask_arg, grad_out, g_arg, lse, delta, dk, dv,
+        q, k, v, mask_arg, grad_out, g_arg, lse, delta, dk, dv, *kl_args,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(), *g_strides,
-        *dk.stride(), *dv.stride(),
+        *dk.stride(), *dv.stride(), *kl_strides,
         H, Hkv, H // Hkv, M, N, qk_scale2, scale, w_start, w_stop,
-        HAS_DW=has_dw, **constexprs,
+        HAS_DW=has_dw, HAS_KL=has_kl, **constexprs,
     )
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     # dS is written only when an additive mask needs its gradient (it is as large as the maps).
     ds = torch.zeros(B, H, M, N, dtype=torch.float32, device=q.device) if mask_grad else delta
     _launch(
         "attention_bwd_dq_kernel", lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
-        q, k, v, mask_arg, grad_out, g_arg, lse, delta, dq, ds,
+        q, k, v, mask_arg, grad_out, g_arg, lse, delta, dq, ds, *kl_args,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(), *g_strides, *dq.stride(),
+        *kl_strides,
         H, H // Hkv, M, N, qk_scale2, scale, w_start, w_stop,
-        HAS_DW=has_dw, WRITE_DS=mask_grad, **constexprs,
+        HAS_DW=has_dw, HAS_KL=has_kl, WRITE_DS=mask_grad, **constexprs,
     )
     dmask = None
     if mask_grad:

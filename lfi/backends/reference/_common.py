@@ -1,0 +1,34 @@
+"""Helpers shared by the reference ops: compute dtype, row chunking, grouped heads, row lse."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def chunk_rows(B: int, H: int, M: int, N: int, itemsize: int) -> int:
+    budget = int(os.environ.get("LFI_TORCH_CHUNK_BYTES", 64 << 20))
+    # A chunk holds about three (B, H, rows, N) temporaries (scores, probabilities, gradients).
+    return max(1, min(M, budget // (3 * B * H * N * itemsize)))
+
+
+def grouped(t: torch.Tensor, hkv: int) -> torch.Tensor:
+    """(B, H, R, X) -> (B, Hkv, G, R, X), a view."""
+    return t.unflatten(1, (hkv, t.shape[1] // hkv))
+
+
+def row_lse(s: torch.Tensor) -> torch.Tensor:
+    """Row log-sum-exp, +inf for rows with no unmasked key (so exp(s - lse) is 0 there)."""
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    lse = m + torch.log(torch.exp(s - m).sum(-1, keepdim=True))
+    return torch.where(lse == float("-inf"), torch.full_like(lse, float("inf")), lse)
+
+
+def rows_of(t, r0: int, r1: int):
+    """Rows r0:r1 of a 4-D tensor that may broadcast along dim 2 (size 1 there is kept)."""
+    return None if t is None else (t[:, :, r0:r1] if t.shape[2] != 1 else t)
