@@ -1,9 +1,11 @@
 """Triton kernels for attention that can also write its exact softmax maps.
 
 Notation (per batch b, query head h, kv head h // GROUP): S = scale * Q K^T + mask, P = softmax(S),
-O = P V. Scores are kept in base 2 (S2 = S * log2(e)) so that exp2 can be used; `lse` is stored in
-natural log units, (B, H, M) float32, +inf for query rows that have no unmasked key, which makes
-P = exp(S - lse) exactly 0 on those rows in every pass.
+O = P V. Each row's softmax statistics are stored as STATS (B, H, M, 2) float32: the row max m and
+log l, l = sum exp(S - m), kept apart (not folded into lse = m + log l) so that P = exp((S - m) -
+log l) stays exact when the scores are huge (a float mask of -1e30 or finfo.min on a whole row gives
+the uniform row, as in SDPA). Rows with no attended key store (0, +inf), so P is exactly 0 there.
+Scores stay in natural units: base-2 scaling would overflow for finfo.min masks.
 
 All tensors are read through their strides (masks broadcast with stride 0); batch and head
 offsets are computed in int64 because maps of (B, H, N, N) overflow int32 offsets. Programs are
@@ -14,8 +16,6 @@ Kernels know nothing of autograd or modules: lfi.backends.triton launches them.
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
 
 
 @triton.jit
@@ -28,14 +28,14 @@ def _dot(a, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k_ptrs, mask_ptrs, offs_m, offs_n, M, N, qk_scale2, k_load_mask,
+def _scores(q, k_ptrs, mask_ptrs, offs_m, offs_n, M, N, scale, k_load_mask,
             IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
             DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_N: tl.constexpr):
-    """Base-2 masked scores (BLOCK_M, BLOCK_N) for q (BLOCK_M, BLOCK_D) and the key block at k_ptrs
+    """Masked scores (BLOCK_M, BLOCK_N) for q (BLOCK_M, BLOCK_D) and the key block at k_ptrs
     (laid out (BLOCK_D, BLOCK_N)); keys past N and masked keys are -inf."""
     k_t = tl.load(k_ptrs, mask=k_load_mask, other=0.0)
-    s = _dot(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION) * qk_scale2
+    s = _dot(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION) * scale
     valid = (offs_n < N)[None, :]
     if IS_CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None])
@@ -44,13 +44,21 @@ def _scores(q, k_ptrs, mask_ptrs, offs_m, offs_n, M, N, qk_scale2, k_load_mask,
         if MASK_BOOL:
             valid = valid & (tl.load(mask_ptrs, mask=in_bounds, other=0) != 0)
         else:
-            s += tl.load(mask_ptrs, mask=in_bounds, other=0.0).to(tl.float32) * LOG2E
+            s += tl.load(mask_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
     return tl.where(valid, s, float("-inf"))
 
 
 @triton.jit
+def _load_stats(STATS, row_offset, offs_m, row_ok):
+    """(row max m, log l) of rows offs_m; rows past M read as empty rows (0, +inf)."""
+    ptrs = STATS + (row_offset + offs_m) * 2
+    return (tl.load(ptrs, mask=row_ok, other=0.0),
+            tl.load(ptrs + 1, mask=row_ok, other=float("inf")))
+
+
+@triton.jit
 def _kl_accumulate(t_ptrs, load_mask, s, m_prev, m_safe, kl_a, kl_b, kl_z):
-    """Online pieces of KL(t || softmax(s)) for one key block: kl_a = sum t ln t, kl_b = sum t (s2 - m)
+    """Online pieces of KL(t || softmax(s)) for one key block: kl_a = sum t ln t, kl_b = sum t (s - m)
     kept centred on the running max m (so large logits do not cancel), kl_z = sum t. Keys the
     student does not attend (s = -inf) are dropped from the target."""
     t = tl.load(t_ptrs, mask=load_mask, other=0.0).to(tl.float32)
@@ -63,12 +71,12 @@ def _kl_accumulate(t_ptrs, load_mask, s, m_prev, m_safe, kl_a, kl_b, kl_z):
 
 
 @triton.jit
-def _kl_finish(kl_a, kl_b, kl_z, l_i):
-    """(KL per row, tnorm = ln of the target mass): KL = A/Z - ln Z - (B/Z - log2 l) ln 2.
+def _kl_finish(kl_a, kl_b, kl_z, log_l):
+    """(KL per row, tnorm = ln of the target mass): KL = A/Z - ln Z + log l - B/Z.
     Rows without target mass give KL 0 and tnorm -inf."""
     has_mass = kl_z > 0.0
     z = tl.where(has_mass, kl_z, 1.0)
-    kl = kl_a / z - tl.log(z) + LN2 * (tl.log2(tl.where(l_i > 0.0, l_i, 1.0)) - kl_b / z)
+    kl = kl_a / z - tl.log(z) + log_l - kl_b / z
     return tl.where(has_mass, kl, 0.0), tl.where(has_mass, tl.log(z), float("-inf"))
 
 
@@ -85,7 +93,7 @@ def _kl_grad(ds, p, s, t_ptrs, load_mask, tnorm, grad_kl):
 
 @triton.jit
 def attention_fwd_kernel(
-    Q, K, V, MASK, OUT, LSE, W, T, KL, TNORM,
+    Q, K, V, MASK, OUT, STATS, W, T, KL, TNORM,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -93,17 +101,17 @@ def attention_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_wb, stride_wh, stride_wm, stride_wn,
     stride_tb, stride_th, stride_tm, stride_tn,
-    H, GROUP, M, N, qk_scale2, w_start, w_stop,
+    H, GROUP, M, N, scale, w_start, w_stop,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KL: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program per (row block, b, h). Writes OUT (B, H, M, Dv), LSE (B, H, M) and, for the rows
+    """One program per (row block, b, h). Writes OUT (B, H, M, Dv), STATS (B, H, M, 2) and, for the rows
     in [w_start, w_stop), the exact maps W (B, H, w_stop - w_start, N).
 
     Row blocks that overlap the map rows take two passes over the keys: the first finds the row
-    max and sum, the second computes P = exp(S - lse) exactly, writes it, and accumulates P V.
+    max and sum, the second computes P = exp((S - m) - log l) exactly, writes it, and accumulates P V.
     The other row blocks take the usual single online-softmax pass.
     With HAS_KL, the same pass also computes KL(T || P) per row into KL (B, H, M) and the log of
     the target mass into TNORM (B, H, M), T (B, H, M, N) being target probabilities read through
@@ -147,28 +155,28 @@ def attention_fwd_kernel(
         for start_n in range(0, hi, BLOCK_N):
             offs_n = start_n + offs_n0
             s = _scores(q, k_base + offs_n[None, :] * stride_kn, mask_base + offs_n[None, :] * stride_mn,
-                        offs_m, offs_n, M, N, qk_scale2,
+                        offs_m, offs_n, M, N, scale,
                         (offs_d < HEAD_DIM)[:, None] & (offs_n < N)[None, :],
                         IS_CAUSAL, HAS_MASK, MASK_BOOL, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
             if HAS_KL:
                 kl_a, kl_b, kl_z = _kl_accumulate(t_base + offs_n[None, :] * stride_tn,
                                                   row_ok[:, None] & (offs_n < N)[None, :], s, m_i, m_safe,
                                                   kl_a, kl_b, kl_z)
             m_i = m_new
         m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
-        lse2 = tl.where(l_i == 0.0, float("inf"), m_fin + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+        log_l = tl.where(l_i == 0.0, float("inf"), tl.log(tl.where(l_i == 0.0, 1.0, l_i)))
         w_rows = (offs_m >= w_start) & (offs_m < w_stop)
         w_base = W + b * stride_wb + h * stride_wh + (offs_m - w_start)[:, None] * stride_wm
         for start_n in range(0, hi, BLOCK_N):
             offs_n = start_n + offs_n0
             s = _scores(q, k_base + offs_n[None, :] * stride_kn, mask_base + offs_n[None, :] * stride_mn,
-                        offs_m, offs_n, M, N, qk_scale2,
+                        offs_m, offs_n, M, N, scale,
                         (offs_d < HEAD_DIM)[:, None] & (offs_n < N)[None, :],
                         IS_CAUSAL, HAS_MASK, MASK_BOOL, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
-            p = tl.exp2(s - lse2[:, None]).to(W.dtype.element_ty)
+            p = tl.exp((s - m_fin[:, None]) - log_l[:, None]).to(W.dtype.element_ty)
             tl.store(w_base + offs_n[None, :] * stride_wn, p, mask=w_rows[:, None] & (offs_n < N)[None, :])
             v = tl.load(v_base + offs_n[:, None] * stride_vn,
                         mask=(offs_n < N)[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
@@ -182,13 +190,13 @@ def attention_fwd_kernel(
         for start_n in range(0, hi, BLOCK_N):
             offs_n = start_n + offs_n0
             s = _scores(q, k_base + offs_n[None, :] * stride_kn, mask_base + offs_n[None, :] * stride_mn,
-                        offs_m, offs_n, M, N, qk_scale2,
+                        offs_m, offs_n, M, N, scale,
                         (offs_d < HEAD_DIM)[:, None] & (offs_n < N)[None, :],
                         IS_CAUSAL, HAS_MASK, MASK_BOOL, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             if HAS_KL:
                 kl_a, kl_b, kl_z = _kl_accumulate(t_base + offs_n[None, :] * stride_tn,
@@ -199,12 +207,14 @@ def attention_fwd_kernel(
             acc = _dot(p.to(V.dtype.element_ty), v, acc * alpha[:, None], DOT_FP32, PRECISION)
             m_i = m_new
         m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
-        lse2 = tl.where(l_i == 0.0, float("inf"), m_fin + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+        log_l = tl.where(l_i == 0.0, float("inf"), tl.log(tl.where(l_i == 0.0, 1.0, l_i)))
         acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
 
-    tl.store(LSE + pid_bh.to(tl.int64) * M + offs_m, lse2 * LN2, mask=row_ok)
+    stats = STATS + (pid_bh.to(tl.int64) * M + offs_m) * 2
+    tl.store(stats, m_fin, mask=row_ok)
+    tl.store(stats + 1, log_l, mask=row_ok)
     if HAS_KL:
-        kl, tnorm = _kl_finish(kl_a, kl_b, kl_z, l_i)
+        kl, tnorm = _kl_finish(kl_a, kl_b, kl_z, log_l)
         tl.store(KL + pid_bh.to(tl.int64) * M + offs_m, kl, mask=row_ok)
         tl.store(TNORM + pid_bh.to(tl.int64) * M + offs_m, tnorm, mask=row_ok)
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
@@ -213,14 +223,14 @@ def attention_fwd_kernel(
 
 @triton.jit
 def attention_bwd_preprocess_kernel(
-    OUT, DOUT, DELTA, Q, K, MASK, LSE, DW,
+    OUT, DOUT, DELTA, Q, K, MASK, STATS, DW,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_gb, stride_gh, stride_gm, stride_gn,
-    H, GROUP, M, N, qk_scale2, w_start, w_stop,
+    H, GROUP, M, N, scale, w_start, w_stop,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_DW: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
@@ -250,7 +260,7 @@ def attention_bwd_preprocess_kernel(
             offs_d = tl.arange(0, BLOCK_D)
             q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                         mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-            lse2 = tl.load(LSE + pid_bh.to(tl.int64) * M + offs_m, mask=row_ok, other=0.0) * LOG2E
+            m_row, log_l = _load_stats(STATS, pid_bh.to(tl.int64) * M, offs_m, row_ok)
             k_base = K + b * stride_kb + hk * stride_kh + offs_d[:, None] * stride_kd
             mask_base = MASK + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mm
             w_rows = (offs_m >= w_start) & (offs_m < w_stop)
@@ -261,10 +271,10 @@ def attention_bwd_preprocess_kernel(
             for start_n in range(0, hi, BLOCK_N):
                 offs_n = start_n + offs_n0
                 s = _scores(q, k_base + offs_n[None, :] * stride_kn, mask_base + offs_n[None, :] * stride_mn,
-                            offs_m, offs_n, M, N, qk_scale2,
+                            offs_m, offs_n, M, N, scale,
                             (offs_d < HEAD_DIM)[:, None] & (offs_n < N)[None, :],
                             IS_CAUSAL, HAS_MASK, MASK_BOOL, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
-                p = tl.exp2(s - lse2[:, None])
+                p = tl.exp((s - m_row[:, None]) - log_l[:, None])
                 g = tl.load(g_base + offs_n[None, :] * stride_gn, mask=w_rows[:, None] & (offs_n < N)[None, :],
                             other=0.0).to(tl.float32)
                 delta += tl.sum(p * g, 1)
@@ -273,7 +283,7 @@ def attention_bwd_preprocess_kernel(
 
 @triton.jit
 def attention_bwd_dkdv_kernel(
-    Q, K, V, MASK, DOUT, DW, LSE, DELTA, DK, DV, T, TNORM, GKL,
+    Q, K, V, MASK, DOUT, DW, STATS, DELTA, DK, DV, T, TNORM, GKL,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -284,7 +294,7 @@ def attention_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_tb, stride_th, stride_tm, stride_tn,
     stride_gklb, stride_gklh, stride_gklm,
-    H, HKV, GROUP, M, N, qk_scale2, scale, w_start, w_stop,
+    H, HKV, GROUP, M, N, scale, w_start, w_stop,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_DW: tl.constexpr,
     HAS_KL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
@@ -329,10 +339,10 @@ def attention_bwd_dkdv_kernel(
             row_ok = offs_m < M
             q = tl.load(q_base + offs_m[:, None] * stride_qm, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :],
                         other=0.0)
-            s = _scores(q, k_t_ptrs, mask_base + offs_m[:, None] * stride_mm, offs_m, offs_n, M, N, qk_scale2,
+            s = _scores(q, k_t_ptrs, mask_base + offs_m[:, None] * stride_mm, offs_m, offs_n, M, N, scale,
                         k_t_mask, IS_CAUSAL, HAS_MASK, MASK_BOOL, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
-            lse2 = tl.load(LSE + row_stats + offs_m, mask=row_ok, other=float("inf")) * LOG2E
-            p = tl.exp2(s - lse2[:, None])
+            m_row, log_l = _load_stats(STATS, row_stats, offs_m, row_ok)
+            p = tl.exp((s - m_row[:, None]) - log_l[:, None])
             do = tl.load(do_base + offs_m[:, None] * stride_dom, mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :],
                          other=0.0)
             dv = _dot(tl.trans(p.to(DOUT.dtype.element_ty)), do, dv, DOT_FP32, PRECISION)
@@ -357,7 +367,7 @@ def attention_bwd_dkdv_kernel(
 
 @triton.jit
 def attention_bwd_dq_kernel(
-    Q, K, V, MASK, DOUT, DW, LSE, DELTA, DQ, DS, T, TNORM, GKL,
+    Q, K, V, MASK, DOUT, DW, STATS, DELTA, DQ, DS, T, TNORM, GKL,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -367,7 +377,7 @@ def attention_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_tb, stride_th, stride_tm, stride_tn,
     stride_gklb, stride_gklh, stride_gklm,
-    H, GROUP, M, N, qk_scale2, scale, w_start, w_stop,
+    H, GROUP, M, N, scale, w_start, w_stop,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_DW: tl.constexpr,
     HAS_KL: tl.constexpr, WRITE_DS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
@@ -394,7 +404,7 @@ def attention_bwd_dq_kernel(
     do = tl.load(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
                  mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
     row_stats = pid_bh.to(tl.int64) * M
-    lse2 = tl.load(LSE + row_stats + offs_m, mask=row_ok, other=float("inf")) * LOG2E
+    m_row, log_l = _load_stats(STATS, row_stats, offs_m, row_ok)
     delta = tl.load(DELTA + row_stats + offs_m, mask=row_ok, other=0.0)
     if HAS_KL:
         tnorm = tl.load(TNORM + row_stats + offs_m, mask=row_ok, other=float("-inf"))
@@ -416,10 +426,10 @@ def attention_bwd_dq_kernel(
         offs_n = start_n + offs_n0
         key_ok = offs_n < N
         s = _scores(q, k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
-                    mask_base + offs_n[None, :] * stride_mn, offs_m, offs_n, M, N, qk_scale2,
+                    mask_base + offs_n[None, :] * stride_mn, offs_m, offs_n, M, N, scale,
                     (offs_d < HEAD_DIM)[:, None] & key_ok[None, :],
                     IS_CAUSAL, HAS_MASK, MASK_BOOL, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
-        p = tl.exp2(s - lse2[:, None])
+        p = tl.exp((s - m_row[:, None]) - log_l[:, None])
         v_t = tl.load(v_base + offs_dv[:, None] * stride_vd + offs_n[None, :] * stride_vn,
                       mask=(offs_dv < HEAD_DIM_V)[:, None] & key_ok[None, :], other=0.0)
         dp = _dot(do, v_t.to(DOUT.dtype.element_ty), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),

@@ -26,66 +26,67 @@ def interaction_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], scale: float, is_causal: bool,
     weights_start: int, weights_stop: int, kl_target: Optional[Tensor], backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Forward on a concrete backend: out (B, H, M, Dv); lse (B, H, M) float32 (float64 for float64
-    inputs; +inf on fully masked rows); weights (B, H, weights_stop - weights_start, N); and, with
+    """Forward on a concrete backend: out (B, H, M, Dv); stats (B, H, M, 2) float32 (float64 for
+    float64 inputs): row max m and log l, so lse = m + log l (+inf on fully masked rows); weights (B, H, weights_stop - weights_start, N); and, with
     kl_target, per-row kl and tnorm (B, H, M) float32 (empty tensors without)."""
-    out, lse, weights, kl, tnorm = _dispatch.implementation(backend, OP).attention_forward(
+    out, stats, weights, kl, tnorm = _dispatch.implementation(backend, OP).attention_forward(
         q, k, v, attn_mask, scale, is_causal, weights_start, weights_stop, kl_target
     )
     if kl is None:
-        kl, tnorm = lse.new_empty(0), lse.new_empty(0)
-    return out, lse, weights, kl, tnorm
+        kl, tnorm = stats.new_empty(0), stats.new_empty(0)
+    return out, stats, weights, kl, tnorm
 
 
 @interaction_attention_fwd.register_fake
 def _(q, k, v, attn_mask, scale, is_causal, weights_start, weights_stop, kl_target, backend):
     B, H, M, _ = q.shape
-    lse = q.new_empty(B, H, M, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    stats = q.new_empty(B, H, M, 2, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     kl_shape = (B, H, M) if kl_target is not None else (0,)
     return (
         q.new_empty(B, H, M, v.shape[-1]),
-        lse,
+        stats,
         q.new_empty(B, H, weights_stop - weights_start, k.shape[2]),
-        lse.new_empty(kl_shape),
-        lse.new_empty(kl_shape),
+        stats.new_empty(kl_shape),
+        stats.new_empty(kl_shape),
     )
 
 
 @torch.library.custom_op("lfi::interaction_attention_bwd", mutates_args=())
 def interaction_attention_bwd(
     grad_out: Tensor, grad_weights: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-    lse: Tensor, attn_mask: Optional[Tensor], scale: float, is_causal: bool, weights_start: int,
+    stats: Tensor, attn_mask: Optional[Tensor], scale: float, is_causal: bool, weights_start: int,
     weights_stop: int, mask_grad: bool, kl_target: Optional[Tensor], tnorm: Optional[Tensor],
     grad_kl: Optional[Tensor], backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dmask); dmask has attn_mask's shape when mask_grad, else it is empty."""
     dq, dk, dv, dmask = _dispatch.implementation(backend, OP).attention_backward(
-        grad_out, grad_weights, q, k, v, out, lse, attn_mask, scale, is_causal,
+        grad_out, grad_weights, q, k, v, out, stats, attn_mask, scale, is_causal,
         weights_start, weights_stop, mask_grad, kl_target, tnorm, grad_kl,
     )
     return dq, dk, dv, dmask if dmask is not None else q.new_empty(0)
 
 
 @interaction_attention_bwd.register_fake
-def _(grad_out, grad_weights, q, k, v, out, lse, attn_mask, scale, is_causal, weights_start, weights_stop,
+def _(grad_out, grad_weights, q, k, v, out, stats, attn_mask, scale, is_causal, weights_start, weights_stop,
       mask_grad, kl_target, tnorm, grad_kl, backend):
+    # Every backend returns contiguous gradients, whatever the inputs' strides.
     dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, attn_mask, scale, is_causal, weights_start, weights_stop, kl_target, backend = inputs
-    out, lse, _, _, tnorm = output
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask, kl_target, tnorm)
+    out, stats, _, _, tnorm = output
+    ctx.save_for_backward(q, k, v, out, stats, attn_mask, kl_target, tnorm)
     ctx.args = (scale, is_causal, weights_start, weights_stop)
     ctx.backend = backend
-    ctx.mark_non_differentiable(lse, tnorm)
+    ctx.mark_non_differentiable(stats, tnorm)
     # Unused outputs then arrive as None: no zero-filled map-sized gradient when maps are not used.
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_out, grad_lse, grad_weights, grad_kl, grad_tnorm):
-    q, k, v, out, lse, attn_mask, kl_target, tnorm = ctx.saved_tensors
+def _backward(ctx, grad_out, grad_stats, grad_weights, grad_kl, grad_tnorm):
+    q, k, v, out, stats, attn_mask, kl_target, tnorm = ctx.saved_tensors
     scale, is_causal, weights_start, weights_stop = ctx.args
     if grad_out is None:  # only the maps or the KL enter the loss
         grad_out = torch.zeros_like(out)
@@ -93,7 +94,7 @@ def _backward(ctx, grad_out, grad_lse, grad_weights, grad_kl, grad_tnorm):
     if kl_target is None:
         grad_kl = None
     dq, dk, dv, dmask = torch.ops.lfi.interaction_attention_bwd(
-        grad_out, grad_weights, q, k, v, out, lse, attn_mask, scale, is_causal,
+        grad_out, grad_weights, q, k, v, out, stats, attn_mask, scale, is_causal,
         weights_start, weights_stop, mask_grad, kl_target, tnorm if grad_kl is not None else None, grad_kl,
         ctx.backend,
     )

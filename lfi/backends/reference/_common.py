@@ -21,6 +21,16 @@ def grouped(t: torch.Tensor, hkv: int) -> torch.Tensor:
     return t.unflatten(1, (hkv, t.shape[1] // hkv))
 
 
+def row_stats(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row max m, log l) with l = sum exp(s - m), both (..., 1); (0, +inf) for rows with no
+    unmasked key. Kept apart rather than folded into lse = m + log l: with huge scores (a whole row
+    at -1e30 from a float mask) m + log l rounds to m, and exp(s - lse) would lose the 1/l."""
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    log_l = torch.log(torch.exp(s - m).sum(-1, keepdim=True))
+    return m, torch.where(log_l == float("-inf"), torch.full_like(log_l, float("inf")), log_l)
+
+
 def row_lse(s: torch.Tensor) -> torch.Tensor:
     """Row log-sum-exp, +inf for rows with no unmasked key (so exp(s - lse) is 0 there)."""
     m = s.amax(-1, keepdim=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from lfi.backends.reference._common import chunk_rows, compute_dtype, grouped, row_lse, rows_of
+from lfi.backends.reference._common import chunk_rows, compute_dtype, grouped, row_stats, rows_of
 from lfi.backends.reference.attention_kl import kl_grad, kl_rows, log_target
 
 
@@ -38,7 +38,8 @@ def _kl_log_target(kl_target, s, r0, r1, dtype, tnorm=None):
 
 
 def attention_forward(q, k, v, mask, scale: float, is_causal: bool, w_start: int, w_stop: int, kl_target=None):
-    """Returns out (B, H, M, Dv) in q.dtype; lse (B, H, M) float32 (float64 for float64 input);
+    """Returns out (B, H, M, Dv) in q.dtype; stats (B, H, M, 2) float32 (float64 for float64 input):
+    the row max m and log l, l = sum exp(S - m), (0, +inf) on rows with no attended key;
     weights (B, H, w_stop - w_start, N) in q.dtype, the exact softmax rows w_start:w_stop; and, with
     a kl_target of probabilities, kl (B, H, M) = KL(target || P) per row and tnorm (B, H, M) = log
     of the target mass over the attended keys (else None, None)."""
@@ -47,7 +48,7 @@ def attention_forward(q, k, v, mask, scale: float, is_causal: bool, w_start: int
     dt = compute_dtype(q.dtype)
     stats_dt = dt if dt == torch.float64 else torch.float32
     out = q.new_empty(B, H, M, Dv)
-    lse = torch.empty(B, H, M, dtype=stats_dt, device=q.device)
+    stats = torch.empty(B, H, M, 2, dtype=stats_dt, device=q.device)
     weights = q.new_empty(B, H, w_stop - w_start, N)
     kl = tnorm = None
     if kl_target is not None:
@@ -57,10 +58,10 @@ def attention_forward(q, k, v, mask, scale: float, is_causal: bool, w_start: int
     for r0 in range(0, M, step):
         r1 = min(M, r0 + step)
         s = _scores(q[:, :, r0:r1], k_, mask, scale, is_causal, r0, r1, dt)
-        lse_rows = row_lse(s)
-        p = torch.exp(s - lse_rows)
+        m, log_l = row_stats(s)
+        p = torch.exp((s - m) - log_l)
         out[:, :, r0:r1] = torch.matmul(grouped(p, hkv), v_).flatten(1, 2).to(q.dtype)
-        lse[:, :, r0:r1] = lse_rows.squeeze(-1)
+        stats[:, :, r0:r1] = torch.cat([m, log_l], -1)
         rows = _overlap(r0, r1, w_start, w_stop)
         if rows is not None:
             a, b = rows
@@ -69,7 +70,7 @@ def attention_forward(q, k, v, mask, scale: float, is_causal: bool, w_start: int
             log_t, tn = _kl_log_target(kl_target, s, r0, r1, dt)
             kl[:, :, r0:r1] = kl_rows(s, log_t)[0]
             tnorm[:, :, r0:r1] = tn.squeeze(-1)
-    return out, lse, weights, kl, tnorm
+    return out, stats, weights, kl, tnorm
 
 
 def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:
@@ -78,7 +79,7 @@ def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:
     return t.sum(dims, keepdim=True) if dims else t
 
 
-def attention_backward(grad_out, grad_weights, q, k, v, out, lse, mask, scale: float, is_causal: bool,
+def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale: float, is_causal: bool,
                        w_start: int, w_stop: int, mask_grad: bool, kl_target=None, tnorm=None, grad_kl=None):
     """Gradients (dq, dk, dv, dmask) given dL/dout (B, H, M, Dv), dL/dweights (B, H, R, N) or None,
     and dL/dkl (B, H, M) or None for the fused KL.
@@ -91,7 +92,7 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, lse, mask, scale: f
     dt = compute_dtype(q.dtype)
     k_dt = k.to(dt)
     k_, v_ = k_dt.unsqueeze(2), v.to(dt).unsqueeze(2)
-    dq = torch.empty_like(q)
+    dq = q.new_empty(q.shape)  # contiguous, whatever q's strides (the fake kernel promises it)
     dk = torch.zeros(k.shape, dtype=dt, device=q.device)
     dv = torch.zeros(v.shape, dtype=dt, device=q.device)
     dmask = torch.zeros(mask.shape, dtype=dt, device=q.device) if mask_grad else None
@@ -100,8 +101,8 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, lse, mask, scale: f
         r1 = min(M, r0 + step)
         q_rows = q[:, :, r0:r1].to(dt)
         s = _scores(q_rows, k_dt, mask, scale, is_causal, r0, r1, dt)
-        lse_rows = lse[:, :, r0:r1, None].to(dt)
-        p = torch.exp(s - lse_rows)
+        m, log_l = stats[:, :, r0:r1].to(dt).split(1, -1)
+        p = torch.exp((s - m) - log_l)
         do = grad_out[:, :, r0:r1].to(dt)
         dv += torch.matmul(grouped(p, hkv).transpose(-1, -2), grouped(do, hkv)).sum(2)
         dp = torch.matmul(grouped(do, hkv), v_.transpose(-1, -2)).flatten(1, 2)
@@ -116,7 +117,7 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, lse, mask, scale: f
         if grad_kl is not None:
             tn = tnorm[:, :, r0:r1, None]
             log_t, _ = _kl_log_target(kl_target, s, r0, r1, dt, tn)
-            ds += kl_grad(grad_kl[:, :, r0:r1].to(dt), s, lse_rows, log_t, tn)
+            ds += kl_grad(grad_kl[:, :, r0:r1].to(dt), s, m + log_l, log_t, tn)
         dq[:, :, r0:r1] = (torch.matmul(grouped(ds, hkv), k_).flatten(1, 2) * scale).to(q.dtype)
         dk += torch.matmul(grouped(ds, hkv).transpose(-1, -2), grouped(q_rows, hkv)).sum(2) * scale
         if dmask is not None:
@@ -138,7 +139,8 @@ def attention_with_dropout(q, k, v, mask, scale: float, is_causal: bool, dropout
     hkv = k.shape[1]
     dt = compute_dtype(q.dtype)
     s = _scores(q, k.to(dt), mask, scale, is_causal, 0, q.shape[2], dt)
-    p = torch.exp(s - row_lse(s))
+    m, log_l = row_stats(s)
+    p = torch.exp((s - m) - log_l)
     p_drop = torch.nn.functional.dropout(p, dropout_p, training=True)
     out = torch.matmul(grouped(p_drop, hkv), v.to(dt).unsqueeze(2)).flatten(1, 2).to(q.dtype)
     kl = None

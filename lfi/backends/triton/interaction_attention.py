@@ -13,7 +13,6 @@ from lfi.kernels import INTERPRET
 from lfi.kernels import interaction_attention as K
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-LOG2E = 1.4426950408889634
 # Interpreter blocks: small, but distinct M and N blocks so that edge handling is exercised.
 INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32}
 
@@ -33,12 +32,14 @@ def _configs(shapes, warps=(4, 8), stages=(2, 3)):
 
 
 _KEY = ["M", "N", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS_MASK", "MASK_BOOL", "w_start", "w_stop"]
-_KEY_BWD = _KEY + ["HAS_DW"]
+# kernel name -> (configs, autotune key); keys must name arguments of that kernel.
 _TUNING = {
-    "attention_fwd_kernel": _configs([(128, 64), (64, 64), (128, 128), (64, 32), (32, 32)]),
-    "attention_bwd_preprocess_kernel": _configs([(64, 64), (128, 64), (32, 32)], stages=(2,)),
-    "attention_bwd_dkdv_kernel": _configs([(32, 64), (64, 64), (32, 128), (64, 128), (32, 32)]),
-    "attention_bwd_dq_kernel": _configs([(64, 64), (128, 64), (64, 32), (128, 32), (32, 32)]),
+    "attention_fwd_kernel": (_configs([(128, 64), (64, 64), (128, 128), (64, 32), (32, 32)]), _KEY + ["HAS_KL"]),
+    "attention_bwd_preprocess_kernel": (_configs([(64, 64), (128, 64), (32, 32)], stages=(2,)), _KEY + ["HAS_DW"]),
+    "attention_bwd_dkdv_kernel": (_configs([(32, 64), (64, 64), (32, 128), (64, 128), (32, 32)]),
+                                  _KEY + ["HAS_DW", "HAS_KL"]),
+    "attention_bwd_dq_kernel": (_configs([(64, 64), (128, 64), (64, 32), (128, 32), (32, 32)]),
+                                _KEY + ["HAS_DW", "HAS_KL", "WRITE_DS"]),
 }
 _tuned_kernels: dict = {}
 
@@ -47,8 +48,9 @@ def _kernel(name: str):
     if INTERPRET:
         return getattr(K, name)
     if name not in _tuned_kernels:
+        configs, key = _TUNING[name]
         _tuned_kernels[name] = triton.autotune(
-            configs=_TUNING[name], key=_KEY if name == "attention_fwd_kernel" else _KEY_BWD, prune_configs_by={"early_config_prune": _prune_for_head_dim}
+            configs=configs, key=key, prune_configs_by={"early_config_prune": _prune_for_head_dim}
         )(getattr(K, name))
     return _tuned_kernels[name]
 
@@ -96,29 +98,30 @@ def _common(q, k, v, mask, is_causal):
 
 
 def attention_forward(q, k, v, mask, scale: float, is_causal: bool, w_start: int, w_stop: int, kl_target=None):
-    """Returns out (B, H, M, Dv) q.dtype, lse (B, H, M) float32, weights (B, H, w_stop-w_start, N)
+    """Returns out (B, H, M, Dv) q.dtype, stats (B, H, M, 2) float32 (row max, log of the row sum),
+    weights (B, H, w_stop-w_start, N)
     q.dtype, and with kl_target (4-D probabilities) kl and tnorm (B, H, M) float32, else None, None."""
     mask_arg, mask_strides, constexprs = _common(q, k, v, mask, is_causal)
     B, H, M, _ = q.shape
     Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[-1]
     out = torch.empty(B, H, M, Dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, H, M, dtype=torch.float32, device=q.device)
+    stats = torch.empty(B, H, M, 2, dtype=torch.float32, device=q.device)
     weights = torch.empty(B, H, w_stop - w_start, N, dtype=q.dtype, device=q.device)
     has_kl = kl_target is not None
     kl, tnorm = (torch.empty(B, H, M, dtype=torch.float32, device=q.device) for _ in range(2)) if has_kl else (None, None)
     _launch(
         "attention_fwd_kernel", lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
-        q, k, v, mask_arg, out, lse, weights if weights.numel() else out,
-        kl_target if has_kl else out, kl if has_kl else lse, tnorm if has_kl else lse,
+        q, k, v, mask_arg, out, stats, weights if weights.numel() else out,
+        kl_target if has_kl else out, kl if has_kl else stats, tnorm if has_kl else stats,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
         *_strides(weights if weights.numel() else None), *_broadcast_strides(kl_target, (B, H, M, N)),
-        H, H // Hkv, M, N, scale * LOG2E, w_start, w_stop,
+        H, H // Hkv, M, N, scale, w_start, w_stop,
         HAS_KL=has_kl, **constexprs,
     )
-    return out, lse, weights, kl, tnorm
+    return out, stats, weights, kl, tnorm
 
 
-def attention_backward(grad_out, grad_weights, q, k, v, out, lse, mask, scale: float, is_causal: bool,
+def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale: float, is_causal: bool,
                        w_start: int, w_stop: int, mask_grad: bool, kl_target=None, tnorm=None, grad_kl=None):
     """Returns (dq, dk, dv, dmask); dmask is None unless mask_grad (float mask only). grad_kl
     (B, H, M), any strides, is the gradient of the fused per-row KL against kl_target."""
@@ -128,27 +131,26 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, lse, mask, scale: f
     has_dw = grad_weights is not None and grad_weights.numel() > 0
     g_arg = grad_weights if has_dw else grad_out
     g_strides = _strides(grad_weights if has_dw else None)
-    qk_scale2 = scale * LOG2E
     has_kl = grad_kl is not None
-    kl_args = (kl_target, tnorm, grad_kl) if has_kl else (q, lse, lse)
+    kl_args = (kl_target, tnorm, grad_kl) if has_kl else (q, stats, stats)
     kl_strides = (*_broadcast_strides(kl_target, (B, H, M, N)), *(grad_kl.stride() if has_kl else (0, 0, 0)))
 
     delta = torch.empty(B, H, M, dtype=torch.float32, device=q.device)
     _launch(
         "attention_bwd_preprocess_kernel", lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
-        out, grad_out, delta, q, k, mask_arg, lse, g_arg,
+        out, grad_out, delta, q, k, mask_arg, stats, g_arg,
         *out.stride(), *grad_out.stride(), *q.stride(), *k.stride(), *mask_strides, *g_strides,
-        H, H // Hkv, M, N, qk_scale2, w_start, w_stop,
+        H, H // Hkv, M, N, scale, w_start, w_stop,
         HAS_DW=has_dw, **constexprs,
     )
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     _launch(
         "attention_bwd_dkdv_kernel", lambda meta: triton.cdiv(N, meta["BLOCK_N"]) * B * Hkv,
-        q, k, v, mask_arg, grad_out, g_arg, lse, delta, dk, dv, *kl_args,
+        q, k, v, mask_arg, grad_out, g_arg, stats, delta, dk, dv, *kl_args,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(), *g_strides,
         *dk.stride(), *dv.stride(), *kl_strides,
-        H, Hkv, H // Hkv, M, N, qk_scale2, scale, w_start, w_stop,
+        H, Hkv, H // Hkv, M, N, scale, w_start, w_stop,
         HAS_DW=has_dw, HAS_KL=has_kl, **constexprs,
     )
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -156,10 +158,10 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, lse, mask, scale: f
     ds = torch.zeros(B, H, M, N, dtype=torch.float32, device=q.device) if mask_grad else delta
     _launch(
         "attention_bwd_dq_kernel", lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
-        q, k, v, mask_arg, grad_out, g_arg, lse, delta, dq, ds, *kl_args,
+        q, k, v, mask_arg, grad_out, g_arg, stats, delta, dq, ds, *kl_args,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(), *g_strides, *dq.stride(),
         *kl_strides,
-        H, H // Hkv, M, N, qk_scale2, scale, w_start, w_stop,
+        H, H // Hkv, M, N, scale, w_start, w_stop,
         HAS_DW=has_dw, HAS_KL=has_kl, WRITE_DS=mask_grad, **constexprs,
     )
     dmask = None

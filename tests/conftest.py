@@ -1,0 +1,55 @@
+"""Shared pytest setup for the lfi test suite.
+
+Without a GPU, Triton kernels can only run under the CPU interpreter, which must be switched on
+*before* any ``@triton.jit`` function is defined, i.e. before ``lfi`` (or ``triton``) is imported.
+This file is loaded by pytest before any test module, so the variable is set here.
+"""
+import os
+import tempfile
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+# A fresh inductor cache per run: compiled graphs cached by an earlier version of the custom ops
+# could otherwise be reused against the current fake kernels.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="lfi-inductor-"))
+
+import pytest  # noqa: E402
+
+from helpers import BACKENDS, DEVICE, HAS_CUDA  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device")
+
+
+def pytest_report_header(config):
+    return [
+        f"lfi tests: device={DEVICE}, backends={BACKENDS}, "
+        f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"
+    ]
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """cuda when available, else cpu."""
+    return DEVICE
+
+
+@pytest.fixture(scope="session")
+def backends() -> list:
+    """Backends usable on `device`: torch always, triton when it can be imported."""
+    return list(BACKENDS)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def cuda_device() -> torch.device:
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA device (torch.cuda.is_available() is False)")
+    return torch.device("cuda")

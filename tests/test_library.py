@@ -1,0 +1,158 @@
+"""The torch.library custom ops behind interaction_attention: opcheck (schema, fake/meta kernel,
+autograd registration, AOT dispatch), direct calls (row stats, empty weights), and torch.compile."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lfi.ops  # noqa: F401  (registers torch.ops.lfi.*)
+from helpers import BACKENDS, DEVICE, assert_close, bool_mask, detached64, float_mask, make_gen, make_qkv
+from lfi.ops import interaction_attention
+from reference import reference_attention, reference_lse
+
+OB, OH, OHKV, OM, ON, OD = 2, 2, 1, 9, 21, 16
+
+OPCHECK_CASES = [
+    dict(id="nomask_norows", mask=None, causal=False, rows=(0, 0)),
+    dict(id="nomask_allrows", mask=None, causal=False, rows=(0, OM)),
+    dict(id="floatmask_rows2-7", mask="float", causal=False, rows=(2, 7)),
+    dict(id="floatmask_B11N_causal_norows", mask="float_key", causal=True, rows=(0, 0)),
+    dict(id="boolmask_causal_rows0-4", mask="bool", causal=True, rows=(0, 4)),
+]
+
+
+def _op_args(case, backend, requires_grad=True):
+    gen = make_gen("opcheck", case["id"], backend)
+    q, k, v = make_qkv(OB, OH, OHKV, OM, ON, OD, gen=gen, requires_grad=requires_grad)
+    mask = None
+    if case["mask"] == "float":
+        mask = float_mask((1, 1, OM, ON), gen).requires_grad_(requires_grad)
+    elif case["mask"] == "float_key":
+        mask = float_mask((OB, 1, 1, ON), gen)
+    elif case["mask"] == "bool":
+        mask = bool_mask((OB, OH, OM, ON), gen)
+    scale = OD ** -0.5
+    named = dict(q=q, k=k, v=v, attn_mask=mask, scale=scale, is_causal=case["causal"],
+                 weights_start=case["rows"][0], weights_stop=case["rows"][1], backend=backend)
+    return _schema_args(torch.ops.lfi.interaction_attention_fwd.default, named)
+
+
+def _schema_args(op, named):
+    """Positional args in the op's schema order. Arguments this suite does not know about (later
+    additions to the op, e.g. optional extras) get their default, or None when optional."""
+    args = []
+    for a in op._schema.arguments:
+        if a.name in named:
+            args.append(named[a.name])
+        elif a.has_default_value():
+            args.append(a.default_value)
+        elif isinstance(a.type, torch.OptionalType):
+            args.append(None)
+        else:
+            raise AssertionError(f"unknown required argument {a.name!r} in {op._schema}")
+    return tuple(args)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c["id"]) for c in OPCHECK_CASES])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_fwd(backend, case):
+    args = _op_args(case, backend)
+    torch.library.opcheck(torch.ops.lfi.interaction_attention_fwd.default, args)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "packed_qkv"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_bwd(backend, layout):
+    """The backward op's fake kernel must describe what the real kernels return (sizes and
+    strides), also for strided inputs such as q, k, v sliced out of a packed qkv projection:
+    inductor asserts the strides of the fake outputs at run time."""
+    gen = make_gen("opcheck_bwd", backend, layout)
+    B, H, M, D = 2, 2, 9, 16
+    if layout == "packed_qkv":
+        q, k, v = torch.randn(B, M, 3, H, D, generator=gen).to(DEVICE).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q, k, v = make_qkv(B, H, H, M, M, D, gen=gen)
+    mask = float_mask((1, 1, M, M), gen)
+    fwd = torch.ops.lfi.interaction_attention_fwd.default
+    named = dict(q=q, k=k, v=v, attn_mask=mask, scale=D ** -0.5, is_causal=False, weights_start=2,
+                 weights_stop=7, backend=backend)
+    out, stats, weights = fwd(*_schema_args(fwd, named))[:3]
+    named.update(grad_out=torch.randn(out.shape, generator=gen).to(DEVICE),
+                 grad_weights=torch.randn(weights.shape, generator=gen).to(DEVICE),
+                 out=out, stats=stats, mask_grad=True)
+    bwd = torch.ops.lfi.interaction_attention_bwd.default
+    torch.library.opcheck(bwd, _schema_args(bwd, named))
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c["id"]) for c in OPCHECK_CASES[:3]])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_op_direct_outputs(backend, case):
+    """out, stats (float32 (row max, log row sum); lse = their sum is +inf on fully masked rows)
+    and the weights slab from the raw op."""
+    op = torch.ops.lfi.interaction_attention_fwd.default
+    args = _op_args(case, backend, requires_grad=False)
+    names = [a.name for a in op._schema.arguments]
+    named = dict(zip(names, args))
+    q, k, v, mask, scale, causal = (named[n] for n in ("q", "k", "v", "attn_mask", "scale", "is_causal"))
+    w0, w1 = named["weights_start"], named["weights_stop"]
+    if mask is not None:
+        mask = mask.clone()
+        mask[..., 4, :] = float("-inf")  # one fully masked row
+        named["attn_mask"] = mask
+    out, stats, weights = op(*(named[n] for n in names))[:3]
+    assert stats.dtype == torch.float32 and stats.shape == (OB, OH, OM, 2)
+    lse = stats.sum(-1)
+    q64, k64, v64, m64 = detached64(q, k, v, mask)
+    ref_out, ref_p = reference_attention(q64, k64, v64, m64, is_causal=causal, scale=scale)
+    assert_close(out, ref_out, torch.float32, name="out")
+    ref_lse = reference_lse(q64, k64, m64, is_causal=causal, scale=scale)
+    inf = torch.isinf(ref_lse)
+    assert (lse.cpu()[inf] == float("inf")).all(), "fully masked rows must have lse = +inf"
+    torch.testing.assert_close(lse.cpu().double()[~inf], ref_lse.cpu()[~inf], atol=2e-5, rtol=2e-5)
+    assert weights.shape == (OB, OH, w1 - w0, ON)
+    assert weights.dtype == q.dtype
+    if w1 > w0:
+        assert_close(weights, ref_p[:, :, w0:w1], torch.float32, name="weights")
+    else:
+        assert weights.numel() == 0
+
+
+class _TinyAttention(torch.nn.Module):
+    """A timm-like attention block with a packed qkv projection; returns (x, maps of the last 4 rows)."""
+
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, mask):
+        B, L, C = x.shape
+        qkv = self.qkv(x).reshape(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        out, w = interaction_attention(q, k, v, mask, need_weights=True, weights_rows=(L - 4, L),
+                                       backend="torch")
+        return self.proj(out.transpose(1, 2).reshape(B, L, C)), w
+
+
+def test_torch_compile_fullgraph_cpu():
+    torch.manual_seed(0)
+    model = _TinyAttention()
+    x = torch.randn(2, 12, 32)
+    mask = torch.randn(1, 1, 12, 12)
+    ref_model = _TinyAttention()
+    ref_model.load_state_dict(model.state_dict())
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    y, w = compiled(x, mask)
+    y_ref, w_ref = ref_model(x, mask)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w, w_ref, atol=1e-5, rtol=1e-5)
+
+    r1, r2 = torch.randn_like(y), torch.randn_like(w)
+    ((y * r1).sum() + (w * r2).sum()).backward()
+    ((y_ref * r1).sum() + (w_ref * r2).sum()).backward()
+    for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-4, rtol=1e-4, msg=name)
