@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from lfi.backends.reference._common import chunk_rows, row_lse, rows_of, compute_dtype
+from lfi.backends.reference._common import chunk_rows, compute_dtype, row_lse, row_stats, rows_of
 
 NEG_INF = float("-inf")
 
@@ -41,12 +41,16 @@ def log_target(target, keep, target_scale: float, target_is_logits: bool, dtype,
 
 
 def kl_rows(s, log_t):
-    """Per-row KL(t || softmax(s)) for masked scores s (-inf at dropped keys) and log t; plus lse(s)."""
-    lse = row_lse(s)
+    """Per-row KL(t || softmax(s)) for masked scores s (-inf at dropped keys) and log t; plus lse(s).
+
+    Terms are taken against the centred scores s - max, so that huge logits (|s| ~ 1e4, or a whole
+    row at finfo.min) do not cancel catastrophically.
+    """
+    m, log_l = row_stats(s)
     t = torch.exp(log_t)
     # t = 0 terms contribute 0 (also where s = -inf); rows without kept keys have t = 0 everywhere.
-    terms = torch.where(t > 0, t * (log_t - s + lse), torch.zeros_like(t))
-    return terms.sum(-1), lse
+    terms = torch.where(t > 0, t * (log_t - (s - m) + log_l), torch.zeros_like(t))
+    return terms.sum(-1), m + log_l
 
 
 def kl_grad(grad_kl, s, lse, log_t, tnorm):

@@ -8,10 +8,27 @@ import triton
 
 from lfi.kernels import INTERPRET
 
-# Reused from the attention launcher: fixed interpreter blocks, config lists, block/stride helpers.
-from lfi.backends.triton.interaction_attention import (  # noqa: E402,F401
-    INTERPRETER_BLOCKS, LOG2E, _block, _configs, _strides,
-)
+# Interpreter blocks: small, but distinct M and N blocks so that edge handling is exercised.
+INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32}
+
+
+def _configs(shapes, warps=(4, 8), stages=(2, 3)):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn in shapes for w in warps for s in stages]
+
+
+def _block(d: int) -> int:
+    """Head-dim block: a power of two >= 16 (tl.dot needs every dim >= 16 when compiled)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def _strides(t, ndim=4):
+    return tuple(t.stride()) if t is not None else (0,) * ndim
+
+
+def _broadcast_strides(t, shape):
+    """Strides of t read as broadcast to shape (0 along size-1 dims); zeros for None."""
+    return tuple(t.expand(shape).stride()) if t is not None else (0,) * len(shape)
 
 
 def _prune_for_head_dim(configs, named_args, **kwargs):

@@ -9,27 +9,11 @@ from __future__ import annotations
 import torch
 import triton
 
+from lfi.backends.triton._launch import Launcher, _block, _broadcast_strides, _configs, _precision, _strides
 from lfi.kernels import INTERPRET
 from lfi.kernels import interaction_attention as K
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Interpreter blocks: small, but distinct M and N blocks so that edge handling is exercised.
-INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32}
-
-
-def _prune_for_head_dim(configs, named_args, **kwargs):
-    """Large head dims need smaller tiles to fit shared memory."""
-    block_d = max(kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64)),
-                  kwargs.get("BLOCK_DV", named_args.get("BLOCK_DV", 64)))
-    limit = 128 * 128 if block_d <= 64 else (128 * 64 if block_d <= 128 else 64 * 64)
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit]
-    return kept or configs[-1:]
-
-
-def _configs(shapes, warps=(4, 8), stages=(2, 3)):
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn in shapes for w in warps for s in stages]
-
 
 _KEY = ["M", "N", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS_MASK", "MASK_BOOL", "w_start", "w_stop"]
 # kernel name -> (configs, autotune key); keys must name arguments of that kernel.
@@ -41,39 +25,7 @@ _TUNING = {
     "attention_bwd_dq_kernel": (_configs([(64, 64), (128, 64), (64, 32), (128, 32), (32, 32)]),
                                 _KEY + ["HAS_DW", "HAS_KL", "WRITE_DS"]),
 }
-_tuned_kernels: dict = {}
-
-
-def _kernel(name: str):
-    if INTERPRET:
-        return getattr(K, name)
-    if name not in _tuned_kernels:
-        configs, key = _TUNING[name]
-        _tuned_kernels[name] = triton.autotune(
-            configs=configs, key=key, prune_configs_by={"early_config_prune": _prune_for_head_dim}
-        )(getattr(K, name))
-    return _tuned_kernels[name]
-
-
-def _launch(name: str, grid, *args, **constexprs):
-    """grid(meta) -> program count; under the interpreter the fixed blocks are passed explicitly."""
-    if INTERPRET:
-        getattr(K, name)[(grid(INTERPRETER_BLOCKS),)](*args, **constexprs, **INTERPRETER_BLOCKS)
-    else:
-        _kernel(name)[lambda meta: (grid(meta),)](*args, **constexprs)
-
-
-def _block(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
-
-
-def _strides(t, ndim=4):
-    return tuple(t.stride()) if t is not None else (0,) * ndim
-
-
-def _broadcast_strides(t, shape):
-    """Strides of t read as broadcast to shape (0 along size-1 dims); zeros for None."""
-    return tuple(t.expand(shape).stride()) if t is not None else (0,) * len(shape)
+_launch = Launcher(K, _TUNING)
 
 
 def _common(q, k, v, mask, is_causal):
@@ -88,19 +40,18 @@ def _common(q, k, v, mask, is_causal):
         mask_strides = _broadcast_strides(mask, (B, H, M, N))
     else:
         mask_bool, mask_arg, mask_strides = False, q, (0, 0, 0, 0)
-    precise = INTERPRET or (q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
     constexprs = dict(
         HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=_block(D), BLOCK_DV=_block(Dv),
         IS_CAUSAL=bool(is_causal), HAS_MASK=mask is not None, MASK_BOOL=mask_bool,
-        DOT_FP32=INTERPRET and q.dtype == torch.bfloat16, PRECISION="ieee" if precise else "tf32",
+        DOT_FP32=INTERPRET and q.dtype == torch.bfloat16, PRECISION=_precision(q.dtype),
     )
     return mask_arg, mask_strides, constexprs
 
 
 def attention_forward(q, k, v, mask, scale: float, is_causal: bool, w_start: int, w_stop: int, kl_target=None):
     """Returns out (B, H, M, Dv) q.dtype, stats (B, H, M, 2) float32 (row max, log of the row sum),
-    weights (B, H, w_stop-w_start, N)
-    q.dtype, and with kl_target (4-D probabilities) kl and tnorm (B, H, M) float32, else None, None."""
+    weights (B, H, w_stop-w_start, N) q.dtype, and with kl_target (4-D probabilities) kl and tnorm
+    (B, H, M) float32, else None, None."""
     mask_arg, mask_strides, constexprs = _common(q, k, v, mask, is_causal)
     B, H, M, _ = q.shape
     Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[-1]

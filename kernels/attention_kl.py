@@ -1,0 +1,201 @@
+"""Triton kernels for the attention-matching KL loss on dense student logits.
+
+Per row (b, h, m), over the keys j kept by the key mask: student scores s = logits * student_scale,
+target t = target / Z (probabilities, Z = sum target) or softmax(u), u = target * target_scale
+(logits); KL = sum_j t_j (log t_j - s_j + lse(s)), with 0 log 0 = 0, and KL = 0 on rows with no kept
+key or no target mass. The forward is a single online pass over key blocks (one read of the logits
+and the target); it also stores lse = logsumexp(s) (+inf with no kept key) and the target's
+normaliser tnorm = log Z (-inf when Z = 0) or logsumexp(u) (+inf with no kept key), from which the
+backward recomputes p = exp(s - lse) and t tile by tile: dKL/ds = p - t.
+
+Scores stay in natural units (exp(x) is computed as exp2(x * log2(e)) after the row max is
+subtracted, so finfo.min-masked logits do not overflow to -inf and a row of them stays uniform);
+sums of target-weighted scores are kept relative to the current row maxima, which keeps them
+accurate for scores of magnitude ~1e4.
+
+The helpers _kl_init/_kl_step/_kl_finish/_kl_dscores are shared with lfi.kernels.attention_kl_qk.
+Strided loads (broadcast dims with stride 0), int64 batch/head/row offsets, 1-D grid with the row
+blocks of one (b, h) adjacent.
+"""
+import triton
+import triton.language as tl
+
+# Module-level constants must be tl.constexpr instances to be readable from compiled kernels
+# (an annotation `X: tl.constexpr = v` only works under the interpreter).
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _kl_init(BLOCK_M: tl.constexpr, TARGET_IS_LOGITS: tl.constexpr):
+    """Per-row state (m, l, x, y, c): m, l the student's running max and sum of exp(s - m).
+    Probabilities: x = Z, y = sum t log2 t, c = sum t (s - m). Logits: x = sum exp(u - mu),
+    y = mu (running max of u), c = sum exp(u - mu) ((u - mu) - (s - m)).
+    Shifts use 0 in place of a -inf max."""
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    x = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if TARGET_IS_LOGITS:
+        y = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    else:
+        y = tl.zeros([BLOCK_M], dtype=tl.float32)
+    c = tl.zeros([BLOCK_M], dtype=tl.float32)
+    return m, l, x, y, c
+
+
+@triton.jit
+def _kl_step(s, tg, keep, m, l, x, y, c, t_scale, TARGET_IS_LOGITS: tl.constexpr):
+    """Folds one (BLOCK_M, BLOCK_N) tile into the row state. s: student scores (natural units),
+    -inf where not kept; tg: raw target values (float32; anything where not kept)."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    sh_old = tl.where(m == float("-inf"), 0.0, m)
+    sh = tl.where(m_new == float("-inf"), 0.0, m_new)
+    ds = s - sh[:, None]
+    l = l * tl.exp2((m - sh) * LOG2E) + tl.sum(tl.exp2(ds * LOG2E), 1)
+    if TARGET_IS_LOGITS:
+        u = tl.where(keep, tg * t_scale, float("-inf"))
+        mu_new = tl.maximum(y, tl.max(u, 1))
+        shu_old = tl.where(y == float("-inf"), 0.0, y)
+        shu = tl.where(mu_new == float("-inf"), 0.0, mu_new)
+        du = u - shu[:, None]
+        e = tl.exp2(du * LOG2E)
+        terms = tl.where(e > 0.0, e * (du - ds), 0.0)
+        beta = tl.exp2((y - shu) * LOG2E)
+        c = beta * (c + x * ((shu_old - shu) - (sh_old - sh))) + tl.sum(terms, 1)
+        x = x * beta + tl.sum(e, 1)
+        y = mu_new
+    else:
+        t = tl.where(keep, tg, 0.0)
+        pos = t > 0.0
+        y += tl.sum(tl.where(pos, t * tl.log2(tl.where(pos, t, 1.0)), 0.0), 1)
+        c += x * (sh_old - sh) + tl.sum(tl.where(pos, t * ds, 0.0), 1)
+        x += tl.sum(t, 1)
+    return m_new, l, x, y, c
+
+
+@triton.jit
+def _kl_finish(m, l, x, y, c, TARGET_IS_LOGITS: tl.constexpr):
+    """(kl, lse, tnorm). A row whose kept keys carry target mass but whose student scores are all
+    -inf gets KL = +inf."""
+    sh = tl.where(m == float("-inf"), 0.0, m)
+    has_s = l > 0.0
+    log_l = tl.log2(tl.where(has_s, l, 1.0)) * LN2
+    lse = tl.where(has_s, sh + log_l, float("inf"))
+    has_t = x > 0.0
+    x_safe = tl.where(has_t, x, 1.0)
+    log_x = tl.log2(x_safe) * LN2
+    if TARGET_IS_LOGITS:
+        shu = tl.where(y == float("-inf"), 0.0, y)
+        tnorm = tl.where(has_t, shu + log_x, float("inf"))
+        kl = c / x_safe - log_x + log_l
+    else:
+        tnorm = tl.where(has_t, log_x, float("-inf"))
+        kl = (y * LN2 - c) / x_safe - log_x + log_l
+    kl = tl.where(has_t, tl.where(has_s, kl, float("inf")), 0.0)
+    return kl, lse, tnorm
+
+
+@triton.jit
+def _kl_dscores(s, tg, keep, lse, tnorm, g, t_scale, TARGET_IS_LOGITS: tl.constexpr):
+    """g * (p - t) for one tile (float32, 0 where not kept); s natural-unit scores (-inf where not
+    kept), lse (+inf on rows without kept keys) and tnorm per row as stored by the forward, g the
+    incoming gradient per row."""
+    p = tl.exp2((s - lse[:, None]) * LOG2E)
+    if TARGET_IS_LOGITS:
+        t = tl.exp2((tl.where(keep, tg * t_scale, float("-inf")) - tnorm[:, None]) * LOG2E)
+    else:
+        # Rows without target mass (tnorm = -inf) have KL = 0 and no gradient.
+        no_mass = tnorm == float("-inf")
+        inv_z = tl.where(no_mass, 0.0, tl.exp2(-tnorm * LOG2E))
+        g = tl.where(no_mass, 0.0, g)
+        t = tl.where(keep, tg, 0.0) * inv_z[:, None]
+    return tl.where(keep, g[:, None] * (p - t), 0.0)
+
+
+@triton.jit
+def kl_fwd_kernel(
+    LOGITS, TARGET, MASK, KL, LSE, TNORM,
+    stride_lb, stride_lh, stride_lm, stride_ln,
+    stride_tb, stride_th, stride_tm, stride_tn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    H, M, N, s_scale, t_scale,
+    HAS_MASK: tl.constexpr, TARGET_IS_LOGITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per (row block, b, h): KL, LSE, TNORM (B, H, M) float32, contiguous.
+    s_scale = student_scale, t_scale = target_scale."""
+    num_m_blocks = tl.cdiv(M, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m_blocks
+    pid_bh = pid // num_m_blocks
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    row_ok = offs_m < M
+    rows = offs_m.to(tl.int64)[:, None]
+    l_base = LOGITS + b * stride_lb + h * stride_lh + rows * stride_lm
+    t_base = TARGET + b * stride_tb + h * stride_th + rows * stride_tm
+    m_base = MASK + b * stride_mb + h * stride_mh + rows * stride_mm
+
+    m, l, x, y, c = _kl_init(BLOCK_M, TARGET_IS_LOGITS)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + offs_n0
+        keep = row_ok[:, None] & (offs_n < N)[None, :]
+        s = tl.load(l_base + offs_n[None, :] * stride_ln, mask=keep, other=0.0).to(tl.float32)
+        tg = tl.load(t_base + offs_n[None, :] * stride_tn, mask=keep, other=0.0).to(tl.float32)
+        if HAS_MASK:
+            keep = keep & (tl.load(m_base + offs_n[None, :] * stride_mn, mask=keep, other=0) != 0)
+        s = tl.where(keep, s * s_scale, float("-inf"))
+        m, l, x, y, c = _kl_step(s, tg, keep, m, l, x, y, c, t_scale, TARGET_IS_LOGITS)
+    kl, lse, tnorm = _kl_finish(m, l, x, y, c, TARGET_IS_LOGITS)
+    out = pid_bh.to(tl.int64) * M + offs_m
+    tl.store(KL + out, kl, mask=row_ok)
+    tl.store(LSE + out, lse, mask=row_ok)
+    tl.store(TNORM + out, tnorm, mask=row_ok)
+
+
+@triton.jit
+def kl_bwd_kernel(
+    GRAD, LOGITS, TARGET, MASK, LSE, TNORM, DLOGITS,
+    stride_gb, stride_gh, stride_gm,
+    stride_lb, stride_lh, stride_lm, stride_ln,
+    stride_tb, stride_th, stride_tm, stride_tn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    H, M, N, s_scale, t_scale,
+    HAS_MASK: tl.constexpr, TARGET_IS_LOGITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per (row block, b, h): DLOGITS (B, H, M, N) contiguous, in its own dtype,
+    = grad * (p - t) * student_scale, with p and t recomputed from LSE and TNORM (contiguous)."""
+    num_m_blocks = tl.cdiv(M, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m_blocks
+    pid_bh = pid // num_m_blocks
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    row_ok = offs_m < M
+    rows = offs_m.to(tl.int64)[:, None]
+    l_base = LOGITS + b * stride_lb + h * stride_lh + rows * stride_lm
+    t_base = TARGET + b * stride_tb + h * stride_th + rows * stride_tm
+    m_base = MASK + b * stride_mb + h * stride_mh + rows * stride_mm
+    d_base = DLOGITS + pid_bh.to(tl.int64) * M * N + rows * N
+
+    stats = pid_bh.to(tl.int64) * M + offs_m
+    lse = tl.load(LSE + stats, mask=row_ok, other=float("inf"))
+    tnorm = tl.load(TNORM + stats, mask=row_ok, other=float("inf"))
+    g = tl.load(GRAD + b * stride_gb + h * stride_gh + offs_m.to(tl.int64) * stride_gm, mask=row_ok,
+                other=0.0).to(tl.float32) * s_scale
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + offs_n0
+        in_bounds = row_ok[:, None] & (offs_n < N)[None, :]
+        keep = in_bounds
+        s = tl.load(l_base + offs_n[None, :] * stride_ln, mask=keep, other=0.0).to(tl.float32)
+        tg = tl.load(t_base + offs_n[None, :] * stride_tn, mask=keep, other=0.0).to(tl.float32)
+        if HAS_MASK:
+            keep = keep & (tl.load(m_base + offs_n[None, :] * stride_mn, mask=keep, other=0) != 0)
+        s = tl.where(keep, s * s_scale, float("-inf"))
+        ds = _kl_dscores(s, tg, keep, lse, tnorm, g, t_scale, TARGET_IS_LOGITS)
+        tl.store(d_base + offs_n[None, :], ds.to(DLOGITS.dtype.element_ty), mask=in_bounds)
