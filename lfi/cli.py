@@ -1,0 +1,346 @@
+"""The ``lfi`` console script: ``lfi info`` and ``lfi bench``."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from typing import Any, Sequence
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+# --------------------------------------------------------------------------------------------
+# lfi info
+# --------------------------------------------------------------------------------------------
+def _devices_to_report(requested: str | None) -> list[str]:
+    import torch
+
+    if requested:
+        return [requested]
+    devs = ["cpu"]
+    if torch.cuda.is_available():
+        devs.insert(0, "cuda")
+    return devs
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+    from rich.table import Table
+
+    from lfi import bench
+
+    console = _console()
+    vers = bench.versions()
+    t = Table(title="lfi environment", show_header=False)
+    t.add_column("item", style="bold")
+    t.add_column("value")
+    for key in ("lfi", "torch", "triton", "python", "cuda (torch build)"):
+        t.add_row(key, vers.get(key, "?"))
+    t.add_row("CUDA available", str(torch.cuda.is_available()))
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            t.add_row(f"cuda:{i}", bench.device_name(f"cuda:{i}"))
+    t.add_row("CPU", bench.device_name("cpu"))
+    for var in ("LFI_BACKEND", "TRITON_INTERPRET"):
+        t.add_row(f"${var}", os.environ.get(var, "(unset)"))
+    console.print(t)
+
+    try:
+        from lfi._dispatch import backend_status
+    except Exception as e:
+        console.print(f"[red]cannot import lfi._dispatch.backend_status: {type(e).__name__}: {e}[/red]")
+        return 1
+    try:
+        from lfi._dispatch import resolve
+    except Exception:
+        resolve = None
+
+    rc = 0
+    for dev in _devices_to_report(args.device):
+        device = torch.device(dev)
+        bt = Table(title=f"backends on {dev}: {bench.device_name(device)}")
+        bt.add_column("backend", style="bold")
+        bt.add_column("usable")
+        bt.add_column("reason")
+        try:
+            status = backend_status(device)
+        except Exception as e:
+            console.print(f"[red]backend_status({dev!r}) failed: {type(e).__name__}: {e}[/red]")
+            rc = 1
+            continue
+        for name, (ok, reason) in status.items():
+            bt.add_row(name, "[green]yes[/green]" if ok else "[red]no[/red]", reason)
+        if resolve is not None:
+            try:
+                picked = resolve("auto", device)
+            except Exception as e:
+                picked = f"error: {e}"
+            bt.caption = f'backend="auto" resolves to: {picked}'
+        console.print(bt)
+
+    try:
+        from lfi.backends.cuda import _ext
+
+        info = _ext.extension_info()  # never builds
+    except Exception:
+        info = None
+    if info:
+        et = Table(title='lfi_C extension (backend="cuda")', show_header=False)
+        et.add_column("item", style="bold")
+        et.add_column("value")
+        labels = [("built", "loaded in this process"), ("aot_path", "ahead-of-time build"),
+                  ("jit_cache", "JIT build cache"), ("cuda", "has CUDA kernels"), ("archs", "archs"),
+                  ("nvcc", "CUDA toolkit (nvcc)"), ("build_problem", "cannot build because"),
+                  ("error", "error")]
+        for key, label in labels:
+            val = info.get(key)
+            if key in ("cuda", "archs") and not info.get("built"):
+                continue
+            if key in ("build_problem", "error") and not val:
+                continue
+            et.add_row(label, "-" if val in (None, "", []) else str(val))
+        console.print(et)
+    return rc
+
+
+# --------------------------------------------------------------------------------------------
+# lfi bench
+# --------------------------------------------------------------------------------------------
+_CPU_DEFAULT_SHAPE = "2,6,577,577,64"
+_CUDA_DEFAULT_SHAPE = "16,12,1025,1025,64"
+
+
+def _short_error(e: BaseException, limit: int = 90) -> str:
+    msg = f"{type(e).__name__}: {e}".replace("\n", " ")
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+def run_bench(shape, device, dtype, impl_names: Sequence[str], modes: Sequence[str], min_time: float,
+              check: bool, verbose: bool = False, progress=None, allow_build: bool = False) -> list[dict[str, Any]]:
+    """Time every (impl, mode, maps) combination; failures become rows with an ``error``."""
+    from lfi import bench
+
+    rows: list[dict[str, Any]] = []
+    refs: dict[tuple[str, bool], Any] = {}
+    combos = []
+    for mode in modes:
+        for maps in (False, True):
+            # eager first: it is the reference for the ratios and the error check
+            for name in sorted(impl_names, key=lambda n: n != "eager"):
+                impl = bench.get_impl(name)
+                if maps and not impl.maps:
+                    continue
+                combos.append((mode, maps, impl))
+
+    for mode, maps, impl in combos:
+        row: dict[str, Any] = {"impl": impl.name, "label": impl.label(device, dtype), "mode": mode,
+                               "maps": maps, "median_ms": None, "peak_bytes": None, "max_err": None,
+                               "error": None, "skipped": None}
+        rows.append(row)
+        if progress is not None:
+            progress(f"{row['label']} {mode} {'maps' if maps else 'no maps'}")
+        ok, reason = impl.available(device, dtype, allow_build=allow_build)
+        if not ok:
+            row["skipped"] = reason
+            continue
+        case = None
+        try:
+            case = bench.make_case(impl, shape, device, dtype, mode, maps)
+            case.step()  # warm-up (compilation, lazy init)
+            result, peak = case.measure_peak()
+            row["peak_bytes"] = peak
+            if check:
+                key = (mode, maps)
+                if impl.name == "eager":
+                    refs[key] = _detach(result)
+                elif key in refs:
+                    row["max_err"] = bench.max_abs_diff(_detach(result), refs[key])
+            del result
+            row["median_ms"] = bench.time_ms(case.step, device, min_run_time=min_time)["median_ms"]
+        except Exception as e:  # one failing impl must not end the table
+            row["error"] = _short_error(e)
+            if verbose:
+                traceback.print_exc()
+        finally:
+            if case is not None:
+                case.release()
+            del case
+            bench.free_memory(device)
+    return rows
+
+
+def _detach(x):
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, (tuple, list)):
+        return tuple(_detach(t) for t in x)
+    return x
+
+
+def _ratio(num, den) -> str:
+    if num is None or den is None or den == 0:
+        return "-"
+    return f"{num / den:.2f}x"
+
+
+def render_bench(rows, title: str, caption: str):
+    """(table, notes): skipped combinations and error messages go to the notes, not the table."""
+    from rich import box
+    from rich.table import Table
+
+    from lfi import bench
+
+    t = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
+    t.add_column("impl", style="bold", no_wrap=True)
+    t.add_column("mode", no_wrap=True)
+    t.add_column("maps", no_wrap=True)
+    for col in ("ms", "speedup", "peak mem", "mem ratio", "max err"):  # ratios: vs eager
+        t.add_column(col, justify="right", no_wrap=True)
+    eager = {(r["mode"], r["maps"]): r for r in rows if r["impl"] == "eager"}
+    notes: list[str] = []
+    skipped: dict[str, str] = {}
+    last_group = None
+    for r in rows:
+        if r["skipped"]:
+            skipped.setdefault(r["label"], r["skipped"])
+            continue
+        group = (r["mode"], r["maps"])
+        if last_group is not None and group != last_group:
+            t.add_section()
+        last_group = group
+        maps = "yes" if r["maps"] else "no"
+        if r["error"]:
+            notes.append(f"[red]\\[{len(notes) + 1}] {r['label']} {r['mode']} maps={maps}: {r['error']}[/red]")
+            t.add_row(r["label"], r["mode"], maps, f"[red]error \\[{len(notes)}][/red]", "", "", "", "")
+            continue
+        e = eager.get(group, {})
+        is_ref = r["impl"] == "eager"
+        speed = "1.00x" if is_ref else _ratio(e.get("median_ms"), r["median_ms"])
+        mem = "1.00x" if is_ref else _ratio(r["peak_bytes"], e.get("peak_bytes"))
+        err = "ref" if is_ref else ("-" if r["max_err"] is None else f"{r['max_err']:.1e}")
+        t.add_row(r["label"], r["mode"], maps, f"{r['median_ms']:.2f}", speed,
+                  bench.fmt_bytes(r["peak_bytes"]), mem, err)
+    for label, reason in skipped.items():
+        notes.append(f"[dim]not run: {label}: {reason}[/dim]")
+    return t, notes
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from lfi import bench
+
+    console = _console()
+    device = torch.device(args.device) if args.device else bench.default_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        console.print("[red]--device cuda requested but CUDA is not available[/red]")
+        return 2
+    dtype = bench.parse_dtype(args.dtype) if args.dtype else bench.default_dtype(device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    shape_text = args.shape or (_CUDA_DEFAULT_SHAPE if device.type == "cuda" else _CPU_DEFAULT_SHAPE)
+    shape = bench.parse_shape(shape_text)
+    impls = [s.strip() for s in args.impls.split(",") if s.strip()] if args.impls else list(bench.IMPLS)
+    for name in impls:
+        bench.get_impl(name)  # validate early
+    if "eager" not in impls:
+        impls.insert(0, "eager")
+    modes = {"fwd": ["fwd"], "fwd+bwd": ["fwd+bwd"], "both": list(bench.MODES)}[args.mode]
+    min_time = args.min_time if args.min_time is not None else (0.3 if device.type == "cuda" else 0.5)
+
+    vers = bench.versions()
+    title = (f"interaction_attention  {shape}  {bench.dtype_name(dtype)}  on "
+             f"{bench.device_name(device)}")
+    caption = (f"torch {vers['torch']}, triton {vers['triton']}, lfi {vers['lfi']}. "
+               f"ms: median (torch.utils.benchmark, >= {min_time}s per row). speedup: eager ms / ms. "
+               "peak mem: extra memory over the inputs at the peak of one call ("
+               + ("CUDA max_memory_allocated" if device.type == "cuda" else "process peak-RSS delta")
+               + f"); one (B,H,M,N) map = {bench.fmt_bytes(shape.map_bytes(dtype))}. "
+               "mem ratio: peak mem / eager's. max err: max |difference| to eager of out and maps (fwd) "
+               "or dq, dk, dv (fwd+bwd).")
+    with console.status("benchmarking...") as status:
+        rows = run_bench(shape, device, dtype, impls, modes, min_time, check=not args.no_check,
+                         verbose=args.verbose, progress=lambda s: status.update(f"benchmarking {s}"),
+                         allow_build=args.build_ext)
+    table, notes = render_bench(rows, title, caption)
+    console.print(table)
+    for line in notes:
+        console.print(line)
+    if args.json:
+        payload = {"shape": shape.as_tuple(), "dtype": bench.dtype_name(dtype), "device": str(device),
+                   "device_name": bench.device_name(device), "versions": vers, "rows": rows}
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2)
+        console.print(f"wrote {args.json}")
+    ran = [r for r in rows if not r["skipped"]]
+    return 1 if ran and all(r["error"] for r in ran) else 0
+
+
+# --------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lfi", description="LFI: attention with exact, differentiable maps.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    pi = sub.add_parser("info", help="versions, device and which backends are usable (and why not)")
+    pi.add_argument("--device", default=None, help="report backends for this device only (cpu, cuda, cuda:1)")
+    pi.set_defaults(func=cmd_info)
+
+    pb = sub.add_parser("bench", help="side-by-side timing and peak memory of the op vs eager/SDPA/flex")
+    pb.add_argument("--shape", default=None,
+                    help=f"B,H,M,N,D (or B,H,N,D); default {_CPU_DEFAULT_SHAPE} on CPU, "
+                         f"{_CUDA_DEFAULT_SHAPE} on CUDA")
+    pb.add_argument("--dtype", default=None, help="fp32, fp16 or bf16; default bf16 on CUDA, fp32 on CPU")
+    pb.add_argument("--device", default=None, help="cpu or cuda; default cuda when available")
+    pb.add_argument("--impls", default=None,
+                    help="comma-separated subset of: eager,sdpa,flex,lfi_torch,lfi_triton,lfi_cuda (default all)")
+    pb.add_argument("--build-ext", action="store_true",
+                    help="let lfi_cuda compile the lfi_C extension if it is not built yet (minutes); "
+                         "without it an unbuilt extension is skipped")
+    pb.add_argument("--mode", choices=["fwd", "fwd+bwd", "both"], default="both",
+                    help="forward only, forward+backward, or both (default)")
+    pb.add_argument("--min-time", type=float, default=None,
+                    help="seconds of timing per row (default 0.5 on CPU, 0.3 on CUDA)")
+    pb.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default torch's")
+    pb.add_argument("--no-check", action="store_true", help="skip the max |err| comparison against eager")
+    pb.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
+    pb.add_argument("-v", "--verbose", action="store_true", help="print tracebacks of failing rows")
+    pb.set_defaults(func=cmd_bench)
+
+    # demo / train / eval / maps from the training layer; `lfi info` and `lfi bench` keep working
+    # if it cannot be imported
+    try:
+        from lfi.train.cli import add_subcommands
+    except Exception:
+        add_subcommands = None
+    if add_subcommands is not None:
+        add_subcommands(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, RuntimeError) as e:
+        print(f"lfi {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
