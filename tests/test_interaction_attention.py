@@ -452,6 +452,18 @@ def test_three_d_inputs(backend, average):
     assert w.shape == (B, 7, N)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_three_d_inputs_batched_mask_matches_sdpa(backend):
+    """SDPA's (B, L, E) convention: a (B, M, N) mask belongs to each batch element."""
+    gen = make_gen("3d_bmn", backend)
+    B, M, N, D = 2, 7, 19, 16
+    q, k, v = (randn((B, L, D), gen) for L in (M, N, N))
+    mask = bool_mask((B, M, N), gen)
+    out = interaction_attention(q, k, v, mask, backend=backend)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, mask)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("scale", [0.3, 1.0, 1e-3])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_scale(backend, scale):

@@ -165,7 +165,12 @@ def interaction_attention(
         raise ValueError(f"q, k and v must have the same number of dims, got {q.dim()}, {k.dim()}, {v.dim()}")
     three_d = q.dim() == 3
     if three_d:
+        # (B, L, E) inputs, as in SDPA: a 3-D mask or target is (B, M, N); give it the head dim.
         q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
+        if isinstance(attn_mask, Tensor) and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(1)
+        if isinstance(kl_target, Tensor) and kl_target.dim() == 3:
+            kl_target = kl_target.unsqueeze(1)
     check_qkv(q, k, v)
     B, H, M, D = q.shape
     N = k.shape[2]

@@ -31,14 +31,6 @@ def row_stats(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return m, torch.where(log_l == float("-inf"), torch.full_like(log_l, float("inf")), log_l)
 
 
-def row_lse(s: torch.Tensor) -> torch.Tensor:
-    """Row log-sum-exp, +inf for rows with no unmasked key (so exp(s - lse) is 0 there)."""
-    m = s.amax(-1, keepdim=True)
-    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
-    lse = m + torch.log(torch.exp(s - m).sum(-1, keepdim=True))
-    return torch.where(lse == float("-inf"), torch.full_like(lse, float("inf")), lse)
-
-
 def rows_of(t, r0: int, r1: int):
     """Rows r0:r1 of a 4-D tensor that may broadcast along dim 2 (size 1 there is kept)."""
     return None if t is None else (t[:, :, r0:r1] if t.shape[2] != 1 else t)

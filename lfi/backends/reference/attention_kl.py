@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from lfi.backends.reference._common import chunk_rows, compute_dtype, row_lse, row_stats, rows_of
+from lfi.backends.reference._common import chunk_rows, compute_dtype, row_stats, rows_of
 
 NEG_INF = float("-inf")
 
@@ -28,7 +28,9 @@ def log_target(target, keep, target_scale: float, target_is_logits: bool, dtype,
         if keep is not None:
             logits = logits.masked_fill(~keep, NEG_INF)
         if tnorm is None:
-            tnorm = row_lse(logits)
+            # Centred on the row max, so that teacher logits ~1e4 keep their precision.
+            m, log_l = row_stats(logits)
+            return (logits - m) - log_l, m + log_l
         return logits - tnorm.to(dtype), tnorm
     probs = target.to(dtype)
     if keep is not None:

@@ -1,0 +1,393 @@
+"""The KL loss fused into the attention pass: interaction_attention(..., kl_target=t, kl_reduction=r).
+
+Returns (out, kl) -- (out, weights, kl) with need_weights -- where kl = KL(t' || P) per query row and
+t' is the target restricted to the keys the row attends (bool/float mask, causal) and renormalised
+there. Compared on every usable backend against separate float64 references: tests/reference.py for
+out/weights and the F.kl_div reference of test_attention_kl.py on the masked scores for kl; gradients
+of a loss on out (+ weights) + kl against the reference autograd.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from helpers import (
+    BACKENDS, DEVICE, DTYPE_IDS, assert_close, backend_supports, bool_mask, detached64, float_mask, make_gen,
+    make_qkv, randn,
+)
+from lfi.ops import attention_kl_qk, interaction_attention
+from reference import reference_attention, select_weights
+from test_attention_kl import INTERPRETER_NOISE, REDUCTIONS, make_target, ref_kl_rows, ref_reduce
+
+NEG_INF = float("-inf")
+pytestmark = pytest.mark.filterwarnings(INTERPRETER_NOISE)
+
+
+def ref_masked_scores(q, k, attn_mask=None, is_causal=False, scale=None):
+    """scale * q k^T (+ float mask) in float64, -inf where the row does not attend the key."""
+    B, H, M, D = q.shape
+    N = k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    k64 = k.to(torch.float64).repeat_interleave(H // k.shape[1], dim=1)
+    s = scale * torch.matmul(q.to(torch.float64), k64.transpose(-1, -2))
+    allowed = torch.ones(B, H, M, N, dtype=torch.bool, device=q.device)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            allowed = allowed & attn_mask
+        else:
+            s = s + attn_mask.to(torch.float64)
+    if is_causal:
+        allowed = allowed & torch.ones(M, N, dtype=torch.bool, device=q.device).tril()
+    return s.masked_fill(~allowed, NEG_INF)
+
+
+def ref_fused_kl_rows(q, k, target, attn_mask=None, is_causal=False, scale=None):
+    """Per-row KL(target over the attended keys, renormalised || softmax of the masked scores)."""
+    s = ref_masked_scores(q, k, attn_mask, is_causal, scale)
+    keep = s > NEG_INF
+    return ref_kl_rows(torch.where(keep, s, torch.zeros_like(s)), target, "probs", 1.0, key_mask=keep)
+
+
+def run_fused(backend, q, k, v, mask=None, *, target, is_causal=False, scale=None, reduction="none",
+              need_weights=False, rows=None, gen, dtype=None, loss=("out", "weights", "kl")):
+    """interaction_attention with a kl_target vs the separate references: out, weights, kl, and the
+    gradients (q, k, v and a float mask that requires grad) of a random linear loss on `loss`."""
+    dtype = dtype or q.dtype
+    kw = dict(is_causal=is_causal, scale=scale, kl_target=target, kl_reduction=reduction, backend=backend)
+    if need_weights:
+        kw.update(need_weights=True, weights_rows=rows)
+    res = interaction_attention(q, k, v, mask, **kw)
+    assert isinstance(res, tuple) and len(res) == (3 if need_weights else 2)
+    out, w, kl = (res[0], res[1], res[2]) if need_weights else (res[0], None, res[1])
+    q64, k64, v64, m64 = detached64(q, k, v, mask)
+    ref_out, ref_p = reference_attention(q64, k64, v64, m64, is_causal=is_causal, scale=scale)
+    ref_rows = ref_fused_kl_rows(q64, k64, target, m64, is_causal, scale)
+    ref_kl = ref_reduce(ref_rows, reduction, q.shape[0])
+    assert out.dtype == q.dtype
+    assert kl.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32), kl.dtype
+    assert kl.shape == ref_kl.shape
+    assert_close(out, ref_out, dtype, name="out")
+    assert_close(kl, ref_kl, dtype, grad=True, name=f"kl ({reduction})")
+    ref_w = None
+    if need_weights:
+        ref_w = select_weights(ref_p, rows)
+        assert_close(w, ref_w, dtype, name="weights")
+
+    inputs = {n: t for n, t in zip("qkv", (q, k, v)) if t.requires_grad}
+    refs = {"q": q64, "k": k64, "v": v64}
+    if mask is not None and mask.requires_grad:
+        inputs["attn_mask"], refs["attn_mask"] = mask, m64
+    if not inputs or not loss:
+        return out, w, kl, {}
+    terms, ref_terms = [], []
+    if "out" in loss:
+        r = randn(out.shape, gen, out.dtype, out.device)
+        terms.append((out * r).sum())
+        ref_terms.append((ref_out * r.double()).sum())
+    if "weights" in loss and need_weights:
+        r = randn(w.shape, gen, w.dtype, w.device)
+        terms.append((w * r).sum())
+        ref_terms.append((ref_w * r.double()).sum())
+    if "kl" in loss:
+        r = randn(kl.shape, gen, kl.dtype, kl.device) if reduction == "none" else 0.7
+        terms.append((kl * r).sum())
+        ref_terms.append((ref_kl * (r.double() if isinstance(r, torch.Tensor) else r)).sum())
+    got = torch.autograd.grad(sum(terms), list(inputs.values()))
+    want = torch.autograd.grad(sum(ref_terms), [refs[n] for n in inputs], allow_unused=True)
+    grads = {}
+    for (n, t), g, e in zip(inputs.items(), got, want):
+        e = torch.zeros_like(refs[n]) if e is None else e
+        assert g.shape == t.shape and g.dtype == t.dtype, f"grad {n}: {tuple(g.shape)} {g.dtype}"
+        assert_close(g, e, dtype, grad=True, name=f"grad {n}")
+        grads[n] = g
+    return out, w, kl, grads
+
+
+def _params(cases):
+    return [pytest.param(c, id=c["id"]) for c in cases]
+
+
+def _target(shape, gen, zero_rows=()):
+    t = make_target(shape, "probs", gen)
+    t[..., ::5] = 0.0  # t = 0 terms
+    for idx in zero_rows:
+        t[idx] = 0.0
+    return t
+
+
+# --------------------------------------------------------------------------------------------------
+# Cases: masks (with fully masked rows), causal with M != N, broadcast targets, GQA, weights
+# --------------------------------------------------------------------------------------------------
+
+CASES = [
+    dict(id="plain_B1MN", B=2, H=2, Hkv=2, M=9, N=33, tshape="B1MN"),
+    dict(id="gqa4-2_boolmask_fullrow_zeromass", B=2, H=4, Hkv=2, M=7, N=20, tshape="BHMN", mask="bool"),
+    dict(id="causal_M7_N20_111N", B=1, H=2, Hkv=1, M=7, N=20, tshape="111N", causal=True),
+    dict(id="causal_boolmask_M20_N9", B=1, H=2, Hkv=2, M=20, N=9, tshape="B1MN", causal=True, mask="bool_MN"),
+    dict(id="floatmask_neginf_grad", B=1, H=2, Hkv=2, M=9, N=21, tshape="B1MN", mask="float_grad"),
+    dict(id="weights_rows_2-7", B=2, H=2, Hkv=1, M=9, N=17, tshape="B1MN", weights=True, rows=(2, 7)),
+    dict(id="N1", B=2, H=2, Hkv=2, M=5, N=1, tshape="B1MN"),
+    dict(id="M5_N70_scale", B=1, H=2, Hkv=2, M=5, N=70, tshape="B1MN", scale=0.3, mask="bool_key"),
+]
+
+
+def _case_inputs(case, gen, dtype=torch.float32):
+    B, H, Hkv, M, N = (case[x] for x in ("B", "H", "Hkv", "M", "N"))
+    q, k, v = make_qkv(B, H, Hkv, M, N, 16, dtype=dtype, gen=gen, requires_grad=True)
+    shape = {"B1MN": (B, 1, M, N), "BHMN": (B, H, M, N), "111N": (1, 1, 1, N)}[case["tshape"]]
+    zero_rows = [(1, 0, 4)] if case["tshape"] == "BHMN" else []
+    target = _target(shape, gen, zero_rows)
+    mask = None
+    kind = case.get("mask")
+    if kind == "bool":
+        mask = bool_mask((B, 1, M, N), gen)
+        mask[0, 0, 3] = False  # a row without an attended key
+        mask[1, 0, 2] = False
+        mask[1, 0, 2, :3] = True
+        target[1, ..., 2, :3] = 0.0  # target mass only on keys the row does not attend
+    elif kind == "bool_MN":
+        mask = bool_mask((M, N), gen)
+        mask[:, 0] = True
+    elif kind == "bool_key":
+        mask = bool_mask((B, 1, 1, N), gen)
+    elif kind == "float_grad":
+        mask = float_mask((1, 1, M, N), gen)
+        mask[..., 4, :] = NEG_INF  # fully masked row
+        mask[..., 6, ::3] = NEG_INF
+        mask.requires_grad_(True)
+    return q, k, v, mask, target
+
+
+@pytest.mark.parametrize("case", _params(CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference(backend, case):
+    gen = make_gen("fused", case["id"], backend)
+    q, k, v, mask, target = _case_inputs(case, gen)
+    out, w, kl, grads = run_fused(backend, q, k, v, mask, target=target, is_causal=case.get("causal", False),
+                                  scale=case.get("scale"), need_weights=case.get("weights", False),
+                                  rows=case.get("rows"), gen=gen)
+    if case.get("mask") == "bool":
+        assert (kl[0, :, 3] == 0).all() and (kl[1, :, 2] == 0).all()
+        assert (out[0, :, 3] == 0).all()
+    if case.get("mask") == "float_grad":
+        assert (kl[..., 4] == 0).all()
+        assert grads["attn_mask"].shape == mask.shape
+    if case["N"] == 1:
+        assert (kl == 0).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# Reductions (scalar weight on the KL), dtypes, loss on the KL only
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reductions(backend, reduction):
+    gen = make_gen("fused_red", backend, reduction)
+    B, H, M, N = 2, 2, 6, 19
+    q, k, v = make_qkv(B, H, 1, M, N, 16, gen=gen, requires_grad=True)
+    mask = bool_mask((B, 1, 1, N), gen)
+    _, _, kl, _ = run_fused(backend, q, k, v, mask, target=_target((B, 1, M, N), gen), reduction=reduction, gen=gen,
+                            loss=("out", "kl"))
+    assert kl.shape == ((B, H, M) if reduction == "none" else ())
+
+
+def test_default_reduction_is_batchmean(backend):
+    gen = make_gen("fused_default", backend)
+    q, k, v = make_qkv(2, 2, 2, 5, 12, 16, gen=gen)
+    target = _target((2, 1, 5, 12), gen)
+    _, kl = interaction_attention(q, k, v, kl_target=target, backend=backend)
+    _, rows = interaction_attention(q, k, v, kl_target=target, kl_reduction="none", backend=backend)
+    torch.testing.assert_close(kl, rows.sum() / 2, atol=1e-6, rtol=1e-6)
+
+
+def _dtype_params():
+    return [pytest.param(b, d, id=f"{b}-{DTYPE_IDS[d]}") for b in BACKENDS
+            for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64) if backend_supports(b, d)]
+
+
+@pytest.mark.parametrize("backend,dtype", _dtype_params())
+def test_dtypes(backend, dtype):
+    gen = make_gen("fused_dtypes", backend, DTYPE_IDS[dtype])
+    B, H, M, N = 2, 2, 11, 26
+    q, k, v = make_qkv(B, H, 1, M, N, 32, dtype=dtype, gen=gen, requires_grad=True)
+    mask = bool_mask((B, 1, M, N), gen)
+    mask[1, 0, 5] = False
+    run_fused(backend, q, k, v, mask, target=_target((B, 1, M, N), gen).to(dtype), is_causal=True,
+              need_weights=True, rows=(3, 9), gen=gen)
+
+
+@pytest.mark.parametrize("with_weights", [False, True], ids=["kl", "kl+weights"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_on_kl_only(backend, with_weights):
+    """Only the KL (and maybe the maps) enter the loss: out receives no gradient (None upstream)."""
+    gen = make_gen("fused_kl_only", backend, with_weights)
+    q, k, v = make_qkv(1, 2, 2, 9, 23, 16, gen=gen, requires_grad=True)
+    loss = ("kl", "weights") if with_weights else ("kl",)
+    _, _, _, grads = run_fused(backend, q, k, v, target=_target((1, 1, 9, 23), gen), need_weights=with_weights,
+                               reduction="sum", gen=gen, loss=loss)
+    assert (grads["v"] == 0).all(), "dv must be zero when only the KL / maps enter the loss"
+
+
+# --------------------------------------------------------------------------------------------------
+# Consistency with the standalone ops, 3-D inputs, no gradient to the target
+# --------------------------------------------------------------------------------------------------
+
+def test_same_as_attention_kl_qk(backend):
+    """With a bool mask (and causal as a key mask), the fused KL equals attention_kl_qk(q, k, t,
+    key_mask=attended keys), values and gradients."""
+    gen = make_gen("fused_vs_qk", backend)
+    B, H, M, N, D = 2, 2, 8, 19, 16
+    q, k, v = make_qkv(B, H, 1, M, N, D, gen=gen, requires_grad=True)
+    mask = bool_mask((B, 1, M, N), gen)
+    target = _target((B, 1, M, N), gen)
+    _, kl = interaction_attention(q, k, v, mask, is_causal=True, kl_target=target, kl_reduction="none",
+                                  backend=backend)
+    keep = mask & torch.ones(M, N, dtype=torch.bool, device=DEVICE).tril()
+    kl2 = attention_kl_qk(q, k, target, key_mask=keep, reduction="none", backend=backend)
+    torch.testing.assert_close(kl, kl2, atol=2e-5, rtol=2e-5)
+    r = randn(kl.shape, gen)
+    g1 = torch.autograd.grad(kl, (q, k), r)
+    g2 = torch.autograd.grad(kl2, (q, k), r)
+    for n, a, b in zip("qk", g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m: f"d{n}: {m}")
+
+
+def _three_d_params():
+    return [pytest.param(b, t, id=f"{b}-target{t}") for b in BACKENDS for t in ("B1MN", "BMN")]
+
+
+@pytest.mark.parametrize("backend,tshape", _three_d_params())
+def test_three_d_inputs(backend, tshape):
+    """(B, L, D) inputs: out (B, M, Dv), kl (B, M). The target as (B, 1, M, N) and as (B, M, N)."""
+    gen = make_gen("fused_3d", backend)
+    B, M, N, D = 2, 7, 15, 16
+    q, k, v = (randn((B, L, D), gen, requires_grad=True) for L in (M, N, N))
+    target4 = _target((B, 1, M, N), gen)
+    target = target4 if tshape == "B1MN" else target4.squeeze(1)
+    out, kl = interaction_attention(q, k, v, kl_target=target, kl_reduction="none", backend=backend)
+    assert out.shape == (B, M, D) and kl.shape == (B, M)
+    q64, k64, v64 = detached64(q, k, v)
+    want = ref_fused_kl_rows(q64.unsqueeze(1), k64.unsqueeze(1), target4).squeeze(1)
+    assert_close(kl, want, torch.float32, grad=True, name="kl")
+    r = randn(kl.shape, gen)
+    for n, g, e in zip("qk", torch.autograd.grad(kl, (q, k), r), torch.autograd.grad(want, (q64, k64), r.double())):
+        assert_close(g, e, torch.float32, grad=True, name=f"d{n}")
+    _, bm = interaction_attention(q, k, v, kl_target=target, backend=backend)
+    assert_close(bm, want.detach().sum() / B, torch.float32, grad=True, name="batchmean")
+
+
+def test_no_gradient_to_target(backend):
+    gen = make_gen("fused_no_target_grad", backend)
+    q, k, v = make_qkv(1, 2, 2, 5, 12, 16, gen=gen, requires_grad=True)
+    target = _target((1, 1, 5, 12), gen).requires_grad_(True)
+    out, kl = interaction_attention(q, k, v, kl_target=target, backend=backend)
+    grads = torch.autograd.grad(out.sum() + kl, (q, k, v, target), allow_unused=True)
+    assert grads[3] is None or (grads[3] == 0).all()
+    assert grads[0].abs().sum() > 0
+
+
+def test_without_target_unchanged(backend):
+    """kl_target=None keeps the old return types (a tensor, or (out, weights))."""
+    gen = make_gen("fused_none", backend)
+    q, k, v = make_qkv(1, 2, 2, 5, 12, 16, gen=gen)
+    out = interaction_attention(q, k, v, backend=backend)
+    assert isinstance(out, torch.Tensor)
+    res = interaction_attention(q, k, v, need_weights=True, backend=backend)
+    assert isinstance(res, tuple) and len(res) == 2
+    out2, kl = interaction_attention(q, k, v, kl_target=_target((1, 1, 5, 12), gen), backend=backend)
+    torch.testing.assert_close(out2, out, atol=0, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# torch backend row chunks; dropout path
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chunk_bytes", ["1", "3000"], ids=["1row", "few_rows"])
+def test_torch_backend_row_chunks(monkeypatch, chunk_bytes):
+    monkeypatch.setenv("LFI_TORCH_CHUNK_BYTES", chunk_bytes)
+    gen = make_gen("fused_chunks", chunk_bytes)
+    B, H, M, N = 2, 2, 13, 17
+    q, k, v = make_qkv(B, H, 1, M, N, 16, gen=gen, requires_grad=True)
+    mask = bool_mask((B, 1, M, N), gen)
+    mask[0, 0, 6] = False
+    run_fused("torch", q, k, v, mask, target=_target((B, 1, 1, N), gen), is_causal=True, need_weights=True,
+              rows=(4, 11), gen=gen)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_kl_uses_maps_before_dropout(backend):
+    """With dropout_p > 0 (eager fallback) the KL is computed on P before dropout: same values and
+    gradients as the reference, whatever the dropout mask."""
+    gen = make_gen("fused_dropout", backend)
+    q, k, v = make_qkv(1, 2, 2, 6, 14, 16, gen=gen, requires_grad=True)
+    mask = bool_mask((1, 1, 6, 14), gen)
+    target = _target((1, 1, 6, 14), gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        out, kl = interaction_attention(q, k, v, mask, dropout_p=0.3, kl_target=target, kl_reduction="none",
+                                        backend=backend)
+    q64, k64 = detached64(q, k)
+    want = ref_fused_kl_rows(q64, k64, target, mask)
+    assert_close(kl, want, torch.float32, grad=True, name="kl")
+    r = randn(kl.shape, gen)
+    for n, g, e in zip("qk", torch.autograd.grad(kl, (q, k), r), torch.autograd.grad(want, (q64, k64), r.double())):
+        assert_close(g, e, torch.float32, grad=True, name=f"d{n}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The custom ops with a kl_target: opcheck
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    from test_library import _schema_args
+
+    gen = make_gen("fused_opcheck", backend)
+    B, H, M, N, D = 2, 2, 5, 19, 16
+    q, k, v = make_qkv(B, H, 1, M, N, D, gen=gen, requires_grad=True)
+    mask = bool_mask((B, 1, M, N), gen)
+    target = _target((B, 1, M, N), gen)
+    fwd = torch.ops.lfi.interaction_attention_fwd.default
+    named = dict(q=q, k=k, v=v, attn_mask=mask, scale=D ** -0.5, is_causal=True, weights_start=0, weights_stop=M,
+                 kl_target=target, backend=backend)
+    torch.library.opcheck(fwd, _schema_args(fwd, named))
+    out, stats, weights, kl, tnorm = fwd(*_schema_args(fwd, named))
+    assert kl.shape == tnorm.shape == (B, H, M)
+    bwd = torch.ops.lfi.interaction_attention_bwd.default
+    named.update(grad_out=randn(out.shape, gen), grad_weights=randn(weights.shape, gen), out=out, stats=stats,
+                 mask_grad=False, tnorm=tnorm, grad_kl=randn((B, H, M), gen))
+    torch.library.opcheck(bwd, _schema_args(bwd, {n: (t.detach() if isinstance(t, torch.Tensor) else t)
+                                                  for n, t in named.items()}))
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------------
+
+def _qkv():
+    return make_qkv(2, 2, 2, 3, 8, 16, gen=make_gen("fused_err"))
+
+
+ERROR_CASES = [
+    ("kl_reduction_unknown", dict(kl_target=lambda: torch.rand(2, 1, 3, 8, device=DEVICE), kl_reduction="avg"),
+     ValueError, r"reduction"),
+    ("target_negative", dict(kl_target=lambda: torch.rand(2, 1, 3, 8, device=DEVICE) - 0.5), ValueError,
+     r"(?i)negative"),
+    ("target_shape", dict(kl_target=lambda: torch.rand(2, 1, 3, 9, device=DEVICE)), ValueError, r"target"),
+    ("target_heads", dict(kl_target=lambda: torch.rand(2, 3, 3, 8, device=DEVICE)), ValueError, r"target"),
+    ("target_int", dict(kl_target=lambda: torch.ones(2, 1, 3, 8, dtype=torch.long, device=DEVICE)), TypeError,
+     r"target"),
+    ("target_not_tensor", dict(kl_target=lambda: [[0.5, 0.5]]), TypeError, r"target"),
+    ("target_device", dict(kl_target=lambda: torch.empty(2, 1, 3, 8, device="meta")), ValueError, r"target"),
+]
+
+
+@pytest.mark.parametrize("over,exc,pattern", [pytest.param(o, e, p, id=i) for i, o, e, p in ERROR_CASES])
+def test_errors(over, exc, pattern):
+    q, k, v = _qkv()
+    kw = {n: (x() if callable(x) else x) for n, x in over.items()}
+    with pytest.raises(exc, match=pattern):
+        interaction_attention(q, k, v, backend="torch", **kw)
