@@ -1,9 +1,55 @@
 """LFI: fused attention with exact attention maps, for Learning from Interactions."""
+import os
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 README = Path(__file__).with_name("README.md")
+
+
+def _cuda_extension():
+    """LFI_BUILD_CUDA=1 builds the C++/CUDA extension lfi._C (backend="cuda") ahead of time:
+    ``LFI_BUILD_CUDA=1 pip install --no-build-isolation -e .`` (the build imports the installed
+    torch). A CUDAExtension when nvcc is found (CUDA_HOME, /usr/local/cuda or PATH), else the CPU
+    kernels only (CppExtension). Without the variable nothing is compiled here and the extension
+    is JIT-built on first use instead. Sources and flags mirror lfi/backends/cuda/_ext.py."""
+    if os.environ.get("LFI_BUILD_CUDA", "0") != "1":
+        return [], {}
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    cpu = ["csrc/bindings.cpp", "csrc/ops.cpp", "csrc/cpu/attention.cpp", "csrc/cpu/kl.cpp"]
+    cuda = ["csrc/cuda/attention.cu", "csrc/cuda/kl.cu"]
+    cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+    import torch
+
+    # CPU kernels for the build machine's AVX2/FMA (LFI_CPU_ISA=generic: portable SSE2 build).
+    if os.environ.get("LFI_CPU_ISA", "").lower() != "generic" and \
+            torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        cxx += ["-mavx2", "-mfma", "-mf16c"]
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    if shutil.which("nvcc"):
+        homes.append(str(Path(os.path.realpath(shutil.which("nvcc"))).parents[1]))
+    home = next((h for h in homes if h and (Path(h) / "bin" / "nvcc").exists()
+                 and (Path(h) / "include" / "cuda_runtime.h").exists()), None)
+    include = [str(Path(__file__).resolve().parent / "csrc")]
+    if home is not None and os.environ.get("LFI_CUDA_EXT_CUDA", "1") != "0":
+        os.environ.setdefault("CUDA_HOME", home)
+        cpp_extension.CUDA_HOME = home
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"  # no GPU to detect the architecture from
+        ext = cpp_extension.CUDAExtension(
+            "lfi._C", cpu + cuda, include_dirs=include,
+            extra_compile_args={"cxx": cxx + ["-DLFI_WITH_CUDA"],
+                                "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-DLFI_WITH_CUDA"]},
+        )
+    else:
+        ext = cpp_extension.CppExtension("lfi._C", cpu, include_dirs=include, extra_compile_args={"cxx": cxx})
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+EXT_MODULES, CMDCLASS = _cuda_extension()
 
 setup(
     name="lfi",
@@ -24,7 +70,14 @@ setup(
         'triton>=3.0; platform_system == "Linux"',
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
+        "dev": [
+            "pytest>=8", "pytest-benchmark>=4", "hypothesis>=6",
+            # the integration tests run in CI too
+            "timm>=1.0", "open_clip_torch>=2.24", "transformers>=4.48", "torchvision",
+        ],
+        "integrations": ["timm>=1.0", "open_clip_torch>=2.24", "transformers>=4.48", "torchvision"],
     },
     entry_points={"console_scripts": ["lfi = lfi.cli:main"]},
+    ext_modules=EXT_MODULES,
+    cmdclass=CMDCLASS,
 )

@@ -289,3 +289,14 @@ def test_multihead_attention_causal_hint_needs_mask():
     x = torch.randn(1, 3, 8)
     with pytest.raises(RuntimeError, match="attn_mask"):
         mod(x, x, x, is_causal=True)
+
+
+def test_timm_trunk_attention_is_converted():
+    """open_clip towers with a timm trunk (vision_cfg.timm_model_name) hold timm Attention modules."""
+    timm_layers = pytest.importorskip("timm.layers")
+    model = nn.ModuleDict({"trunk": timm_layers.Attention(32, num_heads=4), "mha": nn.MultiheadAttention(32, 4)})
+    report = lfi_oc.patch(model, all_mha=True)
+    assert sorted(report.patched) == ["mha", "trunk"]
+    assert type(model["trunk"]) is lfi.nn.InteractionAttention
+    lfi_oc.unpatch(model)
+    assert type(model["trunk"]) is timm_layers.Attention and type(model["mha"]) is nn.MultiheadAttention

@@ -264,6 +264,26 @@ def test_attention_extract_on_patched_model():
         close(got, want)
 
 
+def test_attn_drop_hooks_in_training_with_dropout():
+    """With hooks on attn_drop, training dropout is applied through attn_drop like timm's eager path:
+    same RNG draws, so the same outputs and hooked maps for the same seed."""
+    model = tiny_vit(attn_drop_rate=0.3).train()
+    ref = eager_copy(model)
+    lfi_timm.patch(model, backend="torch")
+    x = images()
+    seen = {"ref": [], "lfi": []}
+    for key, m in (("ref", ref), ("lfi", model)):
+        for b in m.blocks:
+            b.attn.attn_drop.register_forward_hook(lambda mod, a, o, key=key: seen[key].append(o))
+    torch.manual_seed(7)
+    out_ref = ref(x)
+    torch.manual_seed(7)
+    out = model(x)
+    close(out, out_ref)
+    for a, b in zip(seen["lfi"], seen["ref"]):
+        close(a, b)
+
+
 def test_report_lists_unconverted_variants():
     from timm.layers import AttentionRope
 

@@ -336,15 +336,17 @@ def test_weights_options_with_masks_and_causal(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_weights_slice_form(backend):
-    """weights_rows also accepts a slice (lfi extension); same result as the (start, stop) tuple."""
+    """weights_rows also accepts a slice (lfi extension), with Python's negative-index semantics."""
     gen = make_gen("slice", backend)
     q, k, v = make_qkv(1, 2, 2, 10, 12, 16, gen=gen)
     _, w_tuple = interaction_attention(q, k, v, need_weights=True, weights_rows=(2, 7), backend=backend)
-    try:
-        _, w_slice = interaction_attention(q, k, v, need_weights=True, weights_rows=slice(2, 7), backend=backend)
-    except (TypeError, ValueError):
-        pytest.skip("slice form of weights_rows not supported")
+    _, w_slice = interaction_attention(q, k, v, need_weights=True, weights_rows=slice(2, 7), backend=backend)
     torch.testing.assert_close(w_slice, w_tuple, atol=0, rtol=0)
+    _, w_neg = interaction_attention(q, k, v, need_weights=True, weights_rows=slice(-8, -3), backend=backend)
+    torch.testing.assert_close(w_neg, w_tuple, atol=0, rtol=0)
+    _, w_tail = interaction_attention(q, k, v, need_weights=True, weights_rows=slice(-4, None), backend=backend)
+    _, w_all = interaction_attention(q, k, v, need_weights=True, backend=backend)
+    torch.testing.assert_close(w_tail, w_all[:, :, -4:], atol=0, rtol=0)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -89,11 +89,13 @@ def check_weights_rows(weights_rows, need_weights: bool, M: int) -> tuple[int, i
     if isinstance(weights_rows, slice):
         if weights_rows.step not in (None, 1):
             raise ValueError(f"weights_rows must be a contiguous range, got step {weights_rows.step}")
-        weights_rows = (weights_rows.start or 0, M if weights_rows.stop is None else weights_rows.stop)
+        # Python slice semantics: negative bounds count from the end, None means the edge.
+        start, stop, _ = weights_rows.indices(M)
+        weights_rows = (start, stop)
     try:
         start, stop = (int(x) for x in weights_rows)
     except (TypeError, ValueError):
-        raise TypeError(f"weights_rows must be a (start, stop) pair of ints, got {weights_rows!r}") from None
+        raise TypeError(f"weights_rows must be a (start, stop) pair of ints or a slice, got {weights_rows!r}") from None
     if not 0 <= start < stop <= M:
         raise ValueError(f"weights_rows must satisfy 0 <= start < stop <= M = {M}, got ({start}, {stop})")
     return start, stop
