@@ -21,7 +21,7 @@ def _cuda_extension():
 
     cpu = ["csrc/bindings.cpp", "csrc/ops.cpp", "csrc/cpu/attention.cpp", "csrc/cpu/kl.cpp"]
     cuda = ["csrc/cuda/attention.cu", "csrc/cuda/kl.cu"]
-    cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+    cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]  # at::parallel_for is inline OpenMP
     import torch
 
     # CPU kernels for the build machine's AVX2/FMA (LFI_CPU_ISA=generic: portable SSE2 build).
@@ -43,9 +43,11 @@ def _cuda_extension():
             "lfi._C", cpu + cuda, include_dirs=include,
             extra_compile_args={"cxx": cxx + ["-DLFI_WITH_CUDA"],
                                 "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-DLFI_WITH_CUDA"]},
+            extra_link_args=["-fopenmp"],
         )
     else:
-        ext = cpp_extension.CppExtension("lfi._C", cpu, include_dirs=include, extra_compile_args={"cxx": cxx})
+        ext = cpp_extension.CppExtension("lfi._C", cpu, include_dirs=include, extra_compile_args={"cxx": cxx},
+                                         extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
@@ -76,6 +78,7 @@ setup(
             "timm>=1.0", "open_clip_torch>=2.24", "transformers>=4.48", "torchvision",
         ],
         "integrations": ["timm>=1.0", "open_clip_torch>=2.24", "transformers>=4.48", "torchvision"],
+        "train": ["timm>=1.0", "open_clip_torch>=2.24", "torchvision", "safetensors", "tqdm", "matplotlib", "scipy"],
     },
     entry_points={"console_scripts": ["lfi = lfi.cli:main"]},
     ext_modules=EXT_MODULES,

@@ -4,8 +4,10 @@ Backends:
   "torch"  -- the PyTorch reference (lfi.backends.reference), any device and dtype, row-chunked.
   "triton" -- Triton kernels (lfi.backends.triton): CUDA tensors, or CPU tensors when the
               interpreter was enabled (TRITON_INTERPRET=1 before lfi.kernels was imported).
-"auto" picks triton for CUDA tensors when Triton works, else torch; the environment variable
-LFI_BACKEND overrides "auto".
+  "cuda"   -- the C++/CUDA extension lfi_C (lfi.backends.cuda): CUDA kernels, and CPU kernels for CPU
+              tensors; JIT-built with ninja on first explicit use unless built ahead of time.
+"auto" picks triton for CUDA tensors when Triton works, else the cuda extension when it is already
+built (never compiles it), else torch; the environment variable LFI_BACKEND overrides "auto".
 """
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ import os
 
 import torch
 
-BACKENDS = ("torch", "triton")
+from lfi.backends.cuda import _ext as _cuda_ext  # cheap: probes PATH once, builds nothing
+
+BACKENDS = ("torch", "triton", "cuda")
 CHOICES = ("auto",) + BACKENDS
 
 
@@ -38,6 +42,8 @@ def _unusable_reason(backend: str, device: torch.device) -> str | None:
     """None when `backend` can run on `device`, else why not."""
     if backend == "torch":
         return None
+    if backend == "cuda":
+        return _cuda_ext.unusable_reason(device)
     if TRITON_ERROR is not None:
         return TRITON_ERROR
     if device.type == "cuda":
@@ -63,6 +69,7 @@ def backend_status(device: torch.device | str) -> dict[str, tuple[bool, str]]:
             if device.type == "cpu"
             else f"Triton kernels on {torch.cuda.get_device_name(device) if torch.cuda.is_available() else device}"
         ),
+        "cuda": "lfi_C extension (CUDA kernels; multithreaded CPU kernels for CPU tensors), built on first use",
     }
     status = {}
     for name in BACKENDS:
@@ -82,6 +89,8 @@ def resolve(backend: str, device: torch.device) -> str:
         if backend == "auto":
             if device.type == "cuda" and _unusable_reason("triton", device) is None:
                 return "triton"
+            if device.type == "cuda" and _cuda_ext_ready():
+                return "cuda"
             return "torch"
     reason = _unusable_reason(backend, device)
     if reason is not None:
@@ -89,7 +98,12 @@ def resolve(backend: str, device: torch.device) -> str:
     return backend
 
 
-_PACKAGES = {"torch": "reference", "triton": "triton"}
+def _cuda_ext_ready() -> bool:
+    """The cuda extension is already built and loadable for CUDA tensors ("auto" never JIT-builds)."""
+    return torch.cuda.is_available() and _cuda_ext.ready_for_cuda()
+
+
+_PACKAGES = {"torch": "reference", "triton": "triton", "cuda": "cuda"}
 
 
 def implementation(backend: str, op: str):

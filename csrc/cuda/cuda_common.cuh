@@ -1,0 +1,124 @@
+// Device helpers of the CUDA kernels: dtype-converting loads/stores through strides, warp
+// reductions, shared-memory tile loaders, launch helpers. No torch headers.
+// With LFI_CUDA_EMULATE the same kernels compile as host C++ against csrc/emu/cuda_emu.h (a
+// thread-per-CUDA-thread emulator used to test the kernels' logic on machines without a GPU).
+#pragma once
+
+#ifdef LFI_CUDA_EMULATE
+#include "../emu/cuda_emu.h"
+#define LFI_DYNAMIC_SMEM(name) float* name = ::lfi_emu::shared_memory()
+#define LFI_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  ::lfi_emu::launch(kernel, static_cast<int64_t>(grid), block, smem, __VA_ARGS__)
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#define LFI_DYNAMIC_SMEM(name) extern __shared__ float name[]
+#define LFI_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#endif
+
+#include <cstdint>
+
+#include "../lfi_math.h"
+#include "../lfi_params.h"
+
+namespace lfi {
+namespace cuda_k {
+
+constexpr int kWarp = 32;
+constexpr unsigned kFull = 0xffffffffu;
+
+// Element `off` of a tensor of runtime dtype `dt`, as float. The switch is uniform across a warp
+// (one dtype per tensor), so it costs a few instructions per load and no divergence.
+__device__ __forceinline__ float ldf(const void* p, int64_t off, int32_t dt) {
+  switch (dt) {
+    case kF16: return __half2float(static_cast<const __half*>(p)[off]);
+    case kBF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[off]);
+    case kF32: return static_cast<const float*>(p)[off];
+    case kF64: return static_cast<float>(static_cast<const double*>(p)[off]);
+    default: return static_cast<float>(static_cast<const uint8_t*>(p)[off]);
+  }
+}
+
+__device__ __forceinline__ void stf(void* p, int64_t off, int32_t dt, float v) {
+  switch (dt) {
+    case kF16: static_cast<__half*>(p)[off] = __float2half_rn(v); break;
+    case kBF16: static_cast<__nv_bfloat16*>(p)[off] = __float2bfloat16_rn(v); break;
+    case kF32: static_cast<float*>(p)[off] = v; break;
+    default: static_cast<double*>(p)[off] = static_cast<double>(v); break;
+  }
+}
+
+__device__ __forceinline__ int64_t off4(const Strided& t, int64_t a, int64_t b, int64_t c, int64_t d) {
+  return a * t.s[0] + b * t.s[1] + c * t.s[2] + d * t.s[3];
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+
+__device__ __forceinline__ KLSums<float> warp_sum(KLSums<float> s) {
+  s.x = warp_sum(s.x);
+  s.y = warp_sum(s.y);
+  s.c = warp_sum(s.c);
+  return s;
+}
+
+// dst[r * ld + d] = t(b, head, row0 + r, d) * mul for r < rows, d < D (0 past `limit` rows and in
+// the padding d in [D, ld)). All threads of the block take part; call __syncthreads() after.
+__device__ __forceinline__ void load_rows(float* dst, const Strided& t, int64_t b, int64_t head, int64_t row0,
+                                          int rows, int D, int ld, int64_t limit, float mul) {
+  const int n = rows * ld;
+  for (int idx = threadIdx.x; idx < n; idx += blockDim.x) {
+    const int r = idx / ld, d = idx - r * ld;
+    const int64_t row = row0 + r;
+    dst[idx] = (row < limit && d < D) ? ldf(t.ptr, off4(t, b, head, row, d), t.dtype) * mul : 0.0f;
+  }
+}
+
+// Row statistics src[(base + row) * stride + comp] of `rows` rows starting at row0 into shared
+// memory, `fill` past M.
+__device__ __forceinline__ void load_stats(float* dst, const float* src, int64_t base, int64_t row0, int rows,
+                                           int64_t M, int stride, int comp, float fill) {
+  for (int r = threadIdx.x; r < rows; r += blockDim.x)
+    dst[r] = row0 + r < M ? src[(base + row0 + r) * stride + comp] : fill;
+}
+
+// Per-lane register count for head dims up to 32 * DL.
+inline int lanes_for(int64_t d) { return d <= 64 ? 2 : (d <= 128 ? 4 : 8); }
+
+template <typename Kernel>
+inline cudaError_t prepare(Kernel kernel, size_t smem) {
+  if (smem > 48 * 1024) return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                    static_cast<int>(smem));
+  return cudaSuccess;
+}
+
+inline const char* check_launch() {
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+
+#define LFI_CUDA_TRY(expr)                               \
+  do {                                                   \
+    const cudaError_t lfi_err_ = (expr);                 \
+    if (lfi_err_ != cudaSuccess) return cudaGetErrorString(lfi_err_); \
+  } while (0)
+
+#define LFI_DISPATCH_DL(dl, DLC, ...)           \
+  switch (dl) {                                 \
+    case 2: { constexpr int DLC = 2; __VA_ARGS__; break; } \
+    case 4: { constexpr int DLC = 4; __VA_ARGS__; break; } \
+    default: { constexpr int DLC = 8; __VA_ARGS__; break; } \
+  }
+
+}  // namespace cuda_k
+}  // namespace lfi

@@ -1,0 +1,31 @@
+// Entry points of the CPU and CUDA kernels; both take the parameter structs of lfi_params.h.
+#pragma once
+
+#include "lfi_params.h"
+
+namespace lfi {
+namespace cpu {
+// acc_double: compute (and store row statistics) in double, for float64 inputs.
+void attention_forward(const AttnParams& p, bool acc_double);
+void attention_backward(const AttnParams& p, bool acc_double);
+void kl_forward(const KLParams& p, bool acc_double);
+void kl_backward(const KLParams& p, bool acc_double);
+void kl_qk_forward(const KLParams& p, bool acc_double);
+void kl_qk_backward(const KLParams& p, bool acc_double);
+}  // namespace cpu
+
+#ifdef LFI_WITH_CUDA
+namespace cuda {
+// Launch on `stream` (a cudaStream_t); return nullptr on success, else an error message.
+const char* attention_forward(const AttnParams& p, void* stream);
+const char* attention_backward(const AttnParams& p, void* stream);
+const char* kl_forward(const KLParams& p, void* stream);
+const char* kl_backward(const KLParams& p, void* stream);
+const char* kl_qk_forward(const KLParams& p, void* stream);
+const char* kl_qk_backward(const KLParams& p, void* stream);
+// Comma-separated list of the compute capabilities compiled into the device code.
+const char* compiled_archs();
+}  // namespace cuda
+#endif
+
+}  // namespace lfi
