@@ -55,11 +55,11 @@ def kl_rows(s, log_t):
     return terms.sum(-1), m + log_l
 
 
-def kl_grad(grad_kl, s, lse, log_t, tnorm):
-    """dKL/ds = grad_kl * (softmax(s) - t); zero at dropped keys, on rows without kept keys and on
-    rows without target mass (tnorm = -inf), whose KL is defined as 0."""
+def kl_grad(grad_kl, p, log_t, tnorm):
+    """dKL/ds = grad_kl * (p - t) for the student's probabilities p = softmax(s); zero at dropped keys,
+    on rows without kept keys and on rows without target mass (tnorm = -inf), whose KL is 0."""
     grad_kl = torch.where(tnorm.squeeze(-1) > NEG_INF, grad_kl, 0.0)
-    return grad_kl[..., None] * (torch.exp(s - lse) - torch.exp(log_t))
+    return grad_kl[..., None] * (p - torch.exp(log_t))
 
 
 def _scores(logits, keep, student_scale, dtype):
@@ -99,6 +99,6 @@ def kl_backward(grad_kl, logits, target, key_mask, lse, tnorm, student_scale: fl
         tn = tnorm[:, :, r0:r1, None]
         log_t, _ = log_target(rows_of(target, r0, r1), keep, target_scale, target_is_logits, dt, tn)
         s = _scores(logits[:, :, r0:r1], keep, student_scale, dt)
-        ds = kl_grad(grad_kl[:, :, r0:r1].to(dt), s, lse[:, :, r0:r1, None].to(dt), log_t, tn)
+        ds = kl_grad(grad_kl[:, :, r0:r1].to(dt), torch.exp(s - lse[:, :, r0:r1, None].to(dt)), log_t, tn)
         dlogits[:, :, r0:r1] = (ds * student_scale).to(logits.dtype)
     return dlogits

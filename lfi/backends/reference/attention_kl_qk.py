@@ -62,7 +62,8 @@ def kl_qk_backward(grad_kl, q, k, target, q_t, k_t, key_mask, lse, tnorm, studen
                                              target_scale, dt)
         tn = tnorm[:, :, r0:r1, None]
         log_t, _ = log_target(target_rows, keep, target_scale, target_is_logits or q_t is not None, dt, tn)
-        ds = kl_grad(grad_kl[:, :, r0:r1].to(dt), s, lse[:, :, r0:r1, None].to(dt), log_t, tn) * student_scale
+        p = torch.exp(s - lse[:, :, r0:r1, None].to(dt))
+        ds = kl_grad(grad_kl[:, :, r0:r1].to(dt), p, log_t, tn) * student_scale
         dq[:, :, r0:r1] = torch.matmul(grouped(ds, hkv), k_dt.unsqueeze(2)).flatten(1, 2).to(q.dtype)
         dk += torch.matmul(grouped(ds, hkv).transpose(-1, -2), grouped(q[:, :, r0:r1].to(dt), hkv)).sum(2)
     return dq, dk.to(k.dtype)

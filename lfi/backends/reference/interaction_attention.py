@@ -117,7 +117,7 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale:
         if grad_kl is not None:
             tn = tnorm[:, :, r0:r1, None]
             log_t, _ = _kl_log_target(kl_target, s, r0, r1, dt, tn)
-            ds += kl_grad(grad_kl[:, :, r0:r1].to(dt), s, m + log_l, log_t, tn)
+            ds += kl_grad(grad_kl[:, :, r0:r1].to(dt), p, log_t, tn)
         dq[:, :, r0:r1] = (torch.matmul(grouped(ds, hkv), k_).flatten(1, 2) * scale).to(q.dtype)
         dk += torch.matmul(grouped(ds, hkv).transpose(-1, -2), grouped(q_rows, hkv)).sum(2) * scale
         if dmask is not None:
