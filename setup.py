@@ -74,8 +74,9 @@ setup(
     extras_require={
         "dev": [
             "pytest>=8", "pytest-benchmark>=4", "hypothesis>=6",
-            # the integration tests run in CI too
+            # the integration and training tests run in CI too
             "timm>=1.0", "open_clip_torch>=2.24", "transformers>=4.48", "torchvision",
+            "safetensors", "tqdm", "matplotlib", "scipy",
         ],
         "integrations": ["timm>=1.0", "open_clip_torch>=2.24", "transformers>=4.48", "torchvision"],
         "train": ["timm>=1.0", "open_clip_torch>=2.24", "torchvision", "safetensors", "tqdm", "matplotlib", "scipy"],
