@@ -1,7 +1,7 @@
 """Ablations on the built-in synthetic task (the numbers in docs/METHOD.md).
 
     python -m lfi.train.ablation assignment --out runs/ablation     # fixed vs topk vs hungarian
-    python -m lfi.train.ablation readback   --out runs/ablation     # read-back off (cls head) / on / cls+queries
+    python -m lfi.train.ablation readback   --out runs/ablation     # read-back off / cls+queries head (demo: on)
     python -m lfi.train.ablation heads      --out runs/ablation     # broadcast vs head-mean KL
     python -m lfi.train.ablation lam        --out runs/ablation     # interaction-loss weight
 
@@ -41,8 +41,8 @@ VARIANTS = {
         "mean": dict(heads="mean"),
     },
     "lam": {
-        "lam=0.3": dict(lam=0.3),
         "lam=3": dict(lam=3.0),
+        "lam=3, read-back off": dict(lam=3.0, read_back="off"),
     },
 }
 

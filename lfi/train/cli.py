@@ -117,7 +117,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--out", default=d.out, help="run folder (checkpoint, metrics.jsonl, config.json)")
     g.add_argument("--resume", default=None, help="checkpoint to resume from, or 'auto' (OUT/checkpoint.safetensors)")
-    g.add_argument("--save-every", type=int, default=d.save_every, help="epochs between checkpoints (0 = only none)")
+    g.add_argument("--save-every", type=int, default=d.save_every, help="epochs between checkpoints (0 = no checkpoint; the last epoch is always saved otherwise)")
     g.add_argument("--eval-every", type=int, default=d.eval_every)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--quiet", action="store_true")

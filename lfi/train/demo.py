@@ -3,7 +3,8 @@
 Writes to --out: results.json (all curves), table.md (the printed tables as markdown),
 accuracy.png (validation accuracy per epoch, mean and min-max over seeds), maps.png (teacher vs
 student query maps of the seed-0 LFI and baseline students on validation images) and the seed-0
-LFI checkpoint (lfi/checkpoint.safetensors, usable with `lfi eval` / `lfi maps`).
+final checkpoint of every run (<method>_seed<k>/checkpoint.safetensors, usable with `lfi eval` /
+`lfi maps`).
 """
 from __future__ import annotations
 
@@ -154,7 +155,7 @@ def run_demo(out="runs/demo", *, quick: bool = False, seeds: int = 3, epochs: Op
         for m in methods:
             lam = 0.0 if m == "baseline" else lam_lfi
             cfg = base.replace(seed=seed, lam=lam, out=str(out / f"{m.lower()}_seed{seed}"),
-                               save_every=base.epochs if seed == 0 else 0, quiet=True, progress=False)
+                               save_every=base.epochs, quiet=True, progress=False)
             runs.append((m, seed, cfg))
     jobs = _default_jobs() if jobs is None else max(1, int(jobs))
     jobs = min(jobs, len(runs))
@@ -176,7 +177,7 @@ def run_demo(out="runs/demo", *, quick: bool = False, seeds: int = 3, epochs: Op
         last = r["history"][-1]
         if last.get("map_score") is not None:
             extra[m]["map_scores"].append(last["map_score"])
-        if r.get("checkpoint"):
+        if r.get("checkpoint") and seed == 0:
             ckpts[m] = r["checkpoint"]
         console.print(f"  {m:>8} seed {seed}: val acc " + " ".join(f"{100 * a:.0f}" for a in accs)
                       + f"  ({r['time']:.0f}s)")
