@@ -27,14 +27,14 @@ LFI_TORCH_LIBRARY(LFI_OPS_NS, m) {
       "kl_fwd(Tensor logits, Tensor target, Tensor? key_mask, float student_scale, float target_scale, "
       "bool target_is_logits) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "kl_bwd(Tensor grad_kl, Tensor logits, Tensor target, Tensor? key_mask, Tensor lse, Tensor tnorm, "
+      "kl_bwd(Tensor grad_kl, Tensor logits, Tensor target, Tensor? key_mask, Tensor stats, Tensor tstats, "
       "float student_scale, float target_scale, bool target_is_logits) -> Tensor");
   m.def(
       "kl_qk_fwd(Tensor q, Tensor k, Tensor? target, Tensor? q_t, Tensor? k_t, Tensor? key_mask, "
       "float student_scale, float target_scale, bool target_is_logits) -> (Tensor, Tensor, Tensor)");
   m.def(
       "kl_qk_bwd(Tensor grad_kl, Tensor q, Tensor k, Tensor? target, Tensor? q_t, Tensor? k_t, Tensor? key_mask, "
-      "Tensor lse, Tensor tnorm, float student_scale, float target_scale, bool target_is_logits) "
+      "Tensor stats, Tensor tstats, float student_scale, float target_scale, bool target_is_logits) "
       "-> (Tensor, Tensor)");
   m.def("build_info() -> str", &lfi::build_info);
 }

@@ -8,7 +8,7 @@
 //    shift ("shift_of"), so exp(-inf - shift) = 0 and no NaN ever appears;
 //  * attention keeps its row statistics apart: (m, log l) with l = sum exp(s - m), (0, +inf) on
 //    rows without an attended key, so P = exp((s - m) - log l) is exact even for huge scores and
-//    exactly 0 on such rows; the KL ops store lse = m + log l (+inf without a kept key);
+//    exactly 0 on such rows; the KL ops keep theirs apart in the same way (see kl_finish);
 //  * the KL state (x, y, c) is kept relative to the current shifts (see KLSums).
 //
 // Everything here is header-only, branch-free where it matters (selects, so that the CPU loops
@@ -131,10 +131,6 @@ LFI_HD T log_l_of(T l) { return l > T(0) ? log_(l) : pos_inf<T>(); }
 template <typename T>
 LFI_HD T prob_of(T s, T m, T log_l) { return exp_((s - m) - log_l); }
 
-// log-sum-exp of a finished row, +inf when nothing was attended.
-template <typename T>
-LFI_HD T lse_of(T m, T l) { return l > T(0) ? shift_of(m) + log_(l) : pos_inf<T>(); }
-
 // ---------------------------------------------------------------------------------------------
 // KL(t || softmax(s)) per row, online over key tiles, in one pass.
 //
@@ -208,11 +204,13 @@ LFI_HD void kl_merge(KLSums<T>& st, const KLSums<T>& part, bool logits) {
   if (!logits) st.y += part.y;
 }
 
-// (kl, tnorm) from the row state and the student's log l (+inf when nothing is kept).
-// tnorm: log Z (-inf without target mass) or logsumexp(u) (+inf without a kept key).
-// KL is 0 on rows without a kept key or without target mass.
+// (kl, t_shift, t_log_z) from the row state and the student's log l (+inf when nothing is kept).
+// The target's normaliser is kept as a pair, like the student's (m, log l): logits give
+// t = exp((u - t_shift) - t_log_z) with t_shift = the row max of u, t_log_z = log sum exp(u -
+// t_shift) (+inf without a kept key); probabilities give t_shift = 0, t_log_z = log Z (-inf without
+// target mass). KL is 0 on rows without a kept key or without target mass.
 template <typename T>
-LFI_HD void kl_finish(const KLSums<T>& st, T log_l, bool logits, T& kl, T& tnorm) {
+LFI_HD void kl_finish(const KLSums<T>& st, T log_l, bool logits, T& kl, T& t_shift, T& t_log_z) {
   const bool has_s = log_l < pos_inf<T>();
   const bool has_t = st.x > T(0);
   const T x = has_t ? st.x : T(1);
@@ -220,10 +218,12 @@ LFI_HD void kl_finish(const KLSums<T>& st, T log_l, bool logits, T& kl, T& tnorm
   const T log_x = log_(x);
   T k;
   if (logits) {
-    tnorm = has_t ? shift_of(st.y) + log_x : pos_inf<T>();
+    t_shift = shift_of(st.y);
+    t_log_z = has_t ? log_x : pos_inf<T>();
     k = st.c / x - log_x + ll;
   } else {
-    tnorm = has_t ? log_x : neg_inf<T>();
+    t_shift = T(0);
+    t_log_z = has_t ? log_x : neg_inf<T>();
     k = st.y / x - log_x - st.c / x + ll;
   }
   kl = (has_t && has_s) ? k : T(0);
@@ -237,26 +237,30 @@ template <typename T>
 LFI_HD T attn_dscore(T p, T dp, T delta) { return p * (dp - delta); }
 
 // Per-row factors for the KL gradient g * (p - t): for probabilities t = t_raw * inv_z, and the
-// gradient is 0 on rows without target mass (tnorm = -inf); for logits t = exp(u - tnorm).
+// gradient is 0 on rows without target mass (t_log_z = -inf); for logits
+// t = exp((u - t_shift) - t_log_z). (t_shift, t_log_z) as stored by kl_finish.
 template <typename T>
 struct KLGradRow {
-  T g;      // incoming gradient (0 on rows without mass)
-  T inv_z;  // probabilities: 1 / Z
-  T tnorm;  // logits: logsumexp of the target logits
+  T g;        // incoming gradient (0 on rows without mass)
+  T inv_z;    // probabilities: 1 / Z
+  T t_shift;  // logits: row max of the target logits
+  T t_log_z;  // logits: log sum exp(u - t_shift)
 };
 
 template <typename T>
-LFI_HD KLGradRow<T> kl_grad_row(T g, T tnorm, bool logits) {
+LFI_HD KLGradRow<T> kl_grad_row(T g, T t_shift, T t_log_z, bool logits) {
   KLGradRow<T> r;
   if (logits) {
     r.g = g;
     r.inv_z = T(0);
-    r.tnorm = tnorm;
+    r.t_shift = t_shift;
+    r.t_log_z = t_log_z;
   } else {
-    const bool no_mass = tnorm == neg_inf<T>();
+    const bool no_mass = t_log_z == neg_inf<T>();
     r.g = no_mass ? T(0) : g;
-    r.inv_z = no_mass ? T(0) : exp_(-tnorm);
-    r.tnorm = T(0);
+    r.inv_z = no_mass ? T(0) : exp_(-t_log_z);
+    r.t_shift = T(0);
+    r.t_log_z = T(0);
   }
   return r;
 }
@@ -264,7 +268,7 @@ LFI_HD KLGradRow<T> kl_grad_row(T g, T tnorm, bool logits) {
 // d KL / d s of one element: g * (p - t), 0 where the key is not kept.
 template <typename T>
 LFI_HD T kl_dscore(T p, T tg, bool keep, const KLGradRow<T>& row, T t_scale, bool logits) {
-  const T t = logits ? exp_(kl_u(tg, keep, t_scale) - row.tnorm) : (keep ? tg : T(0)) * row.inv_z;
+  const T t = logits ? exp_((kl_u(tg, keep, t_scale) - row.t_shift) - row.t_log_z) : (keep ? tg : T(0)) * row.inv_z;
   return keep ? row.g * (p - t) : T(0);
 }
 

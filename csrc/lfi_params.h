@@ -6,7 +6,7 @@
 // any of float16 / bfloat16 / float32 / float64 (and bool masks) are converted to the compute
 // type when loaded, outputs converted when stored. Row statistics are contiguous arrays of the
 // accumulation type (float; double for float64 on the CPU): attention's (m, log l) (B, H, M, 2),
-// the KL ops' lse (B, H, M), tnorm, kl and delta (B, H, M).
+// the KL ops' stats and tstats (B, H, M, 2), kl, the fused KL's tnorm and delta (B, H, M).
 #pragma once
 
 #include <cstdint>
@@ -66,8 +66,8 @@ struct KLParams {
   Strided q_t, k_t;
   // outputs / backward
   void* kl = nullptr;
-  void* lse = nullptr;
-  void* tnorm = nullptr;
+  void* stats = nullptr;       // (B, H, M, 2) acc type: the student's (m, log l)
+  void* tstats = nullptr;      // (B, H, M, 2) acc type: the target's (t_shift, t_log_z), see kl_finish
   Strided grad_kl;            // (B, H, M) strides in s[0..2]
   Strided dlogits, dq, dk;
   void* workspace = nullptr;  // CPU: per-chunk dk partial sums

@@ -296,15 +296,15 @@ std::tuple<Tensor, Tensor, Tensor> kl_fwd(const Tensor& logits, const Tensor& ta
   const int64_t B = logits.size(0), H = logits.size(1), M = logits.size(2), N = logits.size(3);
   const auto acc = acc_type(logits);
   auto opts = logits.options().dtype(acc);
-  Tensor kl = at::empty({B, H, M}, opts), lse = at::empty({B, H, M}, opts), tnorm = at::empty({B, H, M}, opts);
-  if (kl.numel() == 0 || N == 0) return {kl, lse, tnorm};
+  Tensor kl = at::empty({B, H, M}, opts), stats = at::empty({B, H, M, 2}, opts), tstats = at::empty({B, H, M, 2}, opts);
+  if (kl.numel() == 0 || N == 0) return {kl, stats, tstats};
   KLParams p;
   p.B = B; p.H = H; p.M = M; p.N = N;
   p.student_scale = student_scale; p.target_scale = target_scale; p.target_is_logits = target_is_logits;
   p.logits = view(logits);
   Tensor target_t, mask_t;
   fill_kl_common(p, target, key_mask, logits.sizes(), logits, target_t, mask_t);
-  p.kl = kl.data_ptr(); p.lse = lse.data_ptr(); p.tnorm = tnorm.data_ptr();
+  p.kl = kl.data_ptr(); p.stats = stats.data_ptr(); p.tstats = tstats.data_ptr();
   run(logits, [&](bool dbl) { cpu::kl_forward(p, dbl); },
       [&](void* stream) -> const char* {
 #ifdef LFI_WITH_CUDA
@@ -314,11 +314,11 @@ std::tuple<Tensor, Tensor, Tensor> kl_fwd(const Tensor& logits, const Tensor& ta
         return nullptr;
 #endif
       });
-  return {kl, lse, tnorm};
+  return {kl, stats, tstats};
 }
 
 Tensor kl_bwd(const Tensor& grad_kl, const Tensor& logits, const Tensor& target,
-              const c10::optional<Tensor>& key_mask, const Tensor& lse, const Tensor& tnorm, double student_scale,
+              const c10::optional<Tensor>& key_mask, const Tensor& stats, const Tensor& tstats, double student_scale,
               double target_scale, bool target_is_logits) {
   TORCH_CHECK(logits.dim() == 4, "lfi_C: logits must be 4-D, got ", logits.sizes());
   check_compute_dtype(logits, "logits");
@@ -332,8 +332,8 @@ Tensor kl_bwd(const Tensor& grad_kl, const Tensor& logits, const Tensor& target,
   p.logits = view(logits);
   Tensor target_t, mask_t;
   fill_kl_common(p, target, key_mask, logits.sizes(), logits, target_t, mask_t);
-  Tensor lse_c = contiguous_stats(lse, acc), tnorm_c = contiguous_stats(tnorm, acc), g = as_float(grad_kl);
-  p.lse = lse_c.data_ptr(); p.tnorm = tnorm_c.data_ptr();
+  Tensor stats_c = contiguous_stats(stats, acc), tstats_c = contiguous_stats(tstats, acc), g = as_float(grad_kl);
+  p.stats = stats_c.data_ptr(); p.tstats = tstats_c.data_ptr();
   set_grad_rows(p, g, B, H, M);
   p.dlogits = view(dlogits);
   run(logits, [&](bool dbl) { cpu::kl_backward(p, dbl); },
@@ -399,10 +399,10 @@ std::tuple<Tensor, Tensor, Tensor> kl_qk_fwd(const Tensor& q, const Tensor& k, c
   KLParams p = qk_params(q, k, target, q_t, k_t, key_mask, student_scale, target_scale, target_is_logits, target_t,
                          mask_t, qt_t, kt_t);
   auto opts = q.options().dtype(acc_type(q));
-  Tensor kl = at::empty({p.B, p.H, p.M}, opts), lse = at::empty({p.B, p.H, p.M}, opts),
-         tnorm = at::empty({p.B, p.H, p.M}, opts);
-  if (kl.numel() == 0 || p.N == 0) return {kl, lse, tnorm};
-  p.kl = kl.data_ptr(); p.lse = lse.data_ptr(); p.tnorm = tnorm.data_ptr();
+  Tensor kl = at::empty({p.B, p.H, p.M}, opts), stats = at::empty({p.B, p.H, p.M, 2}, opts),
+         tstats = at::empty({p.B, p.H, p.M, 2}, opts);
+  if (kl.numel() == 0 || p.N == 0) return {kl, stats, tstats};
+  p.kl = kl.data_ptr(); p.stats = stats.data_ptr(); p.tstats = tstats.data_ptr();
   run(q, [&](bool dbl) { cpu::kl_qk_forward(p, dbl); },
       [&](void* stream) -> const char* {
 #ifdef LFI_WITH_CUDA
@@ -412,13 +412,13 @@ std::tuple<Tensor, Tensor, Tensor> kl_qk_fwd(const Tensor& q, const Tensor& k, c
         return nullptr;
 #endif
       });
-  return {kl, lse, tnorm};
+  return {kl, stats, tstats};
 }
 
 std::tuple<Tensor, Tensor> kl_qk_bwd(const Tensor& grad_kl, const Tensor& q, const Tensor& k,
                                      const c10::optional<Tensor>& target, const c10::optional<Tensor>& q_t,
                                      const c10::optional<Tensor>& k_t, const c10::optional<Tensor>& key_mask,
-                                     const Tensor& lse, const Tensor& tnorm, double student_scale,
+                                     const Tensor& stats, const Tensor& tstats, double student_scale,
                                      double target_scale, bool target_is_logits) {
   Tensor target_t, mask_t, qt_t, kt_t;
   KLParams p = qk_params(q, k, target, q_t, k_t, key_mask, student_scale, target_scale, target_is_logits, target_t,
@@ -427,8 +427,8 @@ std::tuple<Tensor, Tensor> kl_qk_bwd(const Tensor& grad_kl, const Tensor& q, con
   Tensor dk = at::empty(k.sizes(), k.options());
   if (dq.numel() == 0 || p.N == 0) return {dq.zero_(), dk.zero_()};
   const auto acc = acc_type(q);
-  Tensor lse_c = contiguous_stats(lse, acc), tnorm_c = contiguous_stats(tnorm, acc), g = as_float(grad_kl);
-  p.lse = lse_c.data_ptr(); p.tnorm = tnorm_c.data_ptr();
+  Tensor stats_c = contiguous_stats(stats, acc), tstats_c = contiguous_stats(tstats, acc), g = as_float(grad_kl);
+  p.stats = stats_c.data_ptr(); p.tstats = tstats_c.data_ptr();
   set_grad_rows(p, g, p.B, p.H, p.M);
   p.dq = view(dq); p.dk = view(dk);
   run(q, [&](bool dbl) { cpu::kl_qk_backward(p, dbl); },

@@ -26,7 +26,7 @@ std::tuple<Tensor, Tensor, Tensor> kl_fwd(const Tensor& logits, const Tensor& ta
                                           double target_scale, bool target_is_logits);
 
 Tensor kl_bwd(const Tensor& grad_kl, const Tensor& logits, const Tensor& target,
-              const c10::optional<Tensor>& key_mask, const Tensor& lse, const Tensor& tnorm, double student_scale,
+              const c10::optional<Tensor>& key_mask, const Tensor& stats, const Tensor& tstats, double student_scale,
               double target_scale, bool target_is_logits);
 
 std::tuple<Tensor, Tensor, Tensor> kl_qk_fwd(const Tensor& q, const Tensor& k, const c10::optional<Tensor>& target,
@@ -37,7 +37,7 @@ std::tuple<Tensor, Tensor, Tensor> kl_qk_fwd(const Tensor& q, const Tensor& k, c
 std::tuple<Tensor, Tensor> kl_qk_bwd(const Tensor& grad_kl, const Tensor& q, const Tensor& k,
                                      const c10::optional<Tensor>& target, const c10::optional<Tensor>& q_t,
                                      const c10::optional<Tensor>& k_t, const c10::optional<Tensor>& key_mask,
-                                     const Tensor& lse, const Tensor& tnorm, double student_scale,
+                                     const Tensor& stats, const Tensor& tstats, double student_scale,
                                      double target_scale, bool target_is_logits);
 
 std::string build_info();

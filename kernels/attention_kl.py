@@ -4,16 +4,15 @@ Per row (b, h, m), over the keys j kept by the key mask: student scores s = logi
 target t = target / Z (probabilities, Z = sum target) or softmax(u), u = target * target_scale
 (logits); KL = sum_j t_j (log t_j - s_j + lse(s)), with 0 log 0 = 0, and KL = 0 on rows with no kept
 key or no target mass. The forward is a single online pass over key blocks (one read of the logits
-and the target); it also stores lse = logsumexp(s) (+inf with no kept key) and the target's
-normaliser tnorm = log Z (-inf when Z = 0) or logsumexp(u) (+inf with no kept key), from which the
-backward recomputes p = exp(s - lse) and t tile by tile: dKL/ds = p - t.
+and the target); it also stores the row statistics as pairs (see _kl_finish), from which the
+backward recomputes p and t tile by tile: dKL/ds = p - t.
 
 Scores stay in natural units (exp(x) is computed as exp2(x * log2(e)) after the row max is
 subtracted, so finfo.min-masked logits do not overflow to -inf and a row of them stays uniform);
 sums of target-weighted scores are kept relative to the current row maxima, which keeps them
 accurate for scores of magnitude ~1e4.
 
-The helpers _kl_init/_kl_step/_kl_finish/_kl_dscores are shared with lfi.kernels.attention_kl_qk.
+The @triton.jit helpers are shared with lfi.kernels.attention_kl_qk.
 Strided loads (broadcast dims with stride 0), int64 batch/head/row offsets, 1-D grid with the row
 blocks of one (b, h) adjacent.
 """
@@ -75,38 +74,62 @@ def _kl_step(s, tg, keep, m, l, x, y, c, t_scale, TARGET_IS_LOGITS: tl.constexpr
 
 @triton.jit
 def _kl_finish(m, l, x, y, c, TARGET_IS_LOGITS: tl.constexpr):
-    """(kl, lse, tnorm). A row whose kept keys carry target mass but whose student scores are all
-    -inf gets KL = +inf."""
+    """(kl, shift, log_l, t_shift, t_log_z). The row statistics are kept as pairs, never folded
+    into one logsumexp (which would lose the 1/l of a row at finfo.min): p = exp((s - shift) - log_l)
+    with log_l = +inf without a kept key; logits: t = exp((u - t_shift) - t_log_z), t_log_z = +inf
+    without a kept key; probabilities: t_shift = 0, t = target * exp(-t_log_z), t_log_z = log Z
+    (-inf without target mass). A row whose kept keys carry target mass but whose student scores
+    are all -inf gets KL = +inf."""
     sh = tl.where(m == float("-inf"), 0.0, m)
     has_s = l > 0.0
     log_l = tl.log2(tl.where(has_s, l, 1.0)) * LN2
-    lse = tl.where(has_s, sh + log_l, float("inf"))
     has_t = x > 0.0
     x_safe = tl.where(has_t, x, 1.0)
     log_x = tl.log2(x_safe) * LN2
     if TARGET_IS_LOGITS:
-        shu = tl.where(y == float("-inf"), 0.0, y)
-        tnorm = tl.where(has_t, shu + log_x, float("inf"))
+        t_shift = tl.where(y == float("-inf"), 0.0, y)
+        t_log_z = tl.where(has_t, log_x, float("inf"))
         kl = c / x_safe - log_x + log_l
     else:
-        tnorm = tl.where(has_t, log_x, float("-inf"))
+        t_shift = tl.zeros_like(x)
+        t_log_z = tl.where(has_t, log_x, float("-inf"))
         kl = (y * LN2 - c) / x_safe - log_x + log_l
     kl = tl.where(has_t, tl.where(has_s, kl, float("inf")), 0.0)
-    return kl, lse, tnorm
+    return kl, sh, tl.where(has_s, log_l, float("inf")), t_shift, t_log_z
 
 
 @triton.jit
-def _kl_dscores(s, tg, keep, lse, tnorm, g, t_scale, TARGET_IS_LOGITS: tl.constexpr):
+def _store_row_stats(STATS, TSTATS, rows, row_ok, sh, log_l, t_shift, t_log_z):
+    """STATS, TSTATS (B, H, M, 2) float32, contiguous; rows = flat (b, h, m) row indices (int64)."""
+    tl.store(STATS + 2 * rows, sh, mask=row_ok)
+    tl.store(STATS + 2 * rows + 1, log_l, mask=row_ok)
+    tl.store(TSTATS + 2 * rows, t_shift, mask=row_ok)
+    tl.store(TSTATS + 2 * rows + 1, t_log_z, mask=row_ok)
+
+
+@triton.jit
+def _load_row_stats(STATS, TSTATS, rows, row_ok):
+    """(shift, log_l, t_shift, t_log_z) as stored by _store_row_stats; rows past M read as rows
+    without a kept key (they get p = t = 0)."""
+    sh = tl.load(STATS + 2 * rows, mask=row_ok, other=0.0)
+    log_l = tl.load(STATS + 2 * rows + 1, mask=row_ok, other=float("inf"))
+    t_shift = tl.load(TSTATS + 2 * rows, mask=row_ok, other=0.0)
+    t_log_z = tl.load(TSTATS + 2 * rows + 1, mask=row_ok, other=float("inf"))
+    return sh, log_l, t_shift, t_log_z
+
+
+@triton.jit
+def _kl_dscores(s, tg, keep, sh, log_l, t_shift, t_log_z, g, t_scale, TARGET_IS_LOGITS: tl.constexpr):
     """g * (p - t) for one tile (float32, 0 where not kept); s natural-unit scores (-inf where not
-    kept), lse (+inf on rows without kept keys) and tnorm per row as stored by the forward, g the
-    incoming gradient per row."""
-    p = tl.exp2((s - lse[:, None]) * LOG2E)
+    kept), the row statistics as stored by the forward, g the incoming gradient per row."""
+    p = tl.exp2(((s - sh[:, None]) - log_l[:, None]) * LOG2E)
     if TARGET_IS_LOGITS:
-        t = tl.exp2((tl.where(keep, tg * t_scale, float("-inf")) - tnorm[:, None]) * LOG2E)
+        u = tl.where(keep, tg * t_scale, float("-inf"))
+        t = tl.exp2(((u - t_shift[:, None]) - t_log_z[:, None]) * LOG2E)
     else:
-        # Rows without target mass (tnorm = -inf) have KL = 0 and no gradient.
-        no_mass = tnorm == float("-inf")
-        inv_z = tl.where(no_mass, 0.0, tl.exp2(-tnorm * LOG2E))
+        # Rows without target mass (t_log_z = -inf) have KL = 0 and no gradient.
+        no_mass = t_log_z == float("-inf")
+        inv_z = tl.where(no_mass, 0.0, tl.exp2(-t_log_z * LOG2E))
         g = tl.where(no_mass, 0.0, g)
         t = tl.where(keep, tg, 0.0) * inv_z[:, None]
     return tl.where(keep, g[:, None] * (p - t), 0.0)
@@ -114,7 +137,7 @@ def _kl_dscores(s, tg, keep, lse, tnorm, g, t_scale, TARGET_IS_LOGITS: tl.conste
 
 @triton.jit
 def kl_fwd_kernel(
-    LOGITS, TARGET, MASK, KL, LSE, TNORM,
+    LOGITS, TARGET, MASK, KL, STATS, TSTATS,
     stride_lb, stride_lh, stride_lm, stride_ln,
     stride_tb, stride_th, stride_tm, stride_tn,
     stride_mb, stride_mh, stride_mm, stride_mn,
@@ -122,7 +145,7 @@ def kl_fwd_kernel(
     HAS_MASK: tl.constexpr, TARGET_IS_LOGITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program per (row block, b, h): KL, LSE, TNORM (B, H, M) float32, contiguous.
+    """One program per (row block, b, h): KL (B, H, M), STATS, TSTATS (B, H, M, 2) float32, contiguous.
     s_scale = student_scale, t_scale = target_scale."""
     num_m_blocks = tl.cdiv(M, BLOCK_M)
     pid = tl.program_id(0)
@@ -148,16 +171,15 @@ def kl_fwd_kernel(
             keep = keep & (tl.load(m_base + offs_n[None, :] * stride_mn, mask=keep, other=0) != 0)
         s = tl.where(keep, s * s_scale, float("-inf"))
         m, l, x, y, c = _kl_step(s, tg, keep, m, l, x, y, c, t_scale, TARGET_IS_LOGITS)
-    kl, lse, tnorm = _kl_finish(m, l, x, y, c, TARGET_IS_LOGITS)
+    kl, sh, log_l, t_shift, t_log_z = _kl_finish(m, l, x, y, c, TARGET_IS_LOGITS)
     out = pid_bh.to(tl.int64) * M + offs_m
     tl.store(KL + out, kl, mask=row_ok)
-    tl.store(LSE + out, lse, mask=row_ok)
-    tl.store(TNORM + out, tnorm, mask=row_ok)
+    _store_row_stats(STATS, TSTATS, out, row_ok, sh, log_l, t_shift, t_log_z)
 
 
 @triton.jit
 def kl_bwd_kernel(
-    GRAD, LOGITS, TARGET, MASK, LSE, TNORM, DLOGITS,
+    GRAD, LOGITS, TARGET, MASK, STATS, TSTATS, DLOGITS,
     stride_gb, stride_gh, stride_gm,
     stride_lb, stride_lh, stride_lm, stride_ln,
     stride_tb, stride_th, stride_tm, stride_tn,
@@ -167,7 +189,7 @@ def kl_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (row block, b, h): DLOGITS (B, H, M, N) contiguous, in its own dtype,
-    = grad * (p - t) * student_scale, with p and t recomputed from LSE and TNORM (contiguous)."""
+    = grad * (p - t) * student_scale, with p and t recomputed from STATS and TSTATS."""
     num_m_blocks = tl.cdiv(M, BLOCK_M)
     pid = tl.program_id(0)
     pid_m = pid % num_m_blocks
@@ -183,9 +205,7 @@ def kl_bwd_kernel(
     m_base = MASK + b * stride_mb + h * stride_mh + rows * stride_mm
     d_base = DLOGITS + pid_bh.to(tl.int64) * M * N + rows * N
 
-    stats = pid_bh.to(tl.int64) * M + offs_m
-    lse = tl.load(LSE + stats, mask=row_ok, other=float("inf"))
-    tnorm = tl.load(TNORM + stats, mask=row_ok, other=float("inf"))
+    sh, log_l, t_shift, t_log_z = _load_row_stats(STATS, TSTATS, pid_bh.to(tl.int64) * M + offs_m, row_ok)
     g = tl.load(GRAD + b * stride_gb + h * stride_gh + offs_m.to(tl.int64) * stride_gm, mask=row_ok,
                 other=0.0).to(tl.float32) * s_scale
     for start_n in range(0, N, BLOCK_N):
@@ -197,5 +217,5 @@ def kl_bwd_kernel(
         if HAS_MASK:
             keep = keep & (tl.load(m_base + offs_n[None, :] * stride_mn, mask=keep, other=0) != 0)
         s = tl.where(keep, s * s_scale, float("-inf"))
-        ds = _kl_dscores(s, tg, keep, lse, tnorm, g, t_scale, TARGET_IS_LOGITS)
+        ds = _kl_dscores(s, tg, keep, sh, log_l, t_shift, t_log_z, g, t_scale, TARGET_IS_LOGITS)
         tl.store(d_base + offs_n[None, :], ds.to(DLOGITS.dtype.element_ty), mask=in_bounds)

@@ -14,7 +14,7 @@ kv head, looping over the group's heads and row blocks: no atomics). Extra memor
 import triton
 import triton.language as tl
 
-from .attention_kl import _kl_dscores, _kl_finish, _kl_init, _kl_step
+from .attention_kl import _kl_dscores, _kl_finish, _kl_init, _kl_step, _load_row_stats, _store_row_stats
 from .interaction_attention import _dot
 
 
@@ -28,7 +28,7 @@ def _dot_t(a, b_t_ptrs, load_mask, DOT_FP32: tl.constexpr, PRECISION: tl.constex
 
 @triton.jit
 def kl_qk_fwd_kernel(
-    Q, K, TARGET, QT, KT, MASK, KL, LSE, TNORM,
+    Q, K, TARGET, QT, KT, MASK, KL, STATS, TSTATS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_tb, stride_th, stride_tm, stride_tn,
@@ -41,7 +41,7 @@ def kl_qk_fwd_kernel(
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program per (row block, b, h): KL, LSE, TNORM (B, H, M) float32, contiguous.
+    """One program per (row block, b, h): KL (B, H, M), STATS, TSTATS (B, H, M, 2) float32, contiguous.
     IMPLICIT: the target is u = (QT KT^T) * target_scale (logits); else TARGET is read densely."""
     num_m_blocks = tl.cdiv(M, BLOCK_M)
     pid = tl.program_id(0)
@@ -86,16 +86,15 @@ def kl_qk_fwd_kernel(
             keep = keep & (tl.load(m_base + offs_n[None, :] * stride_mn, mask=keep, other=0) != 0)
         s = tl.where(keep, s * s_scale, float("-inf"))
         m, l, x, y, c = _kl_step(s, tg, keep, m, l, x, y, c, t_scale, TARGET_IS_LOGITS)
-    kl, lse, tnorm = _kl_finish(m, l, x, y, c, TARGET_IS_LOGITS)
+    kl, sh, log_l, t_shift, t_log_z = _kl_finish(m, l, x, y, c, TARGET_IS_LOGITS)
     out = pid_bh.to(tl.int64) * M + offs_m
     tl.store(KL + out, kl, mask=row_ok)
-    tl.store(LSE + out, lse, mask=row_ok)
-    tl.store(TNORM + out, tnorm, mask=row_ok)
+    _store_row_stats(STATS, TSTATS, out, row_ok, sh, log_l, t_shift, t_log_z)
 
 
 @triton.jit
 def kl_qk_bwd_dq_kernel(
-    GRAD, Q, K, TARGET, QT, KT, MASK, LSE, TNORM, DQ,
+    GRAD, Q, K, TARGET, QT, KT, MASK, STATS, TSTATS, DQ,
     stride_gb, stride_gh, stride_gm,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -138,9 +137,7 @@ def kl_qk_bwd_dq_kernel(
         kt_base = KT + b * stride_ktb + htk * stride_kth + offs_dt[:, None] * stride_ktd
     else:
         t_base = TARGET + b * stride_tb + h * stride_th + rows * stride_tm
-    stats = pid_bh.to(tl.int64) * M + offs_m
-    lse = tl.load(LSE + stats, mask=row_ok, other=float("inf"))
-    tnorm = tl.load(TNORM + stats, mask=row_ok, other=float("inf"))
+    sh, log_l, t_shift, t_log_z = _load_row_stats(STATS, TSTATS, pid_bh.to(tl.int64) * M + offs_m, row_ok)
     g = tl.load(GRAD + b * stride_gb + h * stride_gh + offs_m.to(tl.int64) * stride_gm, mask=row_ok,
                 other=0.0).to(tl.float32)
 
@@ -159,7 +156,7 @@ def kl_qk_bwd_dq_kernel(
         if HAS_MASK:
             keep = keep & (tl.load(m_base + offs_n[None, :] * stride_mn, mask=keep, other=0) != 0)
         s = tl.where(keep, s * s_scale, float("-inf"))
-        ds = _kl_dscores(s, tg, keep, lse, tnorm, g, t_scale, TARGET_IS_LOGITS)
+        ds = _kl_dscores(s, tg, keep, sh, log_l, t_shift, t_log_z, g, t_scale, TARGET_IS_LOGITS)
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                     mask=key_ok[:, None] & d_ok[None, :], other=0.0).to(Q.dtype.element_ty)
         dq = _dot(ds.to(Q.dtype.element_ty), k, dq, DOT_FP32, PRECISION)
@@ -169,7 +166,7 @@ def kl_qk_bwd_dq_kernel(
 
 @triton.jit
 def kl_qk_bwd_dk_kernel(
-    GRAD, Q, K, TARGET, QT, KT, MASK, LSE, TNORM, DK,
+    GRAD, Q, K, TARGET, QT, KT, MASK, STATS, TSTATS, DK,
     stride_gb, stride_gh, stride_gm,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -209,7 +206,7 @@ def kl_qk_bwd_dk_kernel(
         q_base = Q + b * stride_qb + h * stride_qh + offs_d[None, :] * stride_qd
         m_base = MASK + b * stride_mb + h * stride_mh + offs_n[None, :] * stride_mn
         g_base = GRAD + b * stride_gb + h * stride_gh
-        stats = (b * H + h) * M
+        row0 = (b * H + h) * M
         if IMPLICIT:
             ht = h * T_HSTEP
             htk = ht // TGROUP
@@ -234,10 +231,9 @@ def kl_qk_bwd_dk_kernel(
             if HAS_MASK:
                 keep = keep & (tl.load(m_base + rows * stride_mm, mask=keep, other=0) != 0)
             s = tl.where(keep, s * s_scale, float("-inf"))
-            lse = tl.load(LSE + stats + offs_m, mask=row_ok, other=float("inf"))
-            tnorm = tl.load(TNORM + stats + offs_m, mask=row_ok, other=float("inf"))
+            sh, log_l, t_shift, t_log_z = _load_row_stats(STATS, TSTATS, row0 + offs_m, row_ok)
             g = tl.load(g_base + offs_m.to(tl.int64) * stride_gm, mask=row_ok, other=0.0).to(tl.float32)
-            ds = _kl_dscores(s, tg, keep, lse, tnorm, g, t_scale, TARGET_IS_LOGITS)
+            ds = _kl_dscores(s, tg, keep, sh, log_l, t_shift, t_log_z, g, t_scale, TARGET_IS_LOGITS)
             dk = _dot(tl.trans(ds.to(Q.dtype.element_ty)), q, dk, DOT_FP32, PRECISION)
     tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              (dk * s_scale).to(DK.dtype.element_ty), mask=key_ok[:, None] & d_ok[None, :])

@@ -484,11 +484,11 @@ def test_opcheck(backend, teacher):
     args = (q, k, tgt, q_t, k_t, key_mask, 0.25 / 1.5, 0.35 / 1.5, is_logits, backend)
     op = torch.ops.lfi.attention_kl_qk_fwd.default
     torch.library.opcheck(op, args)
-    kl, lse, tnorm = op(*args)
-    assert kl.shape == lse.shape == tnorm.shape == (B, H, M) and kl.dtype == torch.float32
+    kl, stats, tstats = op(*args)
+    assert kl.shape == (B, H, M) and stats.shape == tstats.shape == (B, H, M, 2) and kl.dtype == torch.float32
     g = randn((B, H, M), gen)
     torch.library.opcheck(torch.ops.lfi.attention_kl_qk_bwd.default,
-                          (g, q.detach(), k.detach(), tgt, q_t, k_t, key_mask, lse, tnorm, *args[6:]))
+                          (g, q.detach(), k.detach(), tgt, q_t, k_t, key_mask, stats, tstats, *args[6:]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -567,3 +567,41 @@ def test_errors(build, exc, pattern):
     kw = build()
     with pytest.raises(exc, match=pattern):
         attention_kl_qk(kw.pop("q"), kw.pop("k"), kw.pop("target"), **kw)
+
+
+def check_huge_magnitude_rows_qk(backend, where, device=DEVICE):
+    """A query row whose logits (student's or implicit teacher's) are all -1e30 (a constant key
+    component times a huge query entry): the row is a uniform distribution, and the backward must
+    see it as one. Folding the row statistics into one logsumexp made p = 1 (or t = 1) per key."""
+    gen = make_gen("kl_qk_huge", backend, where)
+    B, H, M, N, D, Dt = 1, 2, 4, 21, 16, 8
+    q, k = randn((B, H, M, D), gen, device=device), randn((B, 1, N, D), gen, device=device)
+    q_t, k_t = randn((B, 1, M, Dt), gen, device=device), randn((B, 1, N, Dt), gen, device=device)
+    if where == "student":
+        k[..., 0] = 1.0
+        q[0, 1, 2, 0] = -1e30 * D ** 0.5
+    else:
+        k_t[..., 0] = 1.0
+        q_t[0, 0, 2, 0] = -1e30 * Dt ** 0.5
+    q.requires_grad_(True)
+    kl = attention_kl_qk(q, k, (q_t, k_t), reduction="none", backend=backend)
+    q64 = q.detach().double().requires_grad_(True)
+    s64 = ref_student_logits(q64, k)
+    u64 = ref_teacher_logits(q_t, k_t)
+    assert bool((s64[0, 1, 2] == s64[0, 1, 2, 0]).all()) if where == "student" else bool(
+        (u64[0, 0, 2] == u64[0, 0, 2, 0]).all())
+    t64 = torch.softmax(u64, -1)
+    want = (t64 * (torch.log_softmax(u64, -1) - torch.log_softmax(s64, -1))).sum(-1)
+    torch.testing.assert_close(kl.double(), want.detach(), atol=1e-5, rtol=1e-5)
+    r = randn(kl.shape, gen, device=device)
+    (got,) = torch.autograd.grad(kl, q, r)
+    (exp,) = torch.autograd.grad(want, q64, r.double())
+    assert torch.isfinite(got).all()
+    # the huge row's own dq is ~0 (uniform p against the teacher), the others are O(1)
+    torch.testing.assert_close(got.double(), exp, atol=1e-5 * exp.abs().max().item(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("where", ["student", "teacher"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_magnitude_rows(backend, where):
+    check_huge_magnitude_rows_qk(backend, where)

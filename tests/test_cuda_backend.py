@@ -24,6 +24,8 @@ from helpers import (
 )
 from lfi.backends.cuda import _ext
 from lfi.ops import attention_kl, attention_kl_qk, interaction_attention
+from test_attention_kl import HUGE_ROWS, check_huge_magnitude_rows
+from test_attention_kl_qk import check_huge_magnitude_rows_qk
 
 HAS_GPU = torch.cuda.is_available()
 NO_GPU = "needs a CUDA GPU (torch.cuda.is_available() is False): the CUDA kernels are only compiled here"
@@ -356,6 +358,18 @@ def test_attention_kl(device, dtype, masked, target_is):
               target_is=target_is, temperature=1.5, key_mask=key_mask)
 
 
+@pytest.mark.parametrize("where,value", HUGE_ROWS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_kl_huge_magnitude_rows(device, where, value):
+    check_huge_magnitude_rows("cuda", where, value, device)
+
+
+@pytest.mark.parametrize("where", ["student", "teacher"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_kl_qk_huge_magnitude_rows(device, where):
+    check_huge_magnitude_rows_qk("cuda", where, device)
+
+
 @pytest.mark.parametrize("teacher", ["dense_probs", "dense_logits", "implicit_1head", "implicit_Hheads"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("device", DEVICES)
@@ -448,10 +462,10 @@ def test_opcheck_kl_ops(device):
     op = torch.ops.lfi.attention_kl_fwd.default
     args = (logits, target, key_mask, 0.8, 1.0, False, "cuda")
     torch.library.opcheck(op, args)
-    kl, lse, tnorm = op(*args)
+    kl, stats, tstats = op(*args)
     g = torch.randn(B, H, M, generator=gen).to(device)
     torch.library.opcheck(torch.ops.lfi.attention_kl_bwd.default,
-                          (g, logits.detach(), target, key_mask, lse, tnorm, 0.8, 1.0, False, "cuda"))
+                          (g, logits.detach(), target, key_mask, stats, tstats, 0.8, 1.0, False, "cuda"))
     q = randn((B, H, M, D), gen, device=device, requires_grad=True)
     k = randn((B, 1, N, D), gen, device=device, requires_grad=True)
     qt, kt = randn((B, 1, M, 8), gen, device=device), randn((B, 1, N, 8), gen, device=device)
@@ -459,9 +473,9 @@ def test_opcheck_kl_ops(device):
     for tgt, q_t, k_t, logits_t in ((target, None, None, False), (None, qt, kt, True)):
         args = (q, k, tgt, q_t, k_t, key_mask, 0.25, 0.35, logits_t, "cuda")
         torch.library.opcheck(op, args)
-        kl, lse, tnorm = op(*args)
+        kl, stats, tstats = op(*args)
         torch.library.opcheck(torch.ops.lfi.attention_kl_qk_bwd.default,
-                              (g, q.detach(), k.detach(), tgt, q_t, k_t, key_mask, lse, tnorm, 0.25, 0.35, logits_t,
+                              (g, q.detach(), k.detach(), tgt, q_t, k_t, key_mask, stats, tstats, 0.25, 0.35, logits_t,
                                "cuda"))
 
 
@@ -577,7 +591,7 @@ def test_emulated_cuda_kl(emu, masked, logits_t):
     g = torch.randn(B, H, M, generator=gen)
     want = RK.kl_forward(lg.double(), t.double(), km, 0.7, 1.3, logits_t)
     got = emu.kl_fwd(lg, t, km, 0.7, 1.3, logits_t)
-    for name, a, b in zip(("kl", "lse", "tnorm"), got, want):
+    for name, a, b in zip(("kl", "stats", "tstats"), got, want):
         _close(a, b, name=name)
     _close(emu.kl_bwd(g, lg, t, km, got[1], got[2], 0.7, 1.3, logits_t),
            RK.kl_backward(g.double(), lg.double(), t.double(), km, want[1], want[2], 0.7, 1.3, logits_t), name="dlogits")
@@ -587,7 +601,7 @@ def test_emulated_cuda_kl(emu, masked, logits_t):
         d = lambda x: None if x is None else x.double()  # noqa: E731
         want = RQ.kl_qk_forward(q.double(), k.double(), d(tgt), d(q_t), d(k_t), km, 0.3, 0.25, lt)
         got = emu.kl_qk_fwd(q, k, tgt, q_t, k_t, km, 0.3, 0.25, lt)
-        for name, a, b in zip(("kl", "lse", "tnorm"), got, want):
+        for name, a, b in zip(("kl", "stats", "tstats"), got, want):
             _close(a, b, 1e-4, 1e-4, name=name)
         want_g = RQ.kl_qk_backward(g.double(), q.double(), k.double(), d(tgt), d(q_t), d(k_t), km, want[1], want[2],
                                    0.3, 0.25, lt)

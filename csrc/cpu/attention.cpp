@@ -113,7 +113,8 @@ void forward_impl(const AttnParams& p) {
         store_row(p.out, off4(p.out, b, h, i, 0), p.out.s[3], row.data(), Dv);
         if (has_kl) {
           T kl, tn;
-          kl_finish(kls[r], log_l, false, kl, tn);
+          T t_shift;
+          kl_finish(kls[r], log_l, false, kl, t_shift, tn);
           klo[bh * M + i] = kl;
           tno[bh * M + i] = tn;
         }
@@ -216,7 +217,7 @@ void backward_impl(const AttnParams& p) {
           }
           if (has_kl) {
             const T gk = load1<T>(p.grad_kl, b * p.grad_kl.s[0] + h * p.grad_kl.s[1] + i * p.grad_kl.s[2]);
-            const KLGradRow<T> kgr = kl_grad_row(gk, tnorm[bh * M + i], false);
+            const KLGradRow<T> kgr = kl_grad_row(gk, T(0), tnorm[bh * M + i], false);
             load_row(tb.data(), p.kl_target, off4(p.kl_target, b, h, i, 0), p.kl_target.s[3], hi);
             for (int64_t j = 0; j < hi; ++j)
               s[j] = attn_dscore(pr[j], dp[j], delta) + kl_dscore(pr[j], tb[j], s[j] > neg_inf<T>(), kgr, T(0), false);

@@ -19,7 +19,7 @@ namespace {
 // values tg and the keep flags (1 / 0) of n keys; the row is one tile.
 template <typename T>
 void kl_row(const T* s2, const T* tg, const T* keep, int64_t n, T t_scale2, bool logits, T* tmp, T& kl,
-            T& lse, T& tnorm) {
+            T* stats, T* tstats) {
   T m = neg_inf<T>(), l = T(0);
   softmax_rescale(m, l, max_n(s2, n));
   const T sh = shift_of(m);
@@ -40,8 +40,23 @@ void kl_row(const T* s2, const T* tg, const T* keep, int64_t n, T t_scale2, bool
     for (int64_t j = 0; j < n; ++j) kl_add(part, s2[j], tg[j], keep[j] != T(0), sh, shu, t_scale2, false);
   }
   kl_merge(st, part, logits);
-  kl_finish(st, log_l_of(l), logits, kl, tnorm);
-  lse = lse_of(m, l);
+  kl_finish(st, log_l_of(l), logits, kl, tstats[0], tstats[1]);
+  stats[0] = shift_of(m);
+  stats[1] = log_l_of(l);
+}
+
+// g * (p - t) of row r into ds (N keys), from the saved row statistics.
+template <typename T>
+void kl_row_grad(T* ds, const T* s, const T* tg, const T* keep, int64_t N, T g, const T* stats, const T* tstats,
+                 int64_t r, T t_scale2, bool logits) {
+  const KLGradRow<T> row = kl_grad_row(g, tstats[2 * r], tstats[2 * r + 1], logits);
+  const T m = stats[2 * r], log_l = stats[2 * r + 1];
+  for (int64_t j = 0; j < N; ++j) ds[j] = prob_of(s[j], m, log_l);
+  if (logits) {
+    for (int64_t j = 0; j < N; ++j) ds[j] = kl_dscore(ds[j], tg[j], keep[j] != T(0), row, t_scale2, true);
+  } else {
+    for (int64_t j = 0; j < N; ++j) ds[j] = kl_dscore(ds[j], tg[j], keep[j] != T(0), row, t_scale2, false);
+  }
 }
 
 // keep[j] = key_mask(b, h, i, j) (1 without a mask); s2[j] = keep ? s2[j] : -inf.
@@ -61,8 +76,8 @@ void kl_forward_impl(const KLParams& p) {
   const int64_t B = p.B, H = p.H, M = p.M, N = p.N;
   const T s_scale2 = T(p.student_scale), t_scale2 = T(p.target_scale);
   T* klo = static_cast<T*>(p.kl);
-  T* lseo = static_cast<T*>(p.lse);
-  T* tno = static_cast<T*>(p.tnorm);
+  T* so = static_cast<T*>(p.stats);
+  T* tso = static_cast<T*>(p.tstats);
   at::parallel_for(0, B * H * M, 8, [&](int64_t r0, int64_t r1) {
     std::vector<T> s(N), tg(N), keep(N), tmp(N);
     for (int64_t r = r0; r < r1; ++r) {
@@ -71,7 +86,8 @@ void kl_forward_impl(const KLParams& p) {
       for (int64_t j = 0; j < N; ++j) s[j] *= s_scale2;
       load_row(tg.data(), p.target, off4(p.target, b, h, i, 0), p.target.s[3], N);
       keep_row(keep.data(), s.data(), p.key_mask, b, h, i, N);
-      kl_row(s.data(), tg.data(), keep.data(), N, t_scale2, p.target_is_logits, tmp.data(), klo[r], lseo[r], tno[r]);
+      kl_row(s.data(), tg.data(), keep.data(), N, t_scale2, p.target_is_logits, tmp.data(), klo[r], so + 2 * r,
+             tso + 2 * r);
     }
   });
 }
@@ -80,8 +96,8 @@ template <typename T>
 void kl_backward_impl(const KLParams& p) {
   const int64_t B = p.B, H = p.H, M = p.M, N = p.N;
   const T s_scale2 = T(p.student_scale), t_scale2 = T(p.target_scale);
-  const T* lse = static_cast<const T*>(p.lse);
-  const T* tnorm = static_cast<const T*>(p.tnorm);
+  const T* stats = static_cast<const T*>(p.stats);
+  const T* tstats = static_cast<const T*>(p.tstats);
   const bool logits = p.target_is_logits;
   at::parallel_for(0, B * H * M, 8, [&](int64_t r0, int64_t r1) {
     std::vector<T> s(N), tg(N), keep(N), ds(N);
@@ -93,14 +109,7 @@ void kl_backward_impl(const KLParams& p) {
       keep_row(keep.data(), s.data(), p.key_mask, b, h, i, N);
       const T g = load1<T>(p.grad_kl, b * p.grad_kl.s[0] + h * p.grad_kl.s[1] + i * p.grad_kl.s[2]) *
                   T(p.student_scale);
-      const KLGradRow<T> row = kl_grad_row(g, tnorm[r], logits);
-      const T lse_r = lse[r];
-      for (int64_t j = 0; j < N; ++j) ds[j] = exp_(s[j] - lse_r);
-      if (logits) {
-        for (int64_t j = 0; j < N; ++j) ds[j] = kl_dscore(ds[j], tg[j], keep[j] != T(0), row, t_scale2, true);
-      } else {
-        for (int64_t j = 0; j < N; ++j) ds[j] = kl_dscore(ds[j], tg[j], keep[j] != T(0), row, t_scale2, false);
-      }
+      kl_row_grad(ds.data(), s.data(), tg.data(), keep.data(), N, g, stats, tstats, r, t_scale2, logits);
       store_row(p.dlogits, off4(p.dlogits, b, h, i, 0), p.dlogits.s[3], ds.data(), N);
     }
   });
@@ -145,8 +154,8 @@ void kl_qk_forward_impl(const KLParams& p) {
   const T t_scale2 = T(p.target_scale);
   const bool logits = p.target_is_logits || p.implicit;
   T* klo = static_cast<T*>(p.kl);
-  T* lseo = static_cast<T*>(p.lse);
-  T* tno = static_cast<T*>(p.tnorm);
+  T* so = static_cast<T*>(p.stats);
+  T* tso = static_cast<T*>(p.tstats);
   const int64_t C = chunks_for(M, B * H, 16, M);
   const int64_t per = (M + C - 1) / C;
   at::parallel_for(0, B * H * C, 1, [&](int64_t t0, int64_t t1) {
@@ -165,8 +174,8 @@ void kl_qk_forward_impl(const KLParams& p) {
       for (int64_t i = i0; i < i1; ++i) {
         rows.compute(b, h, i, kt.data(), ktt.data());
         const int64_t r = bh * M + i;
-        kl_row(rows.s.data(), rows.tg.data(), rows.keep.data(), N, t_scale2, logits, e.data(), klo[r], lseo[r],
-               tno[r]);
+        kl_row(rows.s.data(), rows.tg.data(), rows.keep.data(), N, t_scale2, logits, e.data(), klo[r], so + 2 * r,
+               tso + 2 * r);
       }
     }
   });
@@ -178,8 +187,8 @@ void kl_qk_backward_impl(const KLParams& p) {
   const int64_t G = H / Hkv;
   const T t_scale2 = T(p.target_scale), sscale = T(p.student_scale);
   const bool logits = p.target_is_logits || p.implicit;
-  const T* lse = static_cast<const T*>(p.lse);
-  const T* tnorm = static_cast<const T*>(p.tnorm);
+  const T* stats = static_cast<const T*>(p.stats);
+  const T* tstats = static_cast<const T*>(p.tstats);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t rows_n = G * M;
   const int64_t C = chunks_for(rows_n, B * Hkv, 16, threads);
@@ -214,17 +223,8 @@ void kl_qk_backward_impl(const KLParams& p) {
         }
         rows.compute(b, h, i, kt.data(), ktt.data());
         const T gk = load1<T>(p.grad_kl, b * p.grad_kl.s[0] + h * p.grad_kl.s[1] + i * p.grad_kl.s[2]);
-        const KLGradRow<T> row = kl_grad_row(gk, tnorm[r], logits);
-        const T lse_r = lse[r];
-        const T* s = rows.s.data();
-        const T* tg = rows.tg.data();
-        const T* keep = rows.keep.data();
-        for (int64_t j = 0; j < N; ++j) ds[j] = exp_(s[j] - lse_r);
-        if (logits) {
-          for (int64_t j = 0; j < N; ++j) ds[j] = kl_dscore(ds[j], tg[j], keep[j] != T(0), row, t_scale2, true);
-        } else {
-          for (int64_t j = 0; j < N; ++j) ds[j] = kl_dscore(ds[j], tg[j], keep[j] != T(0), row, t_scale2, false);
-        }
+        kl_row_grad(ds.data(), rows.s.data(), rows.tg.data(), rows.keep.data(), N, gk, stats, tstats, r, t_scale2,
+                    logits);
         std::fill(dq.begin(), dq.end(), T(0));
         const T* q = rows.q.data();
         for (int64_t j = 0; j < N; ++j) {

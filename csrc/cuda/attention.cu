@@ -192,7 +192,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p, 
       stats[2 * (bh * p.M + i) + 1] = logl[r];
       if (has_kl) {
         float kl, tn;
-        kl_finish(kls[r], logl[r], false, kl, tn);
+        float t_shift;
+        kl_finish(kls[r], logl[r], false, kl, t_shift, tn);
         static_cast<float*>(p.kl)[bh * p.M + i] = kl;
         static_cast<float*>(p.tnorm)[bh * p.M + i] = tn;
       }
@@ -265,7 +266,7 @@ __device__ __forceinline__ KLGradRow<float> kl_row_of(const AttnParams& p, int64
                                                       int64_t i) {
   if (p.grad_kl.ptr == nullptr || i >= p.M) return KLGradRow<float>{0.0f, 0.0f, 0.0f};
   const float g = ldf(p.grad_kl.ptr, b * p.grad_kl.s[0] + h * p.grad_kl.s[1] + i * p.grad_kl.s[2], p.grad_kl.dtype);
-  return kl_grad_row(g, static_cast<const float*>(p.tnorm)[bh * p.M + i], false);
+  return kl_grad_row(g, 0.0f, static_cast<const float*>(p.tnorm)[bh * p.M + i], false);
 }
 
 // dS of row i, key j from its probability, dP (without G) and the row's delta / KL factors.

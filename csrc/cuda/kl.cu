@@ -57,11 +57,21 @@ __device__ __forceinline__ void kl_tile_step(float& m, float& l, KLSums<float>& 
 
 __device__ __forceinline__ void store_row_stats(const KLParams& p, int64_t r, float m, float l,
                                                 const KLSums<float>& st, bool logits) {
-  float kl, tnorm;
-  kl_finish(st, log_l_of(l), logits, kl, tnorm);
+  float kl, t_shift, t_log_z;
+  kl_finish(st, log_l_of(l), logits, kl, t_shift, t_log_z);
   static_cast<float*>(p.kl)[r] = kl;
-  static_cast<float*>(p.lse)[r] = lse_of(m, l);
-  static_cast<float*>(p.tnorm)[r] = tnorm;
+  float* stats = static_cast<float*>(p.stats) + 2 * r;
+  float* tstats = static_cast<float*>(p.tstats) + 2 * r;
+  stats[0] = shift_of(m);
+  stats[1] = log_l_of(l);
+  tstats[0] = t_shift;
+  tstats[1] = t_log_z;
+}
+
+// The gradient factors of row r (see kl_grad_row), from the saved target statistics.
+__device__ __forceinline__ KLGradRow<float> grad_row_of(const KLParams& p, int64_t r, float g, bool logits) {
+  const float* tstats = static_cast<const float*>(p.tstats) + 2 * r;
+  return kl_grad_row(g, tstats[0], tstats[1], logits);
 }
 
 __device__ __forceinline__ bool kept(const KLParams& p, int64_t b, int64_t h, int64_t i, int64_t j) {
@@ -104,14 +114,13 @@ __global__ void __launch_bounds__(kThreads) kl_bwd_kernel(const KLParams p) {
   const int64_t b = r / (p.H * p.M), h = (r / p.M) % p.H, i = r % p.M;
   const bool logits = p.target_is_logits;
   const float s_scale2 = float(p.student_scale), t_scale2 = float(p.target_scale);
-  const KLGradRow<float> row = kl_grad_row(grad_of(p, b, h, i) * float(p.student_scale),
-                                           static_cast<const float*>(p.tnorm)[r], logits);
-  const float lse = static_cast<const float*>(p.lse)[r];
+  const KLGradRow<float> row = grad_row_of(p, r, grad_of(p, b, h, i) * float(p.student_scale), logits);
+  const float m = static_cast<const float*>(p.stats)[2 * r], log_l = static_cast<const float*>(p.stats)[2 * r + 1];
   for (int64_t j = lane; j < p.N; j += kWarp) {
     const bool keep = kept(p, b, h, i, j);
     const float s2 = keep ? ldf(p.logits.ptr, off4(p.logits, b, h, i, j), p.logits.dtype) * s_scale2 : ninf();
     const float tg = ldf(p.target.ptr, off4(p.target, b, h, i, j), p.target.dtype);
-    const float ds = kl_dscore(exp_(s2 - lse), tg, keep, row, t_scale2, logits);
+    const float ds = kl_dscore(prob_of(s2, m, log_l), tg, keep, row, t_scale2, logits);
     stf(p.dlogits.ptr, off4(p.dlogits, b, h, i, j), p.dlogits.dtype, ds);
   }
 }
@@ -224,9 +233,8 @@ __global__ void __launch_bounds__(kThreads) kl_qk_fwd_kernel(const KLParams p, i
 
 __device__ __forceinline__ KLGradRow<float> qk_grad_row(const KLParams& p, int64_t b, int64_t h, int64_t i,
                                                         bool logits) {
-  if (i >= p.M) return KLGradRow<float>{0.0f, 0.0f, 0.0f};
-  const int64_t r = (b * p.H + h) * p.M + i;
-  return kl_grad_row(grad_of(p, b, h, i), static_cast<const float*>(p.tnorm)[r], logits);
+  if (i >= p.M) return KLGradRow<float>{0.0f, 0.0f, 0.0f, 0.0f};
+  return grad_row_of(p, (b * p.H + h) * p.M + i, grad_of(p, b, h, i), logits);
 }
 
 template <int DL>
@@ -242,13 +250,14 @@ __global__ void __launch_bounds__(kThreads) kl_qk_dq_kernel(const KLParams p, in
   const int D = p.D;
   load_rows(sm.Qs, p.q, x.b, x.h, r0, kBM, D, D, p.M, float(p.student_scale));
   if (p.implicit) load_rows(sm.Qts, p.q_t, x.b, x.ht, r0, kBM, p.Dt, p.Dt, p.M, 1.0f);
-  const float* lse = static_cast<const float*>(p.lse);
-  float lser[kRPW], dq[kRPW][DL];
+  const float* stats = static_cast<const float*>(p.stats);
+  float sh[kRPW], logl[kRPW], dq[kRPW][DL];
   KLGradRow<float> klr[kRPW];
 #pragma unroll
   for (int r = 0; r < kRPW; ++r) {
     const int64_t i = i0 + r;
-    lser[r] = i < p.M ? lse[bh * p.M + i] : pos_inf<float>();
+    sh[r] = i < p.M ? stats[2 * (bh * p.M + i)] : 0.0f;
+    logl[r] = i < p.M ? stats[2 * (bh * p.M + i) + 1] : pos_inf<float>();
     klr[r] = qk_grad_row(p, x.b, x.h, i, logits);
 #pragma unroll
     for (int c = 0; c < DL; ++c) dq[r][c] = 0.0f;
@@ -262,7 +271,7 @@ __global__ void __launch_bounds__(kThreads) kl_qk_dq_kernel(const KLParams p, in
     bool keep[kRPW];
     qk_tile(s, tg, keep, p, x, sm.Qs + warp * kRPW * D, sm.Ks, sm.Qts + warp * kRPW * p.Dt, sm.Kts, i0, j0);
 #pragma unroll
-    for (int r = 0; r < kRPW; ++r) s[r] = kl_dscore(exp_(s[r] - lser[r]), tg[r], keep[r], klr[r], t_scale2, logits);
+    for (int r = 0; r < kRPW; ++r) s[r] = kl_dscore(prob_of(s[r], sh[r], logl[r]), tg[r], keep[r], klr[r], t_scale2, logits);
     for (int jj = 0; jj < kBN; ++jj) {
       const float* kr = sm.Ks + jj * (D + 1);
 #pragma unroll
@@ -297,10 +306,12 @@ __global__ void __launch_bounds__(kThreads) kl_qk_dk_kernel(const KLParams p, in
   float* Qs = Ks + kBNK * D;                          // kBMR x (D + 1)
   float* Kts = Qs + kBMR * (D + 1);                   // kBNK x Dt
   float* Qts = Kts + (p.implicit ? kBNK * Dt : 0);    // kBMR x (Dt + 1)
-  float* lses = Qts + (p.implicit ? kBMR * (Dt + 1) : 0);
-  float* klg = lses + kBMR;
+  float* shs = Qts + (p.implicit ? kBMR * (Dt + 1) : 0);  // kBMR each: m, log l, KLGradRow fields
+  float* logls = shs + kBMR;
+  float* klg = logls + kBMR;
   float* klz = klg + kBMR;
-  float* kltn = klz + kBMR;
+  float* kltsh = klz + kBMR;
+  float* kltlz = kltsh + kBMR;
   const int64_t pid = blockIdx.x, nb = pid % nnb, bhk = pid / nnb;
   const int64_t b = bhk / p.Hkv, hk = bhk % p.Hkv, G = p.H / p.Hkv;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -313,7 +324,7 @@ __global__ void __launch_bounds__(kThreads) kl_qk_dk_kernel(const KLParams p, in
   for (int kk = 0; kk < kKPW; ++kk)
 #pragma unroll
     for (int c = 0; c < DL; ++c) dk[kk][c] = 0.0f;
-  const float* lse = static_cast<const float*>(p.lse);
+  const float* stats = static_cast<const float*>(p.stats);
   int64_t loaded_htk = -1;
   for (int64_t g = 0; g < G; ++g) {
     const QKHeads x = heads_of(p, b, hk * G + g);
@@ -326,12 +337,14 @@ __global__ void __launch_bounds__(kThreads) kl_qk_dk_kernel(const KLParams p, in
       }
       load_rows(Qs, p.q, b, x.h, i0, kBMR, D, D + 1, p.M, 1.0f);
       if (p.implicit) load_rows(Qts, p.q_t, b, x.ht, i0, kBMR, Dt, Dt + 1, p.M, 1.0f);
-      load_stats(lses, lse, bh * p.M, i0, kBMR, p.M, 1, 0, pos_inf<float>());
+      load_stats(shs, stats, bh * p.M, i0, kBMR, p.M, 2, 0, 0.0f);
+      load_stats(logls, stats, bh * p.M, i0, kBMR, p.M, 2, 1, pos_inf<float>());
       for (int r = threadIdx.x; r < kBMR; r += blockDim.x) {
         const KLGradRow<float> kr = qk_grad_row(p, b, x.h, i0 + r, logits);
         klg[r] = kr.g;
         klz[r] = kr.inv_z;
-        kltn[r] = kr.tnorm;
+        kltsh[r] = kr.t_shift;
+        kltlz[r] = kr.t_log_z;
       }
       __syncthreads();
       float s[kKPW], u[kKPW];
@@ -352,7 +365,7 @@ __global__ void __launch_bounds__(kThreads) kl_qk_dk_kernel(const KLParams p, in
         }
       }
       const int64_t i = i0 + lane;
-      const KLGradRow<float> klr{klg[lane], klz[lane], kltn[lane]};
+      const KLGradRow<float> klr{klg[lane], klz[lane], kltsh[lane], kltlz[lane]};
       float ds[kKPW];
 #pragma unroll
       for (int kk = 0; kk < kKPW; ++kk) {
@@ -363,7 +376,7 @@ __global__ void __launch_bounds__(kThreads) kl_qk_dk_kernel(const KLParams p, in
                                     : ((i < p.M && j < p.N) ? ldf(p.target.ptr, off4(p.target, b, x.h, i, j),
                                                                   p.target.dtype)
                                                             : 0.0f);
-        ds[kk] = kl_dscore(exp_(s2 - lses[lane]), tg, keep, klr, t_scale2, logits);
+        ds[kk] = kl_dscore(prob_of(s2, shs[lane], logls[lane]), tg, keep, klr, t_scale2, logits);
       }
       for (int ii = 0; ii < kBMR; ++ii) {
         const float* q_ii = Qs + ii * (D + 1);
@@ -442,7 +455,7 @@ const char* kl_qk_backward(const KLParams& p, void* stream_) {
   const int64_t nnb = (p.N + kBNK - 1) / kBNK;
   LFI_DISPATCH_DL(dl, DLC, {
     const size_t smem = sizeof(float) * (kBNK * p.D + kBMR * (p.D + 1) +
-                                         (p.implicit ? kBNK * p.Dt + kBMR * (p.Dt + 1) : 0) + 4 * kBMR);
+                                         (p.implicit ? kBNK * p.Dt + kBMR * (p.Dt + 1) : 0) + 6 * kBMR);
     LFI_CUDA_TRY(prepare(kl_qk_dk_kernel<DLC>, smem));
     LFI_LAUNCH(kl_qk_dk_kernel<DLC>, p.B * p.Hkv * nnb, kThreads, smem, stream, p, nnb);
   })

@@ -26,7 +26,9 @@ def attention_kl_fwd(
     logits: Tensor, target: Tensor, key_mask: Optional[Tensor], student_scale: float, target_scale: float,
     target_is_logits: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row (kl, lse, tnorm), each (B, H, M) float32 (float64 for float64 logits)."""
+    """kl (B, H, M) per row and the row statistics the backward needs, kept as pairs: stats
+    (B, H, M, 2) = the student's (row max, log l), tstats (B, H, M, 2) = the target's (shift, log
+    normaliser); float32 (float64 for float64 logits)."""
     return _dispatch.implementation(backend, OP).kl_forward(
         logits, target, key_mask, student_scale, target_scale, target_is_logits
     )
@@ -34,37 +36,38 @@ def attention_kl_fwd(
 
 @attention_kl_fwd.register_fake
 def _(logits, target, key_mask, student_scale, target_scale, target_is_logits, backend):
-    rows = logits.new_empty(logits.shape[:-1], dtype=_stats_dtype(logits))
-    return rows, torch.empty_like(rows), torch.empty_like(rows)
+    kl = logits.new_empty(logits.shape[:-1], dtype=_stats_dtype(logits))
+    stats = logits.new_empty((*logits.shape[:-1], 2), dtype=_stats_dtype(logits))
+    return kl, stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("lfi::attention_kl_bwd", mutates_args=())
 def attention_kl_bwd(
-    grad_kl: Tensor, logits: Tensor, target: Tensor, key_mask: Optional[Tensor], lse: Tensor, tnorm: Tensor,
+    grad_kl: Tensor, logits: Tensor, target: Tensor, key_mask: Optional[Tensor], stats: Tensor, tstats: Tensor,
     student_scale: float, target_scale: float, target_is_logits: bool, backend: str,
 ) -> Tensor:
     """dlogits (B, H, M, N) in logits.dtype."""
     return _dispatch.implementation(backend, OP).kl_backward(
-        grad_kl, logits, target, key_mask, lse, tnorm, student_scale, target_scale, target_is_logits
+        grad_kl, logits, target, key_mask, stats, tstats, student_scale, target_scale, target_is_logits
     )
 
 
 @attention_kl_bwd.register_fake
-def _(grad_kl, logits, target, key_mask, lse, tnorm, student_scale, target_scale, target_is_logits, backend):
+def _(grad_kl, logits, target, key_mask, stats, tstats, student_scale, target_scale, target_is_logits, backend):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
     logits, target, key_mask, student_scale, target_scale, target_is_logits, backend = inputs
-    _, lse, tnorm = output
-    ctx.save_for_backward(logits, target, key_mask, lse, tnorm)
+    _, stats, tstats = output
+    ctx.save_for_backward(logits, target, key_mask, stats, tstats)
     ctx.args = (student_scale, target_scale, target_is_logits, backend)
-    ctx.mark_non_differentiable(lse, tnorm)
+    ctx.mark_non_differentiable(stats, tstats)
 
 
-def _backward(ctx, grad_kl, grad_lse, grad_tnorm):
-    logits, target, key_mask, lse, tnorm = ctx.saved_tensors
-    dlogits = torch.ops.lfi.attention_kl_bwd(grad_kl, logits, target, key_mask, lse, tnorm, *ctx.args)
+def _backward(ctx, grad_kl, grad_stats, grad_tstats):
+    logits, target, key_mask, stats, tstats = ctx.saved_tensors
+    dlogits = torch.ops.lfi.attention_kl_bwd(grad_kl, logits, target, key_mask, stats, tstats, *ctx.args)
     return dlogits, None, None, None, None, None, None
 
 

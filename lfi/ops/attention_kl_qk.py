@@ -23,7 +23,8 @@ def attention_kl_qk_fwd(
     q: Tensor, k: Tensor, target: Optional[Tensor], q_t: Optional[Tensor], k_t: Optional[Tensor],
     key_mask: Optional[Tensor], student_scale: float, target_scale: float, target_is_logits: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row (kl, lse, tnorm), each (B, H, M) float32 (float64 for float64 inputs)."""
+    """kl (B, H, M) per row and the row statistics stats, tstats (B, H, M, 2) (see
+    lfi::attention_kl_fwd); float32 (float64 for float64 inputs)."""
     return _dispatch.implementation(backend, OP).kl_qk_forward(
         q, k, target, q_t, k_t, key_mask, student_scale, target_scale, target_is_logits
     )
@@ -31,39 +32,41 @@ def attention_kl_qk_fwd(
 
 @attention_kl_qk_fwd.register_fake
 def _(q, k, target, q_t, k_t, key_mask, student_scale, target_scale, target_is_logits, backend):
-    rows = q.new_empty(q.shape[:-1], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
-    return rows, torch.empty_like(rows), torch.empty_like(rows)
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kl = q.new_empty(q.shape[:-1], dtype=dtype)
+    stats = q.new_empty((*q.shape[:-1], 2), dtype=dtype)
+    return kl, stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("lfi::attention_kl_qk_bwd", mutates_args=())
 def attention_kl_qk_bwd(
     grad_kl: Tensor, q: Tensor, k: Tensor, target: Optional[Tensor], q_t: Optional[Tensor], k_t: Optional[Tensor],
-    key_mask: Optional[Tensor], lse: Tensor, tnorm: Tensor, student_scale: float, target_scale: float,
+    key_mask: Optional[Tensor], stats: Tensor, tstats: Tensor, student_scale: float, target_scale: float,
     target_is_logits: bool, backend: str,
 ) -> tuple[Tensor, Tensor]:
     """(dq, dk) in q's and k's dtypes."""
     return _dispatch.implementation(backend, OP).kl_qk_backward(
-        grad_kl, q, k, target, q_t, k_t, key_mask, lse, tnorm, student_scale, target_scale, target_is_logits
+        grad_kl, q, k, target, q_t, k_t, key_mask, stats, tstats, student_scale, target_scale, target_is_logits
     )
 
 
 @attention_kl_qk_bwd.register_fake
-def _(grad_kl, q, k, target, q_t, k_t, key_mask, lse, tnorm, student_scale, target_scale, target_is_logits,
+def _(grad_kl, q, k, target, q_t, k_t, key_mask, stats, tstats, student_scale, target_scale, target_is_logits,
       backend):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, target, q_t, k_t, key_mask, student_scale, target_scale, target_is_logits, backend = inputs
-    _, lse, tnorm = output
-    ctx.save_for_backward(q, k, target, q_t, k_t, key_mask, lse, tnorm)
+    _, stats, tstats = output
+    ctx.save_for_backward(q, k, target, q_t, k_t, key_mask, stats, tstats)
     ctx.args = (student_scale, target_scale, target_is_logits, backend)
-    ctx.mark_non_differentiable(lse, tnorm)
+    ctx.mark_non_differentiable(stats, tstats)
 
 
-def _backward(ctx, grad_kl, grad_lse, grad_tnorm):
-    q, k, target, q_t, k_t, key_mask, lse, tnorm = ctx.saved_tensors
-    dq, dk = torch.ops.lfi.attention_kl_qk_bwd(grad_kl, q, k, target, q_t, k_t, key_mask, lse, tnorm, *ctx.args)
+def _backward(ctx, grad_kl, grad_stats, grad_tstats):
+    q, k, target, q_t, k_t, key_mask, stats, tstats = ctx.saved_tensors
+    dq, dk = torch.ops.lfi.attention_kl_qk_bwd(grad_kl, q, k, target, q_t, k_t, key_mask, stats, tstats, *ctx.args)
     return dq, dk, None, None, None, None, None, None, None, None
 
 

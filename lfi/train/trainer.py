@@ -379,7 +379,8 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict:
         self.step_module.train()
         self.sampler.set_epoch(epoch)
-        sums = torch.zeros(5, dtype=torch.float64)  # loss*n, ce*n, kl*n, correct, n
+        # loss*n, ce*n, kl*n, correct, n: accumulated on the device, so a step never waits for the GPU
+        sums = torch.zeros(5, dtype=torch.float64, device=self.device)
         t0 = time.time()
         progress = None
         if self.main and self.cfg.progress and self.console is not None:
@@ -397,15 +398,19 @@ class Trainer:
                     break
                 r = self.train_step(batch)
                 n = r["n"]
-                sums += torch.tensor([float(r["loss"]) * n, float(r["ce"]) * n, float(r["kl"]) * n,
-                                      float(r["correct"]), n], dtype=torch.float64)
+                sums += torch.stack([r["loss"].double() * n, r["ce"].double() * n, r["kl"].double() * n,
+                                     r["correct"].double(), torch.full((), n, dtype=torch.float64, device=self.device)])
                 lr = r["lr"]
                 if progress is not None:
-                    progress.update(task, advance=1, info=f"loss {sums[0] / sums[4]:.3f}  acc {100 * sums[3] / sums[4]:.1f}%")
+                    info = None
+                    if i % 10 == 0 or i + 1 == self.steps_per_epoch:  # reading the sums synchronises
+                        loss_avg, acc = (sums[0] / sums[4]).item(), (sums[3] / sums[4]).item()
+                        info = f"loss {loss_avg:.3f}  acc {100 * acc:.1f}%"
+                    progress.update(task, advance=1, **({"info": info} if info is not None else {}))
         finally:
             if progress is not None:
                 progress.stop()
-        sums = all_reduce_sum(sums.to(self.device), self.dist).cpu() if self.dist.enabled else sums
+        sums = (all_reduce_sum(sums, self.dist) if self.dist.enabled else sums).cpu()
         n = max(sums[4].item(), 1.0)
         dt = time.time() - t0
         return dict(train_loss=sums[0].item() / n, train_ce=sums[1].item() / n, train_kl=sums[2].item() / n,

@@ -10,13 +10,13 @@ from lfi.backends.cuda import _ext
 
 
 def kl_forward(logits, target, key_mask, student_scale: float, target_scale: float, target_is_logits: bool):
-    """Returns kl, lse, tnorm: (B, H, M) each, float32 (float64 for float64 logits)."""
+    """Returns kl (B, H, M), stats, tstats (B, H, M, 2): float32 (float64 for float64 logits)."""
     return tuple(_ext.ops().kl_fwd(logits, target, key_mask, float(student_scale), float(target_scale),
                                    bool(target_is_logits)))
 
 
-def kl_backward(grad_kl, logits, target, key_mask, lse, tnorm, student_scale: float, target_scale: float,
+def kl_backward(grad_kl, logits, target, key_mask, stats, tstats, student_scale: float, target_scale: float,
                 target_is_logits: bool):
     """Returns dlogits (B, H, M, N) in logits.dtype, contiguous."""
-    return _ext.ops().kl_bwd(grad_kl, logits, target, key_mask, lse, tnorm, float(student_scale),
+    return _ext.ops().kl_bwd(grad_kl, logits, target, key_mask, stats, tstats, float(student_scale),
                              float(target_scale), bool(target_is_logits))

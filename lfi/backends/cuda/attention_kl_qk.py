@@ -13,15 +13,15 @@ from lfi.backends.cuda import _ext
 
 def kl_qk_forward(q, k, target, q_t, k_t, key_mask, student_scale: float, target_scale: float,
                   target_is_logits: bool):
-    """Returns kl, lse, tnorm: (B, H, M) each, float32 (float64 for float64 inputs)."""
+    """Returns kl (B, H, M), stats, tstats (B, H, M, 2): float32 (float64 for float64 inputs)."""
     return tuple(_ext.ops().kl_qk_fwd(q, k, target, q_t if target is None else None, k_t if target is None else None,
                                       key_mask, float(student_scale), float(target_scale),
                                       bool(target_is_logits or target is None)))
 
 
-def kl_qk_backward(grad_kl, q, k, target, q_t, k_t, key_mask, lse, tnorm, student_scale: float,
+def kl_qk_backward(grad_kl, q, k, target, q_t, k_t, key_mask, stats, tstats, student_scale: float,
                    target_scale: float, target_is_logits: bool):
     """Returns (dq, dk) in q's and k's dtypes."""
     return tuple(_ext.ops().kl_qk_bwd(grad_kl, q, k, target, q_t if target is None else None,
-                                      k_t if target is None else None, key_mask, lse, tnorm, float(student_scale),
+                                      k_t if target is None else None, key_mask, stats, tstats, float(student_scale),
                                       float(target_scale), bool(target_is_logits or target is None)))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from lfi.backends.reference._common import chunk_rows, grouped, rows_of, compute_dtype
-from lfi.backends.reference.attention_kl import NEG_INF, kl_grad, kl_rows, log_target
+from lfi.backends.reference.attention_kl import NEG_INF, kl_grad, kl_rows, log_target, probs_of
 
 
 def _logits(q_rows, k, scale: float):
@@ -27,25 +27,27 @@ def _chunk_inputs(q, k, target, q_t, k_t, key_mask, r0, r1, student_scale, targe
 def kl_qk_forward(q, k, target, q_t, k_t, key_mask, student_scale: float, target_scale: float,
                   target_is_logits: bool):
     """q (B, H, M, D), k (B, Hkv, N, D); a dense target broadcastable to (B, H, M, N), or an implicit
-    teacher q_t (B, Ht in {1, H}, M, Dt), k_t (B, Htk, N, Dt) (always logits). Returns kl, lse, tnorm:
-    (B, H, M) each, float32 (float64 for float64 inputs)."""
+    teacher q_t (B, Ht in {1, H}, M, Dt), k_t (B, Htk, N, Dt) (always logits). Returns kl (B, H, M)
+    and the row statistics stats, tstats (B, H, M, 2) of attention_kl's reference, float32 (float64
+    for float64 inputs)."""
     B, H, M, _ = q.shape
     N = k.shape[2]
     dt = compute_dtype(q.dtype)
     k, k_t = k.to(dt), (k_t.to(dt) if k_t is not None else None)
-    kl, lse, tnorm = (torch.empty(B, H, M, dtype=dt, device=q.device) for _ in range(3))
+    kl = torch.empty(B, H, M, dtype=dt, device=q.device)
+    stats, tstats = (torch.empty(B, H, M, 2, dtype=dt, device=q.device) for _ in range(2))
     step = chunk_rows(B, H, M, N, torch.finfo(dt).bits // 8)
     for r0 in range(0, M, step):
         r1 = min(M, r0 + step)
         s, keep, target_rows = _chunk_inputs(q, k, target, q_t, k_t, key_mask, r0, r1, student_scale, target_scale, dt)
-        log_t, tn = log_target(target_rows, keep, target_scale, target_is_logits or q_t is not None, dt)
-        kl[:, :, r0:r1], lse_rows = kl_rows(s, log_t.expand(s.shape))
-        lse[:, :, r0:r1] = lse_rows.squeeze(-1)
-        tnorm[:, :, r0:r1] = tn.squeeze(-1).expand(B, H, r1 - r0)
-    return kl, lse, tnorm
+        log_t, shift, log_z = log_target(target_rows, keep, target_scale, target_is_logits or q_t is not None, dt)
+        kl[:, :, r0:r1], m, log_l = kl_rows(s, log_t.expand(s.shape))
+        stats[:, :, r0:r1] = torch.cat([m, log_l], -1)
+        tstats[:, :, r0:r1] = torch.cat([shift, log_z], -1).expand(B, H, r1 - r0, 2)
+    return kl, stats, tstats
 
 
-def kl_qk_backward(grad_kl, q, k, target, q_t, k_t, key_mask, lse, tnorm, student_scale: float,
+def kl_qk_backward(grad_kl, q, k, target, q_t, k_t, key_mask, stats, tstats, student_scale: float,
                    target_scale: float, target_is_logits: bool):
     """Returns (dq, dk): dS = grad_kl * (softmax(s) - t), dq = student_scale dS k,
     dk = student_scale dS^T q summed over the query heads of each kv head."""
@@ -60,10 +62,9 @@ def kl_qk_backward(grad_kl, q, k, target, q_t, k_t, key_mask, lse, tnorm, studen
         r1 = min(M, r0 + step)
         s, keep, target_rows = _chunk_inputs(q, k_dt, target, q_t, k_t, key_mask, r0, r1, student_scale,
                                              target_scale, dt)
-        tn = tnorm[:, :, r0:r1, None]
-        log_t, _ = log_target(target_rows, keep, target_scale, target_is_logits or q_t is not None, dt, tn)
-        p = torch.exp(s - lse[:, :, r0:r1, None].to(dt))
-        ds = kl_grad(grad_kl[:, :, r0:r1].to(dt), p, log_t, tn) * student_scale
+        norm = tstats[:, :, r0:r1, :1], tstats[:, :, r0:r1, 1:]
+        log_t, _, log_z = log_target(target_rows, keep, target_scale, target_is_logits or q_t is not None, dt, norm)
+        ds = kl_grad(grad_kl[:, :, r0:r1].to(dt), probs_of(s, stats[:, :, r0:r1]), log_t, log_z) * student_scale
         dq[:, :, r0:r1] = torch.matmul(grouped(ds, hkv), k_dt.unsqueeze(2)).flatten(1, 2).to(q.dtype)
         dk += torch.matmul(grouped(ds, hkv).transpose(-1, -2), grouped(q[:, :, r0:r1].to(dt), hkv)).sum(2)
     return dq, dk.to(k.dtype)

@@ -33,8 +33,11 @@ def _overlap(r0: int, r1: int, w0: int, w1: int):
 
 
 def _kl_log_target(kl_target, s, r0, r1, dtype, tnorm=None):
-    """The fused KL's target over the keys the student attends (s > -inf), renormalised there."""
-    return log_target(rows_of(kl_target, r0, r1), s > float("-inf"), 1.0, False, dtype, tnorm)
+    """(log t, log mass): the fused KL's target (probabilities) over the keys the student attends
+    (s > -inf), renormalised there; pass the saved log mass `tnorm` (..., R, 1) in the backward."""
+    norm = None if tnorm is None else (torch.zeros_like(tnorm), tnorm)
+    log_t, _, log_z = log_target(rows_of(kl_target, r0, r1), s > float("-inf"), 1.0, False, dtype, norm)
+    return log_t, log_z
 
 
 def attention_forward(q, k, v, mask, scale: float, is_causal: bool, w_start: int, w_stop: int, kl_target=None):

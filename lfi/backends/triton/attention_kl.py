@@ -53,26 +53,27 @@ def _row_stats(t: torch.Tensor) -> torch.Tensor:
 
 
 def kl_forward(logits, target, key_mask, student_scale: float, target_scale: float, target_is_logits: bool):
-    """Returns kl, lse, tnorm: (B, H, M) float32, contiguous."""
+    """Returns kl (B, H, M), stats, tstats (B, H, M, 2): float32, contiguous."""
     _check_dtype("logits", logits)
     B, H, M, N = logits.shape
     shape = (B, H, M, N)
-    kl, lse, tnorm = (torch.empty(B, H, M, dtype=torch.float32, device=logits.device) for _ in range(3))
+    kl = torch.empty(B, H, M, dtype=torch.float32, device=logits.device)
+    stats, tstats = (torch.empty(B, H, M, 2, dtype=torch.float32, device=logits.device) for _ in range(2))
     if kl.numel() == 0:
-        return kl, lse, tnorm
+        return kl, stats, tstats
     target_arg, t_strides = _target_arg(target, shape)
     mask_arg, m_strides, has_mask = _mask_arg(key_mask, shape, logits)
     _launch(
         "kl_fwd_kernel", lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
-        logits, target_arg, mask_arg, kl, lse, tnorm,
+        logits, target_arg, mask_arg, kl, stats, tstats,
         *logits.stride(), *t_strides, *m_strides,
         H, M, N, float(student_scale), float(target_scale),
         HAS_MASK=has_mask, TARGET_IS_LOGITS=bool(target_is_logits),
     )
-    return kl, lse, tnorm
+    return kl, stats, tstats
 
 
-def kl_backward(grad_kl, logits, target, key_mask, lse, tnorm, student_scale: float, target_scale: float,
+def kl_backward(grad_kl, logits, target, key_mask, stats, tstats, student_scale: float, target_scale: float,
                 target_is_logits: bool):
     """Returns dlogits (B, H, M, N), logits.dtype, contiguous: grad_kl * (p - t) * student_scale."""
     _check_dtype("logits", logits)
@@ -85,7 +86,7 @@ def kl_backward(grad_kl, logits, target, key_mask, lse, tnorm, student_scale: fl
     mask_arg, m_strides, has_mask = _mask_arg(key_mask, shape, logits)
     _launch(
         "kl_bwd_kernel", lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
-        grad_kl, logits, target_arg, mask_arg, _row_stats(lse), _row_stats(tnorm), dlogits,
+        grad_kl, logits, target_arg, mask_arg, _row_stats(stats), _row_stats(tstats), dlogits,
         *grad_kl.expand(B, H, M).stride(), *logits.stride(), *t_strides, *m_strides,
         H, M, N, float(student_scale), float(target_scale),
         HAS_MASK=has_mask, TARGET_IS_LOGITS=bool(target_is_logits),

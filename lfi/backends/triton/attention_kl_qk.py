@@ -83,27 +83,28 @@ def _args(q, k, target, q_t, k_t, key_mask, student_scale, target_scale, target_
 
 def kl_qk_forward(q, k, target, q_t, k_t, key_mask, student_scale: float, target_scale: float,
                   target_is_logits: bool):
-    """Returns kl, lse, tnorm: (B, H, M) float32, contiguous."""
+    """Returns kl (B, H, M), stats, tstats (B, H, M, 2): float32, contiguous."""
     pointers, strides, heads, scales, constexprs = _args(q, k, target, q_t, k_t, key_mask, student_scale,
                                                         target_scale, target_is_logits)
     B, H, M, _ = q.shape
     Hkv, N = k.shape[1], k.shape[2]
-    kl, lse, tnorm = (torch.empty(B, H, M, dtype=torch.float32, device=q.device) for _ in range(3))
+    kl = torch.empty(B, H, M, dtype=torch.float32, device=q.device)
+    stats, tstats = (torch.empty(B, H, M, 2, dtype=torch.float32, device=q.device) for _ in range(2))
     if kl.numel() == 0:
-        return kl, lse, tnorm
+        return kl, stats, tstats
     target_arg, qt_arg, kt_arg, mask_arg = pointers
     t_strides, qt_strides, kt_strides, m_strides = strides[:4], strides[4:8], strides[8:12], strides[12:]
     _launch(
         "kl_qk_fwd_kernel", lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
-        q, k, target_arg, qt_arg, kt_arg, mask_arg, kl, lse, tnorm,
+        q, k, target_arg, qt_arg, kt_arg, mask_arg, kl, stats, tstats,
         *q.stride(), *k.stride(), *t_strides, *qt_strides, *kt_strides, *m_strides,
         H, H // Hkv, *heads, M, N, *scales,
         **constexprs,
     )
-    return kl, lse, tnorm
+    return kl, stats, tstats
 
 
-def kl_qk_backward(grad_kl, q, k, target, q_t, k_t, key_mask, lse, tnorm, student_scale: float,
+def kl_qk_backward(grad_kl, q, k, target, q_t, k_t, key_mask, stats, tstats, student_scale: float,
                    target_scale: float, target_is_logits: bool):
     """Returns (dq, dk) in q's and k's dtypes: dS = grad_kl * (p - t), dq = student_scale dS k,
     dk = student_scale dS^T q summed over each kv head's query heads. No gradient to the target."""
@@ -116,18 +117,18 @@ def kl_qk_backward(grad_kl, q, k, target, q_t, k_t, key_mask, lse, tnorm, studen
     if B * H * M == 0 or N == 0:
         return dq.zero_(), dk.zero_()
     target_arg, qt_arg, kt_arg, mask_arg = pointers
-    lse, tnorm = _row_stats(lse), _row_stats(tnorm)
+    stats, tstats = _row_stats(stats), _row_stats(tstats)
     g_strides = grad_kl.expand(B, H, M).stride()
     _launch(
         "kl_qk_bwd_dq_kernel", lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
-        grad_kl, q, k, target_arg, qt_arg, kt_arg, mask_arg, lse, tnorm, dq,
+        grad_kl, q, k, target_arg, qt_arg, kt_arg, mask_arg, stats, tstats, dq,
         *g_strides, *q.stride(), *k.stride(), *strides, *dq.stride(),
         H, H // Hkv, *heads, M, N, *scales,
         **constexprs,
     )
     _launch(
         "kl_qk_bwd_dk_kernel", lambda meta: triton.cdiv(N, meta["BLOCK_N"]) * B * Hkv,
-        grad_kl, q, k, target_arg, qt_arg, kt_arg, mask_arg, lse, tnorm, dk,
+        grad_kl, q, k, target_arg, qt_arg, kt_arg, mask_arg, stats, tstats, dk,
         *g_strides, *q.stride(), *k.stride(), *strides, *dk.stride(),
         H, Hkv, H // Hkv, *heads, M, N, *scales,
         **constexprs,
