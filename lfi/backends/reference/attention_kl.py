@@ -17,19 +17,35 @@ from lfi.backends.reference._common import chunk_rows, compute_dtype, row_stats,
 NEG_INF = float("-inf")
 
 
+def _owns(x: torch.Tensor, *others) -> bool:
+    """Whether an in-place op of x with `others` keeps x's shape (else it must broadcast out of place)."""
+    return torch.broadcast_shapes(x.shape, *(o.shape for o in others)) == x.shape
+
+
+def _masked_fill(x, mask, value):
+    """x (a fresh tensor) filled where mask, in place when the mask does not broadcast x larger."""
+    return x.masked_fill_(mask, value) if _owns(x, mask) else x.masked_fill(mask, value)
+
+
+def _normalize_log(x, shift, log_z):
+    """(x - shift) - log_z for a fresh x, in place where shapes allow (subtracted in two steps: one
+    folded logsumexp loses the 1/l of rows at finfo.min)."""
+    return x.sub_(shift).sub_(log_z) if _owns(x, shift, log_z) else (x - shift) - log_z
+
+
 def log_target(target, keep, target_scale: float, target_is_logits: bool, dtype, norm=None):
     """(log t, shift, log_z): the target's log-distribution over kept keys (-inf elsewhere, and on
     rows without target mass) and its normaliser kept as two (..., R, 1) parts, log t = (u - shift) -
     log_z. Logits u = target * target_scale: shift = row max of u (0 with no kept key), log_z = log
     sum exp(u - shift) (+inf with no kept key). Probabilities: shift = 0, log_z = log of the mass
     (-inf when it is zero). Kept apart so that rows of logits ~1e4 or at finfo.min lose nothing.
-    Pass the saved (shift, log_z) as `norm` to recompute log t in the backward."""
+    Pass the saved (shift, log_z) as `norm` to recompute log t in the backward. Never modifies target."""
     if target_is_logits:
-        logits = target.to(dtype) * target_scale
+        u = target.to(dtype) * target_scale  # a fresh tensor from here on
         if keep is not None:
-            logits = logits.masked_fill(~keep, NEG_INF)
-        shift, log_z = row_stats(logits) if norm is None else (n.to(dtype) for n in norm)
-        return (logits - shift) - log_z, shift, log_z
+            u = _masked_fill(u, ~keep, NEG_INF)
+        shift, log_z = row_stats(u) if norm is None else (n.to(dtype) for n in norm)
+        return _normalize_log(u, shift, log_z), shift, log_z
     probs = target.to(dtype)
     if keep is not None:
         probs = probs.masked_fill(~keep, 0.0)
@@ -38,39 +54,45 @@ def log_target(target, keep, target_scale: float, target_is_logits: bool, dtype,
         shift = torch.zeros_like(log_z)
     else:
         shift, log_z = (n.to(dtype) for n in norm)
-    log_t = torch.where(log_z > NEG_INF, torch.log(probs) - log_z, NEG_INF)
-    return log_t, shift, log_z
+    log_t = torch.log(probs)
+    log_t = log_t.sub_(log_z) if _owns(log_t, log_z) else log_t - log_z
+    return _masked_fill(log_t, log_z == NEG_INF, NEG_INF), shift, log_z
 
 
-def kl_rows(s, log_t):
-    """Per-row KL(t || softmax(s)) for masked scores s (-inf at dropped keys) and log t; plus the
-    student's row statistics (m, log l), each (..., 1).
+def kl_rows(s, log_t, differentiable: bool = False):
+    """Per-row KL(t || softmax(s)) for masked scores s (-inf at dropped keys) and log t (both left
+    unchanged); plus the student's row statistics (m, log l), each (..., 1).
 
     Terms are taken against the centred scores s - max, so that huge logits (|s| ~ 1e4, or a whole
-    row at finfo.min) do not cancel catastrophically.
+    row at finfo.min) do not cancel catastrophically. Two full-size temporaries, updated in place;
+    differentiable=True computes out of place, for callers that backpropagate through autograd.
     """
     m, log_l = row_stats(s)
     t = torch.exp(log_t)
+    if differentiable:
+        terms = t * (log_t - (s - m) + log_l)
+    else:
+        terms = (s - m).sub_(log_l).neg_().add_(log_t).mul_(t)  # t (log t - log p), in one temporary
     # t = 0 terms contribute 0 (also where s = -inf); rows without kept keys have t = 0 everywhere.
-    terms = torch.where(t > 0, t * (log_t - (s - m) + log_l), torch.zeros_like(t))
-    return terms.sum(-1), m, log_l
+    return torch.where(t > 0, terms, 0.0).sum(-1), m, log_l
 
 
 def probs_of(s, stats):
-    """softmax(s) from saved (..., R, 2) row statistics (m, log l)."""
-    return torch.exp((s - stats[..., :1].to(s.dtype)) - stats[..., 1:].to(s.dtype))
+    """softmax(s) from saved (..., R, 2) row statistics (m, log l), computed in s's memory."""
+    return _normalize_log(s, stats[..., :1].to(s.dtype), stats[..., 1:].to(s.dtype)).exp_()
 
 
 def kl_grad(grad_kl, p, log_t, log_z):
-    """dKL/ds = grad_kl * (p - t) for the student's probabilities p = softmax(s); zero at dropped keys,
-    on rows without kept keys and on rows without target mass (log_z = -inf), whose KL is 0."""
+    """dKL/ds = grad_kl * (p - t) for the student's probabilities p = softmax(s) (overwritten); zero
+    at dropped keys, on rows without kept keys and on rows without target mass (log_z = -inf)."""
     grad_kl = torch.where(log_z.squeeze(-1) > NEG_INF, grad_kl, 0.0)
-    return grad_kl[..., None] * (p - torch.exp(log_t))
+    return p.sub_(torch.exp(log_t)).mul_(grad_kl[..., None])
 
 
 def _scores(logits, keep, student_scale, dtype):
+    """Fresh scaled student scores, -inf at dropped keys."""
     s = logits.to(dtype) * student_scale
-    return s.masked_fill(~keep, NEG_INF) if keep is not None else s
+    return _masked_fill(s, ~keep, NEG_INF) if keep is not None else s
 
 
 def kl_forward(logits, target, key_mask, student_scale: float, target_scale: float, target_is_logits: bool):

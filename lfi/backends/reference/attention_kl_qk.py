@@ -7,19 +7,20 @@ from __future__ import annotations
 import torch
 
 from lfi.backends.reference._common import chunk_rows, grouped, rows_of, compute_dtype
-from lfi.backends.reference.attention_kl import NEG_INF, kl_grad, kl_rows, log_target, probs_of
+from lfi.backends.reference.attention_kl import NEG_INF, _masked_fill, kl_grad, kl_rows, log_target, probs_of
 
 
 def _logits(q_rows, k, scale: float):
-    """(B, H, R, D) x (B, Hkv, N, D) -> (B, H, R, N) scaled logits, H % Hkv == 0."""
-    return torch.matmul(grouped(q_rows, k.shape[1]), k.unsqueeze(2).transpose(-1, -2)).flatten(1, 2) * scale
+    """(B, H, R, D) x (B, Hkv, N, D) -> (B, H, R, N) scaled logits (a fresh tensor), H % Hkv == 0.
+    The scale is applied to q (R x D), not to the logits (R x N)."""
+    return torch.matmul(grouped(q_rows * scale, k.shape[1]), k.unsqueeze(2).transpose(-1, -2)).flatten(1, 2)
 
 
 def _chunk_inputs(q, k, target, q_t, k_t, key_mask, r0, r1, student_scale, target_scale, dt):
     keep = rows_of(key_mask, r0, r1)
     s = _logits(q[:, :, r0:r1].to(dt), k, student_scale)
     if keep is not None:
-        s = s.masked_fill(~keep, NEG_INF)
+        s = _masked_fill(s, ~keep, NEG_INF)
     target_rows = rows_of(target, r0, r1) if q_t is None else _logits(q_t[:, :, r0:r1].to(dt), k_t, 1.0)
     return s, keep, target_rows
 
@@ -64,7 +65,8 @@ def kl_qk_backward(grad_kl, q, k, target, q_t, k_t, key_mask, stats, tstats, stu
                                              target_scale, dt)
         norm = tstats[:, :, r0:r1, :1], tstats[:, :, r0:r1, 1:]
         log_t, _, log_z = log_target(target_rows, keep, target_scale, target_is_logits or q_t is not None, dt, norm)
-        ds = kl_grad(grad_kl[:, :, r0:r1].to(dt), probs_of(s, stats[:, :, r0:r1]), log_t, log_z) * student_scale
-        dq[:, :, r0:r1] = torch.matmul(grouped(ds, hkv), k_dt.unsqueeze(2)).flatten(1, 2).to(q.dtype)
+        ds = kl_grad(grad_kl[:, :, r0:r1].to(dt), probs_of(s, stats[:, :, r0:r1]), log_t, log_z)
+        # student_scale goes on the (R x D) and (N x D) products, not on dS (R x N)
+        dq[:, :, r0:r1] = (torch.matmul(grouped(ds, hkv), k_dt.unsqueeze(2)).flatten(1, 2) * student_scale).to(q.dtype)
         dk += torch.matmul(grouped(ds, hkv).transpose(-1, -2), grouped(q[:, :, r0:r1].to(dt), hkv)).sum(2)
-    return dq, dk.to(k.dtype)
+    return dq, (dk * student_scale).to(k.dtype)

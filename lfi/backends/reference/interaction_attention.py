@@ -148,7 +148,7 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale:
         if grad_kl is not None:
             tn = tnorm[:, :, r0:r1, None]
             log_t, _ = _kl_log_target(kl_target, attended, r0, r1, dt, tn)
-            ds += kl_grad(grad_kl[:, :, r0:r1].to(dt), p, log_t, tn)
+            ds += kl_grad(grad_kl[:, :, r0:r1].to(dt), p, log_t, tn)  # P is not needed after this
         dq[:, :, r0:r1] = (torch.matmul(grouped(ds, hkv), k_).flatten(1, 2) * scale).to(q.dtype)
         dk += torch.matmul(grouped(ds, hkv).transpose(-1, -2), grouped(q_rows, hkv)).sum(2) * scale
         if dmask is not None:
@@ -176,5 +176,5 @@ def attention_with_dropout(q, k, v, mask, scale: float, is_causal: bool, dropout
     out = torch.matmul(grouped(p_drop, hkv), v.to(dt).unsqueeze(2)).flatten(1, 2).to(q.dtype)
     kl = None
     if kl_target is not None:
-        kl = kl_rows(s, _kl_log_target(kl_target, s > float("-inf"), 0, q.shape[2], dt)[0])[0]
+        kl = kl_rows(s, _kl_log_target(kl_target, s > float("-inf"), 0, q.shape[2], dt)[0], differentiable=True)[0]
     return out, p[:, :, w_start:w_stop].to(q.dtype), kl
