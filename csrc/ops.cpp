@@ -110,6 +110,16 @@ void run(const Tensor& ref, CpuFn cpu_fn, CudaFn cuda_fn) {
   }
 }
 
+// run() with one op's kernels: lfi::cpu::<op> for CPU tensors, lfi::cuda::<op> for CUDA tensors
+// (not compiled into a CPU-only build, whose run() refuses CUDA tensors before calling it).
+#ifdef LFI_WITH_CUDA
+#define LFI_RUN(ref, op, params) \
+  run(ref, [&](bool dbl) { cpu::op(params, dbl); }, [&](void* stream) { return cuda::op(params, stream); })
+#else
+#define LFI_RUN(ref, op, params) \
+  run(ref, [&](bool dbl) { cpu::op(params, dbl); }, [](void*) -> const char* { return nullptr; })
+#endif
+
 void check_qk(const Tensor& q, const Tensor& k) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "lfi_C: q and k must be 4-D, got ", q.sizes(), " and ", k.sizes());
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), "lfi_C: k ", k.sizes(), " does not match q ",
@@ -171,15 +181,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_fwd(
   p.lse = stats.data_ptr();
   p.kl = has_kl ? kl.data_ptr() : nullptr;
   p.tnorm = has_kl ? tnorm.data_ptr() : nullptr;
-  run(q, [&](bool dbl) { cpu::attention_forward(p, dbl); },
-      [&](void* stream) -> const char* {
-#ifdef LFI_WITH_CUDA
-        return cuda::attention_forward(p, stream);
-#else
-        (void)stream;
-        return nullptr;
-#endif
-      });
+  LFI_RUN(q, attention_forward, p);
   return {out, stats, weights, kl, tnorm};
 }
 
@@ -240,15 +242,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
   p.delta = delta.data_ptr();
   p.dq = view(dq); p.dk = view(dk); p.dv = view(dv);
   p.ds = want_ds ? ds.data_ptr() : nullptr;
-  run(q, [&](bool dbl) { cpu::attention_backward(p, dbl); },
-      [&](void* stream) -> const char* {
-#ifdef LFI_WITH_CUDA
-        return cuda::attention_backward(p, stream);
-#else
-        (void)stream;
-        return nullptr;
-#endif
-      });
+  LFI_RUN(q, attention_backward, p);
   Tensor dmask;
   if (want_ds) {
     std::vector<int64_t> dims;
@@ -305,15 +299,7 @@ std::tuple<Tensor, Tensor, Tensor> kl_fwd(const Tensor& logits, const Tensor& ta
   Tensor target_t, mask_t;
   fill_kl_common(p, target, key_mask, logits.sizes(), logits, target_t, mask_t);
   p.kl = kl.data_ptr(); p.stats = stats.data_ptr(); p.tstats = tstats.data_ptr();
-  run(logits, [&](bool dbl) { cpu::kl_forward(p, dbl); },
-      [&](void* stream) -> const char* {
-#ifdef LFI_WITH_CUDA
-        return cuda::kl_forward(p, stream);
-#else
-        (void)stream;
-        return nullptr;
-#endif
-      });
+  LFI_RUN(logits, kl_forward, p);
   return {kl, stats, tstats};
 }
 
@@ -336,15 +322,7 @@ Tensor kl_bwd(const Tensor& grad_kl, const Tensor& logits, const Tensor& target,
   p.stats = stats_c.data_ptr(); p.tstats = tstats_c.data_ptr();
   set_grad_rows(p, g, B, H, M);
   p.dlogits = view(dlogits);
-  run(logits, [&](bool dbl) { cpu::kl_backward(p, dbl); },
-      [&](void* stream) -> const char* {
-#ifdef LFI_WITH_CUDA
-        return cuda::kl_backward(p, stream);
-#else
-        (void)stream;
-        return nullptr;
-#endif
-      });
+  LFI_RUN(logits, kl_backward, p);
   return dlogits;
 }
 
@@ -403,15 +381,7 @@ std::tuple<Tensor, Tensor, Tensor> kl_qk_fwd(const Tensor& q, const Tensor& k, c
          tstats = at::empty({p.B, p.H, p.M, 2}, opts);
   if (kl.numel() == 0 || p.N == 0) return {kl, stats, tstats};
   p.kl = kl.data_ptr(); p.stats = stats.data_ptr(); p.tstats = tstats.data_ptr();
-  run(q, [&](bool dbl) { cpu::kl_qk_forward(p, dbl); },
-      [&](void* stream) -> const char* {
-#ifdef LFI_WITH_CUDA
-        return cuda::kl_qk_forward(p, stream);
-#else
-        (void)stream;
-        return nullptr;
-#endif
-      });
+  LFI_RUN(q, kl_qk_forward, p);
   return {kl, stats, tstats};
 }
 
@@ -431,15 +401,7 @@ std::tuple<Tensor, Tensor> kl_qk_bwd(const Tensor& grad_kl, const Tensor& q, con
   p.stats = stats_c.data_ptr(); p.tstats = tstats_c.data_ptr();
   set_grad_rows(p, g, p.B, p.H, p.M);
   p.dq = view(dq); p.dk = view(dk);
-  run(q, [&](bool dbl) { cpu::kl_qk_backward(p, dbl); },
-      [&](void* stream) -> const char* {
-#ifdef LFI_WITH_CUDA
-        return cuda::kl_qk_backward(p, stream);
-#else
-        (void)stream;
-        return nullptr;
-#endif
-      });
+  LFI_RUN(q, kl_qk_backward, p);
   return {dq, dk};
 }
 
