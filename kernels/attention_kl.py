@@ -19,6 +19,8 @@ blocks of one (b, h) adjacent.
 import triton
 import triton.language as tl
 
+from .interaction_attention import _row_block
+
 # Module-level constants must be tl.constexpr instances to be readable from compiled kernels
 # (an annotation `X: tl.constexpr = v` only works under the interpreter).
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -147,15 +149,8 @@ def kl_fwd_kernel(
 ):
     """One program per (row block, b, h): KL (B, H, M), STATS, TSTATS (B, H, M, 2) float32, contiguous.
     s_scale = student_scale, t_scale = target_scale."""
-    num_m_blocks = tl.cdiv(M, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m = pid % num_m_blocks
-    pid_bh = pid // num_m_blocks
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, pid_bh, b, h, offs_m, row_ok = _row_block(M, H, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
-    row_ok = offs_m < M
     rows = offs_m.to(tl.int64)[:, None]
     l_base = LOGITS + b * stride_lb + h * stride_lh + rows * stride_lm
     t_base = TARGET + b * stride_tb + h * stride_th + rows * stride_tm
@@ -190,15 +185,8 @@ def kl_bwd_kernel(
 ):
     """One program per (row block, b, h): DLOGITS (B, H, M, N) contiguous, in its own dtype,
     = grad * (p - t) * student_scale, with p and t recomputed from STATS and TSTATS."""
-    num_m_blocks = tl.cdiv(M, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m = pid % num_m_blocks
-    pid_bh = pid // num_m_blocks
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, pid_bh, b, h, offs_m, row_ok = _row_block(M, H, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
-    row_ok = offs_m < M
     rows = offs_m.to(tl.int64)[:, None]
     l_base = LOGITS + b * stride_lb + h * stride_lh + rows * stride_lm
     t_base = TARGET + b * stride_tb + h * stride_th + rows * stride_tm

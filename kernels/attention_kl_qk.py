@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .attention_kl import _kl_dscores, _kl_finish, _kl_init, _kl_step, _load_row_stats, _store_row_stats
-from .interaction_attention import _dot
+from .interaction_attention import _dot, _row_block
 
 
 @triton.jit
@@ -43,17 +43,10 @@ def kl_qk_fwd_kernel(
 ):
     """One program per (row block, b, h): KL (B, H, M), STATS, TSTATS (B, H, M, 2) float32, contiguous.
     IMPLICIT: the target is u = (QT KT^T) * target_scale (logits); else TARGET is read densely."""
-    num_m_blocks = tl.cdiv(M, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m = pid % num_m_blocks
-    pid_bh = pid // num_m_blocks
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    pid_m, pid_bh, b, h, offs_m, row_ok = _row_block(M, H, BLOCK_M)
     hk = h // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < M
     rows = offs_m.to(tl.int64)[:, None]
 
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows * stride_qm + offs_d[None, :] * stride_qd,
@@ -110,17 +103,10 @@ def kl_qk_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (row block, b, h): DQ = student_scale * dS K."""
-    num_m_blocks = tl.cdiv(M, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m = pid % num_m_blocks
-    pid_bh = pid // num_m_blocks
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    pid_m, pid_bh, b, h, offs_m, row_ok = _row_block(M, H, BLOCK_M)
     hk = h // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < M
     rows = offs_m.to(tl.int64)[:, None]
     d_ok = offs_d < HEAD_DIM
 

@@ -19,6 +19,19 @@ import triton.language as tl
 
 
 @triton.jit
+def _row_block(M, H, BLOCK_M: tl.constexpr):
+    """This program's rows in the 1-D grid of (row block, b, h), the row blocks of one (b, h)
+    adjacent: (pid_m, pid_bh, b, h, offs_m, row_ok), b and h as int64 so that the offsets of large
+    tensors do not overflow int32."""
+    num_m_blocks = tl.cdiv(M, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m_blocks
+    pid_bh = pid // num_m_blocks
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    return pid_m, pid_bh, (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64), offs_m, offs_m < M
+
+
+@triton.jit
 def _dot(a, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     # The CPU interpreter multiplies raw bf16 bits in tl.dot, so it gets float32 operands.
     if DOT_FP32:
@@ -117,19 +130,12 @@ def attention_fwd_kernel(
     the target mass into TNORM (B, H, M), T (B, H, M, N) being target probabilities read through
     strides (restricted to the attended keys and renormalised there).
     """
-    num_m_blocks = tl.cdiv(M, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m = pid % num_m_blocks
-    pid_bh = pid // num_m_blocks
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    pid_m, pid_bh, b, h, offs_m, row_ok = _row_block(M, H, BLOCK_M)
     hk = h // GROUP
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = offs_m < M
 
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
@@ -237,15 +243,8 @@ def attention_bwd_preprocess_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """DELTA (B, H, M) float32 = rowsum(dO * O) + rowsum(P * G), G = dL/dW on the map rows."""
-    num_m_blocks = tl.cdiv(M, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m = pid % num_m_blocks
-    pid_bh = pid // num_m_blocks
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, pid_bh, b, h, offs_m, row_ok = _row_block(M, H, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = offs_m < M
     ov_mask = row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :]
     o = tl.load(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
                 mask=ov_mask, other=0.0).to(tl.float32)
@@ -386,19 +385,12 @@ def attention_bwd_dq_kernel(
     """One program per (row block, b, h): dQ = scale * dS K (dS including the fused KL's
     grad_kl * (P - T / Z) when HAS_KL). With WRITE_DS, also stores dS into the
     contiguous float32 buffer DS (B, H, M, N) (the gradient of an additive mask)."""
-    num_m_blocks = tl.cdiv(M, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m = pid % num_m_blocks
-    pid_bh = pid // num_m_blocks
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    pid_m, pid_bh, b, h, offs_m, row_ok = _row_block(M, H, BLOCK_M)
     hk = h // GROUP
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = offs_m < M
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     do = tl.load(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
