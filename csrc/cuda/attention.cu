@@ -18,15 +18,6 @@ namespace lfi {
 namespace cuda_k {
 namespace {
 
-constexpr int kThreads = 128;
-constexpr int kWarps = kThreads / kWarp;
-constexpr int kBM = 16;              // query rows per block
-constexpr int kRPW = kBM / kWarps;   // query rows per warp
-constexpr int kBN = 32;              // keys per tile: one per lane
-constexpr int kBNK = 16;             // keys per dk/dv block
-constexpr int kKPW = kBNK / kWarps;  // keys per warp in dk/dv
-constexpr int kBMR = 32;             // query rows per dk/dv tile: one per lane
-
 __device__ __forceinline__ float ninf() { return neg_inf<float>(); }
 
 // Applies causality, bounds and the mask to the score of row i, key j.
@@ -339,30 +330,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnParams 
       if (ds_out != nullptr && i < p.M && j < p.N) ds_out[(bh * p.M + i) * p.N + j] = ds;
       s[r] = ds;
     }
-    for (int jj = 0; jj < kBN; ++jj) {
-      const float* kr = Ks + jj * (D + 1);
-#pragma unroll
-      for (int r = 0; r < kRPW; ++r) {
-        const float dsj = __shfl_sync(kFull, s[r], jj);
-#pragma unroll
-        for (int c = 0; c < DL; ++c) {
-          const int e = lane + c * kWarp;
-          if (e < D) dq[r][c] += dsj * kr[e];
-        }
-      }
-    }
+    add_ds_k(dq, s, Ks, D, lane);
   }
-  const float scale = float(p.scale);
-#pragma unroll
-  for (int r = 0; r < kRPW; ++r) {
-    const int64_t i = i0 + r;
-    if (i >= p.M) continue;
-#pragma unroll
-    for (int c = 0; c < DL; ++c) {
-      const int e = lane + c * kWarp;
-      if (e < D) stf(p.dq.ptr, off4(p.dq, b, h, i, e), p.dq.dtype, dq[r][c] * scale);
-    }
-  }
+  store_warp_rows(p.dq, dq, b, h, i0, p.M, D, float(p.scale), lane);
 }
 
 template <int DL>

@@ -28,6 +28,16 @@ namespace cuda_k {
 constexpr int kWarp = 32;
 constexpr unsigned kFull = 0xffffffffu;
 
+// Block layout shared by the attention kernels (attention.cu) and the KL-qk kernels (kl.cu).
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / kWarp;
+constexpr int kBM = 16;              // query rows per block
+constexpr int kRPW = kBM / kWarps;   // query rows per warp
+constexpr int kBN = 32;              // keys per tile: one per lane
+constexpr int kBNK = 16;             // keys per dk(/dv) block
+constexpr int kKPW = kBNK / kWarps;  // keys per warp in dk(/dv)
+constexpr int kBMR = 32;             // query rows per dk(/dv) tile: one per lane
+
 // Element `off` of a tensor of runtime dtype `dt`, as float. The switch is uniform across a warp
 // (one dtype per tensor), so it costs a few instructions per load and no divergence.
 __device__ __forceinline__ float ldf(const void* p, int64_t off, int32_t dt) {
@@ -90,6 +100,41 @@ __device__ __forceinline__ void load_stats(float* dst, const float* src, int64_t
                                            int64_t M, int stride, int comp, float fill) {
   for (int r = threadIdx.x; r < rows; r += blockDim.x)
     dst[r] = row0 + r < M ? src[(base + row0 + r) * stride + comp] : fill;
+}
+
+// dq[r] += sum over one key tile of dS(r, jj) K(jj), for the warp's kRPW rows: lane jj holds
+// dS(r, jj) in ds[r], Ks is the kBN x (D + 1) shared key tile, the lane owns dims lane + c * kWarp.
+template <int DL>
+__device__ __forceinline__ void add_ds_k(float (&dq)[kRPW][DL], const float (&ds)[kRPW], const float* Ks, int D,
+                                         int lane) {
+  for (int jj = 0; jj < kBN; ++jj) {
+    const float* kr = Ks + jj * (D + 1);
+#pragma unroll
+    for (int r = 0; r < kRPW; ++r) {
+      const float dsj = __shfl_sync(kFull, ds[r], jj);
+#pragma unroll
+      for (int c = 0; c < DL; ++c) {
+        const int e = lane + c * kWarp;
+        if (e < D) dq[r][c] += dsj * kr[e];
+      }
+    }
+  }
+}
+
+// Stores scale * dq[r] into the rows i0 + r (those < M) of the (B, H, M, D) tensor `out` at (b, h).
+template <int DL>
+__device__ __forceinline__ void store_warp_rows(const Strided& out, const float (&dq)[kRPW][DL], int64_t b,
+                                                int64_t h, int64_t i0, int64_t M, int D, float scale, int lane) {
+#pragma unroll
+  for (int r = 0; r < kRPW; ++r) {
+    const int64_t i = i0 + r;
+    if (i >= M) continue;
+#pragma unroll
+    for (int c = 0; c < DL; ++c) {
+      const int e = lane + c * kWarp;
+      if (e < D) stf(out.ptr, off4(out, b, h, i, e), out.dtype, dq[r][c] * scale);
+    }
+  }
 }
 
 // Per-lane register count for head dims up to 32 * DL.

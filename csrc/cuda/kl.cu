@@ -13,15 +13,7 @@ namespace lfi {
 namespace cuda_k {
 namespace {
 
-constexpr int kThreads = 128;
-constexpr int kWarps = kThreads / kWarp;
-constexpr int kE = 4;                // keys per lane per tile in the dense row kernels
-constexpr int kBM = 16;              // query rows per block
-constexpr int kRPW = kBM / kWarps;   // rows per warp
-constexpr int kBN = 32;              // keys per tile
-constexpr int kBNK = 16;             // keys per dk block
-constexpr int kKPW = kBNK / kWarps;  // keys per warp in dk
-constexpr int kBMR = 32;             // rows per dk tile
+constexpr int kE = 4;  // keys per lane per tile in the dense row kernels
 
 __device__ __forceinline__ float ninf() { return neg_inf<float>(); }
 
@@ -272,30 +264,9 @@ __global__ void __launch_bounds__(kThreads) kl_qk_dq_kernel(const KLParams p, in
     qk_tile(s, tg, keep, p, x, sm.Qs + warp * kRPW * D, sm.Ks, sm.Qts + warp * kRPW * p.Dt, sm.Kts, i0, j0);
 #pragma unroll
     for (int r = 0; r < kRPW; ++r) s[r] = kl_dscore(prob_of(s[r], sh[r], logl[r]), tg[r], keep[r], klr[r], t_scale2, logits);
-    for (int jj = 0; jj < kBN; ++jj) {
-      const float* kr = sm.Ks + jj * (D + 1);
-#pragma unroll
-      for (int r = 0; r < kRPW; ++r) {
-        const float dsj = __shfl_sync(kFull, s[r], jj);
-#pragma unroll
-        for (int c = 0; c < DL; ++c) {
-          const int e = lane + c * kWarp;
-          if (e < D) dq[r][c] += dsj * kr[e];
-        }
-      }
-    }
+    add_ds_k(dq, s, sm.Ks, D, lane);
   }
-  const float sc = float(p.student_scale);
-#pragma unroll
-  for (int r = 0; r < kRPW; ++r) {
-    const int64_t i = i0 + r;
-    if (i >= p.M) continue;
-#pragma unroll
-    for (int c = 0; c < DL; ++c) {
-      const int e = lane + c * kWarp;
-      if (e < D) stf(p.dq.ptr, off4(p.dq, x.b, x.h, i, e), p.dq.dtype, dq[r][c] * sc);
-    }
-  }
+  store_warp_rows(p.dq, dq, x.b, x.h, i0, p.M, D, float(p.student_scale), lane);
 }
 
 template <int DL>
