@@ -101,8 +101,11 @@ def _kl_finish(m, l, x, y, c, TARGET_IS_LOGITS: tl.constexpr):
 
 
 @triton.jit
-def _store_row_stats(STATS, TSTATS, rows, row_ok, sh, log_l, t_shift, t_log_z):
-    """STATS, TSTATS (B, H, M, 2) float32, contiguous; rows = flat (b, h, m) row indices (int64)."""
+def _kl_store(KL, STATS, TSTATS, rows, row_ok, m, l, x, y, c, TARGET_IS_LOGITS: tl.constexpr):
+    """Finishes the row state (_kl_finish) and stores KL (B, H, M) and the row statistics STATS,
+    TSTATS (B, H, M, 2), all float32 and contiguous; rows = flat (b, h, m) row indices (int64)."""
+    kl, sh, log_l, t_shift, t_log_z = _kl_finish(m, l, x, y, c, TARGET_IS_LOGITS)
+    tl.store(KL + rows, kl, mask=row_ok)
     tl.store(STATS + 2 * rows, sh, mask=row_ok)
     tl.store(STATS + 2 * rows + 1, log_l, mask=row_ok)
     tl.store(TSTATS + 2 * rows, t_shift, mask=row_ok)
@@ -111,7 +114,7 @@ def _store_row_stats(STATS, TSTATS, rows, row_ok, sh, log_l, t_shift, t_log_z):
 
 @triton.jit
 def _load_row_stats(STATS, TSTATS, rows, row_ok):
-    """(shift, log_l, t_shift, t_log_z) as stored by _store_row_stats; rows past M read as rows
+    """(shift, log_l, t_shift, t_log_z) as stored by _kl_store; rows past M read as rows
     without a kept key (they get p = t = 0)."""
     sh = tl.load(STATS + 2 * rows, mask=row_ok, other=0.0)
     log_l = tl.load(STATS + 2 * rows + 1, mask=row_ok, other=float("inf"))
@@ -166,10 +169,7 @@ def kl_fwd_kernel(
             keep = keep & (tl.load(m_base + offs_n[None, :] * stride_mn, mask=keep, other=0) != 0)
         s = tl.where(keep, s * s_scale, float("-inf"))
         m, l, x, y, c = _kl_step(s, tg, keep, m, l, x, y, c, t_scale, TARGET_IS_LOGITS)
-    kl, sh, log_l, t_shift, t_log_z = _kl_finish(m, l, x, y, c, TARGET_IS_LOGITS)
-    out = pid_bh.to(tl.int64) * M + offs_m
-    tl.store(KL + out, kl, mask=row_ok)
-    _store_row_stats(STATS, TSTATS, out, row_ok, sh, log_l, t_shift, t_log_z)
+    _kl_store(KL, STATS, TSTATS, pid_bh.to(tl.int64) * M + offs_m, row_ok, m, l, x, y, c, TARGET_IS_LOGITS)
 
 
 @triton.jit

@@ -14,7 +14,7 @@ kv head, looping over the group's heads and row blocks: no atomics). Extra memor
 import triton
 import triton.language as tl
 
-from .attention_kl import _kl_dscores, _kl_finish, _kl_init, _kl_step, _load_row_stats, _store_row_stats
+from .attention_kl import _kl_dscores, _kl_init, _kl_step, _kl_store, _load_row_stats
 from .interaction_attention import _dot, _row_block
 
 
@@ -79,10 +79,7 @@ def kl_qk_fwd_kernel(
             keep = keep & (tl.load(m_base + offs_n[None, :] * stride_mn, mask=keep, other=0) != 0)
         s = tl.where(keep, s * s_scale, float("-inf"))
         m, l, x, y, c = _kl_step(s, tg, keep, m, l, x, y, c, t_scale, TARGET_IS_LOGITS)
-    kl, sh, log_l, t_shift, t_log_z = _kl_finish(m, l, x, y, c, TARGET_IS_LOGITS)
-    out = pid_bh.to(tl.int64) * M + offs_m
-    tl.store(KL + out, kl, mask=row_ok)
-    _store_row_stats(STATS, TSTATS, out, row_ok, sh, log_l, t_shift, t_log_z)
+    _kl_store(KL, STATS, TSTATS, pid_bh.to(tl.int64) * M + offs_m, row_ok, m, l, x, y, c, TARGET_IS_LOGITS)
 
 
 @triton.jit

@@ -385,18 +385,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParam
       float s[kKPW], dp[kKPW];
 #pragma unroll
       for (int kk = 0; kk < kKPW; ++kk) s[kk] = dp[kk] = 0.0f;
-      const float* qr = Qs + lane * (D + 1);
-      for (int d = 0; d < D; ++d) {
-        const float qv = qr[d];
-#pragma unroll
-        for (int kk = 0; kk < kKPW; ++kk) s[kk] += qv * Ks[(warp * kKPW + kk) * D + d];
-      }
-      const float* dor = dOs + lane * (Dv + 1);
-      for (int e = 0; e < Dv; ++e) {
-        const float dv_ = dor[e];
-#pragma unroll
-        for (int kk = 0; kk < kKPW; ++kk) dp[kk] += dv_ * Vs[(warp * kKPW + kk) * Dv + e];
-      }
+      lane_dots(s, Qs, Ks, D, lane, warp);
+      lane_dots(dp, dOs, Vs, Dv, lane, warp);
       const int64_t i = i0 + lane;
       const KLGradRow<float> klr{has_kl ? klg[lane] : 0.0f, has_kl ? klz[lane] : 0.0f, 0.0f};
       float pr[kKPW], ds[kKPW];

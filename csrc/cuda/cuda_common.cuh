@@ -121,6 +121,19 @@ __device__ __forceinline__ void add_ds_k(float (&dq)[kRPW][DL], const float (&ds
   }
 }
 
+// acc[kk] += <row `lane` of A, row warp * kKPW + kk of B> over `len` columns: the lane's dot products
+// with its warp's kKPW rows of B, from shared tiles A (rows padded to len + 1) and B (rows of len).
+__device__ __forceinline__ void lane_dots(float (&acc)[kKPW], const float* A, const float* B, int len, int lane,
+                                          int warp) {
+  const float* ar = A + lane * (len + 1);
+  const float* bw = B + warp * kKPW * len;
+  for (int d = 0; d < len; ++d) {
+    const float av = ar[d];
+#pragma unroll
+    for (int kk = 0; kk < kKPW; ++kk) acc[kk] += av * bw[kk * len + d];
+  }
+}
+
 // Stores scale * dq[r] into the rows i0 + r (those < M) of the (B, H, M, D) tensor `out` at (b, h).
 template <int DL>
 __device__ __forceinline__ void store_warp_rows(const Strided& out, const float (&dq)[kRPW][DL], int64_t b,

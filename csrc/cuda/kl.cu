@@ -321,20 +321,8 @@ __global__ void __launch_bounds__(kThreads) kl_qk_dk_kernel(const KLParams p, in
       float s[kKPW], u[kKPW];
 #pragma unroll
       for (int kk = 0; kk < kKPW; ++kk) s[kk] = u[kk] = 0.0f;
-      const float* qr = Qs + lane * (D + 1);
-      for (int d = 0; d < D; ++d) {
-        const float qv = qr[d];
-#pragma unroll
-        for (int kk = 0; kk < kKPW; ++kk) s[kk] += qv * Ks[(warp * kKPW + kk) * D + d];
-      }
-      if (p.implicit) {
-        const float* qtr = Qts + lane * (Dt + 1);
-        for (int d = 0; d < Dt; ++d) {
-          const float qv = qtr[d];
-#pragma unroll
-          for (int kk = 0; kk < kKPW; ++kk) u[kk] += qv * Kts[(warp * kKPW + kk) * Dt + d];
-        }
-      }
+      lane_dots(s, Qs, Ks, D, lane, warp);
+      if (p.implicit) lane_dots(u, Qts, Kts, Dt, lane, warp);
       const int64_t i = i0 + lane;
       const KLGradRow<float> klr{klg[lane], klz[lane], kltsh[lane], kltlz[lane]};
       float ds[kKPW];
