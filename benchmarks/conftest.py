@@ -22,7 +22,7 @@ def pytest_addoption(parser):
     g.addoption("--lfi-shapes", default="auto",
                 help="auto (full set on CUDA, reduced set on CPU), full, cpu, or a comma list of shape names")
     g.addoption("--lfi-impls", default="all",
-                help="all, or a comma list of: eager, sdpa, flex, lfi_torch, lfi_triton")
+                help="all, or a comma list of: eager, sdpa, flex, lfi_torch, lfi_triton, lfi_cuda, lfi_auto")
     g.addoption("--lfi-target-time", type=float, default=None,
                 help="approximate seconds of timed rounds per test (default 2 on CPU, 1 on CUDA)")
     g.addoption("--lfi-min-rounds", type=int, default=None, help="default 3 on CPU, 10 on CUDA")

@@ -14,17 +14,31 @@ accurate for scores of magnitude ~1e4.
 
 The @triton.jit helpers are shared with lfi.kernels.attention_kl_qk.
 Strided loads (broadcast dims with stride 0), int64 batch/head/row offsets, 1-D grid with the row
-blocks of one (b, h) adjacent.
+blocks of one (b, h) adjacent. M_BUCKET and N_BUCKET (power-of-two buckets of M and N) are the
+launchers' autotuning key and are not used by the kernels.
 """
 import triton
 import triton.language as tl
 
-from .interaction_attention import _row_block
+from .interaction_attention import _log2, _row_block
 
 # Module-level constants must be tl.constexpr instances to be readable from compiled kernels
 # (an annotation `X: tl.constexpr = v` only works under the interpreter).
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+# Compiled kernels take log2 from the MUFU unit (the interpreter cannot run inline assembly).
+
+
+@triton.jit
+def _mask_keep(keep, m_base, rows, offs_n, N, stride_mm, stride_mn, KEY_MASK: tl.constexpr):
+    """keep & (mask != 0) for one (rows, keys) tile; m_base: the mask at this (b, h), rows (int64,
+    (BLOCK_M, 1)). KEY_MASK (the mask does not vary along the rows, e.g. (B, 1, 1, N) key padding):
+    read as one vector of the block's keys, not as a tile of byte loads with one pointer each."""
+    if KEY_MASK:
+        kept = tl.load(m_base + offs_n * stride_mn, mask=offs_n < N, other=0) != 0
+        return keep & kept[None, :]
+    else:
+        return keep & (tl.load(m_base + rows * stride_mm + offs_n[None, :] * stride_mn, mask=keep, other=0) != 0)
 
 
 @triton.jit
@@ -68,7 +82,7 @@ def _kl_step(s, tg, keep, m, l, x, y, c, t_scale, TARGET_IS_LOGITS: tl.constexpr
     else:
         t = tl.where(keep, tg, 0.0)
         pos = t > 0.0
-        y += tl.sum(tl.where(pos, t * tl.log2(tl.where(pos, t, 1.0)), 0.0), 1)
+        y += tl.sum(tl.where(pos, t * _log2(tl.where(pos, t, 1.0)), 0.0), 1)
         c += x * (sh_old - sh) + tl.sum(tl.where(pos, t * ds, 0.0), 1)
         x += tl.sum(t, 1)
     return m_new, l, x, y, c
@@ -146,8 +160,8 @@ def kl_fwd_kernel(
     stride_lb, stride_lh, stride_lm, stride_ln,
     stride_tb, stride_th, stride_tm, stride_tn,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    H, M, N, s_scale, t_scale,
-    HAS_MASK: tl.constexpr, TARGET_IS_LOGITS: tl.constexpr,
+    H, M, N, s_scale, t_scale, M_BUCKET, N_BUCKET,
+    HAS_MASK: tl.constexpr, KEY_MASK: tl.constexpr, TARGET_IS_LOGITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (row block, b, h): KL (B, H, M), STATS, TSTATS (B, H, M, 2) float32, contiguous.
@@ -157,7 +171,7 @@ def kl_fwd_kernel(
     rows = offs_m.to(tl.int64)[:, None]
     l_base = LOGITS + b * stride_lb + h * stride_lh + rows * stride_lm
     t_base = TARGET + b * stride_tb + h * stride_th + rows * stride_tm
-    m_base = MASK + b * stride_mb + h * stride_mh + rows * stride_mm
+    m_base = MASK + b * stride_mb + h * stride_mh
 
     m, l, x, y, c = _kl_init(BLOCK_M, TARGET_IS_LOGITS)
     for start_n in range(0, N, BLOCK_N):
@@ -166,7 +180,7 @@ def kl_fwd_kernel(
         s = tl.load(l_base + offs_n[None, :] * stride_ln, mask=keep, other=0.0).to(tl.float32)
         tg = tl.load(t_base + offs_n[None, :] * stride_tn, mask=keep, other=0.0).to(tl.float32)
         if HAS_MASK:
-            keep = keep & (tl.load(m_base + offs_n[None, :] * stride_mn, mask=keep, other=0) != 0)
+            keep = _mask_keep(keep, m_base, rows, offs_n, N, stride_mm, stride_mn, KEY_MASK)
         s = tl.where(keep, s * s_scale, float("-inf"))
         m, l, x, y, c = _kl_step(s, tg, keep, m, l, x, y, c, t_scale, TARGET_IS_LOGITS)
     _kl_store(KL, STATS, TSTATS, pid_bh.to(tl.int64) * M + offs_m, row_ok, m, l, x, y, c, TARGET_IS_LOGITS)
@@ -179,8 +193,8 @@ def kl_bwd_kernel(
     stride_lb, stride_lh, stride_lm, stride_ln,
     stride_tb, stride_th, stride_tm, stride_tn,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    H, M, N, s_scale, t_scale,
-    HAS_MASK: tl.constexpr, TARGET_IS_LOGITS: tl.constexpr,
+    H, M, N, s_scale, t_scale, M_BUCKET, N_BUCKET,
+    HAS_MASK: tl.constexpr, KEY_MASK: tl.constexpr, TARGET_IS_LOGITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (row block, b, h): DLOGITS (B, H, M, N) contiguous, in its own dtype,
@@ -190,7 +204,7 @@ def kl_bwd_kernel(
     rows = offs_m.to(tl.int64)[:, None]
     l_base = LOGITS + b * stride_lb + h * stride_lh + rows * stride_lm
     t_base = TARGET + b * stride_tb + h * stride_th + rows * stride_tm
-    m_base = MASK + b * stride_mb + h * stride_mh + rows * stride_mm
+    m_base = MASK + b * stride_mb + h * stride_mh
     d_base = DLOGITS + pid_bh.to(tl.int64) * M * N + rows * N
 
     sh, log_l, t_shift, t_log_z = _load_row_stats(STATS, TSTATS, pid_bh.to(tl.int64) * M + offs_m, row_ok)
@@ -203,7 +217,7 @@ def kl_bwd_kernel(
         s = tl.load(l_base + offs_n[None, :] * stride_ln, mask=keep, other=0.0).to(tl.float32)
         tg = tl.load(t_base + offs_n[None, :] * stride_tn, mask=keep, other=0.0).to(tl.float32)
         if HAS_MASK:
-            keep = keep & (tl.load(m_base + offs_n[None, :] * stride_mn, mask=keep, other=0) != 0)
+            keep = _mask_keep(keep, m_base, rows, offs_n, N, stride_mm, stride_mn, KEY_MASK)
         s = tl.where(keep, s * s_scale, float("-inf"))
         ds = _kl_dscores(s, tg, keep, sh, log_l, t_shift, t_log_z, g, t_scale, TARGET_IS_LOGITS)
         tl.store(d_base + offs_n[None, :], ds.to(DLOGITS.dtype.element_ty), mask=in_bounds)

@@ -9,12 +9,13 @@ The per-row math (online forward, p - t in the backward) is shared with lfi.kern
 Backward: dS = grad_kl * (p - t), dq = student_scale * dS k (one program per row block and query
 head), dk = student_scale * sum over the GROUP query heads of dS^T q (one program per key block and
 kv head, looping over the group's heads and row blocks: no atomics). Extra memory: none beyond the
-(B, H, M) row statistics.
+(B, H, M) row statistics. M_BUCKET and N_BUCKET (power-of-two buckets of M and N) are the
+launchers' autotuning key and are not used by the kernels.
 """
 import triton
 import triton.language as tl
 
-from .attention_kl import _kl_dscores, _kl_init, _kl_step, _kl_store, _load_row_stats
+from .attention_kl import _kl_dscores, _kl_init, _kl_step, _kl_store, _load_row_stats, _mask_keep
 from .interaction_attention import _dot, _row_block
 
 
@@ -35,9 +36,9 @@ def kl_qk_fwd_kernel(
     stride_qtb, stride_qth, stride_qtm, stride_qtd,
     stride_ktb, stride_kth, stride_ktn, stride_ktd,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    H, GROUP, T_HSTEP, TGROUP, M, N, s_scale, t_scale,
+    H, GROUP, T_HSTEP, TGROUP, M, N, s_scale, t_scale, M_BUCKET, N_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
-    HAS_MASK: tl.constexpr, TARGET_IS_LOGITS: tl.constexpr, IMPLICIT: tl.constexpr,
+    HAS_MASK: tl.constexpr, KEY_MASK: tl.constexpr, TARGET_IS_LOGITS: tl.constexpr, IMPLICIT: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -52,7 +53,7 @@ def kl_qk_fwd_kernel(
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows * stride_qm + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh + offs_d[:, None] * stride_kd
-    m_base = MASK + b * stride_mb + h * stride_mh + rows * stride_mm
+    m_base = MASK + b * stride_mb + h * stride_mh
     if IMPLICIT:
         ht = h * T_HSTEP
         htk = ht // TGROUP
@@ -76,7 +77,7 @@ def kl_qk_fwd_kernel(
         else:
             tg = tl.load(t_base + offs_n[None, :] * stride_tn, mask=keep, other=0.0).to(tl.float32)
         if HAS_MASK:
-            keep = keep & (tl.load(m_base + offs_n[None, :] * stride_mn, mask=keep, other=0) != 0)
+            keep = _mask_keep(keep, m_base, rows, offs_n, N, stride_mm, stride_mn, KEY_MASK)
         s = tl.where(keep, s * s_scale, float("-inf"))
         m, l, x, y, c = _kl_step(s, tg, keep, m, l, x, y, c, t_scale, TARGET_IS_LOGITS)
     _kl_store(KL, STATS, TSTATS, pid_bh.to(tl.int64) * M + offs_m, row_ok, m, l, x, y, c, TARGET_IS_LOGITS)
@@ -93,9 +94,9 @@ def kl_qk_bwd_dq_kernel(
     stride_ktb, stride_kth, stride_ktn, stride_ktd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, GROUP, T_HSTEP, TGROUP, M, N, s_scale, t_scale,
+    H, GROUP, T_HSTEP, TGROUP, M, N, s_scale, t_scale, M_BUCKET, N_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
-    HAS_MASK: tl.constexpr, TARGET_IS_LOGITS: tl.constexpr, IMPLICIT: tl.constexpr,
+    HAS_MASK: tl.constexpr, KEY_MASK: tl.constexpr, TARGET_IS_LOGITS: tl.constexpr, IMPLICIT: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -110,7 +111,7 @@ def kl_qk_bwd_dq_kernel(
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows * stride_qm + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
-    m_base = MASK + b * stride_mb + h * stride_mh + rows * stride_mm
+    m_base = MASK + b * stride_mb + h * stride_mh
     if IMPLICIT:
         ht = h * T_HSTEP
         htk = ht // TGROUP
@@ -137,7 +138,7 @@ def kl_qk_bwd_dq_kernel(
         else:
             tg = tl.load(t_base + offs_n[None, :] * stride_tn, mask=keep, other=0.0).to(tl.float32)
         if HAS_MASK:
-            keep = keep & (tl.load(m_base + offs_n[None, :] * stride_mn, mask=keep, other=0) != 0)
+            keep = _mask_keep(keep, m_base, rows, offs_n, N, stride_mm, stride_mn, KEY_MASK)
         s = tl.where(keep, s * s_scale, float("-inf"))
         ds = _kl_dscores(s, tg, keep, sh, log_l, t_shift, t_log_z, g, t_scale, TARGET_IS_LOGITS)
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
@@ -158,9 +159,9 @@ def kl_qk_bwd_dk_kernel(
     stride_ktb, stride_kth, stride_ktn, stride_ktd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    H, HKV, GROUP, T_HSTEP, TGROUP, M, N, s_scale, t_scale,
+    H, HKV, GROUP, T_HSTEP, TGROUP, M, N, s_scale, t_scale, M_BUCKET, N_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
-    HAS_MASK: tl.constexpr, TARGET_IS_LOGITS: tl.constexpr, IMPLICIT: tl.constexpr,
+    HAS_MASK: tl.constexpr, KEY_MASK: tl.constexpr, TARGET_IS_LOGITS: tl.constexpr, IMPLICIT: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -188,6 +189,10 @@ def kl_qk_bwd_dk_kernel(
         h = hk * GROUP + gi
         q_base = Q + b * stride_qb + h * stride_qh + offs_d[None, :] * stride_qd
         m_base = MASK + b * stride_mb + h * stride_mh + offs_n[None, :] * stride_mn
+        if HAS_MASK:
+            if KEY_MASK:  # the same keys for every row block: one vector per query head
+                key_kept = tl.load(MASK + b * stride_mb + h * stride_mh + offs_n * stride_mn, mask=key_ok,
+                                   other=0) != 0
         g_base = GRAD + b * stride_gb + h * stride_gh
         row0 = (b * H + h) * M
         if IMPLICIT:
@@ -212,7 +217,10 @@ def kl_qk_bwd_dk_kernel(
             else:
                 tg = tl.load(t_base + rows * stride_tm, mask=keep, other=0.0).to(tl.float32)
             if HAS_MASK:
-                keep = keep & (tl.load(m_base + rows * stride_mm, mask=keep, other=0) != 0)
+                if KEY_MASK:
+                    keep = keep & key_kept[None, :]
+                else:
+                    keep = keep & (tl.load(m_base + rows * stride_mm, mask=keep, other=0) != 0)
             s = tl.where(keep, s * s_scale, float("-inf"))
             sh, log_l, t_shift, t_log_z = _load_row_stats(STATS, TSTATS, row0 + offs_m, row_ok)
             g = tl.load(g_base + offs_m.to(tl.int64) * stride_gm, mask=row_ok, other=0.0).to(tl.float32)

@@ -2,10 +2,27 @@
 
 Notation (per batch b, query head h, kv head h // GROUP): S = scale * Q K^T + mask, P = softmax(S),
 O = P V. Each row's softmax statistics are stored as STATS (B, H, M, 2) float32: the row max m and
-log l, l = sum exp(S - m), kept apart (not folded into lse = m + log l) so that P = exp((S - m) -
-log l) stays exact when the scores are huge (a float mask of -1e30 or finfo.min on a whole row gives
-the uniform row, as in SDPA). Rows with no attended key store (0, +inf), so P is exactly 0 there.
-Scores stay in natural units: base-2 scaling would overflow for finfo.min masks.
+log l, l = sum exp(S - m), in natural units and kept apart (not folded into lse = m + log l), so that
+P stays exact when a float mask puts a whole row at -1e30 or finfo.min (the uniform row, as in
+SDPA). Rows with no attended key store (0, +inf), so P is exactly 0 there.
+
+Units inside the kernels (why two): without a float mask the scores are bounded by |scale q.k|, so
+the loops work in base 2 like FlashAttention: the raw q.k tile is scaled by qk_scale2 = |scale| *
+log2(e) in the same fused multiply-add that subtracts the row max, and exp2 is one MUFU.EX2. A float
+mask can hold finfo.min, which overflows when multiplied by log2(e): those kernels keep the scores
+and the row max in natural units (s = qk_scale * q.k + mask) and scale the *difference* s - m by
+log2(e) before exp2, which never overflows. The FLOAT_MASK constexpr selects the units; the stored
+statistics are natural in both.
+
+A negative scale is applied by negating q on load (exact), so the row max of a tile is max(q.k) *
+qk_scale2 with qk_scale2 >= 0 (Q_SIGN = -1; Q_SIGN = 0 for scale = 0, where every score is 0).
+
+Loop structure: key (or query) blocks that cannot cross N, M or the causal diagonal run in a main
+loop without bounds or causal predicates; the one ragged block and the diagonal blocks run after it
+(EDGE tiles, unrolled, so each kernel keeps one loop per pass). Keys above the causal diagonal are
+never visited. A key-padding mask (stride 0 along the query rows, e.g. (B, 1, 1, N)) is read as one
+vector per key block (KEY_MASK). WRITE_MAPS, HAS_KL, HAS_DW and the mask kinds are constexprs: a
+call without maps compiles no maps code.
 
 All tensors are read through their strides (masks broadcast with stride 0); batch and head
 offsets are computed in int64 because maps of (B, H, N, N) overflow int32 offsets. Programs are
@@ -16,6 +33,35 @@ Kernels know nothing of autograd or modules: lfi.backends.triton launches them.
 import triton
 import triton.language as tl
 
+from . import INTERPRET
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+# _fwd_pass modes: one online pass (out only), or the two passes of rows that write maps.
+ONLINE = tl.constexpr(0)
+STATS_ONLY = tl.constexpr(1)
+MAPS = tl.constexpr(2)
+# WRITE_MAPS values: no maps, maps of a window of rows (other row blocks take the online pass), all rows.
+MAPS_NONE = tl.constexpr(0)
+MAPS_SOME_ROWS = tl.constexpr(1)
+MAPS_ALL_ROWS = tl.constexpr(2)
+# lg2.approx (inline PTX) when compiled; the interpreter cannot run inline assembly.
+FAST_LOG2 = tl.constexpr(not INTERPRET)
+
+
+@triton.jit
+def _log2(x):
+    """log2 of float32 x > 0. Compiled: lg2.approx.f32, one MUFU.LG2 plus a rescale of subnormal
+    inputs (absolute error <= 2^-22 for x in [0.5, 2], else <= 2 ulp: at most ~1e-7 on a row's KL,
+    below the float32 rounding of its terms), where tl.log2 lowers to a ~28-instruction polynomial
+    that made up half of the forward's instructions with a probability target (t log t per key).
+    Only target entropies use it, never the row statistics. tl.log2 under the interpreter."""
+    if FAST_LOG2:
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.log2(x)
 
 
 @triton.jit
@@ -41,67 +87,203 @@ def _dot(a, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k_ptrs, mask_ptrs, offs_m, offs_n, M, N, scale, k_load_mask,
-            IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-            DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_N: tl.constexpr):
-    """Masked scores (BLOCK_M, BLOCK_N) for q (BLOCK_M, BLOCK_D) and the key block at k_ptrs
-    (laid out (BLOCK_D, BLOCK_N)); keys past N and masked keys are -inf."""
-    k_t = tl.load(k_ptrs, mask=k_load_mask, other=0.0)
-    s = _dot(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION) * scale
-    valid = (offs_n < N)[None, :]
-    if IS_CAUSAL:
-        valid = valid & (offs_n[None, :] <= offs_m[:, None])
-    if HAS_MASK:
-        in_bounds = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        if MASK_BOOL:
-            valid = valid & (tl.load(mask_ptrs, mask=in_bounds, other=0) != 0)
+def _load_tile(ptrs, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """A 2-D tile, predicated only along the dims that can run out of bounds (zeros there)."""
+    if CHECK_ROWS:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         else:
-            s += tl.load(mask_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
-    return tl.where(valid, s, float("-inf"))
+            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
 
 
 @triton.jit
-def _load_stats(STATS, row_offset, offs_m, row_ok):
-    """(row max m, log l) of rows offs_m; rows past M read as empty rows (0, +inf)."""
-    ptrs = STATS + (row_offset + offs_m) * 2
-    return (tl.load(ptrs, mask=row_ok, other=0.0),
-            tl.load(ptrs + 1, mask=row_ok, other=float("inf")))
+def _signed(q, Q_SIGN: tl.constexpr):
+    """q * sign(scale), exactly (see the module docstring)."""
+    if Q_SIGN == -1:
+        q = -q
+    elif Q_SIGN == 0:
+        q = tl.zeros_like(q)
+    return q
 
 
 @triton.jit
-def _kl_accumulate(t_ptrs, load_mask, s, m_prev, m_safe, kl_a, kl_b, kl_z):
-    """Online pieces of KL(t || softmax(s)) for one key block: kl_a = sum t ln t, kl_b = sum t (s - m)
-    kept centred on the running max m (so large logits do not cancel), kl_z = sum t. Keys the
-    student does not attend (s = -inf) are dropped from the target."""
-    t = tl.load(t_ptrs, mask=load_mask, other=0.0).to(tl.float32)
-    t = tl.where(s > float("-inf"), t, 0.0)
-    pos = t > 0.0
-    m_prev_safe = tl.where(m_prev == float("-inf"), 0.0, m_prev)
-    kl_b = kl_b + (m_prev_safe - m_safe) * kl_z + tl.sum(t * tl.where(pos, s - m_safe[:, None], 0.0), 1)
-    kl_a = kl_a + tl.sum(t * tl.log(tl.where(pos, t, 1.0)), 1)
-    return kl_a, kl_b, kl_z + tl.sum(t, 1)
+def _apply_mask(s, mvals, qk_scale, MASK_BOOL: tl.constexpr):
+    """Raw q.k tile -> -inf where a bool mask is False; natural-unit qk_scale * q.k + mask with a
+    float mask (mvals broadcast to s's shape)."""
+    if MASK_BOOL:
+        s = tl.where(mvals != 0, s, float("-inf"))
+    else:
+        s = s * qk_scale + mvals.to(tl.float32)
+    return s
 
 
 @triton.jit
-def _kl_finish(kl_a, kl_b, kl_z, log_l):
-    """(KL per row, tnorm = ln of the target mass): KL = A/Z - ln Z + log l - B/Z.
-    Rows without target mass give KL 0 and tnorm -inf."""
-    has_mass = kl_z > 0.0
-    z = tl.where(has_mass, kl_z, 1.0)
-    kl = kl_a / z - tl.log(z) + log_l - kl_b / z
-    return tl.where(has_mass, kl, 0.0), tl.where(has_mass, tl.log(z), float("-inf"))
+def _mask_scores(s, mask_ptrs, offs_m, offs_n, row_ok, key_ok, qk_scale,
+                 EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+                 KEY_MASK: tl.constexpr):
+    """Masks the raw q.k tile s (BLOCK_M, BLOCK_N) of the rows offs_m: see _apply_mask; keys past N
+    and above the causal diagonal are -inf on EDGE tiles (the only tiles that can have them).
+    mask_ptrs: this tile's mask, (BLOCK_N,) pointers with KEY_MASK, else (BLOCK_M, BLOCK_N)."""
+    if HAS_MASK:
+        if KEY_MASK:
+            if EDGE:
+                mvals = tl.load(mask_ptrs, mask=key_ok, other=0)
+            else:
+                mvals = tl.load(mask_ptrs)
+            s = _apply_mask(s, mvals[None, :], qk_scale, MASK_BOOL)
+        else:
+            s = _apply_mask(s, _load_tile(mask_ptrs, row_ok, key_ok, True, EDGE), qk_scale, MASK_BOOL)
+    if EDGE:
+        valid = key_ok[None, :]
+        if IS_CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None])
+        s = tl.where(valid, s, float("-inf"))
+    return s
 
 
 @triton.jit
-def _kl_grad(ds, p, s, t_ptrs, load_mask, tnorm, grad_kl):
-    """Adds the fused KL's score gradient grad_kl * (p - t / Z) to ds."""
-    t = tl.load(t_ptrs, mask=load_mask, other=0.0).to(tl.float32)
-    t = tl.where(s > float("-inf"), t, 0.0)
-    has_mass = tnorm > float("-inf")
-    inv_z = tl.where(has_mass, tl.exp(-tl.where(has_mass, tnorm, 0.0)), 0.0)
-    grad_kl = tl.where(has_mass, grad_kl, 0.0)
-    return ds + grad_kl[:, None] * (p - t * inv_z[:, None])
+def _probs(s, row_a, row_b, qk_scale2, FLOAT_MASK: tl.constexpr):
+    """Exact P of a score tile from per-row offsets broadcast to the tile's shape (see _row_offsets)."""
+    if FLOAT_MASK:
+        return tl.math.exp2((s - row_a) * LOG2E - row_b)
+    else:
+        return tl.math.exp2(s * qk_scale2 - row_a)
+
+
+@triton.jit
+def _row_offsets(STATS, rows, row_ok, FLOAT_MASK: tl.constexpr):
+    """Per-row offsets for _probs from the stored natural (m, log l): base 2 row_a = (m + log l)
+    log2(e); with a float mask, row_a = m (natural) and row_b = log2 l. Rows past M read as empty
+    rows (0, +inf), so their P is 0."""
+    ptrs = STATS + rows * 2
+    m = tl.load(ptrs, mask=row_ok, other=0.0)
+    log_l = tl.load(ptrs + 1, mask=row_ok, other=float("inf"))
+    if FLOAT_MASK:
+        return m, log_l * LOG2E
+    else:
+        return (m + log_l) * LOG2E, log_l
+
+
+@triton.jit
+def _kl_target(t_ptrs, row_ok, key_ok, s, EDGE: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Target tile (float32), zero on the keys the student does not attend (s = -inf)."""
+    t = _load_tile(t_ptrs, row_ok, key_ok, True, EDGE).to(tl.float32)
+    if EDGE or HAS_MASK:
+        t = tl.where(s > float("-inf"), t, 0.0)
+    return t
+
+
+@triton.jit
+def _fwd_tile(q, start_n, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_base, offs_m, row_ok, w_rows,
+              m_i, l_i, acc, kl_a, kl_b, kl_z, row_a, row_b,
+              stride_kn, stride_vn, stride_mn, stride_tn, stride_wn, N, qk_scale, qk_scale2,
+              PASS: tl.constexpr, EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+              MASK_BOOL: tl.constexpr, KEY_MASK: tl.constexpr, FLOAT_MASK: tl.constexpr, HAS_KL: tl.constexpr,
+              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+              DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key block of a forward pass. ONLINE / STATS_ONLY: online row max m_i and sum l_i (in the
+    kernel's units), and for ONLINE the unnormalised acc; MAPS: P from the final offsets, written to
+    the map rows and accumulated into acc."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    key_ok = offs_n < N
+    # Block base (scalar) + loop-invariant tile offsets: the addresses cost one add per iteration.
+    k_t = _load_tile(k_base + start_n * stride_kn + k_offs,
+                     offs_d < HEAD_DIM, key_ok, BLOCK_D != HEAD_DIM, EDGE)
+    if KEY_MASK:
+        mask_ptrs = mask_base + offs_n * stride_mn
+    else:
+        mask_ptrs = mask_base + offs_n[None, :] * stride_mn
+    s = _dot(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION)
+    s = _mask_scores(s, mask_ptrs, offs_m, offs_n, row_ok, key_ok, qk_scale,
+                     EDGE, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK)
+    if PASS == MAPS:
+        p = _probs(s, row_a[:, None], row_b[:, None], qk_scale2, FLOAT_MASK).to(w_base.dtype.element_ty)
+        if EDGE:
+            tl.store(w_base + offs_n[None, :] * stride_wn, p, mask=w_rows[:, None] & key_ok[None, :])
+        else:
+            tl.store(w_base + offs_n[None, :] * stride_wn, p, mask=w_rows[:, None])
+        offs_dv = tl.arange(0, BLOCK_DV)
+        v = _load_tile(v_base + start_n * stride_vn + v_offs,
+                       key_ok, offs_dv < HEAD_DIM_V,
+                       EDGE, BLOCK_DV != HEAD_DIM_V)
+        acc = _dot(p.to(v.dtype), v, acc, DOT_FP32, PRECISION)
+    else:
+        if FLOAT_MASK:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2((s - m_safe[:, None]) * LOG2E)
+            alpha = tl.math.exp2((m_i - m_safe) * LOG2E)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale2)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s * qk_scale2 - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_KL:
+            # Online pieces of KL(t || softmax(s)): kl_a = sum t ln t, kl_b = sum t (s - m) centred on
+            # the running max (in the kernel's units), kl_z = sum t.
+            t = _kl_target(t_base + offs_n[None, :] * stride_tn, row_ok, key_ok, s, EDGE, HAS_MASK)
+            pos = t > 0.0
+            if FLOAT_MASK:
+                s_units = s
+            else:
+                s_units = s * qk_scale2
+            m_prev = tl.where(m_i == float("-inf"), 0.0, m_i)
+            kl_b = kl_b + (m_prev - m_safe) * kl_z + tl.sum(t * tl.where(pos, s_units - m_safe[:, None], 0.0), 1)
+            kl_a = kl_a + tl.sum(t * _log2(tl.where(pos, t, 1.0)), 1) * LN2
+            kl_z = kl_z + tl.sum(t, 1)
+        if PASS == ONLINE:
+            offs_dv = tl.arange(0, BLOCK_DV)
+            v = _load_tile(v_base + start_n * stride_vn + v_offs,
+                       key_ok, offs_dv < HEAD_DIM_V,
+                           EDGE, BLOCK_DV != HEAD_DIM_V)
+            acc = acc * alpha[:, None]
+            acc = _dot(p.to(v.dtype), v, acc, DOT_FP32, PRECISION)
+        m_i = m_new
+    return m_i, l_i, acc, kl_a, kl_b, kl_z
+
+
+@triton.jit
+def _fwd_pass(q, row_lo, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_base, offs_m, row_ok, w_rows,
+              m_i, l_i, acc, kl_a, kl_b, kl_z, row_a, row_b,
+              stride_kn, stride_vn, stride_mn, stride_tn, stride_wn, N, qk_scale, qk_scale2,
+              PASS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+              KEY_MASK: tl.constexpr, FLOAT_MASK: tl.constexpr, HAS_KL: tl.constexpr,
+              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+              DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """All key blocks of one pass for the rows [row_lo, row_lo + BLOCK_M): the full blocks below the
+    diagonal in the main loop, then the ragged / diagonal blocks as EDGE tiles."""
+    if IS_CAUSAL:
+        hi = tl.minimum(N, row_lo + BLOCK_M)
+        main_end = tl.minimum((N // BLOCK_N) * BLOCK_N, (row_lo // BLOCK_N) * BLOCK_N)
+    else:
+        hi = N
+        main_end = (N // BLOCK_N) * BLOCK_N
+    for start_n in range(0, main_end, BLOCK_N):
+        m_i, l_i, acc, kl_a, kl_b, kl_z = _fwd_tile(
+            q, start_n, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_base, offs_m, row_ok, w_rows,
+            m_i, l_i, acc, kl_a, kl_b, kl_z, row_a, row_b,
+            stride_kn, stride_vn, stride_mn, stride_tn, stride_wn, N, qk_scale, qk_scale2,
+            PASS, False, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_KL,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
+    # Edge blocks: the ragged last block, or the (cdiv(BLOCK_M, BLOCK_N)) blocks on the diagonal.
+    for i in tl.static_range((BLOCK_M + BLOCK_N - 1) // BLOCK_N if IS_CAUSAL else 1):
+        start_n = main_end + i * BLOCK_N
+        if start_n < hi:
+            m_i, l_i, acc, kl_a, kl_b, kl_z = _fwd_tile(
+                q, start_n, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_base, offs_m, row_ok, w_rows,
+                m_i, l_i, acc, kl_a, kl_b, kl_z, row_a, row_b,
+                stride_kn, stride_vn, stride_mn, stride_tn, stride_wn, N, qk_scale, qk_scale2,
+                PASS, True, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_KL,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
+    return m_i, l_i, acc, kl_a, kl_b, kl_z
 
 
 @triton.jit
@@ -114,40 +296,47 @@ def attention_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_wb, stride_wh, stride_wm, stride_wn,
     stride_tb, stride_th, stride_tm, stride_tn,
-    H, GROUP, M, N, scale, w_start, w_stop,
+    H, GROUP, M, N, qk_scale, qk_scale2, w_start, w_stop, M_BUCKET, N_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KL: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, KEY_MASK: tl.constexpr,
+    FLOAT_MASK: tl.constexpr, HAS_KL: tl.constexpr, WRITE_MAPS: tl.constexpr, Q_SIGN: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program per (row block, b, h). Writes OUT (B, H, M, Dv), STATS (B, H, M, 2) and, for the rows
-    in [w_start, w_stop), the exact maps W (B, H, w_stop - w_start, N).
+    """One program per (row block, b, h). Writes OUT (B, H, M, Dv), STATS (B, H, M, 2) and, with
+    WRITE_MAPS (MAPS_SOME_ROWS, or MAPS_ALL_ROWS when [w_start, w_stop) = [0, M)), the exact maps
+    W (B, H, w_stop - w_start, N) of the rows in [w_start, w_stop).
 
     Row blocks that overlap the map rows take two passes over the keys: the first finds the row
-    max and sum, the second computes P = exp((S - m) - log l) exactly, writes it, and accumulates P V.
-    The other row blocks take the usual single online-softmax pass.
+    max and sum, the second computes P exactly, writes it, and accumulates P V. The other row blocks
+    take the usual single online-softmax pass.
     With HAS_KL, the same pass also computes KL(T || P) per row into KL (B, H, M) and the log of
     the target mass into TNORM (B, H, M), T (B, H, M, N) being target probabilities read through
     strides (restricted to the attended keys and renormalised there).
+    The last dim of Q, K, V, OUT and the key dim of T are contiguous (the launcher ensures it).
+    M_BUCKET and N_BUCKET only key the autotuner.
     """
     pid_m, pid_bh, b, h, offs_m, row_ok = _row_block(M, H, BLOCK_M)
     hk = h // GROUP
-
-    offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    row_lo = pid_m * BLOCK_M
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-    k_base = K + b * stride_kb + hk * stride_kh + offs_d[:, None] * stride_kd
-    v_base = V + b * stride_vb + hk * stride_vh + offs_dv[None, :] * stride_vd
-    mask_base = MASK + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mm
-
-    hi = N
-    if IS_CAUSAL:
-        hi = tl.minimum(N, (pid_m + 1) * BLOCK_M)
-
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                   row_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+    q = _signed(q, Q_SIGN)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    arange_n = tl.arange(0, BLOCK_N)
+    k_offs = offs_d[:, None] * stride_kd + arange_n[None, :] * stride_kn
+    v_offs = arange_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    if KEY_MASK:
+        mask_base = MASK + b * stride_mb + h * stride_mh
+    else:
+        mask_base = MASK + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mm
     t_base = T + b * stride_tb + h * stride_th + offs_m[:, None] * stride_tm
+    w_rows = (offs_m >= w_start) & (offs_m < w_stop)
+    w_base = W + b * stride_wb + h * stride_wh + (offs_m - w_start)[:, None] * stride_wm
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -155,76 +344,96 @@ def attention_fwd_kernel(
     kl_a = tl.zeros([BLOCK_M], dtype=tl.float32)
     kl_b = tl.zeros([BLOCK_M], dtype=tl.float32)
     kl_z = tl.zeros([BLOCK_M], dtype=tl.float32)
-    row_lo = pid_m * BLOCK_M
-    writes_maps = (row_lo < w_stop) & (row_lo + BLOCK_M > w_start)
-    if writes_maps:
-        for start_n in range(0, hi, BLOCK_N):
-            offs_n = start_n + offs_n0
-            s = _scores(q, k_base + offs_n[None, :] * stride_kn, mask_base + offs_n[None, :] * stride_mn,
-                        offs_m, offs_n, M, N, scale,
-                        (offs_d < HEAD_DIM)[:, None] & (offs_n < N)[None, :],
-                        IS_CAUSAL, HAS_MASK, MASK_BOOL, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
-            if HAS_KL:
-                kl_a, kl_b, kl_z = _kl_accumulate(t_base + offs_n[None, :] * stride_tn,
-                                                  row_ok[:, None] & (offs_n < N)[None, :], s, m_i, m_safe,
-                                                  kl_a, kl_b, kl_z)
-            m_i = m_new
-        m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
-        log_l = tl.where(l_i == 0.0, float("inf"), tl.log(tl.where(l_i == 0.0, 1.0, l_i)))
-        w_rows = (offs_m >= w_start) & (offs_m < w_stop)
-        w_base = W + b * stride_wb + h * stride_wh + (offs_m - w_start)[:, None] * stride_wm
-        for start_n in range(0, hi, BLOCK_N):
-            offs_n = start_n + offs_n0
-            s = _scores(q, k_base + offs_n[None, :] * stride_kn, mask_base + offs_n[None, :] * stride_mn,
-                        offs_m, offs_n, M, N, scale,
-                        (offs_d < HEAD_DIM)[:, None] & (offs_n < N)[None, :],
-                        IS_CAUSAL, HAS_MASK, MASK_BOOL, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
-            p = tl.exp((s - m_fin[:, None]) - log_l[:, None]).to(W.dtype.element_ty)
-            tl.store(w_base + offs_n[None, :] * stride_wn, p, mask=w_rows[:, None] & (offs_n < N)[None, :])
-            v = tl.load(v_base + offs_n[:, None] * stride_vn,
-                        mask=(offs_n < N)[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
-            acc = _dot(p.to(V.dtype.element_ty), v, acc, DOT_FP32, PRECISION)
-        # Causal rows have no keys past `hi`: their maps are zero there.
-        for start_n in range(hi, N, BLOCK_N):
-            offs_n = start_n + offs_n0
-            tl.store(w_base + offs_n[None, :] * stride_wn, tl.zeros([BLOCK_M, BLOCK_N], dtype=W.dtype.element_ty),
-                     mask=w_rows[:, None] & (offs_n < N)[None, :])
+    if WRITE_MAPS == MAPS_ALL_ROWS:
+        in_window = True
+    elif WRITE_MAPS == MAPS_SOME_ROWS:
+        in_window = (row_lo < w_stop) & (row_lo + BLOCK_M > w_start)
     else:
-        for start_n in range(0, hi, BLOCK_N):
-            offs_n = start_n + offs_n0
-            s = _scores(q, k_base + offs_n[None, :] * stride_kn, mask_base + offs_n[None, :] * stride_mn,
-                        offs_m, offs_n, M, N, scale,
-                        (offs_d < HEAD_DIM)[:, None] & (offs_n < N)[None, :],
-                        IS_CAUSAL, HAS_MASK, MASK_BOOL, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if HAS_KL:
-                kl_a, kl_b, kl_z = _kl_accumulate(t_base + offs_n[None, :] * stride_tn,
-                                                  row_ok[:, None] & (offs_n < N)[None, :], s, m_i, m_safe,
-                                                  kl_a, kl_b, kl_z)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn,
-                        mask=(offs_n < N)[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
-            acc = _dot(p.to(V.dtype.element_ty), v, acc * alpha[:, None], DOT_FP32, PRECISION)
-            m_i = m_new
-        m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
-        log_l = tl.where(l_i == 0.0, float("inf"), tl.log(tl.where(l_i == 0.0, 1.0, l_i)))
-        acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        in_window = False
+    if in_window:
+        m_i, l_i, acc, kl_a, kl_b, kl_z = _fwd_pass(
+            q, row_lo, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_base, offs_m, row_ok, w_rows,
+            m_i, l_i, acc, kl_a, kl_b, kl_z, m_i, l_i,
+            stride_kn, stride_vn, stride_mn, stride_tn, stride_wn, N, qk_scale, qk_scale2,
+            STATS_ONLY, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_KL,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
+        empty = l_i == 0.0
+        log2_l = tl.where(empty, float("inf"), tl.math.log2(tl.where(empty, 1.0, l_i)))
+        if FLOAT_MASK:
+            row_a = tl.where(empty, 0.0, m_i)
+            row_b = log2_l
+        else:
+            row_a = tl.where(empty, 0.0, m_i) + log2_l
+            row_b = log2_l
+        m_i, l_i, acc, kl_a, kl_b, kl_z = _fwd_pass(
+            q, row_lo, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_base, offs_m, row_ok, w_rows,
+            m_i, l_i, acc, kl_a, kl_b, kl_z, row_a, row_b,
+            stride_kn, stride_vn, stride_mn, stride_tn, stride_wn, N, qk_scale, qk_scale2,
+            MAPS, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_KL,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
+        if IS_CAUSAL:
+            # Causal rows have no keys past the diagonal: their maps are zero there.
+            zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=W.dtype.element_ty)
+            for start_n in range(tl.minimum(N, row_lo + BLOCK_M), N, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                tl.store(w_base + offs_n[None, :] * stride_wn, zeros, mask=w_rows[:, None] & (offs_n < N)[None, :])
+        out = acc
+    else:
+        m_i, l_i, acc, kl_a, kl_b, kl_z = _fwd_pass(
+            q, row_lo, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_base, offs_m, row_ok, w_rows,
+            m_i, l_i, acc, kl_a, kl_b, kl_z, m_i, l_i,
+            stride_kn, stride_vn, stride_mn, stride_tn, stride_wn, N, qk_scale, qk_scale2,
+            ONLINE, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_KL,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
+        out = acc * (1.0 / tl.where(l_i == 0.0, 1.0, l_i))[:, None]
 
-    stats = STATS + (pid_bh.to(tl.int64) * M + offs_m) * 2
-    tl.store(stats, m_fin, mask=row_ok)
-    tl.store(stats + 1, log_l, mask=row_ok)
+    empty = l_i == 0.0
+    log_l = tl.where(empty, float("inf"), tl.log(tl.where(empty, 1.0, l_i)))
+    if FLOAT_MASK:
+        m_nat = tl.where(empty, 0.0, m_i)
+    else:
+        m_nat = tl.where(empty, 0.0, m_i * LN2)
+    rows = pid_bh.to(tl.int64) * M + offs_m
+    tl.store(STATS + rows * 2, m_nat, mask=row_ok)
+    tl.store(STATS + rows * 2 + 1, log_l, mask=row_ok)
     if HAS_KL:
-        kl, tnorm = _kl_finish(kl_a, kl_b, kl_z, log_l)
-        tl.store(KL + pid_bh.to(tl.int64) * M + offs_m, kl, mask=row_ok)
-        tl.store(TNORM + pid_bh.to(tl.int64) * M + offs_m, tnorm, mask=row_ok)
+        # KL = A/Z - ln Z + ln l - B/Z (B converted to natural units); rows without target mass give
+        # KL 0 and TNORM -inf.
+        has_mass = kl_z > 0.0
+        z = tl.where(has_mass, kl_z, 1.0)
+        if FLOAT_MASK:
+            b_nat = kl_b
+        else:
+            b_nat = kl_b * LN2
+        kl = kl_a / z - tl.log(z) + tl.where(empty, 0.0, log_l) - b_nat / z
+        tl.store(KL + rows, tl.where(has_mass, kl, 0.0), mask=row_ok)
+        tl.store(TNORM + rows, tl.where(has_mass, tl.log(z), float("-inf")), mask=row_ok)
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
-             acc.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
+             out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
+
+
+@triton.jit
+def _delta_tile(q, start_n, k_base, k_offs, mask_base, g_base, offs_m, row_ok, w_rows, row_a, row_b, delta,
+                stride_kn, stride_mn, stride_gn, N, qk_scale, qk_scale2,
+                EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+                KEY_MASK: tl.constexpr, FLOAT_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """delta += rowsum(P * G) over one key block of the map rows."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    key_ok = offs_n < N
+    k_t = _load_tile(k_base + start_n * stride_kn + k_offs, offs_d < HEAD_DIM, key_ok,
+                     BLOCK_D != HEAD_DIM, EDGE)
+    if KEY_MASK:
+        mask_ptrs = mask_base + offs_n * stride_mn
+    else:
+        mask_ptrs = mask_base + offs_n[None, :] * stride_mn
+    s = _dot(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION)
+    s = _mask_scores(s, mask_ptrs, offs_m, offs_n, row_ok, key_ok, qk_scale,
+                     EDGE, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK)
+    p = _probs(s, row_a[:, None], row_b[:, None], qk_scale2, FLOAT_MASK)
+    g = _load_tile(g_base + offs_n[None, :] * stride_gn, w_rows, key_ok, True, EDGE).to(tl.float32)
+    return delta + tl.sum(p * g, 1)
 
 
 @triton.jit
@@ -236,53 +445,145 @@ def attention_bwd_preprocess_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_gb, stride_gh, stride_gm, stride_gn,
-    H, GROUP, M, N, scale, w_start, w_stop,
+    H, GROUP, M, N, qk_scale, qk_scale2, w_start, w_stop, M_BUCKET, N_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_DW: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, KEY_MASK: tl.constexpr,
+    FLOAT_MASK: tl.constexpr, HAS_DW: tl.constexpr, Q_SIGN: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """DELTA (B, H, M) float32 = rowsum(dO * O) + rowsum(P * G), G = dL/dW on the map rows."""
     pid_m, pid_bh, b, h, offs_m, row_ok = _row_block(M, H, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
-    ov_mask = row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :]
-    o = tl.load(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
-                mask=ov_mask, other=0.0).to(tl.float32)
-    do = tl.load(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                 mask=ov_mask, other=0.0).to(tl.float32)
+    dv_ok = offs_dv < HEAD_DIM_V
+    o = _load_tile(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+                   row_ok, dv_ok, True, BLOCK_DV != HEAD_DIM_V).to(tl.float32)
+    do = _load_tile(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                    row_ok, dv_ok, True, BLOCK_DV != HEAD_DIM_V).to(tl.float32)
     delta = tl.sum(o * do, 1)
+    rows = pid_bh.to(tl.int64) * M + offs_m
     if HAS_DW:
         row_lo = pid_m * BLOCK_M
         if (row_lo < w_stop) & (row_lo + BLOCK_M > w_start):
             hk = h // GROUP
-            offs_n0 = tl.arange(0, BLOCK_N)
             offs_d = tl.arange(0, BLOCK_D)
-            q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                        mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-            m_row, log_l = _load_stats(STATS, pid_bh.to(tl.int64) * M, offs_m, row_ok)
-            k_base = K + b * stride_kb + hk * stride_kh + offs_d[:, None] * stride_kd
-            mask_base = MASK + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mm
+            q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                           row_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+            q = _signed(q, Q_SIGN)
+            row_a, row_b = _row_offsets(STATS, rows, row_ok, FLOAT_MASK)
+            k_base = K + b * stride_kb + hk * stride_kh
+            k_offs = offs_d[:, None] * stride_kd + tl.arange(0, BLOCK_N)[None, :] * stride_kn
+            if KEY_MASK:
+                mask_base = MASK + b * stride_mb + h * stride_mh
+            else:
+                mask_base = MASK + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mm
             w_rows = (offs_m >= w_start) & (offs_m < w_stop)
             g_base = DW + b * stride_gb + h * stride_gh + (offs_m - w_start)[:, None] * stride_gm
-            hi = N
             if IS_CAUSAL:
-                hi = tl.minimum(N, (pid_m + 1) * BLOCK_M)
-            for start_n in range(0, hi, BLOCK_N):
-                offs_n = start_n + offs_n0
-                s = _scores(q, k_base + offs_n[None, :] * stride_kn, mask_base + offs_n[None, :] * stride_mn,
-                            offs_m, offs_n, M, N, scale,
-                            (offs_d < HEAD_DIM)[:, None] & (offs_n < N)[None, :],
-                            IS_CAUSAL, HAS_MASK, MASK_BOOL, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
-                p = tl.exp((s - m_row[:, None]) - log_l[:, None])
-                g = tl.load(g_base + offs_n[None, :] * stride_gn, mask=w_rows[:, None] & (offs_n < N)[None, :],
-                            other=0.0).to(tl.float32)
-                delta += tl.sum(p * g, 1)
-    tl.store(DELTA + pid_bh.to(tl.int64) * M + offs_m, delta, mask=row_ok)
+                hi = tl.minimum(N, row_lo + BLOCK_M)
+                main_end = tl.minimum((N // BLOCK_N) * BLOCK_N, (row_lo // BLOCK_N) * BLOCK_N)
+            else:
+                hi = N
+                main_end = (N // BLOCK_N) * BLOCK_N
+            for start_n in range(0, main_end, BLOCK_N):
+                delta = _delta_tile(q, start_n, k_base, k_offs, mask_base, g_base, offs_m, row_ok, w_rows, row_a, row_b,
+                                    delta, stride_kn, stride_mn, stride_gn, N, qk_scale, qk_scale2,
+                                    False, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HEAD_DIM, BLOCK_D,
+                                    DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
+            for i in tl.static_range((BLOCK_M + BLOCK_N - 1) // BLOCK_N if IS_CAUSAL else 1):
+                start_n = main_end + i * BLOCK_N
+                if start_n < hi:
+                    delta = _delta_tile(q, start_n, k_base, k_offs, mask_base, g_base, offs_m, row_ok, w_rows, row_a,
+                                        row_b, delta, stride_kn, stride_mn, stride_gn, N, qk_scale, qk_scale2,
+                                        True, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HEAD_DIM,
+                                        BLOCK_D, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
+    tl.store(DELTA + rows, delta, mask=row_ok)
+
+
+@triton.jit
+def _dkdv_tile(k, v, dk, dv, start_m, q_base, q_offs, do_base, do_offs, dq_base, dq_offs, mask_base, g_base,
+               t_base, STATS, DELTA, TNORM, gkl_base, row_stats, offs_n, key_ok, key_mask_vals,
+               stride_qm, stride_dom, stride_dqm, stride_mm, stride_gm, stride_tm, stride_gklm,
+               M, scale, qk_scale, qk_scale2, w_start, w_stop,
+               EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+               KEY_MASK: tl.constexpr, FLOAT_MASK: tl.constexpr, HAS_DW: tl.constexpr, HAS_KL: tl.constexpr,
+               DQ_ATOMIC: tl.constexpr, Q_SIGN: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One query block of the dK/dV loop, computed transposed (keys along rows) so that no
+    computed tile is transposed: S^T = K Q^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q. With
+    DQ_ATOMIC, also dQ += scale dS K, added atomically into the float32 accumulator at dq_base."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < M
+    q_t = _load_tile(q_base + start_m * stride_qm + q_offs, offs_d < HEAD_DIM, row_ok,
+                     BLOCK_D != HEAD_DIM, EDGE)
+    q_t = _signed(q_t, Q_SIGN)
+    s_t = _dot(k, q_t, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_FP32, PRECISION)
+    if HAS_MASK:
+        if KEY_MASK:
+            s_t = _apply_mask(s_t, key_mask_vals[:, None], qk_scale, MASK_BOOL)
+        else:
+            # Keys past N are never stored, but must not be read: they get masked (0 / -inf) entries.
+            if EDGE:
+                load_ok = key_ok[:, None] & row_ok[None, :]
+            else:
+                load_ok = key_ok[:, None]
+            mvals = tl.load(mask_base + offs_m[None, :] * stride_mm, mask=load_ok,
+                            other=0 if MASK_BOOL else float("-inf"))
+            s_t = _apply_mask(s_t, mvals, qk_scale, MASK_BOOL)
+    if EDGE and IS_CAUSAL:
+        s_t = tl.where(offs_n[:, None] <= offs_m[None, :], s_t, float("-inf"))
+    if EDGE:
+        ptrs = STATS + (row_stats + offs_m) * 2
+        m = tl.load(ptrs, mask=row_ok, other=0.0)
+        log_l = tl.load(ptrs + 1, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + row_stats + offs_m, mask=row_ok, other=0.0)
+    else:
+        ptrs = STATS + (row_stats + offs_m) * 2
+        m = tl.load(ptrs)
+        log_l = tl.load(ptrs + 1)
+        delta = tl.load(DELTA + row_stats + offs_m)
+    if FLOAT_MASK:
+        p_t = _probs(s_t, m[None, :], (log_l * LOG2E)[None, :], qk_scale2, FLOAT_MASK)
+    else:
+        p_t = _probs(s_t, ((m + log_l) * LOG2E)[None, :], m[None, :], qk_scale2, FLOAT_MASK)
+    do = _load_tile(do_base + start_m * stride_dom + do_offs, row_ok, offs_dv < HEAD_DIM_V,
+                    EDGE, BLOCK_DV != HEAD_DIM_V)
+    dv = _dot(p_t.to(do.dtype), do, dv, DOT_FP32, PRECISION)
+    dp_t = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_FP32, PRECISION)
+    if HAS_DW:
+        w_rows = (offs_m >= w_start) & (offs_m < w_stop)
+        g_t = tl.load(g_base + (offs_m - w_start)[None, :] * stride_gm,
+                      mask=key_ok[:, None] & w_rows[None, :], other=0.0)
+        dp_t += g_t.to(tl.float32)
+    ds_t = p_t * (dp_t - delta[None, :])
+    if HAS_KL:
+        t_t = tl.load(t_base + offs_m[None, :] * stride_tm,
+                      mask=key_ok[:, None] & row_ok[None, :], other=0.0).to(tl.float32)
+        t_t = tl.where(s_t > float("-inf"), t_t, 0.0)
+        tnorm = tl.load(TNORM + row_stats + offs_m, mask=row_ok, other=float("-inf"))
+        grad_kl = tl.load(gkl_base + offs_m * stride_gklm, mask=row_ok, other=0.0).to(tl.float32)
+        has_mass = tnorm > float("-inf")
+        inv_z = tl.where(has_mass, tl.exp(-tl.where(has_mass, tnorm, 0.0)), 0.0)
+        grad_kl = tl.where(has_mass, grad_kl, 0.0)
+        ds_t += grad_kl[None, :] * (p_t - t_t * inv_z[None, :])
+    ds_lo = ds_t.to(q_t.dtype)
+    dk = _dot(ds_lo, tl.trans(q_t), dk, DOT_FP32, PRECISION)
+    if DQ_ATOMIC:
+        dq = _dot(tl.trans(ds_lo), k, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), DOT_FP32, PRECISION)
+        dq_ptrs = dq_base + start_m * stride_dqm + dq_offs
+        if EDGE:
+            tl.atomic_add(dq_ptrs, dq * scale, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], sem="relaxed")
+        else:
+            tl.atomic_add(dq_ptrs, dq * scale, mask=(offs_d < HEAD_DIM)[None, :], sem="relaxed")
+    return dk, dv
 
 
 @triton.jit
 def attention_bwd_dkdv_kernel(
-    Q, K, V, MASK, DOUT, DW, STATS, DELTA, DK, DV, T, TNORM, GKL,
+    Q, K, V, MASK, DOUT, DW, STATS, DELTA, DK, DV, DQ_ACC, T, TNORM, GKL,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -291,16 +592,20 @@ def attention_bwd_dkdv_kernel(
     stride_gb, stride_gh, stride_gm, stride_gn,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_tb, stride_th, stride_tm, stride_tn,
     stride_gklb, stride_gklh, stride_gklm,
-    H, HKV, GROUP, M, N, scale, w_start, w_stop,
+    H, HKV, GROUP, M, N, scale, qk_scale, qk_scale2, w_start, w_stop, M_BUCKET, N_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_DW: tl.constexpr,
-    HAS_KL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, KEY_MASK: tl.constexpr,
+    FLOAT_MASK: tl.constexpr, HAS_DW: tl.constexpr, HAS_KL: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    Q_SIGN: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program per (key block, b, kv head): dV = sum P^T dO and dK = scale sum dS^T Q over the
-    GROUP query heads sharing the kv head, so no atomics are needed."""
+    """One program per (key block, b, kv head): dV = sum P^T dO and dK = |scale| sum dS^T Q over the
+    GROUP query heads sharing the kv head, so dK and dV need no atomics. With DQ_ATOMIC the same
+    tiles also add scale * dS K into DQ_ACC (B, H, M, D) float32 (zeroed by the launcher), and the
+    dQ kernel is not run."""
     num_n_blocks = tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
     pid_n = pid % num_n_blocks
@@ -308,60 +613,119 @@ def attention_bwd_dkdv_kernel(
     b = (pid_bhk // HKV).to(tl.int64)
     hk = (pid_bhk % HKV).to(tl.int64)
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
+    n_lo = pid_n * BLOCK_N
+    offs_n = n_lo + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     key_ok = offs_n < N
-    k_t_ptrs = K + b * stride_kb + hk * stride_kh + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
-    k_t_mask = (offs_d < HEAD_DIM)[:, None] & key_ok[None, :]
-    v_t = tl.load(V + b * stride_vb + hk * stride_vh + offs_dv[:, None] * stride_vd + offs_n[None, :] * stride_vn,
-                  mask=(offs_dv < HEAD_DIM_V)[:, None] & key_ok[None, :], other=0.0)
+    k = _load_tile(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                   key_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+    v = _load_tile(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                   key_ok, offs_dv < HEAD_DIM_V, True, BLOCK_DV != HEAD_DIM_V)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
-    lo = 0
+    arange_m = tl.arange(0, BLOCK_M)
+    q_offs = offs_d[:, None] * stride_qd + arange_m[None, :] * stride_qm
+    do_offs = arange_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod
+    dq_offs = arange_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+    m_full = (M // BLOCK_M) * BLOCK_M
     if IS_CAUSAL:
-        # Query i sees key j only when j <= i: skip row blocks entirely above this key block.
-        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+        # Query i sees key j only when j <= i: row blocks entirely above this key block are skipped,
+        # the cdiv(BLOCK_N, BLOCK_M) blocks on the diagonal are EDGE tiles.
+        diag_lo = (n_lo // BLOCK_M) * BLOCK_M
+        main_lo = diag_lo + ((BLOCK_N + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    else:
+        main_lo = 0
+    main_hi = tl.maximum(main_lo, m_full)
     for g in range(0, GROUP):
         h = hk * GROUP + g
-        q_base = Q + b * stride_qb + h * stride_qh + offs_d[None, :] * stride_qd
-        do_base = DOUT + b * stride_dob + h * stride_doh + offs_dv[None, :] * stride_dod
-        mask_base = MASK + b * stride_mb + h * stride_mh + offs_n[None, :] * stride_mn
-        g_base = DW + b * stride_gb + h * stride_gh + offs_n[None, :] * stride_gn
-        t_base = T + b * stride_tb + h * stride_th + offs_n[None, :] * stride_tn
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DOUT + b * stride_dob + h * stride_doh
+        dq_base = DQ_ACC + b * stride_dqb + h * stride_dqh
+        mask_base = MASK + b * stride_mb + h * stride_mh + offs_n[:, None] * stride_mn
+        key_mask_vals = key_ok
+        if HAS_MASK:
+            if KEY_MASK:
+                key_mask_vals = tl.load(MASK + b * stride_mb + h * stride_mh + offs_n * stride_mn, mask=key_ok,
+                                        other=0 if MASK_BOOL else float("-inf"))
+        g_base = DW + b * stride_gb + h * stride_gh + offs_n[:, None] * stride_gn
+        t_base = T + b * stride_tb + h * stride_th + offs_n[:, None] * stride_tn
         gkl_base = GKL + b * stride_gklb + h * stride_gklh
         row_stats = (b * H + h) * M
-        for start_m in range(lo, M, BLOCK_M):
-            offs_m = start_m + offs_m0
-            row_ok = offs_m < M
-            q = tl.load(q_base + offs_m[:, None] * stride_qm, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :],
-                        other=0.0)
-            s = _scores(q, k_t_ptrs, mask_base + offs_m[:, None] * stride_mm, offs_m, offs_n, M, N, scale,
-                        k_t_mask, IS_CAUSAL, HAS_MASK, MASK_BOOL, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
-            m_row, log_l = _load_stats(STATS, row_stats, offs_m, row_ok)
-            p = tl.exp((s - m_row[:, None]) - log_l[:, None])
-            do = tl.load(do_base + offs_m[:, None] * stride_dom, mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :],
-                         other=0.0)
-            dv = _dot(tl.trans(p.to(DOUT.dtype.element_ty)), do, dv, DOT_FP32, PRECISION)
-            dp = _dot(do, v_t.to(DOUT.dtype.element_ty), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
-                      DOT_FP32, PRECISION)
-            if HAS_DW:
-                w_rows = (offs_m >= w_start) & (offs_m < w_stop)
-                dp += tl.load(g_base + (offs_m - w_start)[:, None] * stride_gm, mask=w_rows[:, None] & key_ok[None, :],
-                              other=0.0).to(tl.float32)
-            delta = tl.load(DELTA + row_stats + offs_m, mask=row_ok, other=0.0)
-            ds = p * (dp - delta[:, None])
-            if HAS_KL:
-                ds = _kl_grad(ds, p, s, t_base + offs_m[:, None] * stride_tm, row_ok[:, None] & key_ok[None, :],
-                              tl.load(TNORM + row_stats + offs_m, mask=row_ok, other=float("-inf")),
-                              tl.load(gkl_base + offs_m * stride_gklm, mask=row_ok, other=0.0).to(tl.float32))
-            dk = _dot(tl.trans(ds.to(Q.dtype.element_ty)), q, dk, DOT_FP32, PRECISION)
+        if IS_CAUSAL:
+            for i in tl.static_range((BLOCK_N + BLOCK_M - 1) // BLOCK_M):
+                start_m = diag_lo + i * BLOCK_M
+                if start_m < M:
+                    dk, dv = _dkdv_tile(
+                        k, v, dk, dv, start_m, q_base, q_offs, do_base, do_offs, dq_base, dq_offs, mask_base, g_base, t_base, STATS, DELTA, TNORM,
+                        gkl_base, row_stats, offs_n, key_ok, key_mask_vals,
+                        stride_qm, stride_dom, stride_dqm, stride_mm, stride_gm, stride_tm, stride_gklm,
+                        M, scale, qk_scale, qk_scale2, w_start, w_stop,
+                        True, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_DW, HAS_KL, DQ_ATOMIC, Q_SIGN,
+                        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
+        for start_m in range(main_lo, main_hi, BLOCK_M):
+            dk, dv = _dkdv_tile(
+                k, v, dk, dv, start_m, q_base, q_offs, do_base, do_offs, dq_base, dq_offs, mask_base, g_base, t_base, STATS, DELTA, TNORM,
+                gkl_base, row_stats, offs_n, key_ok, key_mask_vals,
+                stride_qm, stride_dom, stride_dqm, stride_mm, stride_gm, stride_tm, stride_gklm,
+                M, scale, qk_scale, qk_scale2, w_start, w_stop,
+                False, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_DW, HAS_KL, DQ_ATOMIC, Q_SIGN,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
+        if main_hi < M:  # the ragged last query block
+            dk, dv = _dkdv_tile(
+                k, v, dk, dv, main_hi, q_base, q_offs, do_base, do_offs, dq_base, dq_offs, mask_base, g_base, t_base, STATS, DELTA, TNORM,
+                gkl_base, row_stats, offs_n, key_ok, key_mask_vals,
+                stride_qm, stride_dom, stride_dqm, stride_mm, stride_gm, stride_tm, stride_gklm,
+                M, scale, qk_scale, qk_scale2, w_start, w_stop,
+                True, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_DW, HAS_KL, DQ_ATOMIC, Q_SIGN,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
     tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-             (dk * scale).to(DK.dtype.element_ty), mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+             (dk * qk_scale).to(DK.dtype.element_ty), mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
     tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
              dv.to(DV.dtype.element_ty), mask=key_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
+
+
+@triton.jit
+def _dq_tile(q, do, dq, start_n, k_base, v_base, k_offs, v_offs, mask_base, g_base, t_base, ds_base, offs_m, row_ok, w_rows,
+             row_a, row_b, delta, inv_z, grad_kl, stride_kn, stride_vn, stride_mn, stride_gn, stride_tn,
+             N, qk_scale, qk_scale2,
+             EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+             KEY_MASK: tl.constexpr, FLOAT_MASK: tl.constexpr, HAS_DW: tl.constexpr, HAS_KL: tl.constexpr,
+             WRITE_DS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+             BLOCK_DV: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key block of the dQ loop: each K tile is loaded once and read both ways."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    key_ok = offs_n < N
+    k = _load_tile(k_base + start_n * stride_kn + k_offs, key_ok, offs_d < HEAD_DIM,
+                   EDGE, BLOCK_D != HEAD_DIM)
+    v = _load_tile(v_base + start_n * stride_vn + v_offs,
+                       key_ok, offs_dv < HEAD_DIM_V,
+                   EDGE, BLOCK_DV != HEAD_DIM_V)
+    if KEY_MASK:
+        mask_ptrs = mask_base + offs_n * stride_mn
+    else:
+        mask_ptrs = mask_base + offs_n[None, :] * stride_mn
+    s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION)
+    s = _mask_scores(s, mask_ptrs, offs_m, offs_n, row_ok, key_ok, qk_scale,
+                     EDGE, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK)
+    p = _probs(s, row_a[:, None], row_b[:, None], qk_scale2, FLOAT_MASK)
+    dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION)
+    if HAS_DW:
+        dp += _load_tile(g_base + offs_n[None, :] * stride_gn, w_rows, key_ok, True, EDGE).to(tl.float32)
+    ds = p * (dp - delta[:, None])
+    if HAS_KL:
+        t = _kl_target(t_base + offs_n[None, :] * stride_tn, row_ok, key_ok, s, EDGE, HAS_MASK)
+        ds += grad_kl[:, None] * (p - t * inv_z[:, None])
+    if WRITE_DS:
+        if EDGE:
+            tl.store(ds_base + offs_n[None, :], ds, mask=row_ok[:, None] & key_ok[None, :])
+        else:
+            tl.store(ds_base + offs_n[None, :], ds, mask=row_ok[:, None])
+    return _dot(ds.to(k.dtype), k, dq, DOT_FP32, PRECISION)
 
 
 @triton.jit
@@ -376,10 +740,11 @@ def attention_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_tb, stride_th, stride_tm, stride_tn,
     stride_gklb, stride_gklh, stride_gklm,
-    H, GROUP, M, N, scale, w_start, w_stop,
+    H, GROUP, M, N, scale, qk_scale, qk_scale2, w_start, w_stop, M_BUCKET, N_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_DW: tl.constexpr,
-    HAS_KL: tl.constexpr, WRITE_DS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, KEY_MASK: tl.constexpr,
+    FLOAT_MASK: tl.constexpr, HAS_DW: tl.constexpr, HAS_KL: tl.constexpr, WRITE_DS: tl.constexpr,
+    Q_SIGN: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (row block, b, h): dQ = scale * dS K (dS including the fused KL's
@@ -387,56 +752,61 @@ def attention_bwd_dq_kernel(
     contiguous float32 buffer DS (B, H, M, N) (the gradient of an additive mask)."""
     pid_m, pid_bh, b, h, offs_m, row_ok = _row_block(M, H, BLOCK_M)
     hk = h // GROUP
-
-    offs_n0 = tl.arange(0, BLOCK_N)
+    row_lo = pid_m * BLOCK_M
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-    do = tl.load(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                 mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
-    row_stats = pid_bh.to(tl.int64) * M
-    m_row, log_l = _load_stats(STATS, row_stats, offs_m, row_ok)
-    delta = tl.load(DELTA + row_stats + offs_m, mask=row_ok, other=0.0)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                   row_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+    q = _signed(q, Q_SIGN)
+    do = _load_tile(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                    row_ok, offs_dv < HEAD_DIM_V, True, BLOCK_DV != HEAD_DIM_V)
+    rows = pid_bh.to(tl.int64) * M + offs_m
+    row_a, row_b = _row_offsets(STATS, rows, row_ok, FLOAT_MASK)
+    delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+    inv_z = delta
+    grad_kl = delta
     if HAS_KL:
-        tnorm = tl.load(TNORM + row_stats + offs_m, mask=row_ok, other=float("-inf"))
+        # 1 / Z of the fused KL's target (0 on rows without target mass, whose grad_kl is 0 too).
+        log_z = tl.load(TNORM + rows, mask=row_ok, other=float("-inf"))
+        has_mass = log_z > float("-inf")
+        inv_z = tl.where(has_mass, tl.exp(-tl.where(has_mass, log_z, 0.0)), 0.0)
         grad_kl = tl.load(GKL + b * stride_gklb + h * stride_gklh + offs_m * stride_gklm, mask=row_ok,
                           other=0.0).to(tl.float32)
-    t_base = T + b * stride_tb + h * stride_th + offs_m[:, None] * stride_tm
+        grad_kl = tl.where(has_mass, grad_kl, 0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    mask_base = MASK + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mm
+    arange_n = tl.arange(0, BLOCK_N)
+    k_offs = arange_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_offs = arange_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    if KEY_MASK:
+        mask_base = MASK + b * stride_mb + h * stride_mh
+    else:
+        mask_base = MASK + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mm
     w_rows = (offs_m >= w_start) & (offs_m < w_stop)
     g_base = DW + b * stride_gb + h * stride_gh + (offs_m - w_start)[:, None] * stride_gm
-    ds_base = DS + pid_bh.to(tl.int64) * M * N + offs_m[:, None] * N
+    t_base = T + b * stride_tb + h * stride_th + offs_m[:, None] * stride_tm
+    ds_base = DS + rows[:, None] * N
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    hi = N
     if IS_CAUSAL:
-        hi = tl.minimum(N, (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        key_ok = offs_n < N
-        s = _scores(q, k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
-                    mask_base + offs_n[None, :] * stride_mn, offs_m, offs_n, M, N, scale,
-                    (offs_d < HEAD_DIM)[:, None] & key_ok[None, :],
-                    IS_CAUSAL, HAS_MASK, MASK_BOOL, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
-        p = tl.exp((s - m_row[:, None]) - log_l[:, None])
-        v_t = tl.load(v_base + offs_dv[:, None] * stride_vd + offs_n[None, :] * stride_vn,
-                      mask=(offs_dv < HEAD_DIM_V)[:, None] & key_ok[None, :], other=0.0)
-        dp = _dot(do, v_t.to(DOUT.dtype.element_ty), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
-                  DOT_FP32, PRECISION)
-        if HAS_DW:
-            dp += tl.load(g_base + offs_n[None, :] * stride_gn, mask=w_rows[:, None] & key_ok[None, :],
-                          other=0.0).to(tl.float32)
-        ds = p * (dp - delta[:, None])
-        if HAS_KL:
-            ds = _kl_grad(ds, p, s, t_base + offs_n[None, :] * stride_tn, row_ok[:, None] & key_ok[None, :],
-                          tnorm, grad_kl)
-        if WRITE_DS:
-            tl.store(ds_base + offs_n[None, :], ds, mask=row_ok[:, None] & key_ok[None, :])
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-        dq = _dot(ds.to(K.dtype.element_ty), k, dq, DOT_FP32, PRECISION)
+        hi = tl.minimum(N, row_lo + BLOCK_M)
+        main_end = tl.minimum((N // BLOCK_N) * BLOCK_N, (row_lo // BLOCK_N) * BLOCK_N)
+    else:
+        hi = N
+        main_end = (N // BLOCK_N) * BLOCK_N
+    for start_n in range(0, main_end, BLOCK_N):
+        dq = _dq_tile(q, do, dq, start_n, k_base, v_base, k_offs, v_offs, mask_base, g_base, t_base, ds_base, offs_m, row_ok,
+                      w_rows, row_a, row_b, delta, inv_z, grad_kl, stride_kn, stride_vn, stride_mn, stride_gn, stride_tn,
+                      N, qk_scale, qk_scale2,
+                      False, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_DW, HAS_KL, WRITE_DS,
+                      HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
+    for i in tl.static_range((BLOCK_M + BLOCK_N - 1) // BLOCK_N if IS_CAUSAL else 1):
+        start_n = main_end + i * BLOCK_N
+        if start_n < hi:
+            dq = _dq_tile(q, do, dq, start_n, k_base, v_base, k_offs, v_offs, mask_base, g_base, t_base, ds_base, offs_m, row_ok,
+                          w_rows, row_a, row_b, delta, inv_z, grad_kl, stride_kn, stride_vn, stride_mn, stride_gn,
+                          stride_tn, N, qk_scale, qk_scale2,
+                          True, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_DW, HAS_KL, WRITE_DS,
+                          HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])

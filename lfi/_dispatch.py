@@ -8,6 +8,10 @@ Backends:
               tensors; JIT-built with ninja on first explicit use unless built ahead of time.
 "auto" picks triton for CUDA tensors when Triton works, else the cuda extension when it is already
 built (never compiles it), else torch; the environment variable LFI_BACKEND overrides "auto".
+
+Before that, routes_to_sdpa() decides whether an interaction_attention call on "auto" asks for nothing
+that only our kernels give (maps, KL, our fully-masked-row semantics) and so runs
+F.scaled_dot_product_attention instead.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import importlib
 import os
 
 import torch
+import torch.nn.functional as F
 
 from lfi.backends.cuda import _ext as _cuda_ext  # cheap: probes PATH once, builds nothing
 
@@ -36,6 +41,22 @@ def _probe_triton() -> tuple[str | None, bool]:
 
 
 TRITON_ERROR, TRITON_INTERPRET = _probe_triton()
+
+
+def _probe_sdpa_gqa() -> bool:
+    """Whether the installed torch's F.scaled_dot_product_attention takes enable_gqa (torch >= 2.5).
+
+    Probed once at import with a tiny CPU call, like Triton above, so that routes_to_sdpa stays plain
+    Python on constants."""
+    try:
+        kv = torch.zeros(1, 1, 1, 8)
+        F.scaled_dot_product_attention(torch.zeros(1, 2, 1, 8), kv, kv, enable_gqa=True)
+    except (TypeError, RuntimeError):
+        return False
+    return True
+
+
+SDPA_GQA = _probe_sdpa_gqa()
 
 
 def _unusable_reason(backend: str, device: torch.device) -> str | None:
@@ -83,9 +104,7 @@ def resolve(backend: str, device: torch.device) -> str:
     if not isinstance(backend, str) or backend not in CHOICES:
         raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
     if backend == "auto":
-        backend = os.environ.get("LFI_BACKEND", "auto") or "auto"
-        if backend not in CHOICES:
-            raise ValueError(f"LFI_BACKEND must be one of {CHOICES}, got {backend!r}")
+        backend = env_backend()
         if backend == "auto":
             if device.type == "cuda" and _unusable_reason("triton", device) is None:
                 return "triton"
@@ -98,6 +117,44 @@ def resolve(backend: str, device: torch.device) -> str:
     return backend
 
 
+def env_backend() -> str:
+    """LFI_BACKEND (unset or empty: "auto"), the backend that backend="auto" stands for."""
+    backend = os.environ.get("LFI_BACKEND", "auto") or "auto"
+    if backend not in CHOICES:
+        raise ValueError(f"LFI_BACKEND must be one of {CHOICES}, got {backend!r}")
+    return backend
+
+
+def routes_to_sdpa(backend: str, device: torch.device, *, need_weights: bool, kl_target: bool,
+                   attn_mask: bool, is_causal: bool, M: int, N: int, H: int, Hkv: int) -> bool:
+    """Whether interaction_attention runs F.scaled_dot_product_attention instead of our kernels.
+
+    True exactly when SDPA computes what the call asks for, with the same semantics, so a patched
+    model pays nothing where no maps are wanted:
+      * backend="auto", with LFI_BACKEND unset or "auto" (an explicit backend, by argument or by
+        LFI_BACKEND, always runs our kernels);
+      * CPU or CUDA tensors;
+      * no maps (need_weights=False) and no kl_target: SDPA returns neither;
+      * no attn_mask: a row with every key masked gives zeros (and zero gradients) with us, and
+        with SDPA whatever the kernel it picks gives (NaN in some);
+      * is_causal only with M == N (square causal masks; non-square ones stay on our kernels);
+      * grouped-query heads (H != Hkv) only where SDPA takes enable_gqa (torch >= 2.5).
+    dropout_p is no condition: SDPA applies dropout itself (fused where its backend can).
+
+    Plain Python on arguments that are static under torch.compile (no tensor data is read); the
+    arguments are booleans and sizes so that the rule reads on one screen.
+    """
+    if backend != "auto" or env_backend() != "auto":
+        return False
+    if device.type not in ("cpu", "cuda"):
+        return False
+    if need_weights or kl_target or attn_mask:
+        return False
+    if is_causal and M != N:
+        return False
+    return H == Hkv or SDPA_GQA
+
+
 def _cuda_ext_ready() -> bool:
     """The cuda extension is already built and loadable for CUDA tensors ("auto" never JIT-builds)."""
     return torch.cuda.is_available() and _cuda_ext.ready_for_cuda()
@@ -106,6 +163,12 @@ def _cuda_ext_ready() -> bool:
 _PACKAGES = {"torch": "reference", "triton": "triton", "cuda": "cuda"}
 
 
+_MODULES: dict[tuple[str, str], object] = {}
+
+
 def implementation(backend: str, op: str):
     """The module implementing `op` on the concrete `backend`, e.g. lfi.backends.triton.interaction_attention."""
-    return importlib.import_module(f"lfi.backends.{_PACKAGES[backend]}.{op}")
+    module = _MODULES.get((backend, op))
+    if module is None:  # imported on first use, then looked up (called twice per forward + backward)
+        module = _MODULES[(backend, op)] = importlib.import_module(f"lfi.backends.{_PACKAGES[backend]}.{op}")
+    return module

@@ -20,6 +20,10 @@ name            maps         what it is
 ``lfi_cuda``    yes          ``interaction_attention(..., backend="cuda")``: the C++/CUDA extension
                              lfi_C (CUDA kernels, and CPU kernels for CPU tensors); its first use
                              may JIT-compile it
+``lfi_auto``    yes          ``interaction_attention(..., backend="auto")``: what a patched model
+                             runs. Without maps the call is routed to SDPA
+                             (``lfi._dispatch.routes_to_sdpa``); with maps it runs the backend auto
+                             picks (or the one LFI_BACKEND names)
 ==============  ===========  =============================================================
 """
 from __future__ import annotations
@@ -222,6 +226,11 @@ def lfi_cuda(q, k, v, need_weights=False):
     return interaction_attention(q, k, v, need_weights=need_weights, backend="cuda")
 
 
+def lfi_auto(q, k, v, need_weights=False):
+    from lfi.ops import interaction_attention
+    return interaction_attention(q, k, v, need_weights=need_weights, backend="auto")
+
+
 def cuda_ext_needs_build() -> str | None:
     """Why the first backend="cuda" call would have to compile the lfi_C extension, or None when
     it is already loaded, built ahead of time, or in the JIT cache (or the state is unknown)."""
@@ -253,6 +262,8 @@ def _lfi_backend_ok(backend: str, device: torch.device) -> tuple[bool, str]:
         import lfi.ops  # noqa: F401
     except Exception as e:  # pragma: no cover - depends on the op's state
         return False, f"lfi.ops does not import: {type(e).__name__}: {e}"
+    if backend == "auto":
+        return True, "lfi, backend auto"
     try:
         from lfi._dispatch import backend_status
     except Exception:
@@ -314,6 +325,8 @@ IMPLS: dict[str, Impl] = {
              description="lfi, Triton kernels"),
         Impl("lfi_cuda", lfi_cuda, maps=True, lfi_backend="cuda",
              description="lfi, C++/CUDA extension (CPU kernels on CPU)"),
+        Impl("lfi_auto", lfi_auto, maps=True, lfi_backend="auto",
+             description="lfi, backend auto (no maps: routed to SDPA)"),
     ]
 }
 

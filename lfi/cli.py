@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--dtype", default=None, help="fp32, fp16 or bf16; default bf16 on CUDA, fp32 on CPU")
     pb.add_argument("--device", default=None, help="cpu or cuda; default cuda when available")
     pb.add_argument("--impls", default=None,
-                    help="comma-separated subset of: eager,sdpa,flex,lfi_torch,lfi_triton,lfi_cuda (default all)")
+                    help="comma-separated subset of: eager,sdpa,flex,lfi_torch,lfi_triton,lfi_cuda,lfi_auto (default all)")
     pb.add_argument("--build-ext", action="store_true",
                     help="let lfi_cuda compile the lfi_C extension if it is not built yet (minutes); "
                          "without it an unbuilt extension is skipped")

@@ -24,37 +24,41 @@ def check_tensor(name: str, t, ndims: tuple[int, ...], layout: str) -> None:
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Checks q (B, H, M, D), k (B, Hkv, N, D), v (B, Hkv, N, Dv), all 4-D (callers unsqueeze 3-D)."""
+    """Checks q (B, H, M, D), k (B, Hkv, N, D), v (B, Hkv, N, Dv), all 4-D (callers unsqueeze 3-D).
+
+    Runs on every call: each shape is read once (a torch.Size per access is not free)."""
     B, H, M, D = q.shape
-    if k.shape[0] != B or v.shape[0] != B:
+    kB, Hkv, N, kD = k.shape
+    vB, vH, vN, Dv = v.shape
+    if kB != B or vB != B:
         raise ValueError(
-            f"batch sizes differ: q has B={B}, k has B={k.shape[0]}, v has B={v.shape[0]}; "
+            f"batch sizes differ: q has B={B}, k has B={kB}, v has B={vB}; "
             "expected q (B, H, M, D), k (B, Hkv, N, D), v (B, Hkv, N, Dv)"
         )
-    Hkv = k.shape[1]
-    if v.shape[1] != Hkv:
-        raise ValueError(f"k has {Hkv} heads but v has {v.shape[1]}: expected v (B, Hkv, N, Dv) with Hkv={Hkv}")
+    if vH != Hkv:
+        raise ValueError(f"k has {Hkv} heads but v has {vH}: expected v (B, Hkv, N, Dv) with Hkv={Hkv}")
     if Hkv == 0 or H % Hkv != 0:
         raise ValueError(
             f"q has H={H} heads and k has Hkv={Hkv}: grouped-query attention needs H % Hkv == 0"
         )
-    if k.shape[-1] != D:
-        raise ValueError(f"head dims differ: q has D={D}, k has D={k.shape[-1]}; expected k (B, Hkv, N, {D})")
-    if v.shape[2] != k.shape[2]:
+    if kD != D:
+        raise ValueError(f"head dims differ: q has D={D}, k has D={kD}; expected k (B, Hkv, N, {D})")
+    if vN != N:
         raise ValueError(
-            f"k has N={k.shape[2]} keys but v has {v.shape[2]}: expected v (B, Hkv, {k.shape[2]}, Dv)"
+            f"k has N={N} keys but v has {vN}: expected v (B, Hkv, {N}, Dv)"
         )
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.shape[-1] > MAX_HEAD_DIM or t.shape[-1] < 1:
-            raise ValueError(f"{name} head dim must be in 1..{MAX_HEAD_DIM}, got {t.shape[-1]} ({_describe(t)})")
-    if M == 0 or k.shape[2] == 0 or B == 0 or H == 0:
+    for name, t, d in (("q", q, D), ("k", k, kD), ("v", v, Dv)):
+        if d > MAX_HEAD_DIM or d < 1:
+            raise ValueError(f"{name} head dim must be in 1..{MAX_HEAD_DIM}, got {d} ({_describe(t)})")
+    if M == 0 or N == 0 or B == 0 or H == 0:
         raise ValueError(
             f"empty attention: q {tuple(q.shape)}, k {tuple(k.shape)}; B, H, M and N must be >= 1"
         )
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    device = q.device
+    if not (k.device == device and v.device == device):
+        raise ValueError(f"q, k and v must be on one device, got q {device}, k {k.device}, v {v.device}")
 
 
 def normalize_mask(attn_mask, B: int, H: int, M: int, N: int, q: torch.Tensor):

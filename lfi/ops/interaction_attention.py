@@ -1,7 +1,10 @@
 """interaction_attention: scaled dot-product attention that can also return its exact maps.
 
 Layers: backend kernels (lfi.backends.*) -> custom ops `lfi::interaction_attention_fwd/_bwd`
-(torch.library, with fake and autograd registrations) -> the functional API below.
+(torch.library, with fake and autograd registrations) -> the functional API below. In plain eager
+mode the API runs the same kernels with the same autograd without the dispatcher (_EagerForward);
+under torch.compile, export, tracing or tensor subclasses it calls the custom ops. Calls that want
+no maps may instead go to F.scaled_dot_product_attention (lfi._dispatch.routes_to_sdpa).
 """
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ import warnings
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from lfi import _dispatch
 from lfi.backends.reference import interaction_attention as reference
@@ -29,7 +34,21 @@ def interaction_attention_fwd(
     """Forward on a concrete backend: out (B, H, M, Dv); stats (B, H, M, 2) float32 (float64 for
     float64 inputs): row max m and log l, so lse = m + log l (+inf on fully masked rows); weights (B, H, weights_stop - weights_start, N); and, with
     kl_target, per-row kl and tnorm (B, H, M) float32 (empty tensors without)."""
-    out, stats, weights, kl, tnorm = _dispatch.implementation(backend, OP).attention_forward(
+    return _forward_kernels(q, k, v, attn_mask, scale, is_causal, weights_start, weights_stop, kl_target, backend)
+
+
+def _forward_kernels(q, k, v, attn_mask, scale, is_causal, weights_start, weights_stop, kl_target, backend,
+                     need_stats=True):
+    """The body of interaction_attention_fwd (also run directly in plain eager mode). With
+    need_stats=False (no backward will run), a backend that declares STATS_OPTIONAL skips the row
+    statistics; stats and tnorm are None then."""
+    impl = _dispatch.implementation(backend, OP)
+    if not need_stats and getattr(impl, "STATS_OPTIONAL", False):
+        out, _, weights, kl, _ = impl.attention_forward(
+            q, k, v, attn_mask, scale, is_causal, weights_start, weights_stop, kl_target, need_stats=False
+        )
+        return out, None, weights, kl, None
+    out, stats, weights, kl, tnorm = impl.attention_forward(
         q, k, v, attn_mask, scale, is_causal, weights_start, weights_stop, kl_target
     )
     if kl is None:
@@ -42,10 +61,13 @@ def _(q, k, v, attn_mask, scale, is_causal, weights_start, weights_stop, kl_targ
     B, H, M, _ = q.shape
     stats = q.new_empty(B, H, M, 2, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     kl_shape = (B, H, M) if kl_target is not None else (0,)
+    maps_shape = (B, H, weights_stop - weights_start, k.shape[2])
+    # A backend may pad the rows of its maps buffer (the Triton one does, for vectorized stores).
+    map_strides = getattr(_dispatch.implementation(backend, OP), "map_strides", None)
     return (
         q.new_empty(B, H, M, v.shape[-1]),
         stats,
-        q.new_empty(B, H, weights_stop - weights_start, k.shape[2]),
+        q.new_empty_strided(maps_shape, map_strides(*maps_shape)) if map_strides else q.new_empty(maps_shape),
         stats.new_empty(kl_shape),
         stats.new_empty(kl_shape),
     )
@@ -59,6 +81,13 @@ def interaction_attention_bwd(
     grad_kl: Optional[Tensor], backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dmask); dmask has attn_mask's shape when mask_grad, else it is empty."""
+    return _backward_kernels(grad_out, grad_weights, q, k, v, out, stats, attn_mask, scale, is_causal,
+                             weights_start, weights_stop, mask_grad, kl_target, tnorm, grad_kl, backend)
+
+
+def _backward_kernels(grad_out, grad_weights, q, k, v, out, stats, attn_mask, scale, is_causal,
+                      weights_start, weights_stop, mask_grad, kl_target, tnorm, grad_kl, backend):
+    """The body of interaction_attention_bwd (also run directly by _EagerForward's backward)."""
     dq, dk, dv, dmask = _dispatch.implementation(backend, OP).attention_backward(
         grad_out, grad_weights, q, k, v, out, stats, attn_mask, scale, is_causal,
         weights_start, weights_stop, mask_grad, kl_target, tnorm, grad_kl,
@@ -83,6 +112,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(stats, tnorm)
     # Unused outputs then arrive as None: no zero-filled map-sized gradient when maps are not used.
     ctx.set_materialize_grads(False)
+    ctx.backward_op = torch.ops.lfi.interaction_attention_bwd
 
 
 def _backward(ctx, grad_out, grad_stats, grad_weights, grad_kl, grad_tnorm):
@@ -93,7 +123,7 @@ def _backward(ctx, grad_out, grad_stats, grad_weights, grad_kl, grad_tnorm):
     mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
     if kl_target is None:
         grad_kl = None
-    dq, dk, dv, dmask = torch.ops.lfi.interaction_attention_bwd(
+    dq, dk, dv, dmask = ctx.backward_op(
         grad_out, grad_weights, q, k, v, out, stats, attn_mask, scale, is_causal,
         weights_start, weights_stop, mask_grad, kl_target, tnorm if grad_kl is not None else None, grad_kl,
         ctx.backend,
@@ -102,6 +132,57 @@ def _backward(ctx, grad_out, grad_stats, grad_weights, grad_kl, grad_tnorm):
 
 
 interaction_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerForward(torch.autograd.Function):
+    """interaction_attention_fwd with its own autograd (_setup_context, _backward), minus the
+    dispatcher: the custom ops' Python wrappers (argument defaults, alias checks, the backward's
+    second op) cost ~50 us per forward + backward on this project's 2-core CPU, 5 % of a whole
+    (8, 6, 16, 197, 64) cross-attention call. Used only where nothing needs the ops themselves
+    (see _plain_eager); the kernels, the saved tensors and the gradients are the same, bit for bit
+    (tests/test_sdpa_routing.py)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):  # the old style: a separate setup_context costs an inspect.signature bind
+        output = _forward_kernels(*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.backward_op = _backward_kernels
+        return output
+
+    @staticmethod
+    @once_differentiable  # as the custom op: no double backward
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads)
+
+
+def _plain_eager(*tensors) -> bool:
+    """True when the forward may skip the custom op: eager mode (not under torch.compile, export,
+    jit tracing, functorch transforms, or a __torch_dispatch__ / __torch_function__ mode) on plain
+    tensors (no tensor subclasses such as FakeTensor or DTensor). Everywhere else the custom ops,
+    with their fake kernels, are called."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if (torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack()
+            or torch._C._are_functorch_transforms_active()):
+        return False
+    return all(t is None or type(t) in _PLAIN_TENSORS for t in tensors)
+
+
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def _attention_forward(q, k, v, mask, scale, is_causal, w_start, w_stop, kl_target, backend):
+    """torch.ops.lfi.interaction_attention_fwd, or in plain eager mode the same kernels and autograd
+    without the dispatcher (and without autograd at all when nothing requires grad)."""
+    args = (q, k, v, mask, scale, is_causal, w_start, w_stop, kl_target, backend)
+    if not _plain_eager(q, k, v, mask, kl_target):
+        return torch.ops.lfi.interaction_attention_fwd(*args)
+    if torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad
+        or (mask is not None and mask.requires_grad) or (kl_target is not None and kl_target.requires_grad)
+    ):
+        return _EagerForward.apply(*args)
+    return _forward_kernels(*args, need_stats=False)  # no backward will need the row statistics
 
 _warned_dropout_fallback = False
 
@@ -138,7 +219,8 @@ def interaction_attention(
             (B, H, M, N); read through strides, never expanded in memory. A float mask that
             requires grad receives its gradient.
         dropout_p: dropout on the probabilities before ``P @ V`` (the returned maps are taken
-            before dropout). Not fused: runs the eager path (warning once on non-torch backends).
+            before dropout). Calls routed to SDPA (below) apply it inside SDPA; otherwise it is
+            not fused: runs the eager path (warning once on non-torch backends).
         is_causal: query i attends keys j <= i (top-left aligned, as in SDPA); may be combined with
             attn_mask.
         scale: score scale, default D ** -0.5.
@@ -152,7 +234,16 @@ def interaction_attention(
             without target mass give 0. No gradient flows to the target.
         kl_reduction: "batchmean" (sum / B), "mean" (sum / (B*H*M) rows), "sum" or "none"
             (per row, (B, H, M)), as in attention_kl.
-        backend: "auto", "torch" or "triton" (see lfi._dispatch; LFI_BACKEND overrides "auto").
+        backend: "auto", "torch", "triton" or "cuda" (see lfi._dispatch; LFI_BACKEND overrides
+            "auto"). An explicit backend always runs our kernels.
+
+    Routing to SDPA: with backend="auto" (and LFI_BACKEND unset or "auto"), on CPU or CUDA, a call
+    that asks for no maps (need_weights=False) and no kl_target, with no attn_mask, is_causal only
+    when M == N, and H != Hkv only where SDPA takes ``enable_gqa`` (torch >= 2.5), returns
+    ``F.scaled_dot_product_attention(q, k, v, None, dropout_p, is_causal, scale=scale)`` (with
+    ``enable_gqa=True`` when H != Hkv) on the inputs as given: bit-identical to calling SDPA
+    directly, with SDPA's best kernel and its own autograd (dropout included). The inputs are
+    checked as above first. The rule is ``lfi._dispatch.routes_to_sdpa``.
 
     Returns:
         out (B, H, M, Dv) in q's dtype; (out, weights) when need_weights; (out, kl) with a
@@ -164,6 +255,7 @@ def interaction_attention(
     if not q.dim() == k.dim() == v.dim():
         raise ValueError(f"q, k and v must have the same number of dims, got {q.dim()}, {k.dim()}, {v.dim()}")
     three_d = q.dim() == 3
+    q_in, k_in, v_in, scale_in = q, k, v, scale  # as given: what SDPA is called with when routed
     if three_d:
         # (B, L, E) inputs, as in SDPA: a 3-D mask or target is (B, M, N); give it the head dim.
         q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
@@ -173,7 +265,8 @@ def interaction_attention(
             kl_target = kl_target.unsqueeze(1)
     check_qkv(q, k, v)
     B, H, M, D = q.shape
-    N = k.shape[2]
+    Hkv, N = k.shape[1], k.shape[2]
+    device = q.device
     mask = normalize_mask(attn_mask, B, H, M, N, q)
     if scale is None:
         scale = D ** -0.5
@@ -187,7 +280,18 @@ def interaction_attention(
     if kl_target is not None:
         check_options("probs", 1.0, kl_reduction)
         kl_target = check_dense_target(kl_target, (B, H, M, N), q, "probs", validate=False)
-    name = _dispatch.resolve(backend, q.device)
+    if _dispatch.routes_to_sdpa(
+        backend, device, need_weights=need_weights, kl_target=kl_target is not None,
+        attn_mask=mask is not None, is_causal=bool(is_causal), M=M, N=N, H=H, Hkv=Hkv,
+    ):
+        # Exactly F.scaled_dot_product_attention(q, k, v, None, dropout_p, is_causal, scale) as the
+        # caller would call it (scale=None stays None; 3-D inputs stay 3-D); SDPA's own autograd.
+        gqa = {"enable_gqa": True} if H != Hkv else {}
+        return F.scaled_dot_product_attention(
+            q_in, k_in, v_in, None, float(dropout_p), bool(is_causal),
+            scale=None if scale_in is None else float(scale_in), **gqa
+        )
+    name = _dispatch.resolve(backend, device)
 
     if dropout_p > 0.0:
         if name != "torch":
@@ -196,7 +300,7 @@ def interaction_attention(
             q, k, v, mask, float(scale), bool(is_causal), float(dropout_p), w_start, w_stop, kl_target
         )
     else:
-        out, _, weights, kl, _ = torch.ops.lfi.interaction_attention_fwd(
+        out, _, weights, kl, _ = _attention_forward(
             q, k, v, mask, float(scale), bool(is_causal), w_start, w_stop, kl_target, name
         )
     if three_d:

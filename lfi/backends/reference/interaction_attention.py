@@ -13,23 +13,55 @@ from lfi.backends.reference._common import chunk_rows, compute_dtype, grouped, r
 from lfi.backends.reference.attention_kl import kl_grad, kl_rows, log_target
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` in `dtype` (itself when it already is: no dispatch for the common fp32/fp64 case)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _rows(t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """Rows r0:r1 (dim 2) of `t`: `t` itself when that is all of them (one chunk, the common case)."""
+    return t if r0 == 0 and r1 == t.shape[2] else t[:, :, r0:r1]
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, hkv: int) -> torch.Tensor:
+    """a (B, H, R, X) @ b (B, Hkv, X, Y) -> (B, H, R, Y): q head h uses kv head h // (H // Hkv)."""
+    if a.shape[1] == hkv:
+        return torch.matmul(a, b)
+    return torch.matmul(grouped(a, hkv), b.unsqueeze(2)).flatten(1, 2)
+
+
+def _mm_kv(a: torch.Tensor, b: torch.Tensor, hkv: int) -> torch.Tensor:
+    """a (B, H, X, R) @ b (B, H, R, Y) summed over the q heads of each kv head: (B, Hkv, X, Y)."""
+    if a.shape[1] == hkv:
+        return torch.matmul(a, b)
+    return torch.matmul(grouped(a, hkv), grouped(b, hkv)).sum(2)
+
+
 def _scores(q_rows, k, mask, scale, is_causal, r0, r1, dtype):
     """Masked scores for query rows r0:r1: (B, H, r1-r0, N) in `dtype`, a fresh tensor that callers
-    may overwrite (the mask and the scale are applied in place: no extra full-size temporaries)."""
+    may overwrite (the mask and the scale are applied in place: no extra full-size temporaries).
+    `k` is (B, Hkv, N, D) in `dtype`."""
     hkv, N = k.shape[1], k.shape[2]
     # scale q (R x D) rather than the scores (R x N): fewer multiplies, same result to an ulp
-    s = torch.matmul(grouped(q_rows.to(dtype) * scale, hkv), k.unsqueeze(2).transpose(-1, -2)).flatten(1, 2)
+    s = _mm(_as(q_rows, dtype) * scale, k.transpose(-1, -2), hkv)
     m = rows_of(mask, r0, r1)
     if m is not None:
         if m.dtype == torch.bool:
             s.masked_fill_(~m, float("-inf"))
         else:
-            s.add_(m.to(dtype))
-    if is_causal:
-        rows = torch.arange(r0, r1, device=s.device)[:, None]
-        cols = torch.arange(N, device=s.device)[None, :]
-        s.masked_fill_(cols > rows, float("-inf"))
+            s.add_(_as(m, dtype))
+    if is_causal:  # key j > query r0 + i is masked: the upper triangle from diagonal r0 + 1
+        s.masked_fill_(torch.ones(r1 - r0, N, dtype=torch.bool, device=s.device).triu_(r0 + 1), float("-inf"))
     return s
+
+
+def _probs_only(s, may_have_dead_rows: bool):
+    """softmax(s) over the last dim, exactly 0 on rows without an attended key (_softmax_rows'
+    p, bit for bit, without the row statistics)."""
+    p = torch.softmax(s, -1)
+    if may_have_dead_rows:
+        p.masked_fill_(s.amax(-1, keepdim=True) == float("-inf"), 0.0)
+    return p
 
 
 def _softmax_rows(s, may_have_dead_rows: bool):
@@ -42,11 +74,13 @@ def _softmax_rows(s, may_have_dead_rows: bool):
     m = s.amax(-1, keepdim=True)
     p = torch.softmax(s, -1)
     log_l = torch.log(p.amax(-1, keepdim=True)).neg_()
-    dead = m == float("-inf")
     if may_have_dead_rows:
+        dead = m == float("-inf")
         p.masked_fill_(dead, 0.0)
         log_l.masked_fill_(dead, float("inf"))
-    return p, m.masked_fill_(dead, 0.0), log_l
+        return p, m.masked_fill_(dead, 0.0), log_l
+    # No mask: a row is all -inf only through -inf in the inputs; its m is 0 too (one op, not two)
+    return p, m.nan_to_num_(float("nan"), float("inf"), 0.0), log_l
 
 
 def _overlap(r0: int, r1: int, w0: int, w1: int):
@@ -63,42 +97,57 @@ def _kl_log_target(kl_target, attended, r0, r1, dtype, tnorm=None):
     return log_t, log_z
 
 
-def attention_forward(q, k, v, mask, scale: float, is_causal: bool, w_start: int, w_stop: int, kl_target=None):
+# attention_forward(..., need_stats=False) skips the row statistics when no backward will run.
+STATS_OPTIONAL = True
+
+
+def attention_forward(q, k, v, mask, scale: float, is_causal: bool, w_start: int, w_stop: int, kl_target=None,
+                      need_stats: bool = True):
     """Returns out (B, H, M, Dv) in q.dtype; stats (B, H, M, 2) float32 (float64 for float64 input):
     the row max m and log l, l = sum exp(S - m), (0, +inf) on rows with no attended key;
     weights (B, H, w_stop - w_start, N) in q.dtype, the exact softmax rows w_start:w_stop; and, with
     a kl_target of probabilities, kl (B, H, M) = KL(target || P) per row and tnorm (B, H, M) = log
-    of the target mass over the attended keys (else None, None)."""
+    of the target mass over the attended keys (else None, None).
+
+    need_stats=False (nothing will run the backward): stats is None and its two passes over the
+    scores (row max, max probability) are skipped; out, weights and kl are unchanged."""
     B, H, M, _ = q.shape
     hkv, N = k.shape[1], k.shape[2]
     dt = compute_dtype(q.dtype)
-    weights = q.new_empty(B, H, w_stop - w_start, N)
     kl = tnorm = None
     if kl_target is not None:
         kl, tnorm = (torch.empty(B, H, M, dtype=dt, device=q.device) for _ in range(2))
-    k_, v_ = k.to(dt), v.to(dt).unsqueeze(2)
+    k_, v_ = _as(k, dt), _as(v, dt)
     step = chunk_rows(B, H, M, N, torch.finfo(dt).bits // 8)
+    weights = None
     outs, stats = [], []
     for r0 in range(0, M, step):
         r1 = min(M, r0 + step)
-        s = _scores(q[:, :, r0:r1], k_, mask, scale, is_causal, r0, r1, dt)
-        p, m, log_l = _softmax_rows(s, mask is not None)
+        s = _scores(_rows(q, r0, r1), k_, mask, scale, is_causal, r0, r1, dt)
+        if need_stats:
+            p, m, log_l = _softmax_rows(s, mask is not None)
+            stats.append(torch.cat([m, log_l], -1))
+        else:
+            p = _probs_only(s, mask is not None)
         if kl_target is not None:
             log_t, tn = _kl_log_target(kl_target, s > float("-inf"), r0, r1, dt)
             kl[:, :, r0:r1] = kl_rows(s, log_t)[0]
             tnorm[:, :, r0:r1] = tn.squeeze(-1)
         del s
-        outs.append(torch.matmul(grouped(p, hkv), v_).flatten(1, 2).to(q.dtype))
-        stats.append(torch.cat([m, log_l], -1))
+        outs.append(_as(_mm(p, v_, hkv), q.dtype))
         rows = _overlap(r0, r1, w_start, w_stop)
         if rows == (0, M) and p.dtype == q.dtype:
             weights = p  # one chunk holds every requested row: return it, no copy
         elif rows is not None:
+            if weights is None:
+                weights = q.new_empty(B, H, w_stop - w_start, N)
             a, b = rows
             weights[:, :, a - w_start : b - w_start] = p[:, :, a - r0 : b - r0]
+    if weights is None:  # no rows requested: (B, H, 0, N)
+        weights = q.new_empty(B, H, w_stop - w_start, N)
     # one chunk (the common case) needs no copy; several are concatenated (out and stats are small)
     out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
-    stats = stats[0] if len(stats) == 1 else torch.cat(stats, 2)
+    stats = None if not stats else stats[0] if len(stats) == 1 else torch.cat(stats, 2)
     return out, stats, weights, kl, tnorm
 
 
@@ -113,51 +162,61 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale:
     """Gradients (dq, dk, dv, dmask) given dL/dout (B, H, M, Dv), dL/dweights (B, H, R, N) or None,
     and dL/dkl (B, H, M) or None for the fused KL.
 
-    dP = dO V^T + G, delta = rowsum(dO * O) + rowsum(P * G), dS = P (dP - delta) + g (P - t),
+    dP = dO V^T + G, delta = rowsum(P * dP) (= rowsum(dO * O) + rowsum(P * G)), dS = P (dP - delta) + g (P - t),
     dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO; dmask = dS summed to the mask's shape.
+    One chunk (the common case) writes dq, dk and dv straight from its products; several chunks
+    accumulate dk and dv into the first chunk's products and copy their dq rows into one tensor.
     """
     B, H, M, _ = q.shape
     hkv, N = k.shape[1], k.shape[2]
     dt = compute_dtype(q.dtype)
-    k_dt = k.to(dt)
-    k_, v_ = k_dt.unsqueeze(2), v.to(dt).unsqueeze(2)
-    dq = q.new_empty(q.shape)  # contiguous, whatever q's strides (the fake kernel promises it)
-    dk = torch.zeros(k.shape, dtype=dt, device=q.device)
-    dv = torch.zeros(v.shape, dtype=dt, device=q.device)
-    dmask = torch.zeros(mask.shape, dtype=dt, device=q.device) if mask_grad else None
+    k_dt, v_dt = _as(k, dt), _as(v, dt)
     step = chunk_rows(B, H, M, N, torch.finfo(dt).bits // 8)
+    # contiguous, whatever q's strides (the fake kernel promises it)
+    dq = q.new_empty(q.shape) if step < M else None
+    dk = dv = None
+    dmask = torch.zeros(mask.shape, dtype=dt, device=q.device) if mask_grad else None
     for r0 in range(0, M, step):
         r1 = min(M, r0 + step)
-        q_rows = q[:, :, r0:r1].to(dt)
+        q_rows = _as(_rows(q, r0, r1), dt)
         s = _scores(q_rows, k_dt, mask, scale, is_causal, r0, r1, dt)
         attended = s > float("-inf") if grad_kl is not None else None
-        m, log_l = stats[:, :, r0:r1].to(dt).split(1, -1)
-        p = s.sub_(m).sub_(log_l).exp_()  # P = exp((S - m) - log l), in the scores' memory
+        # P recomputed as the forward computed it: the same scores through the same softmax kernel
+        # give the same P bit for bit (and one fused pass is faster than exp((S - m) - log l)).
+        p = torch.softmax(s, -1)
         del s
-        do = grad_out[:, :, r0:r1].to(dt)
-        dv += torch.matmul(grouped(p, hkv).transpose(-1, -2), grouped(do, hkv)).sum(2)
-        dp = torch.matmul(grouped(do, hkv), v_.transpose(-1, -2)).flatten(1, 2)
-        delta = (do * out[:, :, r0:r1].to(dt)).sum(-1, keepdim=True)
+        if mask is not None:  # rows without an attended key (log l = +inf): zeros, as in the forward
+            p.masked_fill_(_rows(stats, r0, r1)[..., 1:] == float("inf"), 0.0)
+        do = _as(_rows(grad_out, r0, r1), dt)
+        part = _mm_kv(p.transpose(-1, -2), do, hkv)
+        dv = part if dv is None else dv.add_(part)
+        dp = _mm(do, v_dt.transpose(-1, -2), hkv)
         rows = _overlap(r0, r1, w_start, w_stop) if grad_weights is not None else None
         if rows is not None:
             a, b = rows
-            g = grad_weights[:, :, a - w_start : b - w_start].to(dt)
-            dp[:, :, a - r0 : b - r0] += g
-            delta[:, :, a - r0 : b - r0] += (p[:, :, a - r0 : b - r0] * g).sum(-1, keepdim=True)
-        ds = dp.sub_(delta).mul_(p)  # dS = P (dP - delta), in dP's memory
+            _rows(dp, a - r0, b - r0).add_(_as(_rows(grad_weights, a - w_start, b - w_start), dt))
+        # dS = P (dP - delta), delta = rowsum(P dP) = rowsum(dO * O) + rowsum(P * G): every key of
+        # a row is in this chunk, so the softmax backward kernel does it in one pass over dP and P
+        ds = torch._softmax_backward_data(dp, p, -1, dt)
+        del dp
         if grad_kl is not None:
             tn = tnorm[:, :, r0:r1, None]
             log_t, _ = _kl_log_target(kl_target, attended, r0, r1, dt, tn)
             ds += kl_grad(grad_kl[:, :, r0:r1].to(dt), p, log_t, tn)  # P is not needed after this
-        dq[:, :, r0:r1] = (torch.matmul(grouped(ds, hkv), k_).flatten(1, 2) * scale).to(q.dtype)
-        dk += torch.matmul(grouped(ds, hkv).transpose(-1, -2), grouped(q_rows, hkv)).sum(2) * scale
+        dq_rows = _mm(ds, k_dt, hkv).mul_(scale)
+        if dq is None:
+            dq = _as(dq_rows, q.dtype)
+        else:
+            dq[:, :, r0:r1] = dq_rows
+        part = _mm_kv(ds.transpose(-1, -2), q_rows, hkv).mul_(scale)
+        dk = part if dk is None else dk.add_(part)
         if dmask is not None:
             part = _sum_to(ds, mask.shape)
             if mask.shape[2] == 1:
                 dmask += part
             else:
                 dmask[:, :, r0:r1] += part
-    return dq, dk.to(k.dtype), dv.to(v.dtype), (dmask.to(mask.dtype) if dmask is not None else None)
+    return dq, _as(dk, k.dtype), _as(dv, v.dtype), (_as(dmask, mask.dtype) if dmask is not None else None)
 
 
 def attention_with_dropout(q, k, v, mask, scale: float, is_causal: bool, dropout_p: float,
@@ -173,7 +232,7 @@ def attention_with_dropout(q, k, v, mask, scale: float, is_causal: bool, dropout
     m, log_l = row_stats(s)
     p = torch.exp((s - m) - log_l)  # not _softmax_rows: autograd must see this formula
     p_drop = torch.nn.functional.dropout(p, dropout_p, training=True)
-    out = torch.matmul(grouped(p_drop, hkv), v.to(dt).unsqueeze(2)).flatten(1, 2).to(q.dtype)
+    out = _as(_mm(p_drop, _as(v, dt), hkv), q.dtype)
     kl = None
     if kl_target is not None:
         kl = kl_rows(s, _kl_log_target(kl_target, s > float("-inf"), 0, q.shape[2], dt)[0], differentiable=True)[0]

@@ -1,7 +1,17 @@
-"""Launch helpers shared by the Triton launchers: on a GPU each kernel is autotuned over its block
-sizes (keyed by the problem's sizes and flags); under the CPU interpreter (where autotuning needs
-a GPU) one fixed, small configuration is passed explicitly."""
+"""Launch helpers shared by the Triton launchers.
+
+A kernel is launched in one of three ways, decided by one flag each:
+- under the CPU interpreter (TRITON_INTERPRET=1), with one fixed, small block configuration;
+- on a GPU, autotuned over a short list of configurations (pruned by dtype, head dim and shared
+  memory before anything is compiled), keyed on power-of-two buckets of the sequence lengths, the
+  head dims, the feature constexprs and the dtypes, so a new sequence length in the same bucket
+  does not tune again;
+- on a GPU with LFI_AUTOTUNE=0, with the documented heuristic default of each kernel (no tuning:
+  one compilation per kernel and feature combination).
+"""
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -11,10 +21,53 @@ from lfi.kernels import INTERPRET
 # Interpreter blocks: small, but distinct M and N blocks so that edge handling is exercised.
 INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32}
 
+# Opt-in shared memory per block (bytes) of sm_80 (A100) and sm_90 (H100/H200). Configs estimated
+# above the device's limit are pruned; without a device (the compiled-kernel report) sm_90's.
+SMEM_LIMIT_SM80 = 166912
+SMEM_LIMIT_SM90 = 232448
 
-def _configs(shapes, warps=(4, 8), stages=(2, 3)):
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn in shapes for w in warps for s in stages]
+
+def autotune_enabled() -> bool:
+    """LFI_AUTOTUNE: "1" (default) autotunes on first use of a shape bucket, "0" uses heuristics."""
+    value = os.environ.get("LFI_AUTOTUNE", "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"LFI_AUTOTUNE must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def bucket(n: int) -> int:
+    """Power-of-two bucket (>= 16) of a sequence length: the autotuner's key, not the exact size."""
+    return max(16, triton.next_power_of_2(int(n)))
+
+
+def config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+def configs_from(text: str) -> list[triton.Config]:
+    """'BMxBNxWARPSxSTAGES ...' -> [triton.Config] (the launchers' config tables)."""
+    return [config(*map(int, c.split("x"))) for c in text.split()]
+
+
+def table_configs(table: dict, kernel: str) -> list[triton.Config]:
+    """Every config of one kernel in a launcher's table {(kernel, ...): [configs]} (the
+    autotuner's list), without duplicates."""
+    seen = {}
+    for (name, *_), configs in table.items():
+        if name == kernel:
+            for c in configs:
+                seen.setdefault((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages), c)
+    return list(seen.values())
+
+
+def fit_buckets(configs, m_bucket: int, n_bucket: int):
+    """configs (in order) whose BLOCK_M and BLOCK_N do not exceed the bucketed sizes, or the list's
+    smallest block along a dimension where the bucket is smaller than all of them (a 16-row call
+    keeps the 64-row tiles of a list whose blocks all have 64 rows or more)."""
+    rows = max(m_bucket, min(c.kwargs["BLOCK_M"] for c in configs))
+    cols = max(n_bucket, min(c.kwargs["BLOCK_N"] for c in configs))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= rows and c.kwargs["BLOCK_N"] <= cols]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
 def _block(d: int) -> int:
@@ -31,45 +84,72 @@ def _broadcast_strides(t, shape):
     return tuple(t.expand(shape).stride()) if t is not None else (0,) * len(shape)
 
 
-def _prune_for_head_dim(configs, named_args, **kwargs):
-    """Large head dims need smaller tiles to fit shared memory. Same limits as the attention
-    launcher's, over every head-dim block constexpr named BLOCK_D* (e.g. a teacher's BLOCK_DT)."""
-    args = {**named_args, **kwargs}
-    block_d = max([64] + [v for name, v in args.items() if name.startswith("BLOCK_D") and isinstance(v, int)])
-    limit = 128 * 128 if block_d <= 64 else (128 * 64 if block_d <= 128 else 64 * 64)
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit]
-    return kept or configs[-1:]
-
-
 def _precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: exact float32 when asked for (or interpreting), else TF32."""
-    precise = INTERPRET or (dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
-    return "ieee" if precise else "tf32"
+    """tl.dot input precision of float32 inputs (16-bit inputs ignore it): TF32 tensor cores when
+    torch.backends.cuda.matmul.allow_tf32, else 3xTF32 (each operand split into two TF32 parts,
+    three tensor-core products: error within a few float32 ulps, where CUDA-core FMA tiles spill
+    registers at every tile size worth running); plain float32 under the CPU interpreter."""
+    if INTERPRET:
+        return "ieee"
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "tf32x3"
+    return "tf32"
 
 
-class Launcher:
-    """Launches the @triton.jit kernels of one module by name.
+def smem_limit(device: torch.device | None = None) -> int:
+    """Opt-in shared memory per block of a CUDA device (sm_90's limit for other devices)."""
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(device)
+        return int(getattr(props, "shared_memory_per_block_optin", SMEM_LIMIT_SM80))
+    return SMEM_LIMIT_SM90
 
-    tuning: {kernel name: (configs, autotune key)}. grid(meta) -> program count (1-D grid)."""
 
-    def __init__(self, module, tuning: dict, prune=_prune_for_head_dim):
-        self.module = module
-        self.tuning = tuning
+class TunedKernel:
+    """One @triton.jit kernel with its autotuning list, pruning rule and heuristic default.
+
+    prune(configs, named) -> the configs worth compiling for a call (named: the kernel's arguments
+    by name, constexprs included); default(named) -> the one config used with LFI_AUTOTUNE=0.
+    key: argument names the autotuner keys on (tensor dtypes are added by Triton).
+    pre_hook(named): called with the arguments and the chosen config's BLOCK_M / BLOCK_N before
+    each launch (e.g. to give tensor descriptors the config's block shape)."""
+
+    @classmethod
+    def from_table(cls, kernel, table: dict, name: str, key, candidates):
+        """A kernel tuned over every config of `name` in a launcher's table; candidates(named) ->
+        the ordered configs for one call: the autotuner's pruned list, its first the default."""
+        return cls(kernel, table_configs(table, name), key, lambda configs, named: candidates(named),
+                   lambda named: candidates(named)[0])
+
+    def __init__(self, kernel, configs, key, prune, default, pre_hook=None):
+        self.kernel = kernel
+        self.key = key
         self.prune = prune
-        self._tuned: dict = {}
+        self.default = default
+        self.pre_hook = pre_hook
+        self.configs = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=pre_hook)
+                        for c in configs]
+        self._autotuner = None
 
-    def kernel(self, name: str):
-        if INTERPRET:
-            return getattr(self.module, name)
-        if name not in self._tuned:
-            configs, key = self.tuning[name]
-            prune = {"early_config_prune": self.prune} if self.prune is not None else None
-            self._tuned[name] = triton.autotune(configs=configs, key=key, prune_configs_by=prune)(
-                getattr(self.module, name))
-        return self._tuned[name]
+    @property
+    def autotuner(self):
+        if self._autotuner is None:
+            self._autotuner = triton.autotune(
+                configs=self.configs, key=self.key,
+                prune_configs_by={"early_config_prune": lambda configs, named, **kw: self.prune(configs, {**named, **kw})},
+            )(self.kernel)
+        return self._autotuner
 
-    def __call__(self, name: str, grid, *args, **constexprs):
+    def __call__(self, grid, *args, **constexprs):
+        """grid(meta) -> number of programs (1-D grid), meta holding BLOCK_M and BLOCK_N."""
+        if not INTERPRET and autotune_enabled():
+            self.autotuner[lambda meta: (grid(meta),)](*args, **constexprs)
+            return
+        named = {**dict(zip(self.kernel.arg_names, args)), **constexprs}
         if INTERPRET:
-            getattr(self.module, name)[(grid(INTERPRETER_BLOCKS),)](*args, **constexprs, **INTERPRETER_BLOCKS)
+            blocks, options = INTERPRETER_BLOCKS, {}
         else:
-            self.kernel(name)[lambda meta: (grid(meta),)](*args, **constexprs)
+            cfg = self.default(named)
+            blocks, options = cfg.kwargs, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        if self.pre_hook is not None:
+            self.pre_hook({**named, **blocks})
+        self.kernel[(grid(blocks),)](*args, **constexprs, **blocks, **options)

@@ -3,27 +3,52 @@
 Same contract as lfi.backends.reference.attention_kl: logits (B, H, M, N) with any strides,
 float16/bfloat16/float32; target and key_mask 4-D, broadcastable to it (size-1 dims are read with
 stride 0, never expanded in memory). The forward reads the logits and the target once; the backward
-recomputes p and t per tile from the saved row statistics. On a GPU the block sizes are autotuned;
-under the CPU interpreter one fixed, small configuration is used.
+recomputes p and t per tile from the saved row statistics.
+
+Block configurations (see lfi.backends.triton._launch for how they are chosen): the kernels are
+memory-bound row reductions without matrix products, so each has a short list of block shapes
+(`_TABLE`), autotuned on first use of a (bucket(M), bucket(N), mask, target kind, dtypes) key; with
+LFI_AUTOTUNE=0 the first candidate is used. Blocks larger than the bucketed sizes are dropped for
+small calls (`fit_buckets`). Under the CPU interpreter one fixed, small configuration is used.
 """
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import triton
 
-from lfi.backends.triton._launch import Launcher, _configs
+from lfi.backends.triton._launch import TunedKernel, bucket, configs_from, fit_buckets
 from lfi.kernels import attention_kl as K
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# Memory-bound row reductions: wide key blocks, few rows per program.
-_SHAPES = [(16, 128), (32, 128), (16, 256), (8, 256), (8, 512), (32, 64), (64, 64)]
-_KEY = ["M", "N", "HAS_MASK", "TARGET_IS_LOGITS"]
-_TUNING = {
-    "kl_fwd_kernel": (_configs(_SHAPES), _KEY),
-    "kl_bwd_kernel": (_configs(_SHAPES), _KEY),
+_FEATURES = ["M_BUCKET", "N_BUCKET", "HAS_MASK", "KEY_MASK", "TARGET_IS_LOGITS"]
+
+
+# Candidate configs per (kernel, logits dtype class: "16" = float16/bfloat16, "32" = float32), best
+# first: the first is the LFI_AUTOTUNE=0 default. From the compiled-kernel report
+# (benchmarks/kernel_report.py, sm_90): no candidate spills or uses shared memory beyond a few KB
+# (no matrix products, nothing pipelined: num_stages is moot). The SASS instructions per score
+# element of all these tiles are within ~8% of each other (probability and logit targets, masked
+# and not), so the lists span row-block heights (more programs for few rows; 8- and 16-row blocks
+# for M <= 16) and key-block widths (bytes in flight per program) rather than the SASS count.
+_TABLE = {
+    ("fwd", "16"): configs_from("16x128x4x2 32x64x4x2 64x64x4x2 8x256x4x2"),
+    ("fwd", "32"): configs_from("16x128x4x2 32x64x4x2 64x64x4x2 8x256x4x2"),
+    ("bwd", "16"): configs_from("16x128x4x2 32x128x4x2 32x64x4x2 8x256x4x2"),
+    ("bwd", "32"): configs_from("16x128x4x2 32x64x4x2 16x128x8x2 8x256x4x2"),
 }
-_launch = Launcher(K, _TUNING, prune=None)
+
+
+def _candidates(kernel: str, named):
+    """The table's list for the call (its first entry: the LFI_AUTOTUNE=0 default)."""
+    configs = _TABLE[(kernel, "16" if named["LOGITS"].element_size() == 2 else "32")]
+    return fit_buckets(configs, named["M_BUCKET"], named["N_BUCKET"])
+
+
+_fwd = TunedKernel.from_table(K.kl_fwd_kernel, _TABLE, "fwd", _FEATURES, partial(_candidates, "fwd"))
+_bwd = TunedKernel.from_table(K.kl_bwd_kernel, _TABLE, "bwd", _FEATURES, partial(_candidates, "bwd"))
 
 
 def _check_dtype(name: str, t: torch.Tensor):
@@ -48,6 +73,12 @@ def _mask_arg(key_mask, shape, fallback: torch.Tensor):
     return key_mask.view(torch.uint8), tuple(key_mask.expand(shape).stride()), True
 
 
+def key_mask_only(has_mask: bool, strides) -> bool:
+    """Whether a mask read with these broadcast (b, h, m, n) strides does not vary along the rows
+    (key padding, e.g. (B, 1, 1, N)): the kernels then read one vector of keys per block."""
+    return has_mask and strides[2] == 0
+
+
 def _row_stats(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
 
@@ -63,12 +94,15 @@ def kl_forward(logits, target, key_mask, student_scale: float, target_scale: flo
         return kl, stats, tstats
     target_arg, t_strides = _target_arg(target, shape)
     mask_arg, m_strides, has_mask = _mask_arg(key_mask, shape, logits)
-    _launch(
-        "kl_fwd_kernel", lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
+    _fwd(
+        lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
         logits, target_arg, mask_arg, kl, stats, tstats,
         *logits.stride(), *t_strides, *m_strides,
-        H, M, N, float(student_scale), float(target_scale),
-        HAS_MASK=has_mask, TARGET_IS_LOGITS=bool(target_is_logits),
+        H, M, N, float(student_scale), float(target_scale), bucket(M), bucket(N),
+        # The forward reads a key-padding mask as a tile: the compiled-kernel report counts 0.90 vs
+        # 1.05 instructions per score (bf16, 16x128) for the vector form at M = N = 1024.
+        HAS_MASK=has_mask, KEY_MASK=False,
+        TARGET_IS_LOGITS=bool(target_is_logits),
     )
     return kl, stats, tstats
 
@@ -84,11 +118,12 @@ def kl_backward(grad_kl, logits, target, key_mask, stats, tstats, student_scale:
         return dlogits
     target_arg, t_strides = _target_arg(target, shape)
     mask_arg, m_strides, has_mask = _mask_arg(key_mask, shape, logits)
-    _launch(
-        "kl_bwd_kernel", lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
+    _bwd(
+        lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
         grad_kl, logits, target_arg, mask_arg, _row_stats(stats), _row_stats(tstats), dlogits,
         *grad_kl.expand(B, H, M).stride(), *logits.stride(), *t_strides, *m_strides,
-        H, M, N, float(student_scale), float(target_scale),
-        HAS_MASK=has_mask, TARGET_IS_LOGITS=bool(target_is_logits),
+        H, M, N, float(student_scale), float(target_scale), bucket(M), bucket(N),
+        HAS_MASK=has_mask, KEY_MASK=key_mask_only(has_mask, m_strides),
+        TARGET_IS_LOGITS=bool(target_is_logits),
     )
     return dlogits

@@ -1,34 +1,143 @@
 """Launchers for the Triton attention kernels (lfi.kernels.interaction_attention).
 
 Same contract as lfi.backends.reference.interaction_attention: q (B, H, M, D), k (B, Hkv, N, D), v (B, Hkv, N, Dv),
-mask 4-D broadcastable to (B, H, M, N) or None; float16/bfloat16/float32. On a GPU the block
-sizes are autotuned; under the CPU interpreter one fixed, small configuration is used.
+mask 4-D broadcastable to (B, H, M, N) or None; float16/bfloat16/float32. The returned maps are a
+view of a buffer whose rows are padded to a multiple of 16 elements (so the kernels' map stores
+vectorize); every other output is contiguous.
+
+Block configurations (see lfi.backends.triton._launch for how they are chosen): each kernel has a
+short list; `_prune` keeps the ones that suit the call (tensor-core tiles for 16-bit inputs and TF32,
+small CUDA-core tiles for exact float32, smaller key blocks for large head dims, no 128-row blocks
+for 64 rows or fewer, estimated shared memory within the device's limit) and `_default_*` picks one
+without tuning (LFI_AUTOTUNE=0). The lists and defaults come from the compiled-kernel report
+(benchmarks/kernel_report.py): no candidate spills registers or exceeds shared memory.
 """
 from __future__ import annotations
+
+import math
+import os
+from functools import partial
 
 import torch
 import triton
 
-from lfi.backends.triton._launch import Launcher, _block, _broadcast_strides, _configs, _precision, _strides
+from lfi.backends.triton._launch import (
+    TunedKernel, _block, _broadcast_strides, _precision, _strides, bucket, configs_from, smem_limit,
+)
 from lfi.kernels import INTERPRET
 from lfi.kernels import interaction_attention as K
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = math.log2(math.e)
+# Map rows are allocated with a row stride that is a multiple of this many elements.
+MAP_ROW_ALIGN = 16
 
-_KEY = ["M", "N", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS_MASK", "MASK_BOOL", "w_start", "w_stop"]
-# kernel name -> (configs, autotune key); keys must name arguments of that kernel.
-_TUNING = {
-    "attention_fwd_kernel": (_configs([(128, 64), (64, 64), (128, 128), (64, 32), (32, 32)]), _KEY + ["HAS_KL"]),
-    "attention_bwd_preprocess_kernel": (_configs([(64, 64), (128, 64), (32, 32)], stages=(2,)), _KEY + ["HAS_DW"]),
-    "attention_bwd_dkdv_kernel": (_configs([(32, 64), (64, 64), (32, 128), (64, 128), (32, 32)]),
-                                  _KEY + ["HAS_DW", "HAS_KL"]),
-    "attention_bwd_dq_kernel": (_configs([(64, 64), (128, 64), (64, 32), (128, 32), (32, 32)]),
-                                _KEY + ["HAS_DW", "HAS_KL", "WRITE_DS"]),
+_FEATURES = ["M_BUCKET", "N_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS_MASK", "MASK_BOOL", "KEY_MASK",
+             "PRECISION"]
+
+
+# Candidate configs per (kernel, head-dim class, dtype class, maps, feature class), best first: the
+# first is the LFI_AUTOTUNE=0 default. Chosen from the compiled-kernel report
+# (benchmarks/kernel_report.py, sm_90): none of the 16-bit configs at head dims <= 128 spills
+# registers, all use wgmma, and the order follows the SASS instructions per score element.
+# Head-dim class: the larger of the q/k and v head-dim blocks (64: <= 64, 128, 256). dtype class:
+# "16" (float16/bfloat16), "tf32" and "tf32x3" (float32, see _launch._precision). maps: the forward
+# writes maps (None: either). Feature class: the feature that needs the most registers ("kl": fused
+# KL; "mask": a 2-D mask tile or a mask gradient; "gqa": several query heads per kv head in dK/dV;
+# "": none of those). dK/dV tiles are BLOCK_M queries x BLOCK_N keys.
+_TABLE = {
+    ("fwd", 64, "16", False, ""): configs_from("128x128x8x2 128x64x4x3 128x64x8x3 64x64x4x3"),
+    ("fwd", 64, "16", True, ""): configs_from("128x128x8x2 128x64x8x3 64x64x4x3"),
+    ("fwd", 64, "16", True, "mask"): configs_from("128x64x8x3 64x64x4x3"),
+    ("fwd", 64, "16", None, "kl"): configs_from("128x64x8x3 64x64x4x3"),
+    ("fwd", 128, "16", False, ""): configs_from("128x128x8x2 128x64x8x3 64x64x4x3"),
+    ("fwd", 128, "16", False, "mask"): configs_from("128x64x8x2 128x64x8x3 64x64x4x3"),
+    ("fwd", 128, "16", True, ""): configs_from("64x64x4x2 128x64x8x2"),
+    ("fwd", 128, "16", None, "kl"): configs_from("128x64x8x2 64x32x4x2"),
+    ("fwd", 256, "16", None, ""): configs_from("128x32x8x2 64x32x4x2"),
+    ("fwd", 64, "tf32", None, ""): configs_from("128x64x8x2 64x64x4x2 64x32x4x2"),
+    ("fwd", None, None, None, ""): configs_from("128x32x8x2 64x32x4x2"),
+    ("preprocess", None, None, None, ""): configs_from("64x64x4x2 128x64x8x2"),
+    ("dkdv", 64, "16", None, ""): configs_from("64x64x4x2 64x128x8x2 64x128x8x3"),
+    ("dkdv", 64, "16", None, "kl"): configs_from("32x128x8x2 32x64x4x2"),
+    ("dkdv", 128, "16", None, ""): configs_from("32x128x8x2 32x128x8x1"),
+    ("dkdv", 128, "16", None, "gqa"): configs_from("32x128x8x1 16x128x8x2"),
+    ("dkdv", 128, "16", None, "kl"): configs_from("32x128x8x2 16x128x8x2"),
+    ("dkdv", 64, "tf32", None, ""): configs_from("64x128x8x2 32x64x4x2"),
+    ("dkdv", None, None, None, ""): configs_from("32x64x8x2 32x64x4x2"),
+    ("dq", 64, "16", None, ""): configs_from("64x64x4x3 128x64x8x2 128x32x4x3"),
+    ("dq", 128, "16", None, ""): configs_from("128x64x8x2 64x64x4x2"),
+    ("dq", 64, "16", None, "mask"): configs_from("64x64x4x3 128x64x8x2"),
+    ("dq", 128, "16", None, "mask"): configs_from("128x32x8x2"),
+    ("dq", 128, "16", None, "kl"): configs_from("128x64x8x2"),
+    ("dq", 64, "tf32", None, ""): configs_from("128x64x8x2 64x64x4x2"),
+    ("dq", None, None, None, ""): configs_from("128x32x8x2 64x32x4x2"),
 }
-_launch = Launcher(K, _TUNING)
 
 
-def _common(q, k, v, mask, is_causal):
+def _feature_class(kernel: str, named) -> str:
+    if named.get("HAS_KL"):
+        return "kl"
+    if named.get("HAS_MASK") and not named.get("KEY_MASK") or named.get("WRITE_DS"):
+        return "mask"
+    if kernel == "dkdv" and named.get("GROUP", 1) > 1:
+        return "gqa"
+    return ""
+
+
+def _lookup(kernel: str, named):
+    """The table's list for this call: the most specific entry that matches (a feature class
+    without an entry of its own falls back to the plain one), else the kernel's generic entry."""
+    block_d = max(named["BLOCK_D"], named["BLOCK_DV"])
+    d_class = 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
+    dtype_class = "16" if named["Q"].element_size() == 2 else named["PRECISION"]
+    maps = named.get("WRITE_MAPS", 0) != 0
+    feature = _feature_class(kernel, named)
+    for key in ((kernel, d_class, dtype_class, maps, feature), (kernel, d_class, dtype_class, None, feature),
+                (kernel, d_class, dtype_class, maps, ""), (kernel, d_class, dtype_class, None, ""),
+                (kernel, None, None, None, "")):
+        if key in _TABLE:
+            return _TABLE[key]
+    raise KeyError(kernel)
+
+
+def _smem_bytes(cfg, named, resident: str, streamed: str) -> int:
+    """Shared memory the kernel's pipelined tiles need (measured to match the report within a few
+    KB): the tiles kept for the whole program, num_stages copies of the streamed ones, and for the
+    maps forward the tile staged for the coalesced map stores."""
+    rows = {"M": cfg.kwargs["BLOCK_M"], "N": cfg.kwargs["BLOCK_N"]}
+    width = named["BLOCK_D"] + named["BLOCK_DV"]
+    size = named["Q"].element_size()
+    smem = (rows[resident] * width + cfg.num_stages * rows[streamed] * width) * size
+    if named.get("WRITE_MAPS", 0):
+        smem += rows["M"] * rows["N"] * size
+    return smem
+
+
+def _candidates(kernel: str, named, resident="M", streamed="N"):
+    """The table's list for the call, without configs over the device's shared memory and, when
+    there are at most 64 rows, without 128-row blocks (the M loop of row-block kernels)."""
+    configs = _lookup(kernel, named)
+    limit = smem_limit(named["Q"].device)
+    kept = [c for c in configs if _smem_bytes(c, named, resident, streamed) <= limit]
+    if resident == "M" and named["M_BUCKET"] <= 64:
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] <= 64] or kept
+    return kept or [min(configs, key=lambda c: _smem_bytes(c, named, resident, streamed))]
+
+
+def _tuned(kernel_fn, kernel: str, key, resident="M", streamed="N"):
+    return TunedKernel.from_table(kernel_fn, _TABLE, kernel, _FEATURES + key,
+                                  partial(_candidates, kernel, resident=resident, streamed=streamed))
+
+
+_fwd = _tuned(K.attention_fwd_kernel, "fwd", ["HAS_KL", "WRITE_MAPS"])
+_preprocess = _tuned(K.attention_bwd_preprocess_kernel, "preprocess", ["HAS_DW"])
+_dkdv = _tuned(K.attention_bwd_dkdv_kernel, "dkdv", ["HAS_DW", "HAS_KL", "GROUP"], resident="N", streamed="M")
+_dq = _tuned(K.attention_bwd_dq_kernel, "dq", ["HAS_DW", "HAS_KL", "WRITE_DS"])
+
+
+def _common(q, k, v, mask, scale, is_causal):
+    """(mask argument, mask strides, scales, constexprs) shared by every kernel of one call."""
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"backend='triton' supports float16, bfloat16 and float32, got q.dtype={q.dtype}; "
                         "use backend='torch' for float64")
@@ -40,43 +149,78 @@ def _common(q, k, v, mask, is_causal):
         mask_strides = _broadcast_strides(mask, (B, H, M, N))
     else:
         mask_bool, mask_arg, mask_strides = False, q, (0, 0, 0, 0)
+    # Scores are |scale| * (sign(scale) q) . k: the kernels negate (or zero) q instead of the scores.
+    q_sign = 1 if scale > 0 else (-1 if scale < 0 else 0)
+    qk_scale = abs(scale) if scale != 0 else 1.0
     constexprs = dict(
         HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=_block(D), BLOCK_DV=_block(Dv),
         IS_CAUSAL=bool(is_causal), HAS_MASK=mask is not None, MASK_BOOL=mask_bool,
+        # a mask that does not vary along the query rows (key padding) is read as one vector per block
+        KEY_MASK=mask is not None and mask_strides[2] == 0,
+        FLOAT_MASK=mask is not None and not mask_bool, Q_SIGN=q_sign,
         DOT_FP32=INTERPRET and q.dtype == torch.bfloat16, PRECISION=_precision(q.dtype),
     )
-    return mask_arg, mask_strides, constexprs
+    return mask_arg, mask_strides, (qk_scale, qk_scale * LOG2E), constexprs
+
+
+def _map_buffer(B, H, rows, N, dtype, device):
+    """(B, H, rows, N) maps as a view of a buffer whose row stride is a multiple of MAP_ROW_ALIGN."""
+    padded = triton.cdiv(N, MAP_ROW_ALIGN) * MAP_ROW_ALIGN
+    return torch.empty(B, H, rows, padded, dtype=dtype, device=device)[..., :N]
+
+
+def map_strides(B: int, H: int, rows: int, N: int) -> tuple[int, int, int, int]:
+    """Strides of the maps this backend returns (the op's fake implementation matches them)."""
+    padded = -(-N // MAP_ROW_ALIGN) * MAP_ROW_ALIGN
+    return (H * rows * padded, rows * padded, padded, 1)
 
 
 def attention_forward(q, k, v, mask, scale: float, is_causal: bool, w_start: int, w_stop: int, kl_target=None):
     """Returns out (B, H, M, Dv) q.dtype, stats (B, H, M, 2) float32 (row max, log of the row sum),
     weights (B, H, w_stop-w_start, N) q.dtype, and with kl_target (4-D probabilities) kl and tnorm
     (B, H, M) float32, else None, None."""
-    mask_arg, mask_strides, constexprs = _common(q, k, v, mask, is_causal)
+    mask_arg, mask_strides, scales, constexprs = _common(q, k, v, mask, scale, is_causal)
     B, H, M, _ = q.shape
     Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[-1]
     out = torch.empty(B, H, M, Dv, dtype=q.dtype, device=q.device)
     stats = torch.empty(B, H, M, 2, dtype=torch.float32, device=q.device)
-    weights = torch.empty(B, H, w_stop - w_start, N, dtype=q.dtype, device=q.device)
+    weights = _map_buffer(B, H, w_stop - w_start, N, q.dtype, q.device)
+    write_maps = weights.numel() > 0
+    # 0: no maps; 1: maps of a window of rows; 2: of every row (no single-pass code compiled)
+    maps_mode = 0 if not write_maps else (2 if (w_start, w_stop) == (0, M) else 1)
     has_kl = kl_target is not None
     kl, tnorm = (torch.empty(B, H, M, dtype=torch.float32, device=q.device) for _ in range(2)) if has_kl else (None, None)
-    _launch(
-        "attention_fwd_kernel", lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
-        q, k, v, mask_arg, out, stats, weights if weights.numel() else out,
+    _fwd(
+        lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
+        q, k, v, mask_arg, out, stats, weights if write_maps else out,
         kl_target if has_kl else out, kl if has_kl else stats, tnorm if has_kl else stats,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
-        *_strides(weights if weights.numel() else None), *_broadcast_strides(kl_target, (B, H, M, N)),
-        H, H // Hkv, M, N, scale, w_start, w_stop,
-        HAS_KL=has_kl, **constexprs,
+        *_strides(weights if write_maps else None), *_broadcast_strides(kl_target, (B, H, M, N)),
+        H, H // Hkv, M, N, *scales, w_start, w_stop, bucket(M), bucket(N),
+        HAS_KL=has_kl, WRITE_MAPS=maps_mode, **constexprs,
     )
     return out, stats, weights, kl, tnorm
+
+
+def use_atomic_dq(mask_grad: bool) -> bool:
+    """Whether the backward adds dQ atomically inside the dK/dV kernel (5 matrix products per tile
+    pair instead of 7, as FlashAttention-2) instead of running the dQ kernel. Opt-in with
+    LFI_DQ_ATOMIC=1: the compiled-kernel report counts 0.42 vs 0.58 SASS instructions per score
+    element (bf16, D = 64), but it costs ~0.5 float32 atomics per score element in L2 (unmeasured
+    on a GPU so far) and makes dQ's rounding order-dependent, so the default stays the
+    deterministic dQ kernel. Never used when a float mask needs its gradient (the dQ kernel writes
+    dS) or when torch's deterministic algorithms are on."""
+    value = os.environ.get("LFI_DQ_ATOMIC", "0").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"LFI_DQ_ATOMIC must be 0 or 1, got {value!r}")
+    return value == "1" and not mask_grad and not torch.are_deterministic_algorithms_enabled()
 
 
 def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale: float, is_causal: bool,
                        w_start: int, w_stop: int, mask_grad: bool, kl_target=None, tnorm=None, grad_kl=None):
     """Returns (dq, dk, dv, dmask); dmask is None unless mask_grad (float mask only). grad_kl
     (B, H, M), any strides, is the gradient of the fused per-row KL against kl_target."""
-    mask_arg, mask_strides, constexprs = _common(q, k, v, mask, is_causal)
+    mask_arg, mask_strides, (qk_scale, qk_scale2), constexprs = _common(q, k, v, mask, scale, is_causal)
     B, H, M, _ = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     has_dw = grad_weights is not None and grad_weights.numel() > 0
@@ -85,34 +229,39 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale:
     has_kl = grad_kl is not None
     kl_args = (kl_target, tnorm, grad_kl) if has_kl else (q, stats, stats)
     kl_strides = (*_broadcast_strides(kl_target, (B, H, M, N)), *(grad_kl.stride() if has_kl else (0, 0, 0)))
+    sizes = (M, N, qk_scale, qk_scale2, w_start, w_stop, bucket(M), bucket(N))
 
     delta = torch.empty(B, H, M, dtype=torch.float32, device=q.device)
-    _launch(
-        "attention_bwd_preprocess_kernel", lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
+    _preprocess(
+        lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
         out, grad_out, delta, q, k, mask_arg, stats, g_arg,
         *out.stride(), *grad_out.stride(), *q.stride(), *k.stride(), *mask_strides, *g_strides,
-        H, H // Hkv, M, N, scale, w_start, w_stop,
+        H, H // Hkv, *sizes,
         HAS_DW=has_dw, **constexprs,
     )
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    _launch(
-        "attention_bwd_dkdv_kernel", lambda meta: triton.cdiv(N, meta["BLOCK_N"]) * B * Hkv,
-        q, k, v, mask_arg, grad_out, g_arg, stats, delta, dk, dv, *kl_args,
+    dq_atomic = use_atomic_dq(mask_grad)
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if dq_atomic else delta
+    _dkdv(
+        lambda meta: triton.cdiv(N, meta["BLOCK_N"]) * B * Hkv,
+        q, k, v, mask_arg, grad_out, g_arg, stats, delta, dk, dv, dq_acc, *kl_args,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(), *g_strides,
-        *dk.stride(), *dv.stride(), *kl_strides,
-        H, Hkv, H // Hkv, M, N, scale, w_start, w_stop,
-        HAS_DW=has_dw, HAS_KL=has_kl, **constexprs,
+        *dk.stride(), *dv.stride(), *_strides(dq_acc if dq_atomic else None), *kl_strides,
+        H, Hkv, H // Hkv, M, N, float(scale), *sizes[2:],
+        HAS_DW=has_dw, HAS_KL=has_kl, DQ_ATOMIC=dq_atomic, **constexprs,
     )
+    if dq_atomic:
+        return dq_acc.to(q.dtype), dk, dv, None
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     # dS is written only when an additive mask needs its gradient (it is as large as the maps).
     ds = torch.zeros(B, H, M, N, dtype=torch.float32, device=q.device) if mask_grad else delta
-    _launch(
-        "attention_bwd_dq_kernel", lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
+    _dq(
+        lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
         q, k, v, mask_arg, grad_out, g_arg, stats, delta, dq, ds, *kl_args,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(), *g_strides, *dq.stride(),
         *kl_strides,
-        H, H // Hkv, M, N, scale, w_start, w_stop,
+        H, H // Hkv, M, N, float(scale), *sizes[2:],
         HAS_DW=has_dw, HAS_KL=has_kl, WRITE_DS=mask_grad, **constexprs,
     )
     dmask = None

@@ -1,0 +1,121 @@
+"""Every Triton kernel of lfi compiled for Hopper (sm_90), no GPU needed.
+
+The CPU interpreter that runs the rest of this suite cannot catch compiled-mode problems (a dot too
+small for the tensor cores, register spills, shared memory over the limit, code that only fails to
+compile). This module runs ``benchmarks/kernel_report.py --ci`` once, in a subprocess with
+TRITON_INTERPRET unset (so the interpreter setting of this session is untouched): the shipped
+launchers are called for bf16/fp16 at D = 64 and 128 with every feature (masks, causal, GQA, fused
+KL, maps) and the KL ops; each launch's representative config (the LFI_AUTOTUNE=0 default when the
+launchers have one, else the first config autotuning can pick) is compiled for sm_90 and its ptxas
+log and SASS are checked. A deliberately spilling fp32 probe kernel (not a candidate) proves the
+spill and tensor-core detection work.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_report.py"
+ATTENTION_STAGES = {"fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq"}
+KL_STAGES = {"kl_fwd", "kl_bwd", "kl_qk_fwd", "kl_qk_bwd_dq", "kl_qk_bwd_dk"}
+
+
+def _toolchain_missing() -> str | None:
+    """Why Triton's NVIDIA toolchain is unusable here, or None."""
+    try:
+        import triton.backends.nvidia as nvidia
+        from triton.backends.nvidia.compiler import get_ptxas
+        tools = [Path(get_ptxas(90).path), Path(nvidia.__file__).parent / "bin" / "cuobjdump"]
+    except Exception as exc:  # noqa: BLE001
+        return f"Triton's NVIDIA backend or ptxas is not available ({exc})"
+    missing = [str(t) for t in tools if not t.exists()]
+    return f"Triton's NVIDIA tools are missing: {', '.join(missing)}" if missing else None
+
+
+pytestmark = pytest.mark.skipif(_toolchain_missing() is not None, reason=str(_toolchain_missing()))
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    """The report's records for the CI set (one subprocess per test session)."""
+    out = tmp_path_factory.mktemp("compiled_kernels")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, str(REPORT), "--ci", "--json", str(out / "ci.json"),
+                           "--md", str(out / "ci.md")], env=env, capture_output=True, text=True, timeout=1800)
+    elapsed = time.time() - t0
+    print(f"\nkernel_report.py --ci: {elapsed:.0f} s; {proc.stderr.strip().splitlines()[-1:] or ''}")
+    assert proc.returncode == 0, f"kernel_report.py --ci failed:\n{proc.stderr[-6000:]}"
+    return json.loads((out / "ci.json").read_text())
+
+
+def _where(r) -> str:
+    return f"{r['stage']} {r['kernel']} [{r['case']}] {r['config']} {r['target']}"
+
+
+def _checked(records):
+    return [r for r in records if not r.get("probe")]
+
+
+def test_every_kernel_is_covered(records):
+    """Every stage was captured from the launchers, for each dtype and head dim (capture works)."""
+    recs = _checked(records)
+    for dtype in ("bf16", "fp16"):
+        for d in (64, 128):
+            stages = {r["stage"] for r in recs if r["op"] == "interaction_attention" and r["dtype"] == dtype
+                      and r["head_dim"] == d}
+            assert ATTENTION_STAGES <= stages, f"{dtype} D={d}: missing {ATTENTION_STAGES - stages}"
+    kl = {r["stage"] for r in recs if r["op"] != "interaction_attention"}
+    assert KL_STAGES <= kl, f"missing KL stages {KL_STAGES - kl}"
+    for r in recs:
+        assert r["target"] == "sm_90" and r["candidate"], _where(r)
+
+
+def test_every_kernel_compiles(records):
+    failed = [f"{_where(r)}: {r['error']}" for r in _checked(records) if r["error"] is not None]
+    assert not failed, "kernels that do not compile for sm_90:\n" + "\n".join(failed)
+
+
+def test_candidates_do_not_spill(records):
+    spilled = [f"{_where(r)}: {r['spill_bytes']} B spilled, {r['regs']} registers"
+               for r in _checked(records) if r["error"] is None and r["spill_bytes"]]
+    assert not spilled, "configs autotuning can pick that spill registers:\n" + "\n".join(spilled)
+
+
+def test_candidates_fit_shared_memory(records):
+    over = [f"{_where(r)}: {r['smem_bytes']} B > {r['smem_limit']} B"
+            for r in _checked(records) if r["error"] is None and not r["fits_smem"]]
+    assert not over, "configs autotuning can pick that exceed shared memory:\n" + "\n".join(over)
+
+
+def test_half_precision_tiles_use_tensor_cores(records):
+    """bf16/fp16 kernels that hold a tl.dot compile it to HGMMA (wgmma) or HMMA (mma.sync)."""
+    scalar = [f"{_where(r)}: {r['dots']} tl.dot, no HGMMA/HMMA in the SASS" for r in _checked(records)
+              if r["error"] is None and r["dtype"] in ("bf16", "fp16") and r["dots"] and not r["tensor_cores"]]
+    assert not scalar, "half-precision dots without tensor cores:\n" + "\n".join(scalar)
+
+
+def test_main_loops_are_found(records):
+    """The per-score-element figure is measured for every tensor-core kernel (the loop finder works)."""
+    missing = [_where(r) for r in _checked(records) if r["error"] is None and r["tensor_cores"]
+               and not (r["sass_per_score_element"] and r["sass_per_score_element"] > 0 and r["loops"])]
+    assert not missing, "no main loop found in:\n" + "\n".join(missing)
+
+
+def test_spill_and_scalar_detection_work(records):
+    """The report's own probe (an fp32 "ieee" dot on CUDA cores whose 256 x 128 accumulator needs more
+    registers than a thread has, launched, bound and compiled like the kernels above) must be reported
+    as spilling, without tensor cores, with an FFMA main loop: the checks above can fail."""
+    probes = [r for r in records if r.get("probe")]
+    assert probes, "the spill-detection probe is missing from the report"
+    for r in probes:
+        assert r["error"] is None, f"{_where(r)}: {r['error']}"
+        assert r["spill_bytes"] and r["spill_bytes"] > 0, f"{_where(r)}: spill not detected ({r['spill_bytes']})"
+        assert r["dots"] and not r["tensor_cores"], f"{_where(r)}: an FMA dot reported as tensor cores"
+        assert r["loop_kind"] == "ffma" and r["sass_per_score_element"] > 0, f"{_where(r)}: {r['loop_kind']}"

@@ -1,0 +1,196 @@
+"""The Triton attention kernels' tile structure, under every tile shape the launchers can choose.
+
+The kernels split each pass into a main loop without bounds or causal predicates and EDGE tiles
+(the ragged block and the causal diagonal), read key-padding masks as one vector per key block,
+negate q for a negative scale, write maps of a row window or of all rows, and store maps in a
+buffer with padded rows. These paths depend on the tile shape (BLOCK_M > BLOCK_N puts several key
+blocks on the diagonal; BLOCK_N > BLOCK_M several query blocks in the dK/dV kernel), so the cases
+below run under several interpreter tile shapes, with outputs poisoned (torch.empty returns NaN)
+so that any element a kernel fails to write fails the comparison. The launchers' config choice
+(pure Python) is tested at the end.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import BACKENDS, DEVICE, bool_mask, float_mask, make_gen, make_qkv, run_and_compare
+
+pytestmark = pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton backend is not usable here")
+
+TILES = [(16, 32), (32, 16), (16, 16)]
+
+CASES = [
+    dict(id="causal_square", M=37, N=37, causal=True),
+    dict(id="causal_wide", M=19, N=45, causal=True),
+    dict(id="causal_tall", M=45, N=19, causal=True, rows=(3, 40)),
+    dict(id="ragged_maps_window", M=35, N=50, rows=(17, 33)),
+    dict(id="bool_mask_causal", M=33, N=33, causal=True, mask="bool"),
+    dict(id="key_padding_bool", M=21, N=47, mask="key_bool"),
+    dict(id="key_padding_float_rows", M=21, N=47, mask="key_float", rows=(0, 5)),
+    dict(id="float_mask_dead_rows", M=24, N=40, mask="float_dead"),
+    dict(id="gqa_causal", M=33, N=33, causal=True, H=4, Hkv=2),
+    dict(id="negative_scale", M=18, N=34, scale=-0.4),
+    dict(id="zero_scale_causal", M=18, N=34, scale=0.0, causal=True, mask="key_bool"),
+]
+
+
+@pytest.fixture
+def poisoned_empty():
+    """torch.empty fills float tensors with NaN (deterministic mode's uninitialized-memory fill)."""
+    from torch.utils import deterministic
+
+    previous = torch.are_deterministic_algorithms_enabled(), deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(previous[0])
+    deterministic.fill_uninitialized_memory = previous[1]
+
+
+def _mask(kind, B, H, M, N, gen):
+    if kind is None:
+        return None
+    if kind == "bool":
+        return bool_mask((B, H, M, N), gen)
+    if kind == "key_bool":
+        m = bool_mask((B, 1, 1, N), gen)
+        m[..., 0] = True  # every row keeps a key (causal rows see key 0)
+        return m
+    if kind == "key_float":
+        m = float_mask((B, 1, 1, N), gen)
+        m[0, ..., N // 2:] = float("-inf")  # padding at the end of the first sequence
+        return m
+    if kind == "float_dead":
+        m = float_mask((1, H, M, N), gen)
+        m[0, 1, 3] = float("-inf")  # a row with no attended key
+        m[0, 0, 5] = -1e30  # a uniform row
+        return m
+    raise ValueError(kind)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="interpreter tile shapes are a CPU (TRITON_INTERPRET) test")
+@pytest.mark.parametrize("case", [pytest.param(c, id=c["id"]) for c in CASES])
+@pytest.mark.parametrize("tile", TILES, ids=[f"{m}x{n}" for m, n in TILES])
+def test_tile_paths(case, tile, monkeypatch, poisoned_empty):
+    from lfi.backends.triton import _launch
+
+    monkeypatch.setattr(_launch, "INTERPRETER_BLOCKS", {"BLOCK_M": tile[0], "BLOCK_N": tile[1]})
+    _run_case(case, tile)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="interpreter tile shapes are a CPU (TRITON_INTERPRET) test")
+@pytest.mark.parametrize("tile", TILES, ids=[f"{m}x{n}" for m, n in TILES])
+def test_fused_kl_tiles(tile, monkeypatch, poisoned_empty):
+    """The fused KL's online pieces across EDGE tiles and both map modes."""
+    from lfi.backends.triton import _launch
+    from lfi.ops import interaction_attention
+
+    monkeypatch.setattr(_launch, "INTERPRETER_BLOCKS", {"BLOCK_M": tile[0], "BLOCK_N": tile[1]})
+    gen = make_gen("kl_tiles", tile)
+    q, k, v = make_qkv(2, 2, 1, 21, 37, 24, gen=gen, requires_grad=True)
+    mask = _mask("key_bool", 2, 2, 21, 37, gen)
+    target = torch.softmax(torch.randn(2, 1, 21, 37, generator=gen), -1).to(DEVICE)
+    for rows in (None, (4, 15)):
+        kw = dict(need_weights=rows is not None, weights_rows=rows, kl_target=target, kl_reduction="none",
+                  is_causal=True)
+        got = interaction_attention(q, k, v, mask, backend="triton", **kw)
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        want = interaction_attention(q64, k64, v64, mask, backend="torch", **kw)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.double(), w, atol=2e-5, rtol=2e-5)
+        weights = [torch.randn(w.shape, generator=gen).to(DEVICE) for w in want]
+        grads = torch.autograd.grad(sum((g * r).sum() for g, r in zip(got, weights)), (q, k, v))
+        grads64 = torch.autograd.grad(sum((w * r.double()).sum() for w, r in zip(want, weights)), (q64, k64, v64))
+        for name, g, w in zip("qkv", grads, grads64):
+            torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-4, msg=f"grad {name}")
+
+
+ATOMIC_CASES = [c for c in CASES if c["id"] in ("causal_tall", "gqa_causal", "key_padding_float_rows",
+                                                 "negative_scale", "zero_scale_causal")]
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="interpreter tile shapes are a CPU (TRITON_INTERPRET) test")
+@pytest.mark.parametrize("case", [pytest.param(c, id=c["id"]) for c in ATOMIC_CASES])
+@pytest.mark.parametrize("tile", TILES[:2], ids=[f"{m}x{n}" for m, n in TILES[:2]])
+def test_atomic_dq(case, tile, monkeypatch):
+    """LFI_DQ_ATOMIC=1: dQ accumulated in the dK/dV kernel (no poisoning here: torch's
+    deterministic mode would switch the atomics off)."""
+    from lfi.backends.triton import _launch
+    from lfi.backends.triton import interaction_attention as launcher
+
+    monkeypatch.setattr(_launch, "INTERPRETER_BLOCKS", {"BLOCK_M": tile[0], "BLOCK_N": tile[1]})
+    monkeypatch.setenv("LFI_DQ_ATOMIC", "1")
+    assert launcher.use_atomic_dq(mask_grad=False) and not launcher.use_atomic_dq(mask_grad=True)
+    _run_case(case, tile)
+
+
+def _run_case(case, tile):
+    gen = make_gen("tiles", case["id"], tile)
+    B, H, Hkv, M, N = 2, case.get("H", 2), case.get("Hkv", 2), case["M"], case["N"]
+    q, k, v = make_qkv(B, H, Hkv, M, N, 40, gen=gen, requires_grad=True)
+    mask = _mask(case.get("mask"), B, H, M, N, gen)
+    run_and_compare("triton", q, k, v, mask, is_causal=case.get("causal", False), scale=case.get("scale"),
+                    need_weights=True, rows=case.get("rows"), gen=gen)
+
+
+def test_maps_buffer_rows_are_padded():
+    """Triton maps are a view with a row stride that is a multiple of 16 elements."""
+    from lfi.ops import interaction_attention
+
+    gen = make_gen("padded_maps")
+    q, k, v = make_qkv(1, 2, 2, 5, 19, 16, gen=gen)
+    _, w = interaction_attention(q, k, v, need_weights=True, backend="triton")
+    assert w.shape == (1, 2, 5, 19) and w.stride(-1) == 1 and w.stride(-2) % 16 == 0
+    _, w = interaction_attention(q, k, v, need_weights=True, backend="torch")
+    assert w.is_contiguous()
+
+
+# --------------------------------------------------------------------------------------------------
+# Config choice (pure Python: runs anywhere)
+# --------------------------------------------------------------------------------------------------
+
+def _named(dtype=torch.bfloat16, D=64, M=1024, maps=0, precision="tf32"):
+    from lfi.backends.triton._launch import _block, bucket
+
+    return {"Q": torch.empty(1, dtype=dtype, device="meta"), "BLOCK_D": _block(D), "BLOCK_DV": _block(D),
+            "M_BUCKET": bucket(M), "PRECISION": precision, "WRITE_MAPS": maps}
+
+
+def _shape(cfg):
+    return (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)
+
+
+def test_config_tables():
+    from lfi.backends.triton import interaction_attention as launcher
+    from lfi.backends.triton._launch import table_configs
+
+    pick = launcher._candidates
+    assert _shape(pick("fwd", _named())[0]) == (128, 128, 8, 2)
+    # at most 64 rows: no 128-row blocks
+    assert all(c.kwargs["BLOCK_M"] <= 64 for c in pick("fwd", _named(M=16)))
+    # maps at D = 128: the no-spill list
+    assert [_shape(c) for c in pick("fwd", _named(D=128, maps=2))] == [(64, 64, 4, 2), (128, 64, 8, 2)]
+    # exact float32 (3xTF32) falls back to the generic small tiles
+    assert all(c.kwargs["BLOCK_N"] <= 32 for c in pick("fwd", _named(torch.float32, precision="tf32x3")))
+    for kernel in ("fwd", "preprocess", "dkdv", "dq"):
+        configs = table_configs(launcher._TABLE, kernel)
+        assert 1 <= len(configs) <= 8
+        assert len({_shape(c) for c in configs}) == len(configs)
+        for named in (_named(), _named(torch.float16, 128), _named(torch.float32, 64), _named(D=256)):
+            kept = pick(kernel, dict(named))
+            assert 1 <= len(kept) <= 6
+            resident, streamed = ("N", "M") if kernel == "dkdv" else ("M", "N")
+            assert all(launcher._smem_bytes(c, named, resident, streamed) <= launcher.smem_limit(None)
+                       for c in kept)
+
+
+def test_autotune_env_and_buckets(monkeypatch):
+    from lfi.backends.triton._launch import autotune_enabled, bucket
+
+    assert [bucket(n) for n in (1, 16, 17, 197, 256, 257)] == [16, 16, 32, 256, 256, 512]
+    monkeypatch.setenv("LFI_AUTOTUNE", "0")
+    assert not autotune_enabled()
+    monkeypatch.setenv("LFI_AUTOTUNE", "yes")
+    with pytest.raises(ValueError, match="LFI_AUTOTUNE"):
+        autotune_enabled()
