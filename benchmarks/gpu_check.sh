@@ -3,7 +3,7 @@
 # pytest-benchmark are already installed and there is no network. It installs lfi without
 # dependencies, runs the Triton backend's tests on the GPU (compiled kernels, heuristic configs so
 # each kernel variant compiles once), then the ViT-shape benchmarks side by side with eager and SDPA
-# (autotuned), and writes logs and JSON under $OUT (default ./gpu-check-out). Budget: < 8 minutes.
+# (autotuned; also dQ by atomics), and writes logs and JSON under $OUT (default ./gpu-check-out). Budget: < 8 minutes.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -30,13 +30,17 @@ step install 300 pip install --no-deps --no-build-isolation -e .
 # Correctness of the compiled kernels against float64 references (tile shapes as the GPU picks them).
 LFI_AUTOTUNE=0 step tests 240 python -m pytest -q -x -p no:cacheprovider \
     tests/test_interaction_attention.py tests/test_fused_kl.py tests/test_sdpa_routing.py \
-    -k "triton or cuda or routing" --junitxml="$OUT/tests.xml"
+    -k "triton or cuda or routing"
 
 # Speed and peak memory at ViT shapes, bf16, side by side (pytest-benchmark medians in the JSON).
 step bench 300 python -m pytest benchmarks/test_bench_interaction_attention.py --benchmark-only -q \
     -p no:cacheprovider --lfi-dtype bf16 --lfi-shapes vit_b_n197,vit_b_n577,xattn_m16_n197 \
     --lfi-impls eager,sdpa,lfi_auto,lfi_triton --benchmark-json="$OUT/bench.json"
-[ -f "$OUT/bench.json" ] && python benchmarks/summarize.py "$OUT/bench.json" >"$OUT/bench.md" 2>&1
+# dQ by float32 atomics inside the dK/dV kernel (LFI_DQ_ATOMIC=1) against the default dQ kernel.
+LFI_DQ_ATOMIC=1 step bench_atomic_dq 150 python -m pytest benchmarks/test_bench_interaction_attention.py \
+    --benchmark-only -q -p no:cacheprovider --lfi-dtype bf16 --lfi-shapes vit_b_n197,vit_b_n1025 \
+    --lfi-impls lfi_triton -k "fwd+bwd" --benchmark-json="$OUT/bench_atomic_dq.json"
+# (at most 8 files come back: tables from the JSON with python benchmarks/summarize.py FILE)
 
 cat "$OUT/summary.txt"
 exit $status

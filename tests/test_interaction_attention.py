@@ -631,3 +631,22 @@ def test_cuda_auto_picks_triton_and_matches():
     gen = make_gen("cuda_auto")
     q, k, v = make_qkv(1, 2, 2, 64, 96, 64, dtype=torch.float16, gen=gen, device="cuda", requires_grad=True)
     run_and_compare("auto", q, k, v, need_weights=True, gen=gen)
+
+
+def test_torch_backend_backward_reads_full_maps():
+    """backend="torch" keeps the returned maps of every row (its P, in the compute dtype) for the
+    backward instead of recomputing them, as eager attention keeps P: same gradients, and an
+    in-place edit of those maps before backward is refused as autograd refuses it for eager."""
+    from lfi.backends.reference import interaction_attention as ref
+
+    gen = make_gen("keep_probs")
+    q, k, v = make_qkv(2, 2, 1, 9, 21, 16, gen=gen, requires_grad=True)
+    out, w = interaction_attention(q, k, v, need_weights=True, backend="torch")
+    assert ref.probs_to_keep(q, w, 0, 9) is w
+    assert ref.probs_to_keep(q, w[:, :, :4], 0, 4) is None and ref.probs_to_keep(q.half(), w.half(), 0, 9) is None
+    run_and_compare("torch", q, k, v, need_weights=True, gen=gen)
+    run_and_compare("torch", q, k, v, bool_mask((2, 1, 9, 21), gen), is_causal=True, need_weights=True, gen=gen)
+    out, w = interaction_attention(q, k, v, need_weights=True, backend="torch")
+    w.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()

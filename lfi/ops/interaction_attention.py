@@ -78,26 +78,28 @@ def interaction_attention_bwd(
     grad_out: Tensor, grad_weights: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     stats: Tensor, attn_mask: Optional[Tensor], scale: float, is_causal: bool, weights_start: int,
     weights_stop: int, mask_grad: bool, kl_target: Optional[Tensor], tnorm: Optional[Tensor],
-    grad_kl: Optional[Tensor], backend: str,
+    grad_kl: Optional[Tensor], backend: str, probs: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, dmask); dmask has attn_mask's shape when mask_grad, else it is empty."""
+    """(dq, dk, dv, dmask); dmask has attn_mask's shape when mask_grad, else it is empty. probs: the
+    forward's P when the backend asked to keep it (see _setup_context), else None (recomputed)."""
     return _backward_kernels(grad_out, grad_weights, q, k, v, out, stats, attn_mask, scale, is_causal,
-                             weights_start, weights_stop, mask_grad, kl_target, tnorm, grad_kl, backend)
+                             weights_start, weights_stop, mask_grad, kl_target, tnorm, grad_kl, backend, probs)
 
 
 def _backward_kernels(grad_out, grad_weights, q, k, v, out, stats, attn_mask, scale, is_causal,
-                      weights_start, weights_stop, mask_grad, kl_target, tnorm, grad_kl, backend):
+                      weights_start, weights_stop, mask_grad, kl_target, tnorm, grad_kl, backend, probs=None):
     """The body of interaction_attention_bwd (also run directly by _EagerForward's backward)."""
+    extra = {} if probs is None else {"probs": probs}
     dq, dk, dv, dmask = _dispatch.implementation(backend, OP).attention_backward(
         grad_out, grad_weights, q, k, v, out, stats, attn_mask, scale, is_causal,
-        weights_start, weights_stop, mask_grad, kl_target, tnorm, grad_kl,
+        weights_start, weights_stop, mask_grad, kl_target, tnorm, grad_kl, **extra,
     )
     return dq, dk, dv, dmask if dmask is not None else q.new_empty(0)
 
 
 @interaction_attention_bwd.register_fake
 def _(grad_out, grad_weights, q, k, v, out, stats, attn_mask, scale, is_causal, weights_start, weights_stop,
-      mask_grad, kl_target, tnorm, grad_kl, backend):
+      mask_grad, kl_target, tnorm, grad_kl, backend, probs=None):
     # Every backend returns contiguous gradients, whatever the inputs' strides.
     dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
@@ -105,8 +107,12 @@ def _(grad_out, grad_weights, q, k, v, out, stats, attn_mask, scale, is_causal, 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, attn_mask, scale, is_causal, weights_start, weights_stop, kl_target, backend = inputs
-    out, stats, _, _, tnorm = output
-    ctx.save_for_backward(q, k, v, out, stats, attn_mask, kl_target, tnorm)
+    out, stats, weights, _, tnorm = output
+    # A backend whose backward can read the returned maps instead of recomputing P says which
+    # (the torch backend: maps of every row in its compute dtype, i.e. P itself, as eager keeps it).
+    keep = getattr(_dispatch.implementation(backend, OP), "probs_to_keep", None)
+    probs = keep(q, weights, weights_start, weights_stop) if keep is not None else None
+    ctx.save_for_backward(q, k, v, out, stats, attn_mask, kl_target, tnorm, probs)
     ctx.args = (scale, is_causal, weights_start, weights_stop)
     ctx.backend = backend
     ctx.mark_non_differentiable(stats, tnorm)
@@ -116,7 +122,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_stats, grad_weights, grad_kl, grad_tnorm):
-    q, k, v, out, stats, attn_mask, kl_target, tnorm = ctx.saved_tensors
+    q, k, v, out, stats, attn_mask, kl_target, tnorm, probs = ctx.saved_tensors
     scale, is_causal, weights_start, weights_stop = ctx.args
     if grad_out is None:  # only the maps or the KL enter the loss
         grad_out = torch.zeros_like(out)
@@ -126,7 +132,7 @@ def _backward(ctx, grad_out, grad_stats, grad_weights, grad_kl, grad_tnorm):
     dq, dk, dv, dmask = ctx.backward_op(
         grad_out, grad_weights, q, k, v, out, stats, attn_mask, scale, is_causal,
         weights_start, weights_stop, mask_grad, kl_target, tnorm if grad_kl is not None else None, grad_kl,
-        ctx.backend,
+        ctx.backend, probs,
     )
     return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None, None
 

@@ -151,6 +151,15 @@ def attention_forward(q, k, v, mask, scale: float, is_causal: bool, w_start: int
     return out, stats, weights, kl, tnorm
 
 
+def probs_to_keep(q, weights, w_start: int, w_stop: int):
+    """The returned maps when they are this backend's P itself (every row, in the compute dtype):
+    the backward then reads them instead of recomputing the scores and the softmax (eager attention
+    keeps P for its backward too). None otherwise."""
+    if (w_start, w_stop) == (0, q.shape[2]) and weights.dtype == compute_dtype(q.dtype):
+        return weights
+    return None
+
+
 def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:
     """Sums a (B, H, R, N) tensor over the dims where `shape` has size 1."""
     dims = [i for i, size in enumerate(shape) if size == 1 and t.shape[i] != 1]
@@ -158,9 +167,11 @@ def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:
 
 
 def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale: float, is_causal: bool,
-                       w_start: int, w_stop: int, mask_grad: bool, kl_target=None, tnorm=None, grad_kl=None):
+                       w_start: int, w_stop: int, mask_grad: bool, kl_target=None, tnorm=None, grad_kl=None,
+                       probs=None):
     """Gradients (dq, dk, dv, dmask) given dL/dout (B, H, M, Dv), dL/dweights (B, H, R, N) or None,
-    and dL/dkl (B, H, M) or None for the fused KL.
+    and dL/dkl (B, H, M) or None for the fused KL. probs: P of every row (see probs_to_keep), read
+    instead of recomputed (never written).
 
     dP = dO V^T + G, delta = rowsum(P * dP) (= rowsum(dO * O) + rowsum(P * G)), dS = P (dP - delta) + g (P - t),
     dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO; dmask = dS summed to the mask's shape.
@@ -179,14 +190,17 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale:
     for r0 in range(0, M, step):
         r1 = min(M, r0 + step)
         q_rows = _as(_rows(q, r0, r1), dt)
-        s = _scores(q_rows, k_dt, mask, scale, is_causal, r0, r1, dt)
-        attended = s > float("-inf") if grad_kl is not None else None
-        # P recomputed as the forward computed it: the same scores through the same softmax kernel
-        # give the same P bit for bit (and one fused pass is faster than exp((S - m) - log l)).
-        p = torch.softmax(s, -1)
-        del s
-        if mask is not None:  # rows without an attended key (log l = +inf): zeros, as in the forward
-            p.masked_fill_(_rows(stats, r0, r1)[..., 1:] == float("inf"), 0.0)
+        if probs is not None and grad_kl is None:
+            p = _rows(probs, r0, r1)
+        else:
+            s = _scores(q_rows, k_dt, mask, scale, is_causal, r0, r1, dt)
+            attended = s > float("-inf") if grad_kl is not None else None
+            # P recomputed as the forward computed it: the same scores through the same softmax
+            # kernel give the same P bit for bit (and one fused pass is faster than exp((S - m) - log l)).
+            p = torch.softmax(s, -1)
+            del s
+            if mask is not None:  # rows without an attended key (log l = +inf): zeros, as in the forward
+                p.masked_fill_(_rows(stats, r0, r1)[..., 1:] == float("inf"), 0.0)
         do = _as(_rows(grad_out, r0, r1), dt)
         part = _mm_kv(p.transpose(-1, -2), do, hkv)
         dv = part if dv is None else dv.add_(part)
