@@ -650,3 +650,8 @@ def test_torch_backend_backward_reads_full_maps():
     w.mul_(2.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+    # Without maps, one row chunk: the maps are still computed and kept for the backward, not returned.
+    assert ref.keeps_maps_for_backward(q, k, v, None, None)
+    assert not ref.keeps_maps_for_backward(q.detach(), k.detach(), v.detach(), None, None)
+    assert not ref.keeps_maps_for_backward(q.half(), k.half(), v.half(), None, None)
+    run_and_compare("torch", q, k, v, loss="out", gen=gen)

@@ -306,8 +306,15 @@ def interaction_attention(
             q, k, v, mask, float(scale), bool(is_causal), float(dropout_p), w_start, w_stop, kl_target
         )
     else:
+        rows = (w_start, w_stop)
+        keep = getattr(_dispatch.implementation(name, OP), "keeps_maps_for_backward", None)
+        if not need_weights and keep is not None and torch.is_grad_enabled() and keep(q, k, v, mask, kl_target):
+            # The backend's backward is faster reading P than recomputing it, and P fits its memory
+            # budget: ask for every row's maps (the backward keeps them, see _setup_context) and drop
+            # them from the results.
+            rows = (0, M)
         out, _, weights, kl, _ = _attention_forward(
-            q, k, v, mask, float(scale), bool(is_causal), w_start, w_stop, kl_target, name
+            q, k, v, mask, float(scale), bool(is_causal), *rows, kl_target, name
         )
     if three_d:
         out = out.squeeze(1)

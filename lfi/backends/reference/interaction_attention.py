@@ -160,6 +160,19 @@ def probs_to_keep(q, weights, w_start: int, w_stop: int):
     return None
 
 
+def keeps_maps_for_backward(q, k, v, mask, kl_target) -> bool:
+    """Whether a call without maps that will run the backward should still ask for every row's maps,
+    so that the backward reads P (see probs_to_keep) instead of recomputing the scores and the
+    softmax: when one row chunk holds the whole problem (P is then within the memory budget of one
+    chunk, LFI_TORCH_CHUNK_BYTES), the inputs are in the compute dtype (float32 / float64), there is no
+    fused KL and some input requires grad. Eager attention keeps P too."""
+    needs_grad = any(t is not None and t.requires_grad for t in (q, k, v, mask))
+    B, H, M, _ = q.shape
+    dt = compute_dtype(q.dtype)
+    return (needs_grad and kl_target is None and q.dtype == dt  # maps in q's dtype are P only in dt
+            and chunk_rows(B, H, M, k.shape[2], torch.finfo(dt).bits // 8) >= M)
+
+
 def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:
     """Sums a (B, H, R, N) tensor over the dims where `shape` has size 1."""
     dims = [i for i, size in enumerate(shape) if size == 1 and t.shape[i] != 1]
