@@ -50,7 +50,7 @@ def test_checkpoint_resume_reproduces_next_epoch(tmp_path):
 
 
 def write_folder(root, n=24, seed=0):
-    SyntheticShapes(n, img_size=32, seed=seed).save_imagefolder(root)
+    SyntheticShapes(n, img_size=32, task="quadrant", seed=seed).save_imagefolder(root)
     return root
 
 

@@ -45,6 +45,16 @@ def _kv(s: str) -> dict:
     return out
 
 
+def _temperature(s: str):
+    """'auto' or a float (the teacher's patch-softmax temperature)."""
+    if s.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {s!r}") from None
+
+
 def _err(cmd: str, e: BaseException) -> int:
     print(f"lfi {cmd}: error: {e}", file=sys.stderr)
     return 2
@@ -66,7 +76,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=d.workers)
     g.add_argument("--synthetic-train", type=int, default=None, help="built-in task: training images (default 1000)")
     g.add_argument("--synthetic-val", type=int, default=None, help="built-in task: validation images (default 500)")
+    g.add_argument("--synthetic-task", default=d.synthetic_task, choices=["colour", "quadrant"],
+                   help="built-in task: colour (the label is the striped object's colour) or quadrant (the first "
+                        "demo's task, whose teacher maps give the label away)")
     g.add_argument("--synthetic-style", default=d.synthetic_style)
+    g.add_argument("--synthetic-score-noise", type=float, default=d.synthetic_score_noise,
+                   help="built-in teacher: noise on its presence scores (0 = it knows what is present)")
+    g.add_argument("--synthetic-confuse", type=float, default=d.synthetic_confuse,
+                   help="built-in teacher: fraction of its maps that are another object's map")
     g.add_argument("--synthetic-distractors", type=int, default=d.synthetic_distractors,
                    help="built-in task: distractor objects per image")
     g = p.add_argument_group("student")
@@ -75,10 +92,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--student-weights", default=None, help="local timm weights file (never downloads)")
     g.add_argument("--student-kwargs", type=_kv, default=None,
                    help="timm.create_model kwargs, e.g. patch_size=4,embed_dim=48,depth=4,num_heads=3")
-    g.add_argument("--queries", type=int, default=None, help="number of interaction queries K (default 8; 5 synthetic)")
+    g.add_argument("--queries", type=int, default=None, help="number of interaction queries K (default 8; 6 synthetic)")
     g.add_argument("--supervised-layers", default=d.supervised_layers, help="all | last | lastN | firstN | 3,5,7")
     g.add_argument("--read-back", default=None, choices=["off", "on", "gated"],
-                   help="tokens attend the queries (default off; on for synthetic)")
+                   help="tokens attend the queries (default off)")
     g.add_argument("--head", default=d.head, choices=["cls", "cls+queries"])
     g.add_argument("--pos-embed-init", default=None, choices=["sincos"],
                    help="re-initialise the position embeddings with 2-D sin-cos (from-scratch students; default for "
@@ -91,13 +108,32 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--teacher-kwargs", type=_kv, default=None, help="extra open_clip.create_model kwargs (JSON)")
     g.add_argument("--concepts", default=None, help="comma list or file, one concept per class (default: class names)")
     g.add_argument("--templates", default=None, help="'|'-separated prompt templates with {} (default: 4 photo prompts)")
-    g.add_argument("--teacher-temperature", type=float, default=d.teacher_temperature)
+    g.add_argument("--teacher-temperature", type=_temperature, default=d.teacher_temperature,
+                   help="patch-softmax temperature of the CLIP teacher: a float (0.01 = the old fixed value) or "
+                        "'auto' (default: per image, so that the valid maps' mean entropy is "
+                        "--teacher-target-entropy * log(patches))")
+    g.add_argument("--teacher-target-entropy", type=float, default=d.teacher_target_entropy,
+                   help="with --teacher-temperature auto: target entropy as a fraction of log(patches), in (0, 1)")
+    g.add_argument("--teacher-select", default=d.teacher_select, choices=["topk", "threshold", "all"],
+                   help="concepts that supervise an image, from the teacher's zero-shot scores: topk (default: the "
+                        "--teacher-topk best), threshold (probability >= --teacher-threshold, at least the top-1) "
+                        "or all (multi-label data)")
+    g.add_argument("--teacher-topk", type=int, default=d.teacher_topk,
+                   help="with --teacher-select topk: concepts kept per image (default 1: the top class)")
+    g.add_argument("--teacher-threshold", type=float, default=d.teacher_threshold,
+                   help="with --teacher-select threshold: zero-shot probability a concept needs, in (0, 1]")
     g.add_argument("--quick-gelu", action="store_true", help="QuickGELU teacher (OpenAI weights)")
     g = p.add_argument_group("loss")
     g.add_argument("--lam", type=float, default=d.lam, help="interaction-loss weight (0 = baseline)")
     g.add_argument("--assignment", default=None, choices=["fixed", "topk", "hungarian"],
                    help="query-to-concept assignment (default fixed; topk when concepts > queries)")
     g.add_argument("--heads", default=d.heads, choices=["broadcast", "mean"])
+    g.add_argument("--supervision", default=d.supervision, choices=["queries", "map_head", "logits"],
+                   help="what the teacher trains: the interaction queries (LFI, default) or, as controls, an "
+                        "output-level map head or the logits (distillation of a classifier on the teacher's output)")
+    g.add_argument("--kd-temperature", type=float, default=d.kd_temperature, help="with --supervision logits")
+    g.add_argument("--teacher-shuffle", action="store_true",
+                   help="control: every image is supervised with the teacher output of another image")
     g.add_argument("--kl-temperature", type=float, default=d.kl_temperature)
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=d.epochs)
@@ -130,10 +166,15 @@ def config_from_args(args: argparse.Namespace):
     synthetic = args.data == "synthetic"
     cfg = demo_config(progress=True, save_every=1, quiet=False) if synthetic else TrainConfig()
     direct = dict(data=args.data, val_data=args.val_data, val_split=args.val_split, augment=args.augment,
-                  workers=args.workers, synthetic_distractors=args.synthetic_distractors, synthetic_style=args.synthetic_style, student_weights=args.student_weights,
+                  workers=args.workers, synthetic_distractors=args.synthetic_distractors, synthetic_style=args.synthetic_style,
+                  synthetic_task=args.synthetic_task, synthetic_score_noise=args.synthetic_score_noise,
+                  synthetic_confuse=args.synthetic_confuse, student_weights=args.student_weights, supervision=args.supervision,
+                  kd_temperature=args.kd_temperature, teacher_shuffle=args.teacher_shuffle,
                   supervised_layers=args.supervised_layers, head=args.head, teacher_weights=args.teacher_weights,
                   teacher_random=args.teacher_random, concepts=args.concepts, templates=args.templates,
-                  teacher_temperature=args.teacher_temperature, quick_gelu=args.quick_gelu, lam=args.lam,
+                  teacher_temperature=args.teacher_temperature, teacher_target_entropy=args.teacher_target_entropy,
+                  teacher_select=args.teacher_select, teacher_topk=args.teacher_topk,
+                  teacher_threshold=args.teacher_threshold, quick_gelu=args.quick_gelu, lam=args.lam,
                   heads=args.heads, kl_temperature=args.kl_temperature, epochs=args.epochs, min_lr=args.min_lr,
                   weight_decay=args.weight_decay, grad_clip=args.grad_clip, label_smoothing=args.label_smoothing,
                   amp=args.amp, seed=args.seed, deterministic=args.deterministic, device=args.device,
@@ -155,6 +196,14 @@ def config_from_args(args: argparse.Namespace):
     return cfg
 
 
+def _checkpoint_clip_teacher(cfg, weights, student, concepts, mean, std, device):
+    """The CLIP teacher of a checkpoint's config, built as in training (``build_teacher``: same
+    templates, temperature and concept selection), with ``weights`` (default: the config's)."""
+    from lfi.train.trainer import build_teacher
+
+    return build_teacher(cfg.replace(teacher_weights=weights), student, concepts, mean, std, device, synthetic=False)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from lfi.train.trainer import Trainer
 
@@ -174,26 +223,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------
 def _add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="CI smoke test: 1 seed, tiny model and data, < 1 minute")
-    p.add_argument("--out", default="runs/demo", help="output folder (tables, plots, results.json, checkpoint)")
+    p.add_argument("--out", default="runs/demo", help="output folder (tables, plots, results.json, checkpoints)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--target", type=float, default=None, help="target validation accuracy (0-1) for the speedup")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default cores // jobs)")
     p.add_argument("--jobs", type=int, default=None, help="parallel training runs (default min(2, cores))")
-    p.add_argument("--lam", type=float, default=None, help="LFI interaction-loss weight")
-    p.add_argument("--assignment", default=None, choices=["fixed", "topk", "hungarian"])
-    p.add_argument("--read-back", default=None, choices=["off", "on", "gated"])
-    p.add_argument("--head", default=None, choices=["cls", "cls+queries"])
+    p.add_argument("--ablation", action="store_true", help="run the LFI variants (layers, weight, read-back, "
+                   "queries) instead of the arms and controls")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from lfi.train.demo import run_demo
 
-    over = {k: v for k, v in dict(lam=args.lam, assignment=args.assignment, read_back=args.read_back,
-                                  head=args.head).items() if v is not None}
+    if args.seeds < 1:
+        return _err("demo", ValueError(f"--seeds must be >= 1, got {args.seeds}"))
     try:
-        run_demo(args.out, quick=args.quick, seeds=args.seeds, epochs=args.epochs, target=args.target,
-                 threads=args.threads, jobs=args.jobs, **over)
+        run_demo(args.out, quick=args.quick, seeds=args.seeds, epochs=args.epochs, threads=args.threads,
+                 jobs=args.jobs, ablation=args.ablation)
     except _USER_ERRORS as e:
         return _err("demo", e)
     return 0
@@ -251,14 +297,16 @@ def run_eval(args: argparse.Namespace) -> dict:
     domains = []  # (name, loader, normalize, teacher)
     if args.data == "synthetic":
         from lfi.data.synthetic import STYLES, SyntheticShapes
-        from lfi.teachers import SyntheticTeacher
+        from lfi.train.demo import SHIFT_SEED_OFFSET
+        from lfi.train.trainer import synthetic_teacher
 
-        teacher = None if args.no_maps else SyntheticTeacher(concepts, student.grid, sigma=cfg.synthetic_sigma).to(device)
+        teacher = None if args.no_maps else synthetic_teacher(cfg, concepts, student.grid).to(device)
         m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         s = torch.tensor(std, device=device).view(1, 3, 1, 1)
         for style in STYLES:
             ds = SyntheticShapes(cfg.synthetic_val, img_size=img_size, concepts=concepts, style=style,
-                                 num_distractors=cfg.synthetic_distractors, seed=cfg.synthetic_seed + 104729)
+                                 task=cfg.synthetic_task, num_distractors=cfg.synthetic_distractors,
+                                 seed=cfg.synthetic_seed + SHIFT_SEED_OFFSET)
             domains.append((f"synthetic-{style}", DataLoader(ds, batch_size=args.batch_size), lambda x: (x - m) / s,
                             teacher))
     else:
@@ -266,14 +314,10 @@ def run_eval(args: argparse.Namespace) -> dict:
 
         teacher = None
         if not args.no_maps and cfg.teacher not in ("none", "synthetic"):
-            from lfi.teachers.clip import CLIPTeacher
-
             weights = args.teacher_weights or cfg.teacher_weights
             if weights is None and not cfg.teacher_random:
                 raise ValueError("the map score needs the CLIP teacher's weights: pass --teacher-weights (or --no-maps)")
-            teacher = CLIPTeacher(cfg.teacher, pretrained=weights, concepts=concepts, temperature=cfg.teacher_temperature,
-                                  grid=student.grid, input_mean=mean, input_std=std, quick_gelu=cfg.quick_gelu,
-                                  model_kwargs=cfg.teacher_kwargs, device=device)
+            teacher = _checkpoint_clip_teacher(cfg, weights, student, concepts, mean, std, device)
         tf = build_transform(img_size, mean, std, train=False)
         for name, path in find_domains(args.data):
             ds = load_imagefolder(path, tf, classes=classes)
@@ -347,10 +391,10 @@ def run_maps(args: argparse.Namespace) -> Path:
     masks, teacher = None, None
     if args.synthetic is not None or (not args.images and cfg.data == "synthetic"):
         from lfi.data.synthetic import SyntheticShapes
-        from lfi.teachers import SyntheticTeacher
+        from lfi.train.trainer import synthetic_teacher
 
         idx = args.synthetic or [0, 1, 2]
-        ds = SyntheticShapes(max(idx) + 1, img_size=img_size[0], concepts=concepts,
+        ds = SyntheticShapes(max(idx) + 1, img_size=img_size[0], concepts=concepts, task=cfg.synthetic_task,
                              num_distractors=cfg.synthetic_distractors, style=cfg.synthetic_style,
                              seed=cfg.synthetic_seed + 7919)
         imgs01, _, masks = ds.tensors()
@@ -358,7 +402,7 @@ def run_maps(args: argparse.Namespace) -> Path:
         m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
         images = ((imgs01 - m) / s).to(device)
         if not args.no_teacher:
-            teacher = SyntheticTeacher(concepts, student.grid, sigma=cfg.synthetic_sigma)
+            teacher = synthetic_teacher(cfg, concepts, student.grid)
     else:
         if not args.images:
             raise ValueError("give image files (or --synthetic INDEX for a checkpoint trained on the synthetic task)")
@@ -375,14 +419,10 @@ def run_maps(args: argparse.Namespace) -> Path:
             batch.append(tf(Image.open(p).convert("RGB")))
         images = torch.stack(batch).to(device)
         if not args.no_teacher and cfg.teacher not in ("none", "synthetic"):
-            from lfi.teachers.clip import CLIPTeacher
-
             weights = args.teacher_weights or cfg.teacher_weights
             if weights is None and not cfg.teacher_random:
                 raise ValueError("the teacher's maps need its weights: pass --teacher-weights (or --no-teacher)")
-            teacher = CLIPTeacher(cfg.teacher, pretrained=weights, concepts=concepts, temperature=cfg.teacher_temperature,
-                                  grid=student.grid, input_mean=mean, input_std=std, quick_gelu=cfg.quick_gelu,
-                                  model_kwargs=cfg.teacher_kwargs, device=device)
+            teacher = _checkpoint_clip_teacher(cfg, weights, student, concepts, mean, std, device)
     maps = collect_maps(student, images, teacher=teacher, masks=masks, loss_fn=loss_fn)
     pics = [denormalize(images[b], mean, std) for b in range(images.shape[0])]
     preds = maps["logits"].argmax(-1).tolist()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 __all__ = ["TrainConfig", "DEMO_STUDENT", "demo_config"]
 
@@ -23,9 +23,10 @@ class TrainConfig:
     workers: int = 2
     synthetic_train: int = 2000              # built-in task sizes / generation
     synthetic_val: int = 1000
+    synthetic_task: str = "colour"           # colour | quadrant (see lfi.data.synthetic)
     synthetic_style: str = "clean"
-    synthetic_concepts: str = "circle,square,triangle,cross,ring,diamond"
-    synthetic_distractors: int = 4
+    synthetic_concepts: Optional[str] = None   # comma list; default: all concepts of the task
+    synthetic_distractors: int = 3
     synthetic_seed: int = 1234               # data seed (independent of the training seed)
     # ---- student
     student: str = "vit_small_patch16_224"
@@ -43,11 +44,20 @@ class TrainConfig:
     teacher_kwargs: dict = field(default_factory=dict)   # extra open_clip.create_model kwargs
     concepts: Optional[str] = None           # comma list or file; default: the class names
     templates: Optional[str] = None          # '|'-separated prompt templates with {}
-    teacher_temperature: float = 0.01
+    teacher_temperature: Union[float, str] = "auto"  # float > 0, or "auto": per image, the mean entropy of the
+    teacher_target_entropy: float = 0.5      #   valid maps = teacher_target_entropy * log(Np)
+    teacher_select: str = "topk"             # concepts that supervise an image: topk | threshold | all
+    teacher_topk: int = 1                    # select=topk: the k best zero-shot concepts (1 = the top class)
+    teacher_threshold: float = 0.5           # select=threshold: zero-shot probability >= this (top-1 always)
     quick_gelu: bool = False
-    synthetic_sigma: float = 0.5
+    synthetic_sigma: float = 1.0             # SyntheticTeacher: blur (patches), presence-score noise, confusions
+    synthetic_score_noise: float = 0.35
+    synthetic_confuse: float = 0.15
+    teacher_shuffle: bool = False            # control: each image gets the teacher output of another image
     # ---- loss
-    lam: float = 1.0                         # weight of the interaction loss (0 = baseline)
+    lam: float = 1.0                         # weight of the teacher loss (0 = baseline)
+    supervision: str = "queries"             # what the teacher trains: queries (LFI) | map_head | logits (controls)
+    kd_temperature: float = 2.0              # supervision=logits: distillation temperature
     assignment: str = "auto"                 # auto (fixed if concepts <= queries, else topk) | fixed | topk | hungarian
     heads: str = "broadcast"                 # broadcast | mean
     kl_temperature: float = 1.0
@@ -95,12 +105,13 @@ class TrainConfig:
 
 
 def demo_config(**overrides) -> TrainConfig:
-    """The built-in demo's run: tiny ViT on the synthetic task with the SyntheticTeacher."""
+    """The built-in experiment's run (`lfi demo`): tiny ViT on the synthetic colour task with the
+    VLM-like SyntheticTeacher; lam = 0 gives its plain-ViT baseline."""
     cfg = TrainConfig(
-        data="synthetic", img_size=32, student="vit_tiny_patch16_224", student_kwargs=dict(DEMO_STUDENT),
-        queries=6, supervised_layers="all", read_back="on", head="cls", pos_embed_init="sincos", teacher="synthetic",
-        lam=1.0, assignment="fixed", epochs=12, batch_size=32, lr=1e-3, min_lr=1e-5, weight_decay=0.05,
-        warmup_epochs=0.5, workers=0, progress=False, save_every=0, device="cpu", synthetic_train=1000,
-        synthetic_val=500,
+        data="synthetic", synthetic_task="colour", img_size=32, student="vit_tiny_patch16_224",
+        student_kwargs=dict(DEMO_STUDENT), queries=6, supervised_layers="all", read_back="off", head="cls",
+        pos_embed_init="sincos", teacher="synthetic", lam=1.0, assignment="fixed", epochs=15, batch_size=32, lr=1e-3,
+        min_lr=1e-5, weight_decay=0.05, warmup_epochs=0.5, workers=0, progress=False, save_every=0, device="cpu",
+        synthetic_train=1000, synthetic_val=500,
     )
     return cfg.replace(**overrides)

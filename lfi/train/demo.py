@@ -1,14 +1,21 @@
-"""`lfi demo`: baseline vs LFI on the built-in synthetic task, same student, same budget, 3 seeds.
+"""`lfi demo`: LFI against a plain ViT and controls on the synthetic colour task (docs/METHOD.md, 7).
 
-Writes to --out: results.json (all curves), table.md (the printed tables as markdown),
-accuracy.png (validation accuracy per epoch, mean and min-max over seeds), maps.png (teacher vs
-student query maps of the seed-0 LFI and baseline students on validation images) and the seed-0
-final checkpoint of every run (<method>_seed<k>/checkpoint.safetensors, usable with `lfi eval` /
-`lfi maps`).
+Task: ``lfi.data.SyntheticShapes(task="colour")`` — the class is the colour of the striped object;
+the teacher (``SyntheticTeacher``: blurred maps, its own presence scores, confusions) only knows
+where each pattern is, so its output alone does not give the label (measured: the leak check).
+Every arm trains the same tiny ViT on the same data, schedule and seeds; only the use of the
+teacher differs (ARMS). Metrics per arm: accuracy-vs-epoch AUC, epochs to 90 % of the plain ViT's
+final accuracy, final and shifted-domain accuracy (mean and std over seeds), time per run, and how
+much of the model's own CLS attention (last block, best head) lies on the striped object.
+
+Writes to --out: results.json, table.md, accuracy.png, accuracy_low_data.png, maps.png and the
+seed-0 checkpoint of every arm (<arm>_seed0/checkpoint.safetensors, for `lfi eval` / `lfi maps`).
+``--ablation`` runs the LFI variants of ABLATIONS (layers, weight, read-back, queries) instead.
 """
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -18,9 +25,36 @@ import torch
 
 from lfi.train.config import demo_config
 
-__all__ = ["run_demo", "epochs_to_target", "summarize"]
+__all__ = ["ARMS", "LOW_DATA_ARMS", "ABLATIONS", "run_demo", "epochs_to_target", "curve_auc", "cls_attention"]
 
-QUICK = dict(synthetic_train=480, synthetic_val=200, epochs=3, batch_size=32,
+REGISTERS = 6  # = the demo's number of queries: the parameter-matched control
+NOISIER = dict(synthetic_sigma=1.5, synthetic_score_noise=0.6, synthetic_confuse=0.4)
+# arm -> (overrides of demo_config, what it controls for)
+ARMS = {
+    "plain ViT": (dict(lam=0.0), "the headline baseline: the timm ViT, no teacher"),
+    "ViT + registers": (dict(lam=0.0, reg_tokens=REGISTERS), f"{REGISTERS} register tokens: parameters / tokens"),
+    "LFI": (dict(), "interaction queries, read-back off (the prediction path is the plain ViT's)"),
+    "LFI read-back": (dict(read_back="on"), "interaction queries the tokens attend to"),
+    "map head": (dict(supervision="map_head"), "the same maps on an output-level head"),
+    "logit distillation": (dict(supervision="logits"), "the teacher's label information, as logits"),
+    "LFI shuffled teacher": (dict(teacher_shuffle=True), "maps of another image"),
+    "LFI noisier teacher": (dict(**NOISIER), "blur 1.5, score noise 0.6, 40 % confusions"),
+}
+LOW_DATA_TRAIN = 250
+LOW_DATA_ARMS = ("plain ViT", "ViT + registers", "LFI", "LFI read-back")
+SHIFT_STYLES = ("textured", "noisy")
+SHIFT_SEED_OFFSET = 104729  # shifted test sets: data seeds disjoint from train (seed) and val (seed + 7919)
+ABLATIONS = {
+    "plain ViT": dict(lam=0.0),
+    "LFI (all layers, lam 1)": dict(),
+    "LFI last 2 layers": dict(supervised_layers="last2"),
+    "LFI last layer": dict(supervised_layers="last"),
+    "LFI lam 0.3": dict(lam=0.3),
+    "LFI lam 3": dict(lam=3.0),
+    "LFI read-back gated": dict(read_back="gated"),
+    "LFI 12 queries, topk": dict(queries=12, assignment="topk"),
+}
+QUICK = dict(synthetic_train=240, synthetic_val=120, epochs=2, batch_size=32,
              student_kwargs=dict(patch_size=4, embed_dim=32, depth=2, num_heads=2))
 
 
@@ -32,230 +66,310 @@ def epochs_to_target(accs, target: float) -> Optional[int]:
     return None
 
 
-def _median_epochs(values, horizon: int):
-    """Median where 'not reached' counts as beyond the horizon; -> (value, is_lower_bound)."""
-    vals = [v if v is not None else horizon + 1 for v in values]
-    med = statistics.median(vals)
-    return med, med > horizon
+def curve_auc(accs) -> float:
+    """Normalised area under the accuracy-vs-epoch curve: the mean accuracy over epochs (0-1)."""
+    return statistics.fmean(accs)
 
 
-def summarize(curves: dict, target: float, epochs: int) -> dict:
-    """curves: {method: [[val acc per epoch] per seed]} -> per-method summary + speedup."""
-    out = {}
-    for m, runs in curves.items():
-        ett = [epochs_to_target(r, target) for r in runs]
-        med, lower = _median_epochs(ett, epochs)
-        finals = [r[-1] for r in runs]
-        out[m] = dict(epochs_to_target=ett, median_epochs=med, not_reached=lower,
-                      final_mean=statistics.fmean(finals), final_min=min(finals), final_max=max(finals),
-                      best_mean=statistics.fmean(max(r) for r in runs))
-    if "baseline" in out and "LFI" in out:
-        b, l = out["baseline"], out["LFI"]
-        out["speedup"] = b["median_epochs"] / l["median_epochs"]
-        out["speedup_is_lower_bound"] = b["not_reached"] and not l["not_reached"]
-        out["speedup_undefined"] = l["not_reached"]
-    return out
+def _config(arm_overrides: dict, base_overrides: dict):
+    over = dict(arm_overrides)
+    regs = over.pop("reg_tokens", 0)
+    cfg = demo_config(**{**base_overrides, **over})
+    if regs:
+        cfg = cfg.replace(student_kwargs={**cfg.student_kwargs, "reg_tokens": regs})
+    return cfg
 
 
-def _tables(curves, summary, target, epochs, extra: dict):
-    from rich.markup import escape
-    from rich.table import Table
+@torch.no_grad()
+def cls_attention(student, images, object_masks, grid) -> tuple:
+    """Where the model's own CLS token looks: its last block's attention over the patch tokens
+    (renormalised over the patches), per head, against the object's patches (coverage >= 1/4).
 
-    methods = list(curves)
-    t1 = Table(title=escape("validation accuracy per epoch (median over seeds [min-max])"))
-    t1.add_column("epoch", justify="right")
-    for m in methods:
-        t1.add_column(m, justify="right")
-    md = ["| epoch | " + " | ".join(methods) + " |", "|---:|" + "---:|" * len(methods)]
-    for e in range(epochs):
-        cells = []
-        for m in methods:
-            vals = [r[e] for r in curves[m] if len(r) > e]
-            if len(vals) > 1:
-                cells.append(f"{100 * statistics.median(vals):.1f} [{100 * min(vals):.1f}-{100 * max(vals):.1f}]")
-            else:
-                cells.append(f"{100 * vals[0]:.1f}")
-        t1.add_row(str(e + 1), *[escape(c) for c in cells])
-        md.append(f"| {e + 1} | " + " | ".join(cells) + " |")
-    t2 = Table(title=f"summary (target accuracy {100 * target:.0f}%)")
-    for c in ("method", "epochs to target", "median", "final acc", "map@k", "s/run"):
-        t2.add_column(c, justify="right")
-    md += ["", f"Target accuracy: {100 * target:.0f}%", "",
-           "| method | epochs to target (per seed) | median | final acc (mean [min-max]) | map@k | time/run |",
-           "|---|---|---:|---:|---:|---:|"]
-    for m in methods:
-        s = summary[m]
-        per = ", ".join(str(v) if v is not None else f">{epochs}" for v in s["epochs_to_target"])
-        med = f">{epochs}" if s["not_reached"] else f"{s['median_epochs']:g}"
-        fin = f"{100 * s['final_mean']:.1f} [{100 * s['final_min']:.1f}-{100 * s['final_max']:.1f}]"
-        mp = extra.get(m, {}).get("map_score")
-        mp = f"{mp:.3f}" if mp is not None else "-"
-        tm = f"{extra.get(m, {}).get('time', 0):.0f}s"
-        t2.add_row(m, per, escape(med), escape(fin), mp, tm)
-        md.append(f"| {m} | {per} | {med} | {fin} | {mp} | {tm} |")
-    if "speedup" in summary:
-        if summary["speedup_undefined"]:
-            sp = "LFI did not reach the target (median): speedup undefined"
-        else:
-            sp = f"{'>=' if summary['speedup_is_lower_bound'] else ''}{summary['speedup']:.2f}x fewer epochs to target (median)"
-        md += ["", f"Convergence speedup (baseline / LFI epochs to target): {sp}"]
-    else:
-        sp = None
-    return t1, t2, "\n".join(md), sp
+    -> (best-head mean mass on the object, chance = mean object fraction of the patches,
+    best head's maps (B, gh, gw))."""
+    import torch.nn.functional as F
+
+    from lfi.nn.interaction_queries import _project
+
+    blk = student.vit.blocks[-1]
+    seen = {}
+    hook = blk.norm1.register_forward_hook(lambda m, i, o: seen.__setitem__("h", o))
+    try:
+        student(images)
+    finally:
+        hook.remove()
+    q, k, _ = _project(blk.attn, seen["h"])
+    P, Np = student.num_prefix, grid[0] * grid[1]
+    scores = torch.einsum("bhd,bhnd->bhn", q[:, :, 0].float(), k[:, :, P:P + Np].float()) * blk.attn.scale
+    attn = scores.softmax(-1)  # (B, H, Np)
+    obj = (F.adaptive_avg_pool2d(object_masks[:, None].float(), tuple(grid)).flatten(1) >= 0.25).float()
+    mass = (attn * obj[:, None]).sum(-1).mean(0)  # (H,)
+    best = int(mass.argmax())
+    return float(mass[best]), float(obj.mean()), attn[:, best].reshape(-1, *grid)
 
 
-def _run_one(cfg_dict: dict, threads: int) -> dict:
-    """One training run (in a worker process or inline) -> history, wall time, checkpoint."""
+def _run_arm(cfg_dict: dict, threads: int, shift_n: int) -> dict:
+    """One training run (in a worker process) -> history, time, shifted accuracy, CLS attention."""
+    from torch.utils.data import DataLoader
+
+    from lfi.data.synthetic import SyntheticShapes
     from lfi.train.config import TrainConfig
+    from lfi.train.evaluate import evaluate
     from lfi.train.trainer import Trainer
 
     torch.set_num_threads(max(1, threads))
     cfg = TrainConfig.from_dict(cfg_dict)
     t0 = time.time()
-    res = Trainer(cfg).run()
-    return dict(history=res["history"], time=time.time() - t0, checkpoint=res["checkpoint"])
+    trainer = Trainer(cfg)
+    res = trainer.run()
+    elapsed = time.time() - t0
+    student = trainer.student.eval()
+    val = trainer.data["val"]
+    shift = {}
+    for style in SHIFT_STYLES:
+        ds = SyntheticShapes(shift_n, img_size=cfg.img_size, concepts=val.concepts, task=val.task,
+                             num_distractors=val.num_distractors, style=style,
+                             seed=cfg.synthetic_seed + SHIFT_SEED_OFFSET)
+        shift[style] = evaluate(student, DataLoader(ds, batch_size=256), trainer.device,
+                                normalize=trainer.normalize)["acc"]
+    images, _, masks = val.tensors()
+    target = val.concepts.index(val.target)
+    mass, chance, _ = cls_attention(student, trainer.normalize(images[:256]), masks[:256, target], student.grid)
+    return dict(history=res["history"], time=elapsed, shift=shift, cls_mass=mass, cls_chance=chance,
+                checkpoint=res["checkpoint"])
 
 
-def _default_jobs() -> int:
-    import os
+def _leak(base) -> dict:
+    """The leak check on the demo's task (and, for contrast, on the first demo's quadrant task)."""
+    from torch.utils.data import DataLoader
 
-    return max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    from lfi.train.controls import leak_check, teacher_features
+    from lfi.train.trainer import synthetic_datasets, synthetic_teacher
+
+    out = {}
+    for task in ("colour", "quadrant"):
+        cfg = base.replace(synthetic_task=task)
+        train, val = synthetic_datasets(cfg)
+        grid = (cfg.img_size // cfg.student_kwargs["patch_size"],) * 2
+        teacher = synthetic_teacher(cfg, train.concepts, grid)
+        xt, yt = teacher_features(teacher, DataLoader(train, batch_size=256))
+        xv, yv = teacher_features(teacher, DataLoader(val, batch_size=256))
+        r = leak_check(xt, yt, xv, yv, len(train.classes))
+        r.pop("classifier")
+        out[task] = r
+    return out
+
+
+def _mean_std(xs) -> tuple:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def _fmt(m, s, pct: bool = True) -> str:
+    if m is None:
+        return "-"
+    k = 100 if pct else 1
+    return f"{k * m:.1f} ± {k * s:.1f}"
+
+
+def summarize(results: dict, epochs: int, reference: str = "plain ViT") -> dict:
+    """results: {arm: [run dict per seed]} -> per-arm metrics; the epoch target is 90 % of the
+    reference arm's mean final accuracy."""
+    ref_final = statistics.fmean(r["history"][-1]["val_acc"] for r in results[reference])
+    target = 0.9 * ref_final
+    out = {"target": target}
+    for arm, runs in results.items():
+        curves = [[h["val_acc"] for h in r["history"]] for r in runs]
+        ett = [epochs_to_target(c, target) for c in curves]
+        med = statistics.median([e if e is not None else epochs + 1 for e in ett])
+        row = dict(curves=curves, auc=_mean_std([curve_auc(c) for c in curves]),
+                   final=_mean_std([c[-1] for c in curves]), epochs_to_target=ett, median_epochs=med,
+                   time=statistics.fmean(r["time"] for r in runs),
+                   cls_mass=_mean_std([r["cls_mass"] for r in runs]),
+                   cls_chance=statistics.fmean(r["cls_chance"] for r in runs))
+        for style in SHIFT_STYLES:
+            row[style] = _mean_std([r["shift"][style] for r in runs])
+        out[arm] = row
+    return out
+
+
+def _table(summary: dict, arms, epochs: int, title: str):
+    from rich.markup import escape
+    from rich.table import Table
+
+    cols = ["arm", "AUC %", "epochs to target", "final %"] + [f"{s} %" for s in SHIFT_STYLES] + \
+        ["CLS on object", "s/run"]
+    t = Table(title=escape(title))
+    for c in cols:
+        t.add_column(c, justify="right")
+    md = ["| " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
+    for arm in arms:
+        s = summary[arm]
+        per = ", ".join(str(e) if e is not None else f">{epochs}" for e in s["epochs_to_target"])
+        med = f">{epochs}" if s["median_epochs"] > epochs else f"{s['median_epochs']:g}"
+        cells = [arm, _fmt(*s["auc"]), f"{med} ({per})", _fmt(*s["final"])] + \
+            [_fmt(*s[st]) for st in SHIFT_STYLES] + \
+            [f"{s['cls_mass'][0]:.2f} (chance {s['cls_chance']:.2f})", f"{s['time']:.0f}"]
+        t.add_row(*[escape(c) for c in cells])
+        md.append("| " + " | ".join(cells) + " |")
+    return t, "\n".join(md)
+
+
+def _headline(summary: dict, lfi: str = "LFI", ref: str = "plain ViT") -> str:
+    a, b = summary[lfi], summary[ref]
+    controls = [k for k in ("ViT + registers", "map head", "logit distillation") if k in summary]
+    best = max(controls, key=lambda k: summary[k]["auc"][0]) if controls else None
+    ratio = b["median_epochs"] / a["median_epochs"]
+    text = (f"{lfi} vs {ref}: AUC {100 * a['auc'][0]:.1f} vs {100 * b['auc'][0]:.1f} "
+            f"({a['auc'][0] / b['auc'][0]:.2f}x), median epochs to target {a['median_epochs']:g} vs "
+            f"{b['median_epochs']:g} ({ratio:.2f}x fewer), final {100 * a['final'][0]:.1f} vs {100 * b['final'][0]:.1f}")
+    for st in SHIFT_STYLES:
+        text += f", {st} {100 * a[st][0]:.1f} vs {100 * b[st][0]:.1f}"
+    if best is not None:
+        text += f". Best control ({best}): AUC {100 * summary[best]['auc'][0]:.1f}"
+    return text
+
+
+def _maps_png(results: dict, base, path, arms=("plain ViT", "LFI", "LFI read-back"), n_images: int = 4):
+    """Teacher map of the striped object and the seed-0 models' own CLS attention (best head)."""
+    from lfi.train.checkpoint import load_student
+    from lfi.train.trainer import synthetic_datasets, synthetic_teacher
+    from lfi.train.visualize import plot_maps
+
+    _, val = synthetic_datasets(base)
+    imgs01, _, masks = val.tensors()
+    imgs01, masks = imgs01[:n_images], masks[:n_images]
+    target = val.concepts.index(val.target)
+    rows = [[] for _ in range(n_images)]
+    for arm in arms:
+        ck = results.get(arm, [{}])[0].get("checkpoint")
+        if not ck:
+            continue
+        student, meta = load_student(ck)
+        student.eval()
+        mean, std = torch.tensor(meta["mean"]).view(1, 3, 1, 1), torch.tensor(meta["std"]).view(1, 3, 1, 1)
+        if not rows[0]:
+            teacher = synthetic_teacher(base, val.concepts, student.grid)
+            tm = teacher(None, masks).probs[:, target]
+            for b in range(n_images):
+                rows[b].append(("teacher", tm[b][None].numpy()))
+        _, _, maps = cls_attention(student, (imgs01 - mean) / std, masks[:, target], student.grid)
+        for b in range(n_images):
+            rows[b].append((arm, maps[b][None].numpy()))
+    pics = [imgs01[b].permute(1, 2, 0).numpy() for b in range(n_images)]
+    return plot_maps(pics, rows, path, col_titles=[f"'{val.target}' object / CLS attention (best head)"],
+                     title="teacher map vs each model's own CLS attention (last block, seed 0)")
+
+
+def _pool_run(jobs: list, n_jobs: int, threads: int, shift_n: int, on_done) -> None:
+    """Runs (key, cfg) jobs in `n_jobs` spawned worker processes (inline when n_jobs == 1)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    if n_jobs <= 1:
+        for key, cfg in jobs:
+            on_done(key, _run_arm(cfg.to_dict(), threads, shift_n))
+        return
+    with ProcessPoolExecutor(max_workers=n_jobs, mp_context=mp.get_context("spawn")) as ex:
+        futs = [(key, ex.submit(_run_arm, cfg.to_dict(), threads, shift_n)) for key, cfg in jobs]
+        for key, f in futs:
+            on_done(key, f.result())
 
 
 def run_demo(out="runs/demo", *, quick: bool = False, seeds: int = 3, epochs: Optional[int] = None,
-             target: Optional[float] = None, threads: Optional[int] = None, jobs: Optional[int] = None, console=None,
-             methods=("baseline", "LFI"), **overrides) -> dict:
-    """Trains the baseline (lam=0) and LFI (lam>0) for the same budget over `seeds` seeds.
-
-    Runs go to `jobs` worker processes (default: min(2, CPU cores)) with `threads` torch threads
-    each (default: cores // jobs): small models train faster as parallel single-threaded runs.
-    """
-    import os
-    from concurrent.futures import ProcessPoolExecutor
-    import multiprocessing as mp
-
+             threads: Optional[int] = None, jobs: Optional[int] = None, ablation: bool = False, console=None,
+             **overrides) -> dict:
+    """Trains every arm (or, with ``ablation``, every ABLATIONS variant) for the same budget over
+    `seeds` seeds and writes the tables and plots (see module docstring). Returns results.json's dict."""
     from rich.console import Console
-
-    if console is None:
-        console = Console()
-        if not console.is_terminal:
-            console = Console(width=110)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    base = demo_config(**(QUICK if quick else {}))
-    if quick:
-        seeds = 1
-    if epochs is not None:
-        base = base.replace(epochs=int(epochs))
-    base = base.replace(**overrides)
-    target = (0.5 if quick else 0.9) if target is None else float(target)
-    lam_lfi = base.lam if base.lam > 0 else 1.0
-    runs = []
-    for seed in range(seeds):
-        for m in methods:
-            lam = 0.0 if m == "baseline" else lam_lfi
-            cfg = base.replace(seed=seed, lam=lam, out=str(out / f"{m.lower()}_seed{seed}"),
-                               save_every=base.epochs, quiet=True, progress=False)
-            runs.append((m, seed, cfg))
-    jobs = _default_jobs() if jobs is None else max(1, int(jobs))
-    jobs = min(jobs, len(runs))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores // jobs) if threads is None else int(threads)
-    console.print(f"[bold]lfi demo[/bold]{' --quick' if quick else ''}: {len(methods)} methods x {seeds} seeds, "
-                  f"{base.epochs} epochs, {base.synthetic_train} train / {base.synthetic_val} val synthetic images, "
-                  f"student {base.student} {base.student_kwargs}, K={base.queries} queries, read_back={base.read_back}, "
-                  f"assignment={base.assignment}; {jobs} parallel run(s) x {threads} thread(s)")
-    curves = {m: [None] * seeds for m in methods}
-    extra = {m: {"time": 0.0, "map_scores": []} for m in methods}
-    ckpts = {}
-    t_all = time.time()
-
-    def collect(m, seed, r):
-        accs = [h.get("val_acc") for h in r["history"]]
-        curves[m][seed] = accs
-        extra[m]["time"] += r["time"] / seeds
-        last = r["history"][-1]
-        if last.get("map_score") is not None:
-            extra[m]["map_scores"].append(last["map_score"])
-        if r.get("checkpoint") and seed == 0:
-            ckpts[m] = r["checkpoint"]
-        console.print(f"  {m:>8} seed {seed}: val acc " + " ".join(f"{100 * a:.0f}" for a in accs)
-                      + f"  ({r['time']:.0f}s)")
-
-    pending = list(runs)
-    if jobs > 1:
-        from concurrent.futures.process import BrokenProcessPool
-
-        try:
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
-                futs = [(m, seed, cfg, ex.submit(_run_one, cfg.to_dict(), threads)) for m, seed, cfg in runs]
-                for m, seed, cfg, f in futs:
-                    collect(m, seed, f.result())
-                    pending.remove((m, seed, cfg))
-        except BrokenProcessPool:  # a worker was killed from outside: finish the remaining runs here
-            console.print(f"[yellow]a worker process died; running the {len(pending)} remaining run(s) in this "
-                          "process[/yellow]")
-    for m, seed, cfg in pending:
-        collect(m, seed, _run_one(cfg.to_dict(), max(1, cores if jobs > 1 else threads)))
-    for m in methods:
-        ms = extra[m].pop("map_scores")
-        extra[m]["map_score"] = statistics.fmean(ms) if ms else None
-    summary = summarize(curves, target, base.epochs)
-    t1, t2, md, sp = _tables(curves, summary, target, base.epochs, extra)
-    console.print(t1)
-    console.print(t2)
-    if sp:
-        console.print(f"[bold]convergence speedup:[/bold] {sp}")
-    total = time.time() - t_all
-    console.print(f"total time {total:.0f}s ({jobs} parallel run(s) x {threads} thread(s))")
-    (out / "table.md").write_text(md + f"\n\nTotal time: {total:.0f}s ({jobs} parallel runs x {threads} threads)\n",
-                                  encoding="utf-8")
 
     from lfi.train.visualize import plot_curves
 
-    plot_curves(curves, out / "accuracy.png", target=target,
-                title="synthetic task: validation accuracy (baseline vs LFI)")
-    files = [str(out / "accuracy.png")]
-    try:
-        files.append(str(_maps_png(ckpts, base, out / "maps.png")))
-    except Exception as e:  # plotting must never fail the demo
-        console.print(f"[yellow]maps.png skipped: {type(e).__name__}: {e}[/yellow]")
-    results = dict(config=base.to_dict(), target=target, curves=curves, summary=summary, extra=extra,
-                   total_time_s=total, jobs=jobs, threads=threads, checkpoints=ckpts, files=files)
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
-    console.print(f"wrote {out / 'table.md'}, {out / 'results.json'}, " + ", ".join(files)
-                  + (f"; LFI checkpoint {ckpts['LFI']}" if "LFI" in ckpts else ""))
-    return results
+    if console is None:
+        console = Console() if Console().is_terminal else Console(width=140)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base_over = dict(QUICK if quick else {})
+    if epochs is not None:
+        base_over["epochs"] = int(epochs)
+    base_over.update(overrides)
+    seeds = 1 if quick else int(seeds)
+    base = demo_config(**base_over)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n_jobs = max(1, min(2, cores) if jobs is None else int(jobs))
+    threads = max(1, cores // n_jobs) if threads is None else int(threads)
+    shift_n = base.synthetic_val
+    arms = {k: v for k, v in ABLATIONS.items()} if ablation else {k: v[0] for k, v in ARMS.items()}
+    low_arms = () if (ablation or quick) else LOW_DATA_ARMS
+    t_all = time.time()
+    console.print(f"[bold]lfi demo[/bold]{' --quick' if quick else ''}{' --ablation' if ablation else ''}: "
+                  f"{len(arms)} arms x {seeds} seeds (+ {len(low_arms)} low-data arms), {base.epochs} epochs, "
+                  f"{base.synthetic_train} train / {base.synthetic_val} val images of the '{base.synthetic_task}' task, "
+                  f"student {base.student} {base.student_kwargs}; {n_jobs} parallel run(s) x {threads} thread(s)")
+    leak = None
+    if not ablation:
+        leak = _leak(base)
+        c, q = leak["colour"], leak["quadrant"]
+        console.print(f"leak check (best simple classifier on the teacher's output alone, validation accuracy): "
+                      f"this task {100 * c['best']:.1f} % (logistic {100 * c['logistic']:.1f}, mlp {100 * c['mlp']:.1f}; "
+                      f"chance {100 * c['chance']:.1f}); the first demo's quadrant task {100 * q['best']:.1f} %")
+    job_list = []
+    for seed in range(seeds):
+        for arm, over in arms.items():
+            slug = "".join(ch if ch.isalnum() else "_" for ch in arm.lower())
+            cfg = _config(over, base_over).replace(seed=seed, out=str(out / f"{slug}_seed{seed}"), quiet=True,
+                                                   progress=False, save_every=base.epochs if seed == 0 else 0)
+            job_list.append(((arm, "main"), cfg))
+        for arm in low_arms:
+            cfg = _config(ARMS[arm][0], {**base_over, "synthetic_train": LOW_DATA_TRAIN}).replace(
+                seed=seed, out=str(out / "low_data" / f"seed{seed}"), quiet=True, progress=False, save_every=0)
+            job_list.append(((arm, "low"), cfg))
+    results = {"main": {a: [] for a in arms}, "low": {a: [] for a in low_arms}}
 
+    def done(key, r):
+        arm, setting = key
+        results[setting][arm].append(r)
+        console.print(f"  {arm:>22}{' (low data)' if setting == 'low' else ''}: val acc "
+                      + " ".join(f"{100 * h['val_acc']:.0f}" for h in r["history"]) + f"  ({r['time']:.0f}s)")
 
-def _maps_png(ckpts: dict, cfg, path, n_images: int = 3):
-    from lfi.nn.interaction_loss import InteractionLoss
-    from lfi.teachers import SyntheticTeacher
-    from lfi.train.checkpoint import load_student
-    from lfi.train.maps import _column_titles, collect_maps
-    from lfi.train.trainer import synthetic_datasets
-    from lfi.train.visualize import plot_maps
-
-    _, val = synthetic_datasets(cfg)
-    imgs01, _, masks = val.tensors()
-    imgs01, masks = imgs01[:n_images], masks[:n_images]
-    collected = {}
-    for m in ("LFI", "baseline"):
-        if m not in ckpts:
-            continue
-        student, meta = load_student(ckpts[m])
-        mean, std = torch.tensor(meta["mean"]).view(1, 3, 1, 1), torch.tensor(meta["std"]).view(1, 3, 1, 1)
-        teacher = SyntheticTeacher(meta["concepts"], student.grid, sigma=cfg.synthetic_sigma)
-        collected[m] = collect_maps(student, (imgs01 - mean) / std, teacher=teacher, masks=masks,
-                                    loss_fn=InteractionLoss(assignment=cfg.assignment))
-    rows, pics = [], []
-    first = next(iter(collected.values()))
-    for b in range(n_images):
-        pics.append(imgs01[b].permute(1, 2, 0).numpy())
-        r = [("teacher (GT)", first["teacher"][b].numpy())]
-        for m, c in collected.items():
-            for li in sorted({0, len(c["layers"]) - 1}):
-                r.append((f"{m} L{c['layers'][li]}", c["student"][b, li].numpy()))
-        rows.append(r)
-    return plot_maps(pics, rows, path, col_titles=_column_titles(first["labels"]),
-                     title="query maps (head mean) vs the synthetic teacher (baseline: queries not supervised)")
+    _pool_run(job_list, n_jobs, threads, shift_n, done)
+    ref = "plain ViT"
+    summary = {"main": summarize(results["main"], base.epochs, ref)}
+    t_main, md_main = _table(summary["main"], arms, base.epochs,
+                             f"{base.synthetic_train} training images, mean ± std over {seeds} seed(s); epochs to "
+                             f"{100 * summary['main']['target']:.1f} % (90 % of the plain ViT's final accuracy)")
+    console.print(t_main)
+    md = [md_main]
+    headline = None
+    if not ablation:
+        headline = _headline(summary["main"])
+        console.print(f"[bold]headline:[/bold] {headline}")
+        md = [f"Leak check: {100 * leak['colour']['best']:.1f} % (chance {100 * leak['colour']['chance']:.1f} %); "
+              f"quadrant task {100 * leak['quadrant']['best']:.1f} %", "", md_main, "", f"Headline: {headline}"]
+    if low_arms:
+        summary["low"] = summarize(results["low"], base.epochs, ref)
+        t_low, md_low = _table(summary["low"], low_arms, base.epochs,
+                               f"low data: {LOW_DATA_TRAIN} training images, epochs to "
+                               f"{100 * summary['low']['target']:.1f} %")
+        console.print(t_low)
+        md += ["", f"Low data ({LOW_DATA_TRAIN} training images):", "", md_low]
+    total = time.time() - t_all
+    console.print(f"total time {total:.0f}s ({n_jobs} parallel run(s) x {threads} thread(s))")
+    (out / "table.md").write_text("\n".join(md) + f"\n\nTotal time: {total:.0f}s\n", encoding="utf-8")
+    files = [str(plot_curves({a: s["curves"] for a, s in summary["main"].items() if a != "target"},
+                             out / "accuracy.png", title="synthetic colour task: validation accuracy"))]
+    if low_arms:
+        files.append(str(plot_curves({a: s["curves"] for a, s in summary["low"].items() if a != "target"},
+                                     out / "accuracy_low_data.png", title=f"low data ({LOW_DATA_TRAIN} images)")))
+    if not ablation:
+        try:
+            files.append(str(_maps_png(results["main"], base, out / "maps.png")))
+        except Exception as e:  # plotting must never fail the experiment
+            console.print(f"[yellow]maps.png skipped: {type(e).__name__}: {e}[/yellow]")
+    res = dict(config=base.to_dict(), seeds=seeds, arms={a: ARMS[a][1] for a in arms if a in ARMS}, leak=leak,
+               summary=summary, headline=headline, total_time_s=total, jobs=n_jobs, threads=threads, files=files)
+    (out / "results.json").write_text(json.dumps(res, indent=1, default=str), encoding="utf-8")
+    console.print(f"wrote {out / 'table.md'}, {out / 'results.json'}, " + ", ".join(files))
+    return res

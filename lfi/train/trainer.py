@@ -5,7 +5,8 @@
 The teacher is frozen and runs under no_grad on every step (its maps are never cached, so image
 augmentations stay consistent between teacher and student). The baseline is the same run with
 lam = 0: the same student architecture, the queries then receive no gradient (they are frozen so
-that DDP does not wait for them), nothing else changes.
+that DDP does not wait for them), nothing else changes. The controls of ``lfi demo`` are options of
+the same run: ``supervision="map_head"`` / ``"logits"`` (lfi.train.controls), ``teacher_shuffle``.
 """
 from __future__ import annotations
 
@@ -60,8 +61,9 @@ def synthetic_datasets(cfg: TrainConfig):
     """(train, val) SyntheticShapes, cached in-process (the demo reuses them across runs)."""
     from lfi.data.synthetic import SyntheticShapes
 
-    concepts = tuple(c.strip() for c in cfg.synthetic_concepts.split(",") if c.strip())
-    common = dict(img_size=cfg.img_size, concepts=concepts, num_distractors=cfg.synthetic_distractors)
+    concepts = None if not cfg.synthetic_concepts else tuple(c.strip() for c in cfg.synthetic_concepts.split(",") if c.strip())
+    common = dict(img_size=cfg.img_size, concepts=concepts, num_distractors=cfg.synthetic_distractors,
+                  task=cfg.synthetic_task)
     out = []
     for n, seed, style in ((cfg.synthetic_train, cfg.synthetic_seed, cfg.synthetic_style),
                            (cfg.synthetic_val, cfg.synthetic_seed + 7919, cfg.synthetic_style)):
@@ -120,6 +122,14 @@ def student_norm(student) -> tuple:
     return tuple(pc.get("mean", (0.5, 0.5, 0.5))), tuple(pc.get("std", (0.5, 0.5, 0.5)))
 
 
+def synthetic_teacher(cfg: TrainConfig, concepts, grid):
+    """The SyntheticTeacher of a config (blur, score noise and confusions from its synthetic_* fields)."""
+    from lfi.teachers import SyntheticTeacher
+
+    return SyntheticTeacher(concepts, grid, sigma=cfg.synthetic_sigma, score_noise=cfg.synthetic_score_noise,
+                            confuse=cfg.synthetic_confuse)
+
+
 def build_teacher(cfg: TrainConfig, student, concepts, mean, std, device, synthetic: bool):
     """SyntheticTeacher, CLIPTeacher or None (teacher="none" or lam == 0)."""
     if cfg.teacher == "none":
@@ -128,9 +138,7 @@ def build_teacher(cfg: TrainConfig, student, concepts, mean, std, device, synthe
         if not synthetic:
             raise ValueError("--teacher synthetic needs the built-in synthetic data (--data synthetic): it reads "
                              "ground-truth masks. Use a CLIP teacher (--teacher ViT-B-16 --teacher-weights ...)")
-        from lfi.teachers import SyntheticTeacher
-
-        return SyntheticTeacher(concepts, student.grid, sigma=cfg.synthetic_sigma).to(device)
+        return synthetic_teacher(cfg, concepts, student.grid).to(device)
     from lfi.teachers.clip import DEFAULT_TEMPLATES, CLIPTeacher
 
     if cfg.teacher_weights is None and not cfg.teacher_random:
@@ -138,24 +146,55 @@ def build_teacher(cfg: TrainConfig, student, concepts, mean, std, device, synthe
                          "downloads weights); --teacher-random uses random weights (tests only)")
     templates = tuple(t for t in cfg.templates.split("|")) if cfg.templates else DEFAULT_TEMPLATES
     return CLIPTeacher(cfg.teacher, pretrained=cfg.teacher_weights, concepts=concepts, templates=templates,
-                       temperature=cfg.teacher_temperature, grid=student.grid, input_mean=mean, input_std=std,
-                       quick_gelu=cfg.quick_gelu, model_kwargs=cfg.teacher_kwargs, device=device)
+                       temperature=cfg.teacher_temperature, target_entropy=cfg.teacher_target_entropy,
+                       select=cfg.teacher_select, topk=cfg.teacher_topk, threshold=cfg.teacher_threshold,
+                       grid=student.grid, input_mean=mean, input_std=std, quick_gelu=cfg.quick_gelu,
+                       model_kwargs=cfg.teacher_kwargs, device=device)
+
+
+SUPERVISION = ("queries", "map_head", "logits")
+
+
+def shuffled(teacher_maps):
+    """The teacher output of another image for every image (the batch rolled by one): the
+    shuffled-teacher control keeps the maps' statistics and breaks their relation to the image."""
+    from dataclasses import replace
+
+    roll = lambda t: None if t is None else t.roll(1, 0)  # noqa: E731
+    return replace(teacher_maps, probs=roll(teacher_maps.probs), valid=roll(teacher_maps.valid),
+                   scores=roll(teacher_maps.scores))
 
 
 class LFIStep(nn.Module):
-    """student + losses in one module, so DDP sees every tensor that needs a gradient."""
+    """student + losses in one module, so DDP sees every tensor that needs a gradient.
 
-    def __init__(self, student, loss_fn, lam: float, label_smoothing: float = 0.0):
+    supervision: "queries" (LFI: the interaction loss on the query maps), "map_head" (control: the
+    same targets on an output-level MapHead) or "logits" (control: distillation of the logits of a
+    classifier trained on the teacher's output, ``teacher_classifier``)."""
+
+    def __init__(self, student, loss_fn, lam: float, label_smoothing: float = 0.0, supervision: str = "queries",
+                 map_head: Optional[nn.Module] = None, teacher_classifier: Optional[nn.Module] = None,
+                 kd_temperature: float = 2.0):
         super().__init__()
         self.student, self.loss_fn, self.lam, self.label_smoothing = student, loss_fn, float(lam), label_smoothing
+        self.supervision, self.map_head, self.kd_temperature = supervision, map_head, float(kd_temperature)
+        self.teacher_classifier = teacher_classifier
 
     def forward(self, images, labels, teacher_maps=None):
-        if self.lam > 0 and teacher_maps is not None:
+        kl = torch.zeros((), device=images.device)
+        if self.lam > 0 and teacher_maps is not None and self.supervision == "queries":
             logits, qm = self.student(images, return_maps=True)
             kl = self.loss_fn(qm, teacher_maps).float()
+        elif self.lam > 0 and teacher_maps is not None and self.supervision == "map_head":
+            x, z, _ = self.student.forward_features(images)
+            logits = self.student.forward_head(x, z)
+            kl = self.map_head.loss(x[:, self.student.num_prefix:], teacher_maps).float()
         else:
             logits = self.student(images)
-            kl = torch.zeros((), device=images.device)
+            if self.lam > 0 and teacher_maps is not None:  # supervision == "logits"
+                from lfi.train.controls import distill_loss
+
+                kl = distill_loss(logits, self.teacher_classifier(teacher_maps), self.kd_temperature)
         ce = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
         return ce + self.lam * kl, ce.detach(), kl.detach(), logits.detach()
 
@@ -229,10 +268,10 @@ class Trainer:
         self.lam = cfg.lam if cfg.teacher != "none" else 0.0
         self.teacher = build_teacher(cfg, self.student, self.concepts, self.mean, self.std, self.device,
                                      self.data["synthetic"]) if self.lam > 0 else None
-        # the baseline (lam = 0) on the synthetic task still gets the map score of its (unsupervised) queries
-        self.eval_teacher = self.teacher
-        if self.eval_teacher is None and self.data["synthetic"] and cfg.teacher == "synthetic":
-            self.eval_teacher = build_teacher(cfg, self.student, self.concepts, self.mean, self.std, self.device, True)
+        if cfg.supervision not in SUPERVISION:
+            raise ValueError(f"supervision must be one of {SUPERVISION}, got {cfg.supervision!r}")
+        # map@k and the validation KL describe supervised queries only (unsupervised queries' maps mean nothing)
+        self.eval_teacher = self.teacher if cfg.supervision == "queries" else None
         from lfi.nn.interaction_loss import InteractionLoss
 
         if cfg.assignment == "auto":  # every concept gets its own query when possible
@@ -242,15 +281,23 @@ class Trainer:
             raise ValueError(f"--assignment fixed pairs query i with concept i but there are {len(self.concepts)} "
                              f"concepts and {cfg.queries} queries: use --queries {len(self.concepts)} or more, or "
                              "--assignment topk / hungarian")
-        if self.lam == 0 and not self.student.queries_change_prediction():
+        if (self.lam == 0 or cfg.supervision != "queries") and not self.student.queries_change_prediction():
             self.student.interaction.requires_grad_(False)  # baseline: queries unused, keep DDP happy
-        self.step_module = LFIStep(self.student, self.loss_fn, self.lam, cfg.label_smoothing)
+        map_head = classifier = None
+        if self.teacher is not None and cfg.supervision == "map_head":
+            from lfi.train.controls import MapHead
+
+            map_head = MapHead(self.student.embed_dim, len(self.concepts)).to(self.device)
+        if self.teacher is not None and cfg.supervision == "logits":
+            classifier = self._fit_teacher_classifier()
+        self.step_module = LFIStep(self.student, self.loss_fn, self.lam, cfg.label_smoothing, cfg.supervision,
+                                   map_head, classifier, cfg.kd_temperature)
         self.model = self.step_module
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.model = DDP(self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.optimizer = torch.optim.AdamW(_param_groups(self.student, cfg.weight_decay), lr=cfg.lr,
+        self.optimizer = torch.optim.AdamW(_param_groups(self.step_module, cfg.weight_decay), lr=cfg.lr,
                                            betas=(0.9, 0.999))
         self._build_loaders()
         self.steps_per_epoch = len(self.train_loader)
@@ -265,6 +312,17 @@ class Trainer:
         self.amp_dtype = torch.bfloat16 if (amp == "bf16" or (amp == "auto" and self.device.type == "cuda")) else None
         if cfg.resume:
             self._resume(cfg.resume)
+
+    def _fit_teacher_classifier(self):
+        """The distillation control's teacher: the leak-check classifier fitted on the training set's
+        teacher outputs (lfi.train.controls)."""
+        from torch.utils.data import DataLoader
+
+        from lfi.train.controls import fit_map_classifier, teacher_features
+
+        loader = DataLoader(self.data["train"], batch_size=256, shuffle=False, num_workers=0)
+        x, y = teacher_features(self.teacher, loader, self.normalize, self.device)
+        return fit_map_classifier(x, y, len(self.classes), "logistic", seed=self.cfg.seed).to(self.device)
 
     # --------------------------------------------------------------------------------------------
     def _check_config(self):
@@ -338,6 +396,9 @@ class Trainer:
         if spec == "auto" and not path.is_file():
             self._log(f"[dim]resume=auto: no checkpoint at {path}, starting fresh[/dim]")
             return
+        if self.cfg.supervision == "map_head":
+            raise ValueError("resume is not supported with supervision='map_head' (the control's map head is not "
+                             "part of the student checkpoint)")
         tensors, meta = ckpt.load_checkpoint(path)
         old = meta.get("config", {})
         for key in ("student", "queries", "student_kwargs", "img_size"):
@@ -366,6 +427,8 @@ class Trainer:
             tmaps = None
             if self.teacher is not None:
                 tmaps = self.teacher(images, masks) if getattr(self.teacher, "needs_masks", False) else self.teacher(images)
+                if cfg.teacher_shuffle:
+                    tmaps = shuffled(tmaps)
             loss, ce, kl, logits = self.model(images, labels, tmaps)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
