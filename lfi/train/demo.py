@@ -301,7 +301,7 @@ def run_demo(out="runs/demo", *, quick: bool = False, seeds: int = 3, epochs: Op
     n_jobs = max(1, min(2, cores) if jobs is None else int(jobs))
     threads = max(1, cores // n_jobs) if threads is None else int(threads)
     shift_n = base.synthetic_val
-    arms = {k: v for k, v in ABLATIONS.items()} if ablation else {k: v[0] for k, v in ARMS.items()}
+    arms = dict(ABLATIONS) if ablation else {k: v[0] for k, v in ARMS.items()}
     low_arms = () if (ablation or quick) else LOW_DATA_ARMS
     t_all = time.time()
     console.print(f"[bold]lfi demo[/bold]{' --quick' if quick else ''}{' --ablation' if ablation else ''}: "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import replace
 import math
 import random
 import time
@@ -25,6 +26,7 @@ from torch import nn
 
 from lfi.train import checkpoint as ckpt
 from lfi.train.config import TrainConfig
+from lfi.train.controls import distill_loss
 from lfi.train.distributed import all_reduce_sum, barrier, cleanup_distributed, init_distributed
 from lfi.train.evaluate import evaluate
 
@@ -158,8 +160,6 @@ SUPERVISION = ("queries", "map_head", "logits")
 def shuffled(teacher_maps):
     """The teacher output of another image for every image (the batch rolled by one): the
     shuffled-teacher control keeps the maps' statistics and breaks their relation to the image."""
-    from dataclasses import replace
-
     roll = lambda t: None if t is None else t.roll(1, 0)  # noqa: E731
     return replace(teacher_maps, probs=roll(teacher_maps.probs), valid=roll(teacher_maps.valid),
                    scores=roll(teacher_maps.scores))
@@ -192,8 +192,6 @@ class LFIStep(nn.Module):
         else:
             logits = self.student(images)
             if self.lam > 0 and teacher_maps is not None:  # supervision == "logits"
-                from lfi.train.controls import distill_loss
-
                 kl = distill_loss(logits, self.teacher_classifier(teacher_maps), self.kd_temperature)
         ce = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
         return ce + self.lam * kl, ce.detach(), kl.detach(), logits.detach()
