@@ -1,10 +1,15 @@
 """LFI: fused attention with exact attention maps, for Learning from Interactions."""
 import os
+import runpy
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
-README = Path(__file__).with_name("README.md")
+ROOT = Path(__file__).resolve().parent
+README = ROOT / "README.md"
+# One source for the version and for the extension's sources and flags (files that import nothing).
+VERSION = runpy.run_path(str(ROOT / "lfi" / "_version.py"))["__version__"]
+SPEC = runpy.run_path(str(ROOT / "lfi" / "backends" / "cuda" / "build_spec.py"))
 
 
 def _cuda_extension():
@@ -12,42 +17,40 @@ def _cuda_extension():
     ``LFI_BUILD_CUDA=1 pip install --no-build-isolation -e .`` (the build imports the installed
     torch). A CUDAExtension when nvcc is found (CUDA_HOME, /usr/local/cuda or PATH), else the CPU
     kernels only (CppExtension). Without the variable nothing is compiled here and the extension
-    is JIT-built on first use instead. Sources and flags mirror lfi/backends/cuda/_ext.py."""
+    is JIT-built on first use instead. Sources and flags: lfi/backends/cuda/build_spec.py (as the JIT build)."""
     if os.environ.get("LFI_BUILD_CUDA", "0") != "1":
         return [], {}
     import shutil
 
+    import torch
     from torch.utils import cpp_extension
 
-    cpu = ["csrc/bindings.cpp", "csrc/ops.cpp", "csrc/cpu/attention.cpp", "csrc/cpu/kl.cpp"]
-    cuda = ["csrc/cuda/attention.cu", "csrc/cuda/kl.cu"]
-    cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]  # at::parallel_for is inline OpenMP
-    import torch
-
-    # CPU kernels for the build machine's AVX2/FMA (LFI_CPU_ISA=generic: portable SSE2 build).
+    cpu = [f"csrc/{f}" for f in SPEC["CPU_SOURCES"]]
+    cuda = [f"csrc/{f}" for f in SPEC["CUDA_SOURCES"]]
+    cxx = list(SPEC["CXX_FLAGS"])
     if os.environ.get("LFI_CPU_ISA", "").lower() != "generic" and \
             torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        cxx += ["-mavx2", "-mfma", "-mf16c"]
+        cxx += list(SPEC["ISA_FLAGS"]["avx2"])
     homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
     if shutil.which("nvcc"):
         homes.append(str(Path(os.path.realpath(shutil.which("nvcc"))).parents[1]))
     home = next((h for h in homes if h and (Path(h) / "bin" / "nvcc").exists()
                  and (Path(h) / "include" / "cuda_runtime.h").exists()), None)
-    include = [str(Path(__file__).resolve().parent / "csrc")]
+    include = [str(ROOT / "csrc")]
     if home is not None and os.environ.get("LFI_CUDA_EXT_CUDA", "1") != "0":
         os.environ.setdefault("CUDA_HOME", home)
         cpp_extension.CUDA_HOME = home
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"  # no GPU to detect the architecture from
+            os.environ["TORCH_CUDA_ARCH_LIST"] = SPEC["DEFAULT_ARCHS"]
         ext = cpp_extension.CUDAExtension(
             "lfi._C", cpu + cuda, include_dirs=include,
             extra_compile_args={"cxx": cxx + ["-DLFI_WITH_CUDA"],
-                                "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-DLFI_WITH_CUDA"]},
-            extra_link_args=["-fopenmp"],
+                                "nvcc": list(SPEC["NVCC_FLAGS"])},
+            extra_link_args=list(SPEC["LD_FLAGS"]),
         )
     else:
         ext = cpp_extension.CppExtension("lfi._C", cpu, include_dirs=include, extra_compile_args={"cxx": cxx},
-                                         extra_link_args=["-fopenmp"])
+                                         extra_link_args=list(SPEC["LD_FLAGS"]))
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
@@ -55,7 +58,7 @@ EXT_MODULES, CMDCLASS = _cuda_extension()
 
 setup(
     name="lfi",
-    version="0.1.0",
+    version=VERSION,
     description="Kernel-accelerated attention with exact, differentiable attention maps (Learning from Interactions)",
     long_description=README.read_text(encoding="utf-8") if README.exists() else "",
     long_description_content_type="text/markdown",
@@ -73,7 +76,7 @@ setup(
     ],
     extras_require={
         "dev": [
-            "pytest>=8", "pytest-benchmark>=4", "hypothesis>=6",
+            "pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.6",
             # the integration and training tests run in CI too
             "timm>=1.0", "open_clip_torch>=2.24", "transformers>=4.48", "torchvision",
             "safetensors", "tqdm", "matplotlib", "scipy",

@@ -33,7 +33,7 @@ def pytest_addoption(parser):
 
 class BenchConfig:
     def __init__(self, config):
-        from lfi import bench
+        from lfi import benchmark as bench
 
         dev = config.getoption("--lfi-device")
         self.device = bench.default_device() if dev == "auto" else torch.device(dev)
@@ -77,17 +77,18 @@ def pytest_configure(config):
 
 
 def pytest_report_header(config):
-    from lfi import bench
+    from lfi import benchmark as bench
 
     c = config._lfi_bench
     return (f"lfi benchmarks: device={c.device} ({c.device_name}), dtype={bench.dtype_name(c.dtype)}, "
-            f"shapes={[s.name for s in c.shapes]}, threads={c.threads}, torch {c.versions['torch']}, triton {c.versions['triton']}")
+            f"shapes={[s.name for s in c.shapes]}, threads={c.threads}, torch {c.versions['torch']}, "
+            f"triton {c.versions['triton']}")
 
 
 def pytest_generate_tests(metafunc):
     if "impl_name" not in metafunc.fixturenames:
         return
-    from lfi import bench
+    from lfi import benchmark as bench
 
     c = metafunc.config._lfi_bench
     params = []

@@ -71,7 +71,8 @@ def summarize(paths: list[str]) -> str:
         out.append(f"### {shape}: B={e['B']}, H={e['H']}, M={e['M']}, N={e['N']}, D={e['D']} "
                    f"({e['kind']}-attention; one (B,H,M,N) map = {e['map_mib']:.1f} MiB)")
         out.append("")
-        out.append("| mode | maps | impl | median ms | min ms | rounds | peak extra MiB | speedup vs eager | mem vs eager |")
+        out.append("| mode | maps | impl | median ms | min ms | rounds | peak extra MiB | speedup vs eager "
+                   "| mem vs eager |")
         out.append("|---|---|---|---:|---:|---:|---:|---:|---:|")
         eager = {(e["mode"], e["maps"]): (e, st) for e, st in items if e["impl"] == "eager"}
 

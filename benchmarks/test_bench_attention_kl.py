@@ -21,7 +21,7 @@ them by name, ``--lfi-dtype`` / ``--lfi-device`` / ``--lfi-threads`` / ``--lfi-t
 reduced set on CPU (B=2, H=4, still with N=4097 and M=N=4096 for the memory comparison);
 override with the environment variable ``LFI_BENCH_KL_SHAPES`` = full | cpu | comma list of names.
 
-Each test warms up once, measures the peak extra memory of one step (``lfi.bench.measure_peak_memory``:
+Each test warms up once, measures the peak extra memory of one step (``lfi.benchmark.measure_peak_memory``:
 CUDA max_memory_allocated, or peak RSS on CPU), then times a few rounds with ``benchmark.pedantic``
 (on CPU as few as one round unless ``--lfi-min-rounds`` is given). The loss value is recorded too,
 so that eager and lfi rows of one shape can be checked to agree.
@@ -35,7 +35,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lfi import bench
+from lfi import benchmark as bench
 
 TEMPERATURE = 2.0
 IMPL_NAMES = ("eager", "lfi_torch", "lfi_triton", "lfi_cuda")
@@ -156,7 +156,8 @@ class KLCase:
             return (torch.randn(*size, generator=g, dtype=torch.float32) * scale).to(device=device, dtype=dtype)
 
         if op == "attention_kl_qk":
-            self.grad_inputs = [rand(s.B, s.H, s.M, s.D).requires_grad_(bwd), rand(s.B, s.H, s.N, s.D).requires_grad_(bwd)]
+            self.grad_inputs = [rand(s.B, s.H, s.M, s.D).requires_grad_(bwd),
+                                rand(s.B, s.H, s.N, s.D).requires_grad_(bwd)]
             self.other = [rand(s.B, s.teacher_heads, s.M, s.D), rand(s.B, s.teacher_heads, s.N, s.D)]
         else:
             logits = rand(s.B, s.H, s.M, s.N, scale=2.0).requires_grad_(bwd)

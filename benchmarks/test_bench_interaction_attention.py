@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from lfi import bench
+from lfi import benchmark as bench
 
 
 def test_interaction_attention(benchmark, bench_config, impl_name, shape, mode, maps):

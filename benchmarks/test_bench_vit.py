@@ -13,7 +13,7 @@ the loss (``logits² + mean(maps²)``), so gradients flow through them as in LFI
 
 CUDA: B=32, bf16 weights and inputs (lfi backend "auto" = Triton). CPU: B=2, fp32, 3 rounds (lfi
 backend "auto" = torch reference). Override the batch with LFI_BENCH_VIT_BATCH and the rounds with
---lfi-min-rounds/--lfi-max-rounds. Peak memory (``lfi.bench.measure_peak_memory``: CUDA
+--lfi-min-rounds/--lfi-max-rounds. Peak memory (``lfi.benchmark.measure_peak_memory``: CUDA
 max_memory_allocated over the step minus memory allocated before; CPU peak RSS delta) goes to
 ``extra_info``.
 
@@ -26,7 +26,7 @@ import os
 import pytest
 import torch
 
-from lfi import bench
+from lfi import benchmark as bench
 
 timm = pytest.importorskip("timm")
 from timm.layers import Attention  # noqa: E402

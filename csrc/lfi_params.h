@@ -39,7 +39,7 @@ struct AttnParams {
   Strided q, k, v, mask, kl_target;  // mask / kl_target: undefined when absent
   // forward outputs
   Strided out, weights;              // weights (B, H, w_stop - w_start, N)
-  void* lse = nullptr;               // row statistics (B, H, M, 2) acc type: (m, log l)
+  void* stats = nullptr;             // row statistics (B, H, M, 2) acc type: (m, log l), see lfi/_numerics.py
   void* kl = nullptr;                // (B, H, M) acc type, with kl_target
   void* tnorm = nullptr;             // (B, H, M) acc type, with kl_target (read in the backward)
   // backward inputs / outputs

@@ -178,7 +178,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_fwd(
   }
   p.out = view(out);
   p.weights = weights.numel() ? view(weights) : Strided{};
-  p.lse = stats.data_ptr();
+  p.stats = stats.data_ptr();
   p.kl = has_kl ? kl.data_ptr() : nullptr;
   p.tnorm = has_kl ? tnorm.data_ptr() : nullptr;
   LFI_RUN(q, attention_forward, p);
@@ -238,7 +238,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
     p.grad_kl.s[0] = e.stride(0); p.grad_kl.s[1] = e.stride(1); p.grad_kl.s[2] = e.stride(2);
     p.grad_kl.dtype = dtype_code(gkl_t);
   }
-  p.lse = stats_c.data_ptr();
+  p.stats = stats_c.data_ptr();
   p.delta = delta.data_ptr();
   p.dq = view(dq); p.dk = view(dk); p.dv = view(dv);
   p.ds = want_ds ? ds.data_ptr() : nullptr;

@@ -90,8 +90,8 @@ def _kl_step(s, tg, keep, m, l, x, y, c, t_scale, TARGET_IS_LOGITS: tl.constexpr
 
 @triton.jit
 def _kl_finish(m, l, x, y, c, TARGET_IS_LOGITS: tl.constexpr):
-    """(kl, shift, log_l, t_shift, t_log_z). The row statistics are kept as pairs, never folded
-    into one logsumexp (which would lose the 1/l of a row at finfo.min): p = exp((s - shift) - log_l)
+    """(kl, shift, log_l, t_shift, t_log_z). The row statistics are kept as pairs (why:
+    lfi._numerics): p = exp((s - shift) - log_l)
     with log_l = +inf without a kept key; logits: t = exp((u - t_shift) - t_log_z), t_log_z = +inf
     without a kept key; probabilities: t_shift = 0, t = target * exp(-t_log_z), t_log_z = log Z
     (-inf without target mass). A row whose kept keys carry target mass but whose student scores

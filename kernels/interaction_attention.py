@@ -2,9 +2,8 @@
 
 Notation (per batch b, query head h, kv head h // GROUP): S = scale * Q K^T + mask, P = softmax(S),
 O = P V. Each row's softmax statistics are stored as STATS (B, H, M, 2) float32: the row max m and
-log l, l = sum exp(S - m), in natural units and kept apart (not folded into lse = m + log l), so that
-P stays exact when a float mask puts a whole row at -1e30 or finfo.min (the uniform row, as in
-SDPA). Rows with no attended key store (0, +inf), so P is exactly 0 there.
+log l, l = sum exp(S - m), in natural units, as every backend (why a pair, and (0, +inf) on rows with
+no attended key: lfi._numerics).
 
 Units inside the kernels (why two): without a float mask the scores are bounded by |scale q.k|, so
 the loops work in base 2 like FlashAttention: the raw q.k tile is scaled by qk_scale2 = |scale| *
@@ -458,8 +457,8 @@ def attention_bwd_preprocess_kernel(
     dv_ok = offs_dv < HEAD_DIM_V
     o = _load_tile(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
                    row_ok, dv_ok, True, BLOCK_DV != HEAD_DIM_V).to(tl.float32)
-    do = _load_tile(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                    row_ok, dv_ok, True, BLOCK_DV != HEAD_DIM_V).to(tl.float32)
+    do = _load_tile(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                    + offs_dv[None, :] * stride_dod, row_ok, dv_ok, True, BLOCK_DV != HEAD_DIM_V).to(tl.float32)
     delta = tl.sum(o * do, 1)
     rows = pid_bh.to(tl.int64) * M + offs_m
     if HAS_DW:
@@ -467,8 +466,8 @@ def attention_bwd_preprocess_kernel(
         if (row_lo < w_stop) & (row_lo + BLOCK_M > w_start):
             hk = h // GROUP
             offs_d = tl.arange(0, BLOCK_D)
-            q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                           row_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+            q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+                           + offs_d[None, :] * stride_qd, row_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM)
             q = _signed(q, Q_SIGN)
             row_a, row_b = _row_offsets(STATS, rows, row_ok, FLOAT_MASK)
             k_base = K + b * stride_kb + hk * stride_kh
@@ -658,7 +657,8 @@ def attention_bwd_dkdv_kernel(
                 start_m = diag_lo + i * BLOCK_M
                 if start_m < M:
                     dk, dv = _dkdv_tile(
-                        k, v, dk, dv, start_m, q_base, q_offs, do_base, do_offs, dq_base, dq_offs, mask_base, g_base, t_base, STATS, DELTA, TNORM,
+                        k, v, dk, dv, start_m, q_base, q_offs, do_base, do_offs, dq_base, dq_offs, mask_base, g_base,
+                        t_base, STATS, DELTA, TNORM,
                         gkl_base, row_stats, offs_n, key_ok, key_mask_vals,
                         stride_qm, stride_dom, stride_dqm, stride_mm, stride_gm, stride_tm, stride_gklm,
                         M, scale, qk_scale, qk_scale2, w_start, w_stop,
@@ -666,7 +666,8 @@ def attention_bwd_dkdv_kernel(
                         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
         for start_m in range(main_lo, main_hi, BLOCK_M):
             dk, dv = _dkdv_tile(
-                k, v, dk, dv, start_m, q_base, q_offs, do_base, do_offs, dq_base, dq_offs, mask_base, g_base, t_base, STATS, DELTA, TNORM,
+                k, v, dk, dv, start_m, q_base, q_offs, do_base, do_offs, dq_base, dq_offs, mask_base, g_base, t_base,
+                STATS, DELTA, TNORM,
                 gkl_base, row_stats, offs_n, key_ok, key_mask_vals,
                 stride_qm, stride_dom, stride_dqm, stride_mm, stride_gm, stride_tm, stride_gklm,
                 M, scale, qk_scale, qk_scale2, w_start, w_stop,
@@ -674,7 +675,8 @@ def attention_bwd_dkdv_kernel(
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
         if main_hi < M:  # the ragged last query block
             dk, dv = _dkdv_tile(
-                k, v, dk, dv, main_hi, q_base, q_offs, do_base, do_offs, dq_base, dq_offs, mask_base, g_base, t_base, STATS, DELTA, TNORM,
+                k, v, dk, dv, main_hi, q_base, q_offs, do_base, do_offs, dq_base, dq_offs, mask_base, g_base, t_base,
+                STATS, DELTA, TNORM,
                 gkl_base, row_stats, offs_n, key_ok, key_mask_vals,
                 stride_qm, stride_dom, stride_dqm, stride_mm, stride_gm, stride_tm, stride_gklm,
                 M, scale, qk_scale, qk_scale2, w_start, w_stop,
@@ -687,8 +689,8 @@ def attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tile(q, do, dq, start_n, k_base, v_base, k_offs, v_offs, mask_base, g_base, t_base, ds_base, offs_m, row_ok, w_rows,
-             row_a, row_b, delta, inv_z, grad_kl, stride_kn, stride_vn, stride_mn, stride_gn, stride_tn,
+def _dq_tile(q, do, dq, start_n, k_base, v_base, k_offs, v_offs, mask_base, g_base, t_base, ds_base, offs_m, row_ok,
+             w_rows, row_a, row_b, delta, inv_z, grad_kl, stride_kn, stride_vn, stride_mn, stride_gn, stride_tn,
              N, qk_scale, qk_scale2,
              EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
              KEY_MASK: tl.constexpr, FLOAT_MASK: tl.constexpr, HAS_DW: tl.constexpr, HAS_KL: tl.constexpr,
@@ -758,8 +760,8 @@ def attention_bwd_dq_kernel(
     q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                    row_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM)
     q = _signed(q, Q_SIGN)
-    do = _load_tile(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                    row_ok, offs_dv < HEAD_DIM_V, True, BLOCK_DV != HEAD_DIM_V)
+    do = _load_tile(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                    + offs_dv[None, :] * stride_dod, row_ok, offs_dv < HEAD_DIM_V, True, BLOCK_DV != HEAD_DIM_V)
     rows = pid_bh.to(tl.int64) * M + offs_m
     row_a, row_b = _row_offsets(STATS, rows, row_ok, FLOAT_MASK)
     delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
@@ -795,17 +797,18 @@ def attention_bwd_dq_kernel(
         hi = N
         main_end = (N // BLOCK_N) * BLOCK_N
     for start_n in range(0, main_end, BLOCK_N):
-        dq = _dq_tile(q, do, dq, start_n, k_base, v_base, k_offs, v_offs, mask_base, g_base, t_base, ds_base, offs_m, row_ok,
-                      w_rows, row_a, row_b, delta, inv_z, grad_kl, stride_kn, stride_vn, stride_mn, stride_gn, stride_tn,
+        dq = _dq_tile(q, do, dq, start_n, k_base, v_base, k_offs, v_offs, mask_base, g_base, t_base, ds_base, offs_m,
+                      row_ok, w_rows, row_a, row_b, delta, inv_z, grad_kl, stride_kn, stride_vn, stride_mn, stride_gn,
+                      stride_tn,
                       N, qk_scale, qk_scale2,
                       False, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_DW, HAS_KL, WRITE_DS,
                       HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
     for i in tl.static_range((BLOCK_M + BLOCK_N - 1) // BLOCK_N if IS_CAUSAL else 1):
         start_n = main_end + i * BLOCK_N
         if start_n < hi:
-            dq = _dq_tile(q, do, dq, start_n, k_base, v_base, k_offs, v_offs, mask_base, g_base, t_base, ds_base, offs_m, row_ok,
-                          w_rows, row_a, row_b, delta, inv_z, grad_kl, stride_kn, stride_vn, stride_mn, stride_gn,
-                          stride_tn, N, qk_scale, qk_scale2,
+            dq = _dq_tile(q, do, dq, start_n, k_base, v_base, k_offs, v_offs, mask_base, g_base, t_base, ds_base,
+                          offs_m, row_ok, w_rows, row_a, row_b, delta, inv_z, grad_kl, stride_kn, stride_vn, stride_mn,
+                          stride_gn, stride_tn, N, qk_scale, qk_scale2,
                           True, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_DW, HAS_KL, WRITE_DS,
                           HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,

@@ -1,6 +1,5 @@
 """LFI: fast, exact attention machinery for Learning from Interactions."""
-__version__ = "0.1.0"
-
+from lfi._version import __version__
 from lfi.ops import interaction_attention  # noqa: E402
 
 __all__ = ["interaction_attention", "capture_attention", "capture", "integrations", "nn", "__version__"]

@@ -5,8 +5,7 @@ import argparse
 import json
 import os
 import sys
-import traceback
-from typing import Any, Sequence
+from typing import Sequence
 
 
 def _console():
@@ -33,7 +32,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
     from rich.table import Table
 
-    from lfi import bench
+    from lfi import benchmark as bench
 
     console = _console()
     vers = bench.versions()
@@ -116,75 +115,6 @@ _CPU_DEFAULT_SHAPE = "2,6,577,577,64"
 _CUDA_DEFAULT_SHAPE = "16,12,1025,1025,64"
 
 
-def _short_error(e: BaseException, limit: int = 90) -> str:
-    msg = f"{type(e).__name__}: {e}".replace("\n", " ")
-    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
-
-
-def run_bench(shape, device, dtype, impl_names: Sequence[str], modes: Sequence[str], min_time: float,
-              check: bool, verbose: bool = False, progress=None, allow_build: bool = False) -> list[dict[str, Any]]:
-    """Time every (impl, mode, maps) combination; failures become rows with an ``error``."""
-    from lfi import bench
-
-    rows: list[dict[str, Any]] = []
-    refs: dict[tuple[str, bool], Any] = {}
-    combos = []
-    for mode in modes:
-        for maps in (False, True):
-            # eager first: it is the reference for the ratios and the error check
-            for name in sorted(impl_names, key=lambda n: n != "eager"):
-                impl = bench.get_impl(name)
-                if maps and not impl.maps:
-                    continue
-                combos.append((mode, maps, impl))
-
-    for mode, maps, impl in combos:
-        row: dict[str, Any] = {"impl": impl.name, "label": impl.label(device, dtype), "mode": mode,
-                               "maps": maps, "median_ms": None, "peak_bytes": None, "max_err": None,
-                               "error": None, "skipped": None}
-        rows.append(row)
-        if progress is not None:
-            progress(f"{row['label']} {mode} {'maps' if maps else 'no maps'}")
-        ok, reason = impl.available(device, dtype, allow_build=allow_build)
-        if not ok:
-            row["skipped"] = reason
-            continue
-        case = None
-        try:
-            case = bench.make_case(impl, shape, device, dtype, mode, maps)
-            case.step()  # warm-up (compilation, lazy init)
-            result, peak = case.measure_peak()
-            row["peak_bytes"] = peak
-            if check:
-                key = (mode, maps)
-                if impl.name == "eager":
-                    refs[key] = _detach(result)
-                elif key in refs:
-                    row["max_err"] = bench.max_abs_diff(_detach(result), refs[key])
-            del result
-            row["median_ms"] = bench.time_ms(case.step, device, min_run_time=min_time)["median_ms"]
-        except Exception as e:  # one failing impl must not end the table
-            row["error"] = _short_error(e)
-            if verbose:
-                traceback.print_exc()
-        finally:
-            if case is not None:
-                case.release()
-            del case
-            bench.free_memory(device)
-    return rows
-
-
-def _detach(x):
-    import torch
-
-    if isinstance(x, torch.Tensor):
-        return x.detach().clone()
-    if isinstance(x, (tuple, list)):
-        return tuple(_detach(t) for t in x)
-    return x
-
-
 def _ratio(num, den) -> str:
     if num is None or den is None or den == 0:
         return "-"
@@ -196,7 +126,7 @@ def render_bench(rows, title: str, caption: str):
     from rich import box
     from rich.table import Table
 
-    from lfi import bench
+    from lfi import benchmark as bench
 
     t = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
     t.add_column("impl", style="bold", no_wrap=True)
@@ -236,7 +166,7 @@ def render_bench(rows, title: str, caption: str):
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from lfi import bench
+    from lfi import benchmark as bench
 
     console = _console()
     device = torch.device(args.device) if args.device else bench.default_device()
@@ -269,9 +199,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                "mem ratio: peak mem / eager's. max err: max |difference| to eager of out and maps (fwd) "
                "or dq, dk, dv (fwd+bwd).")
     with console.status("benchmarking...") as status:
-        rows = run_bench(shape, device, dtype, impls, modes, min_time, check=not args.no_check,
-                         verbose=args.verbose, progress=lambda s: status.update(f"benchmarking {s}"),
-                         allow_build=args.build_ext)
+        rows = bench.run_comparison(shape, device, dtype, impls, modes, min_time, check=not args.no_check,
+                                    verbose=args.verbose, progress=lambda s: status.update(f"benchmarking {s}"),
+                                    allow_build=args.build_ext)
     table, notes = render_bench(rows, title, caption)
     console.print(table)
     for line in notes:
@@ -302,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--dtype", default=None, help="fp32, fp16 or bf16; default bf16 on CUDA, fp32 on CPU")
     pb.add_argument("--device", default=None, help="cpu or cuda; default cuda when available")
     pb.add_argument("--impls", default=None,
-                    help="comma-separated subset of: eager,sdpa,flex,lfi_torch,lfi_triton,lfi_cuda,lfi_auto (default all)")
+                    help="comma-separated subset of: eager,sdpa,flex,lfi_torch,lfi_triton,lfi_cuda,lfi_auto "
+                         "(default all)")
     pb.add_argument("--build-ext", action="store_true",
                     help="let lfi_cuda compile the lfi_C extension if it is not built yet (minutes); "
                          "without it an unbuilt extension is skipped")

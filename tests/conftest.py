@@ -16,8 +16,7 @@ if not torch.cuda.is_available():
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="lfi-inductor-"))
 
 import pytest  # noqa: E402
-
-from helpers import BACKENDS, DEVICE, HAS_CUDA  # noqa: E402
+from helpers import BACKEND_PARAMS, BACKEND_SKIP, BACKENDS, DEVICE, HAS_CUDA  # noqa: E402
 
 
 def pytest_configure(config):
@@ -28,7 +27,7 @@ def pytest_report_header(config):
     return [
         f"lfi tests: device={DEVICE}, backends={BACKENDS}, "
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"
-    ]
+    ] + [f"lfi tests: backend {name!r} skipped: {reason}" for name, reason in BACKEND_SKIP.items()]
 
 
 @pytest.fixture(scope="session")
@@ -39,12 +38,15 @@ def device() -> torch.device:
 
 @pytest.fixture(scope="session")
 def backends() -> list:
-    """Backends usable on `device`: torch always, triton when it can be imported."""
+    """Backends usable on `device`: torch always; triton when it can run (GPU or interpreter); cuda
+    when the lfi_C extension is built or can be built here (helpers.BACKEND_SKIP says why not)."""
     return list(BACKENDS)
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=BACKEND_PARAMS)
 def backend(request) -> str:
+    """The backend axis of the shared matrix (torch, triton, cuda; skipped with a reason where a
+    backend cannot run here)."""
     return request.param
 
 

@@ -1,24 +1,73 @@
-"""Helpers shared by the test modules (imported after conftest.py set TRITON_INTERPRET)."""
+"""Helpers shared by the test modules (imported after conftest.py set TRITON_INTERPRET).
+
+The backend matrix: every correctness, gradient, numerics and error case of the shared suite is
+parametrized over ALL_BACKENDS (``backend_params()`` / ``backend_param()`` / the ``backend`` fixture of
+conftest.py). A backend that cannot run here stays in the matrix as a skipped case whose reason says
+why (BACKEND_SKIP); BACKENDS lists the usable ones by name.
+"""
 from __future__ import annotations
 
 import importlib.util
 import os
 import zlib
 
+import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
+ALL_BACKENDS = ["torch", "triton", "cuda"]
 
-def _triton_usable() -> bool:
+
+def _triton_problem() -> str | None:
     if importlib.util.find_spec("triton") is None:
-        return False
+        return "triton is not installed"
     # On CPU the Triton backend needs the interpreter (conftest.py sets it when there is no GPU).
-    return HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"
+    if not (HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"):
+        return "no GPU and TRITON_INTERPRET is not 1: the Triton kernels cannot run"
+    return None
 
 
-BACKENDS = ["torch"] + (["triton"] if _triton_usable() else [])
+def _cuda_ext_problem() -> str | None:
+    """Why backend="cuda" (the C++/CUDA extension lfi_C, lfi/backends/cuda/_ext.py) cannot run on
+    DEVICE, or None. Never builds anything: on CPU the extension counts as available when it is loaded,
+    has an ahead-of-time build, or can be JIT-built here (compiler, ninja and csrc/ present; the build
+    itself happens, cached, on the first call with backend="cuda"). On a GPU it must also carry the
+    CUDA kernels (nvcc at build time)."""
+    from lfi.backends.cuda import _ext
+
+    if DEVICE.type == "cpu":
+        if _ext.is_loaded() or _ext.PROBE["aot"] is not None or _ext.PROBE["build_problem"] is None:
+            return None
+        return f"cannot build the lfi_C extension here: {_ext.PROBE['build_problem']}"
+    reason = _ext.unusable_reason(DEVICE)
+    return None if reason is None else f"backend='cuda' cannot run on {DEVICE}: {reason}"
+
+
+BACKEND_SKIP = {name: reason for name, reason in (("triton", _triton_problem()), ("cuda", _cuda_ext_problem()))
+                if reason is not None}
+BACKENDS = [b for b in ALL_BACKENDS if b not in BACKEND_SKIP]  # the usable ones
+
+
+def backend_param(backend, *values, id=None):
+    """pytest.param(backend, *values) that is skipped, with the reason, where `backend` cannot run."""
+    marks = [pytest.mark.skip(reason=f"backend={backend!r}: {BACKEND_SKIP[backend]}")] if backend in BACKEND_SKIP \
+        else []
+    return pytest.param(backend, *values, id=id or backend, marks=marks)
+
+
+def case_params(cases):
+    """pytest.param per case dict, with the case's "id"."""
+    return [pytest.param(c, id=c["id"]) for c in cases]
+
+
+def backend_params(exclude=()):
+    """The backend axis of the matrix: one (possibly skipped) param per backend of ALL_BACKENDS."""
+    return [backend_param(b) for b in ALL_BACKENDS if b not in exclude]
+
+
+BACKEND_PARAMS = backend_params()
 
 ALL_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 DTYPE_IDS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
@@ -40,7 +89,11 @@ GRAD_TOL = {
 
 
 def backend_supports(backend: str, dtype: torch.dtype) -> bool:
-    return backend == "torch" or dtype != torch.float64
+    """float64 runs on the torch backend and on the CPU kernels of the cuda backend (not on its CUDA
+    kernels, nor on Triton)."""
+    if dtype != torch.float64:
+        return True
+    return backend == "torch" or (backend == "cuda" and DEVICE.type == "cpu")
 
 
 def seed_from(*parts) -> int:
@@ -134,8 +187,9 @@ def run_and_compare(backend, q, k, v, attn_mask=None, *, is_causal=False, scale=
     """Runs interaction_attention and the float64 reference on the same inputs and compares the
     output, the maps and (for every input that requires grad) the gradients of a random linear
     loss on `loss` in {"out", "weights", "both", None}. Returns (out, weights, grads dict)."""
-    from lfi.ops import interaction_attention  # imported late: conftest.py sets TRITON_INTERPRET first
     from reference import reference_attention, select_weights
+
+    from lfi.ops import interaction_attention  # imported late: conftest.py sets TRITON_INTERPRET first
 
     dtype = dtype or q.dtype
     gen = gen or make_gen("run_and_compare")
@@ -187,3 +241,145 @@ def run_and_compare(backend, q, k, v, attn_mask=None, *, is_causal=False, scale=
             assert_close(g, e, dtype, grad=True, name=f"grad {n}")
             grads[n] = g
     return out, w, grads
+
+
+# --------------------------------------------------------------------------------------------------
+# The KL suites (attention_kl, attention_kl_qk, the fused KL): data and shared constants
+# --------------------------------------------------------------------------------------------------
+
+REDUCTIONS = ["none", "sum", "mean", "batchmean"]
+TARGET_KINDS = ["probs", "logits", "log_probs"]
+# The Triton CPU interpreter evaluates masked-off lanes too (numpy warns on -inf - -inf there); the
+# results are checked element by element for NaN / inf, so the warnings are noise.
+INTERPRETER_NOISE = "ignore:invalid value encountered:RuntimeWarning"
+
+
+def make_target(shape, target_is, gen, dtype=torch.float32, device=DEVICE, normalized=True):
+    """A teacher tensor of the given kind: probabilities (rows summing to 1 unless normalized=False),
+    logits or log-probabilities."""
+    if target_is == "probs":
+        t = torch.rand(*shape, generator=gen, dtype=torch.float32) + 0.01
+        if normalized:
+            t = t / t.sum(-1, keepdim=True)
+    elif target_is == "logits":
+        t = torch.randn(*shape, generator=gen, dtype=torch.float32) * 2.0
+    else:
+        t = torch.log_softmax(torch.randn(*shape, generator=gen, dtype=torch.float32) * 2.0, -1)
+    return t.to(device=device, dtype=dtype)
+
+
+def key_mask_of(kind, B, H, M, N, gen, device=DEVICE):
+    """Key masks in several broadcast shapes (True = keep)."""
+    if kind is None:
+        return None
+    shapes = {"N": (N,), "B11N": (B, 1, 1, N), "11MN": (1, 1, M, N), "BHMN": (B, H, M, N), "1H1N": (1, H, 1, N)}
+    mask = torch.rand(*shapes[kind], generator=gen) < 0.7
+    mask[..., 0] = True  # at least one kept key in (nearly) every row; fully masked rows are tested apart
+    return mask.to(device)
+
+
+def check_kl(backend, logits, target, *, target_is="probs", temperature=1.0, key_mask=None, gen,
+             dtype=None, upstream="random"):
+    """attention_kl(reduction="none") against both float64 references (same rounded inputs), and the
+    gradient of a loss with a random (or all-ones) upstream gradient against the reference autograd.
+    Returns (per-row kl, dlogits)."""
+    from reference import ref_kl_rows, ref_kl_rows_direct
+
+    from lfi.ops import attention_kl  # imported late: conftest.py sets TRITON_INTERPRET first
+
+    dtype = dtype or logits.dtype
+    kl = attention_kl(logits, target, target_is=target_is, temperature=temperature, reduction="none",
+                      key_mask=key_mask, backend=backend)
+    assert kl.shape == logits.shape[:-1]
+    assert kl.dtype == (torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    assert kl.device == logits.device
+    (lg64,) = detached64(logits)
+    want = ref_kl_rows(lg64, target, target_is, temperature, key_mask)
+    want_direct = ref_kl_rows_direct(lg64, target, target_is, temperature, key_mask)
+    torch.testing.assert_close(want, want_direct, atol=1e-9 * max(1.0, want.abs().max().item()), rtol=1e-9)
+    assert_close(kl, want, dtype, grad=True, name="kl rows")
+    assert_close(kl, want_direct, dtype, grad=True, name="kl rows (direct formula)")
+    if not logits.requires_grad:
+        return kl, None
+    r = randn(kl.shape, gen, kl.dtype, kl.device) if upstream == "random" else torch.ones_like(kl)
+    (got,) = torch.autograd.grad(kl, logits, r)
+    (exp,) = torch.autograd.grad(want, lg64, r.double())
+    assert got.dtype == logits.dtype and got.shape == logits.shape
+    assert_close(got, exp, dtype, grad=True, name="dlogits")
+    return kl, got
+
+
+def check_kl_qk(backend, q, k, target, *, gen, dtype=None, upstream="random", **kw):
+    """attention_kl_qk(reduction="none") vs both references on the same (rounded) inputs, and the
+    gradients to q and k of a loss with a random upstream gradient. Returns (kl, dq, dk)."""
+    from reference import ref_kl_qk_rows
+
+    from lfi.ops import attention_kl_qk  # imported late: conftest.py sets TRITON_INTERPRET first
+
+    dtype = dtype or q.dtype
+    kl = attention_kl_qk(q, k, target, reduction="none", backend=backend, **kw)
+    B, H, M, _ = q.shape
+    assert kl.shape == (B, H, M)
+    assert kl.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    q64, k64 = detached64(q, k)
+    want = ref_kl_qk_rows(q64, k64, target, **kw)
+    want_direct = ref_kl_qk_rows(q64, k64, target, direct=True, **kw)
+    torch.testing.assert_close(want.detach(), want_direct, atol=1e-9 * max(1.0, want.abs().max().item()), rtol=1e-9)
+    assert_close(kl, want, dtype, grad=True, name="kl rows")
+    assert_close(kl, want_direct, dtype, grad=True, name="kl rows (direct formula)")
+    inputs = [t for t in (q, k) if t.requires_grad]
+    if not inputs:
+        return kl, None, None
+    r = randn(kl.shape, gen, kl.dtype, kl.device) if upstream == "random" else torch.ones_like(kl)
+    got = torch.autograd.grad(kl, inputs, r)
+    exp = torch.autograd.grad(want, [t64 for t, t64 in zip((q, k), (q64, k64)) if t.requires_grad], r.double())
+    names = [n for n, t in zip("qk", (q, k)) if t.requires_grad]
+    grads = {}
+    for n, t, g, e in zip(names, inputs, got, exp):
+        assert g.dtype == t.dtype and g.shape == t.shape, f"d{n}: {g.dtype} {tuple(g.shape)}"
+        assert_close(g, e, dtype, grad=True, name=f"d{n}")
+        grads[n] = g
+    return kl, grads.get("q"), grads.get("k")
+
+
+# --------------------------------------------------------------------------------------------------
+# The custom ops (torch.ops.lfi.*)
+# --------------------------------------------------------------------------------------------------
+
+def schema_args(op, named):
+    """Positional args in the op's schema order. Arguments a test does not name (later additions to
+    the op, e.g. optional extras) get their default, or None when optional."""
+    args = []
+    for a in op._schema.arguments:
+        if a.name in named:
+            args.append(named[a.name])
+        elif a.has_default_value():
+            args.append(a.default_value)
+        elif isinstance(a.type, torch.OptionalType):
+            args.append(None)
+        else:
+            raise AssertionError(f"unknown required argument {a.name!r} in {op._schema}")
+    return tuple(args)
+
+
+# The Triton backend runs under the CPU interpreter (TRITON_INTERPRET=1, no GPU): every tile step
+# costs milliseconds there, so the few grids of long rows marked with it skip Triton in the
+# interpreter (they run on a GPU, compiled).
+INTERPRETED = not HAS_CUDA and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def backend_dtype_params(dtypes=None, skip_interpreter=None):
+    """(backend, dtype) params over the matrix where the backend runs the dtype on DEVICE (float64:
+    torch, and cuda on CPU), ids "backend-dtype". skip_interpreter: a reason to skip the Triton
+    params under the CPU interpreter (INTERPRETED)."""
+    out = []
+    for b in ALL_BACKENDS:
+        for d in dtypes or ALL_DTYPES:
+            if not backend_supports(b, d):
+                continue
+            p = backend_param(b, d, id=f"{b}-{DTYPE_IDS[d]}")
+            if skip_interpreter and b == "triton" and INTERPRETED:
+                p = pytest.param(*p.values, id=p.id, marks=[*p.marks, pytest.mark.skip(
+                    reason=f"Triton CPU interpreter: {skip_interpreter} (runs compiled on a GPU)")])
+            out.append(p)
+    return out

@@ -2,13 +2,22 @@
 expected shape/dtype); NaN inputs propagate instead of crashing."""
 from __future__ import annotations
 
-
 import pytest
 import torch
-
-from helpers import BACKENDS, DEVICE, HAS_CUDA, assert_close, detached64, make_gen, make_qkv
-from lfi.ops import interaction_attention
+from helpers import (
+    BACKEND_PARAMS,
+    DEVICE,
+    HAS_CUDA,
+    assert_close,
+    backend_param,
+    backend_supports,
+    detached64,
+    make_gen,
+    make_qkv,
+)
 from reference import reference_attention
+
+from lfi.ops import interaction_attention
 
 B, H, M, N, D = 2, 2, 5, 7, 16
 
@@ -98,7 +107,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("build,exc,pattern", [pytest.param(*c[1:], id=c[0]) for c in CASES])
 def test_bad_input(build, exc, pattern, backend):
     kwargs = build()
@@ -123,12 +132,29 @@ def test_backend_not_a_string():
         interaction_attention(kw["q"], kw["k"], kw["v"], backend=None)
 
 
-def test_triton_rejects_float64():
-    if "triton" not in BACKENDS:
-        pytest.skip("triton backend not usable here")
+# Backends that refuse float64 on DEVICE, with the error they raise: Triton everywhere; the cuda
+# backend's CUDA kernels (its CPU kernels run float64: helpers.backend_supports).
+FLOAT64_ERRORS = {"triton": ((TypeError, ValueError), "(float64|fp64|dtype)"), "cuda": (TypeError, "float64")}
+
+
+def _float64_error_params():
+    out = []
+    for name in FLOAT64_ERRORS:
+        p = backend_param(name)
+        if backend_supports(name, torch.float64):
+            p = pytest.param(*p.values, id=p.id, marks=[*p.marks, pytest.mark.skip(
+                reason=f"backend={name!r} runs float64 on {DEVICE.type} (only its CUDA kernels refuse it)")])
+        out.append(p)
+    return out
+
+
+@pytest.mark.parametrize("backend", _float64_error_params())
+def test_float64_rejected(backend):
+    """float64 where a backend has no kernels for it is a clear error naming the dtype."""
+    exc, pattern = FLOAT64_ERRORS[backend]
     q, k, v = (t.double() for t in _base().values())
-    with pytest.raises((TypeError, ValueError), match="(float64|fp64|dtype)"):
-        interaction_attention(q, k, v, backend="triton")
+    with pytest.raises(exc, match=pattern):
+        interaction_attention(q, k, v, backend=backend)
 
 
 def test_float64_torch_backend_ok():
@@ -148,7 +174,7 @@ def test_mixed_devices(which):
         interaction_attention(q, k, v, **kw)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_nan_in_q_propagates(backend):
     """A NaN in one query row gives NaN in that output row only; no crash, other rows exact."""
     gen = make_gen("nan", backend)

@@ -2,9 +2,10 @@
 
 Returns (out, kl) -- (out, weights, kl) with need_weights -- where kl = KL(t' || P) per query row and
 t' is the target restricted to the keys the row attends (bool/float mask, causal) and renormalised
-there. Compared on every usable backend against separate float64 references: tests/reference.py for
-out/weights and the F.kl_div reference of test_attention_kl.py on the masked scores for kl; gradients
-of a loss on out (+ weights) + kl against the reference autograd.
+there. Compared on every backend of the matrix (helpers.BACKEND_PARAMS) against separate float64
+references of tests/reference.py: reference_attention for out/weights and ref_fused_kl_rows (the
+F.kl_div reference on the masked scores) for kl; gradients of a loss on out (+ weights) + kl against
+the reference autograd.
 """
 from __future__ import annotations
 
@@ -12,42 +13,31 @@ import warnings
 
 import pytest
 import torch
-
 from helpers import (
-    BACKENDS, DEVICE, DTYPE_IDS, assert_close, backend_supports, bool_mask, detached64, float_mask, make_gen,
-    make_qkv, randn,
+    ALL_BACKENDS,
+    BACKEND_PARAMS,
+    DEVICE,
+    DTYPE_IDS,
+    INTERPRETER_NOISE,
+    REDUCTIONS,
+    assert_close,
+    backend_dtype_params,
+    backend_param,
+    bool_mask,
+    case_params,
+    detached64,
+    float_mask,
+    make_gen,
+    make_qkv,
+    make_target,
+    randn,
+    schema_args,
 )
+from reference import NEG_INF, ref_fused_kl_rows, ref_reduce, reference_attention, select_weights
+
 from lfi.ops import attention_kl_qk, interaction_attention
-from reference import reference_attention, select_weights
-from test_attention_kl import INTERPRETER_NOISE, REDUCTIONS, make_target, ref_kl_rows, ref_reduce
 
-NEG_INF = float("-inf")
 pytestmark = pytest.mark.filterwarnings(INTERPRETER_NOISE)
-
-
-def ref_masked_scores(q, k, attn_mask=None, is_causal=False, scale=None):
-    """scale * q k^T (+ float mask) in float64, -inf where the row does not attend the key."""
-    B, H, M, D = q.shape
-    N = k.shape[2]
-    scale = D ** -0.5 if scale is None else scale
-    k64 = k.to(torch.float64).repeat_interleave(H // k.shape[1], dim=1)
-    s = scale * torch.matmul(q.to(torch.float64), k64.transpose(-1, -2))
-    allowed = torch.ones(B, H, M, N, dtype=torch.bool, device=q.device)
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            allowed = allowed & attn_mask
-        else:
-            s = s + attn_mask.to(torch.float64)
-    if is_causal:
-        allowed = allowed & torch.ones(M, N, dtype=torch.bool, device=q.device).tril()
-    return s.masked_fill(~allowed, NEG_INF)
-
-
-def ref_fused_kl_rows(q, k, target, attn_mask=None, is_causal=False, scale=None):
-    """Per-row KL(target over the attended keys, renormalised || softmax of the masked scores)."""
-    s = ref_masked_scores(q, k, attn_mask, is_causal, scale)
-    keep = s > NEG_INF
-    return ref_kl_rows(torch.where(keep, s, torch.zeros_like(s)), target, "probs", 1.0, key_mask=keep)
 
 
 def run_fused(backend, q, k, v, mask=None, *, target, is_causal=False, scale=None, reduction="none",
@@ -105,9 +95,6 @@ def run_fused(backend, q, k, v, mask=None, *, target, is_causal=False, scale=Non
     return out, w, kl, grads
 
 
-def _params(cases):
-    return [pytest.param(c, id=c["id"]) for c in cases]
-
 
 def _target(shape, gen, zero_rows=()):
     t = make_target(shape, "probs", gen)
@@ -160,8 +147,8 @@ def _case_inputs(case, gen, dtype=torch.float32):
     return q, k, v, mask, target
 
 
-@pytest.mark.parametrize("case", _params(CASES))
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", case_params(CASES))
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_matches_reference(backend, case):
     gen = make_gen("fused", case["id"], backend)
     q, k, v, mask, target = _case_inputs(case, gen)
@@ -183,7 +170,7 @@ def test_matches_reference(backend, case):
 # --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_reductions(backend, reduction):
     gen = make_gen("fused_red", backend, reduction)
     B, H, M, N = 2, 2, 6, 19
@@ -203,12 +190,7 @@ def test_default_reduction_is_batchmean(backend):
     torch.testing.assert_close(kl, rows.sum() / 2, atol=1e-6, rtol=1e-6)
 
 
-def _dtype_params():
-    return [pytest.param(b, d, id=f"{b}-{DTYPE_IDS[d]}") for b in BACKENDS
-            for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64) if backend_supports(b, d)]
-
-
-@pytest.mark.parametrize("backend,dtype", _dtype_params())
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
 def test_dtypes(backend, dtype):
     gen = make_gen("fused_dtypes", backend, DTYPE_IDS[dtype])
     B, H, M, N = 2, 2, 11, 26
@@ -219,8 +201,31 @@ def test_dtypes(backend, dtype):
               need_weights=True, rows=(3, 9), gen=gen)
 
 
+INTERPRETER_COST = ("rows of 150 keys, 4 heads, with and without causal per dtype (~10 s there); test_dtypes "
+                    "covers Triton's dtypes")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params(skip_interpreter=INTERPRETER_COST))
+def test_long_rows_dtypes(backend, dtype, causal):
+    """From the cuda backend's suite: rows of 150 keys (two key blocks of its CPU kernels), GQA 4:2, a
+    row without an attended key, a row without target mass, t = 0 terms, maps of a row window; every
+    dtype, with and without causal masking."""
+    gen = make_gen("fused_long_rows", backend, DTYPE_IDS[dtype], causal)
+    B, H, Hkv, M, N, D = 2, 4, 2, 19, 150, 32
+    q, k, v = make_qkv(B, H, Hkv, M, N, D, dtype=dtype, gen=gen, requires_grad=True)
+    mask = bool_mask((B, 1, M, N), gen, p_true=0.8)
+    mask[0, 0, 3] = False  # a row without an attended key
+    target = torch.rand(B, 1, M, N, generator=gen)
+    target[1, 0, 7] = 0.0  # a row without target mass
+    target[0, 0, 2, ::3] = 0.0  # t = 0 terms
+    _, _, kl, _ = run_fused(backend, q, k, v, mask, target=target.to(DEVICE), is_causal=causal, need_weights=True,
+                            rows=(4, 17), gen=gen)
+    assert (kl[0, :, 3] == 0).all() and (kl[1, :, 7] == 0).all()
+
+
 @pytest.mark.parametrize("with_weights", [False, True], ids=["kl", "kl+weights"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_loss_on_kl_only(backend, with_weights):
     """Only the KL (and maybe the maps) enter the loss: out receives no gradient (None upstream)."""
     gen = make_gen("fused_kl_only", backend, with_weights)
@@ -256,7 +261,7 @@ def test_same_as_attention_kl_qk(backend):
 
 
 def _three_d_params():
-    return [pytest.param(b, t, id=f"{b}-target{t}") for b in BACKENDS for t in ("B1MN", "BMN")]
+    return [backend_param(b, t, id=f"{b}-target{t}") for b in ALL_BACKENDS for t in ("B1MN", "BMN")]
 
 
 @pytest.mark.parametrize("backend,tshape", _three_d_params())
@@ -317,7 +322,7 @@ def test_torch_backend_row_chunks(monkeypatch, chunk_bytes):
               rows=(4, 11), gen=gen)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_dropout_kl_uses_maps_before_dropout(backend):
     """With dropout_p > 0 (eager fallback) the KL is computed on P before dropout: same values and
     gradients as the reference, whatever the dropout mask."""
@@ -341,10 +346,8 @@ def test_dropout_kl_uses_maps_before_dropout(backend):
 # The custom ops with a kl_target: opcheck
 # --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_opcheck(backend):
-    from test_library import _schema_args
-
     gen = make_gen("fused_opcheck", backend)
     B, H, M, N, D = 2, 2, 5, 19, 16
     q, k, v = make_qkv(B, H, 1, M, N, D, gen=gen, requires_grad=True)
@@ -353,13 +356,13 @@ def test_opcheck(backend):
     fwd = torch.ops.lfi.interaction_attention_fwd.default
     named = dict(q=q, k=k, v=v, attn_mask=mask, scale=D ** -0.5, is_causal=True, weights_start=0, weights_stop=M,
                  kl_target=target, backend=backend)
-    torch.library.opcheck(fwd, _schema_args(fwd, named))
-    out, stats, weights, kl, tnorm = fwd(*_schema_args(fwd, named))
+    torch.library.opcheck(fwd, schema_args(fwd, named))
+    out, stats, weights, kl, tnorm = fwd(*schema_args(fwd, named))
     assert kl.shape == tnorm.shape == (B, H, M)
     bwd = torch.ops.lfi.interaction_attention_bwd.default
     named.update(grad_out=randn(out.shape, gen), grad_weights=randn(weights.shape, gen), out=out, stats=stats,
                  mask_grad=False, tnorm=tnorm, grad_kl=randn((B, H, M), gen))
-    torch.library.opcheck(bwd, _schema_args(bwd, {n: (t.detach() if isinstance(t, torch.Tensor) else t)
+    torch.library.opcheck(bwd, schema_args(bwd, {n: (t.detach() if isinstance(t, torch.Tensor) else t)
                                                   for n, t in named.items()}))
 
 

@@ -3,10 +3,9 @@ every backend against the float64 reference (outputs, maps, and gradients for so
 from __future__ import annotations
 
 import pytest
+from helpers import BACKEND_PARAMS, bool_mask, float_mask, make_gen, make_qkv, run_and_compare
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from helpers import BACKENDS, bool_mask, float_mask, make_gen, make_qkv, run_and_compare
 
 MASK_KINDS = ["none", "bool", "float", "float_neginf"]
 MASK_SHAPES = ["MN", "B11N", "1HMN", "BHMN", "B1M1"]
@@ -49,7 +48,7 @@ def _mask(c, gen):
     return float_mask(shape, gen, neg_inf_frac=0.3 if c["mask_kind"] == "float_neginf" else 0.0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(c=cases())
 def test_fuzz_against_reference(backend, c):

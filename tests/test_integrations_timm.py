@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 timm = pytest.importorskip("timm")
+from helpers import BACKENDS, DEVICE  # noqa: E402
 from timm.layers import Attention  # noqa: E402
 from timm.utils import AttentionExtract  # noqa: E402
 
 import lfi  # noqa: E402
 import lfi.integrations.timm as lfi_timm  # noqa: E402
-from helpers import BACKENDS, DEVICE  # noqa: E402
 from lfi.nn import InteractionAttention  # noqa: E402
 
 ATOL = RTOL = 1e-5

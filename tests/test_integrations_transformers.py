@@ -14,13 +14,18 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+from helpers import DEVICE  # noqa: E402
 from transformers import (  # noqa: E402
-    AutoModel, CLIPConfig, Dinov2Config, LlamaConfig, SiglipConfig, ViTConfig,
+    AutoModel,
+    CLIPConfig,
+    Dinov2Config,
+    LlamaConfig,
+    SiglipConfig,
+    ViTConfig,
 )
 
 import lfi  # noqa: E402
 import lfi.integrations.transformers as lfi_hf  # noqa: E402
-from helpers import DEVICE  # noqa: E402
 
 ATOL = RTOL = 1e-5
 GRAD_ATOL = GRAD_RTOL = 1e-4

@@ -1,14 +1,25 @@
 """The torch.library custom ops behind interaction_attention: opcheck (schema, fake/meta kernel,
-autograd registration, AOT dispatch), direct calls (row stats, empty weights), and torch.compile."""
+autograd registration, AOT dispatch), direct calls (row stats, empty weights), and torch.compile;
+every backend of the matrix (helpers.BACKEND_PARAMS)."""
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers import (
+    BACKEND_PARAMS,
+    DEVICE,
+    assert_close,
+    bool_mask,
+    detached64,
+    float_mask,
+    make_gen,
+    make_qkv,
+    schema_args,
+)
+from reference import reference_attention, reference_lse
 
 import lfi.ops  # noqa: F401  (registers torch.ops.lfi.*)
-from helpers import BACKENDS, DEVICE, assert_close, bool_mask, detached64, float_mask, make_gen, make_qkv
 from lfi.ops import interaction_attention
-from reference import reference_attention, reference_lse
 
 OB, OH, OHKV, OM, ON, OD = 2, 2, 1, 9, 21, 16
 
@@ -34,34 +45,18 @@ def _op_args(case, backend, requires_grad=True):
     scale = OD ** -0.5
     named = dict(q=q, k=k, v=v, attn_mask=mask, scale=scale, is_causal=case["causal"],
                  weights_start=case["rows"][0], weights_stop=case["rows"][1], backend=backend)
-    return _schema_args(torch.ops.lfi.interaction_attention_fwd.default, named)
-
-
-def _schema_args(op, named):
-    """Positional args in the op's schema order. Arguments this suite does not know about (later
-    additions to the op, e.g. optional extras) get their default, or None when optional."""
-    args = []
-    for a in op._schema.arguments:
-        if a.name in named:
-            args.append(named[a.name])
-        elif a.has_default_value():
-            args.append(a.default_value)
-        elif isinstance(a.type, torch.OptionalType):
-            args.append(None)
-        else:
-            raise AssertionError(f"unknown required argument {a.name!r} in {op._schema}")
-    return tuple(args)
+    return schema_args(torch.ops.lfi.interaction_attention_fwd.default, named)
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c["id"]) for c in OPCHECK_CASES])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_opcheck_fwd(backend, case):
     args = _op_args(case, backend)
     torch.library.opcheck(torch.ops.lfi.interaction_attention_fwd.default, args)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "packed_qkv"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_opcheck_bwd(backend, layout):
     """The backward op's fake kernel must describe what the real kernels return (sizes and
     strides), also for strided inputs such as q, k, v sliced out of a packed qkv projection:
@@ -76,16 +71,38 @@ def test_opcheck_bwd(backend, layout):
     fwd = torch.ops.lfi.interaction_attention_fwd.default
     named = dict(q=q, k=k, v=v, attn_mask=mask, scale=D ** -0.5, is_causal=False, weights_start=2,
                  weights_stop=7, backend=backend)
-    out, stats, weights = fwd(*_schema_args(fwd, named))[:3]
+    out, stats, weights = fwd(*schema_args(fwd, named))[:3]
     named.update(grad_out=torch.randn(out.shape, generator=gen).to(DEVICE),
                  grad_weights=torch.randn(weights.shape, generator=gen).to(DEVICE),
                  out=out, stats=stats, mask_grad=True)
     bwd = torch.ops.lfi.interaction_attention_bwd.default
-    torch.library.opcheck(bwd, _schema_args(bwd, named))
+    torch.library.opcheck(bwd, schema_args(bwd, named))
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c["id"]) for c in OPCHECK_CASES
+                                  if c["id"] in ("nomask_norows", "boolmask_causal_rows0-4")])
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_opcheck_bwd_cases(backend, case):
+    """From the cuda backend's suite: the backward op's opcheck also without a mask and without map
+    rows, and with a bool mask, causal masking and map rows; the forward's row statistics are
+    (B, H, M, 2) float32."""
+    fwd = torch.ops.lfi.interaction_attention_fwd.default
+    args = _op_args(case, backend)
+    named = dict(zip([a.name for a in fwd._schema.arguments], args))
+    out, stats, weights = fwd(*args)[:3]
+    assert stats.shape == (OB, OH, OM, 2) and stats.dtype == torch.float32
+    gen = make_gen("opcheck_bwd_cases", case["id"], backend)
+    mask = named["attn_mask"]
+    named.update(grad_out=torch.randn(out.shape, generator=gen).to(DEVICE),
+                 grad_weights=torch.randn(weights.shape, generator=gen).to(DEVICE) if weights.numel() else None,
+                 out=out, stats=stats, mask_grad=mask is not None and mask.dtype != torch.bool)
+    bwd = torch.ops.lfi.interaction_attention_bwd.default
+    torch.library.opcheck(bwd, schema_args(bwd, {n: (t.detach() if isinstance(t, torch.Tensor) else t)
+                                                 for n, t in named.items()}))
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c["id"]) for c in OPCHECK_CASES[:3]])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_op_direct_outputs(backend, case):
     """out, stats (float32 (row max, log row sum); lse = their sum is +inf on fully masked rows)
     and the weights slab from the raw op."""
@@ -156,3 +173,26 @@ def test_torch_compile_fullgraph_cpu():
     for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
         assert p.grad is not None, name
         torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_torch_compile_fullgraph_backend(backend):
+    """From the cuda backend's suite: interaction_attention with an explicit backend inside a
+    fullgraph-compiled function (opaque custom ops, fake kernels), maps of the last rows with a float
+    mask; values and gradients as in eager mode."""
+    gen = make_gen("compile_backend", backend)
+    q, k, v = make_qkv(2, 2, 2, 12, 12, 16, gen=gen, requires_grad=True)
+    mask = float_mask((1, 1, 12, 12), gen)
+
+    def f(q, k, v):
+        out, w = interaction_attention(q, k, v, mask, need_weights=True, weights_rows=(8, 12), backend=backend)
+        return out.sum() + (w * w).sum()
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True)(q, k, v)
+    want = f(q, k, v)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    g = torch.autograd.grad(got, (q, k, v))
+    g_ref = torch.autograd.grad(f(q, k, v), (q, k, v))
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -3,7 +3,6 @@ and gives zeros (not NaN) on fully masked rows: the other suites rely on it as g
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import bool_mask, float_mask, make_gen, make_qkv
 from reference import reference_attention, reference_lse, select_weights
 

@@ -6,8 +6,8 @@ only where SDPA takes enable_gqa. Routed calls must be bit-identical (outputs an
 direct SDPA call with the same arguments. Each condition is tested on both sides, by spying on
 which implementation runs: F.scaled_dot_product_attention as the op module calls it, our forward
 kernels (the body of the custom op lfi::interaction_attention_fwd, with the backend it was given),
-and the eager dropout path. The last section checks that our kernels called in plain eager mode
-without the custom-op dispatcher (issue 10, part 5) give bit for bit what the custom ops give.
+and the eager dropout path. (Our kernels called in plain eager mode without the custom-op
+dispatcher, issue 10 part 5: test_eager_fast_path.py.)
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import BACKEND_PARAMS, DEVICE, GRAD_TOL, backend_params, make_gen, make_qkv, randn, run_and_compare
 
-from helpers import BACKENDS, DEVICE, GRAD_TOL, make_gen, make_qkv, randn, run_and_compare
 from lfi import _dispatch
 from lfi.ops import interaction_attention
 
@@ -144,7 +144,7 @@ def test_not_routed(calls, case):
     assert calls == [c.replace("op:auto", f"op:{_auto()}") for c in want]
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("backend", backend_params(exclude=("torch",)))
 def test_explicit_backend_is_never_routed(calls, backend):
     q, k, v = _qkv()
     with warnings.catch_warnings():
@@ -154,7 +154,7 @@ def test_explicit_backend_is_never_routed(calls, backend):
     assert calls == [f"op:{backend}", "eager_dropout"]
 
 
-@pytest.mark.parametrize("env", BACKENDS)
+@pytest.mark.parametrize("env", BACKEND_PARAMS)
 def test_lfi_backend_env_forces_our_kernels(calls, monkeypatch, env):
     monkeypatch.setenv("LFI_BACKEND", env)
     q, k, v = _qkv()
@@ -392,116 +392,3 @@ def test_multihead_attention_routes_without_weights(calls):
     calls.clear()
     mha(x, x, x, need_weights=True)
     assert calls == [f"op:{_auto()}"]
-
-
-# --------------------------------------------------------------------------------------------------
-# Our kernels in eager mode: called directly (no custom-op dispatcher round trips), with the custom
-# ops' own autograd; bit-identical to calling them through torch.ops.lfi
-# --------------------------------------------------------------------------------------------------
-
-def _through_custom_ops(monkeypatch):
-    monkeypatch.setattr(OPS_MODULE, "_plain_eager", lambda *tensors: False)
-
-
-EAGER_CASES = {
-    "plain": (dict(M=7, N=13), dict(need_weights=True)),
-    "rows_avg": (dict(M=9, N=9), dict(need_weights=True, weights_rows=(2, 6), average_attn_weights=True)),
-    "bool_mask_causal": (dict(M=9, N=9), dict(need_weights=True, attn_mask="bool", is_causal=True)),
-    "float_mask_grad": (dict(M=9, N=9), dict(attn_mask="float_grad")),
-    "gqa_out_only": (dict(H=4, Hkv=2, M=5, N=11), dict()),
-    "kl": (dict(M=5, N=13), dict(kl_target=True, need_weights=True)),
-    "fp16": (dict(M=6, N=10, dtype=torch.float16), dict(need_weights=True)),
-}
-
-
-def _run(q, k, v, kw, gen_seed):
-    kw = dict(kw)
-    mask = kw.pop("attn_mask", None)
-    if mask == "bool":
-        mask = _mask("bool", q.shape[2], k.shape[2])
-    elif mask == "float_grad":
-        mask = _mask("float", q.shape[2], k.shape[2]).requires_grad_()
-    if kw.pop("kl_target", False):
-        kw.update(kl_target=torch.softmax(randn((q.shape[0], 1, q.shape[2], k.shape[2]), make_gen("t")), -1),
-                  kl_reduction="none")
-    res = interaction_attention(q, k, v, mask, backend="torch", **kw)
-    res = res if isinstance(res, tuple) else (res,)
-    g = make_gen("eager_grads", gen_seed)
-    loss = sum((r.float() * randn(r.shape, g)).sum() for r in res)
-    leaves = [t for t in (q, k, v, mask) if t is not None and t.requires_grad]
-    return [r.detach() for r in res] + list(torch.autograd.grad(loss, leaves))
-
-
-@pytest.mark.parametrize("case", list(EAGER_CASES))
-def test_eager_path_bit_identical_to_custom_ops(monkeypatch, case):
-    """Outputs and gradients; and without autograd (the eager path then skips the row statistics)."""
-    shape, kw = EAGER_CASES[case]
-    q, k, v = _qkv(seed=("eager", case), requires_grad=True, **shape)
-    direct = _run(q, k, v, kw, case)
-    with torch.no_grad():
-        direct_no_grad = _run_no_grad(q, k, v, kw)
-    _through_custom_ops(monkeypatch)
-    via_ops = _run(q, k, v, kw, case)
-    with torch.no_grad():
-        via_ops_no_grad = _run_no_grad(q, k, v, kw)
-    pairs = ((direct, via_ops), (direct_no_grad, via_ops_no_grad), (direct_no_grad, via_ops[:len(direct_no_grad)]))
-    for got, want in pairs:
-        assert len(got) == len(want)
-        for a, b in zip(got, want):
-            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-
-
-def _run_no_grad(q, k, v, kw):
-    kw = dict(kw)
-    mask = kw.pop("attn_mask", None)
-    if mask is not None:
-        mask = _mask("bool" if mask == "bool" else "float", q.shape[2], k.shape[2])
-    if kw.pop("kl_target", False):
-        kw.update(kl_target=torch.softmax(randn((q.shape[0], 1, q.shape[2], k.shape[2]), make_gen("t")), -1),
-                  kl_reduction="none")
-    res = interaction_attention(q, k, v, mask, backend="torch", **kw)
-    return list(res) if isinstance(res, tuple) else [res]
-
-
-def test_eager_path_skips_the_custom_op_only_in_plain_eager_mode(monkeypatch):
-    """Plain eager calls run the kernels without torch.ops.lfi.interaction_attention_fwd; under a
-    dispatch mode (as in tracing) or with tensor subclasses the custom op runs."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    seen = []
-    real = torch.ops.lfi.interaction_attention_fwd
-
-    def op(*args):
-        seen.append("custom_op")
-        return real(*args)
-
-    monkeypatch.setattr(torch.ops.lfi, "interaction_attention_fwd", op)
-
-    class Passthrough(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            return func(*args, **(kwargs or {}))
-
-    q, k, v = _qkv(requires_grad=True)
-    out, w = interaction_attention(q, k, v, need_weights=True, backend="torch")
-    (out.sum() + w.sum()).backward()
-    with torch.no_grad():
-        interaction_attention(q, k, v, need_weights=True, backend="torch")
-    assert seen == []
-    with Passthrough():
-        interaction_attention(q, k, v, need_weights=True, backend="torch")
-    assert seen == ["custom_op"]
-
-
-def test_eager_path_autograd_flags():
-    q, k, v = _qkv(requires_grad=True)
-    with torch.no_grad():
-        out, w = interaction_attention(q, k, v, need_weights=True, backend="torch")
-    assert not out.requires_grad and not w.requires_grad
-    out, w = interaction_attention(q, k, v, need_weights=True, backend="torch")
-    assert out.requires_grad and w.requires_grad
-    qd, kd, vd = (t.detach() for t in (q, k, v))
-    out, w = interaction_attention(qd, kd, vd, need_weights=True, backend="torch")
-    assert not out.requires_grad and not w.requires_grad
-    # only the maps enter the loss: out's gradient arrives as None and is treated as zero
-    gq, = torch.autograd.grad(interaction_attention(q, k, v, need_weights=True, backend="torch")[1].sum(), q)
-    assert torch.isfinite(gq).all()

@@ -25,7 +25,8 @@ def test_ddp_two_processes_match_single_process(tmp_path):
            "--student-kwargs", "patch_size=8,embed_dim=32,depth=2,num_heads=2",
            "--synthetic-train", "64", "--synthetic-val", "32", "--epochs", "1", "--max-steps-per-epoch", "1",
            "--warmup-epochs", "0", "--batch-size", "8", "--threads", "1", "--device", "cpu", "--no-progress",
-           "--synthetic-distractors", "1", "--synthetic-score-noise", "0", "--synthetic-confuse", "0", "--out", str(out), "--quiet"]
+           "--synthetic-distractors", "1", "--synthetic-score-noise", "0", "--synthetic-confuse", "0",
+           "--out", str(out), "--quiet"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)

@@ -39,7 +39,8 @@ def test_demo_metrics():
     assert curve_auc([0.25, 0.5, 0.75]) == pytest.approx(0.5)
     run = lambda accs, t=1.0: dict(history=[dict(val_acc=a) for a in accs], time=t,  # noqa: E731
                                    shift=dict(textured=0.5, noisy=0.4), cls_mass=0.3, cls_chance=0.1)
-    res = {"plain ViT": [run([0.3, 0.6, 0.8]), run([0.3, 0.5, 0.6])], "LFI": [run([0.5, 0.7, 0.7]), run([0.2, 0.3, 0.4])]}
+    res = {"plain ViT": [run([0.3, 0.6, 0.8]), run([0.3, 0.5, 0.6])],
+           "LFI": [run([0.5, 0.7, 0.7]), run([0.2, 0.3, 0.4])]}
     s = summarize(res, 3)
     assert s["target"] == pytest.approx(0.9 * 0.7)
     assert s["plain ViT"]["epochs_to_target"] == [3, None] and s["plain ViT"]["median_epochs"] == 3.5

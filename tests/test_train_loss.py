@@ -15,11 +15,11 @@ B, H, K, N, D = 3, 2, 4, 12, 8
 def make_maps(layers=2, seed=0, requires_grad=True):
     g = torch.Generator().manual_seed(seed)
     out = []
-    for l in range(layers):
+    for layer in range(layers):
         q = torch.randn(B, H, K, D, generator=g).requires_grad_(requires_grad)
         k = torch.randn(B, H, N, D, generator=g).requires_grad_(requires_grad)
         v = torch.randn(B, H, N, D, generator=g)
-        out.append(LayerMaps(l, q, k, v, D ** -0.5))
+        out.append(LayerMaps(layer, q, k, v, D ** -0.5))
     return QueryMaps(out, grid=(3, 4))
 
 
@@ -62,8 +62,9 @@ def test_loss_equals_float64_reference(heads, via, T):
     torch.testing.assert_close(loss.double(), ref, atol=2e-5, rtol=2e-5)
     # gradients equal the float64 reference's
     grads = torch.autograd.grad(loss, [qm[0].q, qm[1].k])
-    q64 = QueryMaps([LayerMaps(lm.layer, lm.q.detach().double().requires_grad_(), lm.k.detach().double().requires_grad_(),
-                               lm.v.double(), lm.scale) for lm in qm], grid=qm.grid)
+    q64 = QueryMaps([LayerMaps(lm.layer, lm.q.detach().double().requires_grad_(),
+                               lm.k.detach().double().requires_grad_(), lm.v.double(), lm.scale) for lm in qm],
+                    grid=qm.grid)
     ref64 = reference(q64, tm.flat(), index, weight, T, heads)
     ref_grads = torch.autograd.grad(ref64, [q64[0].q, q64[1].k])
     for a, b in zip(grads, ref_grads):

@@ -383,7 +383,8 @@ def test_train_config_and_cli_build_the_teacher(tiny_clip):
     d = TrainConfig()
     assert (d.teacher_temperature, d.teacher_target_entropy, d.teacher_select, d.teacher_topk,
             d.teacher_threshold) == ("auto", 0.5, "topk", 1, 0.5)
-    fixed = cli.config_from_args(cli.build_parser().parse_args(["train", "--data", "x", "--teacher-temperature", "0.05"]))
+    args = cli.build_parser().parse_args(["train", "--data", "x", "--teacher-temperature", "0.05"])
+    fixed = cli.config_from_args(args)
     assert fixed.teacher_temperature == 0.05
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["train", "--data", "x", "--teacher-temperature", "hot"])

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import BACKENDS, DEVICE, bool_mask, float_mask, make_gen, make_qkv, run_and_compare
 
 pytestmark = pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton backend is not usable here")

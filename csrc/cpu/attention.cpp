@@ -36,7 +36,7 @@ void forward_impl(const AttnParams& p) {
   const int64_t nmb = (M + RB - 1) / RB;
   const int64_t BN = std::min(kBlockN, padded(N));  // == ld of the key-block buffers
   const int64_t ldv = padded(Dv);
-  T* stats = static_cast<T*>(p.lse);
+  T* stats = static_cast<T*>(p.stats);
   T* klo = static_cast<T*>(p.kl);
   T* tno = static_cast<T*>(p.tnorm);
 
@@ -142,7 +142,7 @@ void backward_impl(const AttnParams& p) {
   const int64_t C = chunks_for(rows, B * Hkv, 16, threads);
   const int64_t per_chunk = (rows + C - 1) / C;
   const int64_t ldn = padded(N), ldd = padded(D), lddv = padded(Dv);
-  const T* stats = static_cast<const T*>(p.lse);
+  const T* stats = static_cast<const T*>(p.stats);
   const T* tnorm = static_cast<const T*>(p.tnorm);
   T* ds_out = static_cast<T*>(p.ds);
   const int64_t kv_elems = B * Hkv * N;

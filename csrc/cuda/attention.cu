@@ -166,7 +166,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p, 
     }
   }
 
-  float* stats = static_cast<float*>(p.lse);
+  float* stats = static_cast<float*>(p.stats);
 #pragma unroll
   for (int r = 0; r < kRPW; ++r) {
     const int64_t i = i0 + r;
@@ -215,7 +215,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_pre_kernel(const AttnParams
   }
   const bool dw = p.grad_weights.ptr != nullptr && r0 < p.w_stop && r0 + kBM > p.w_start;
   if (dw) {
-    const float* stats = static_cast<const float*>(p.lse);
+    const float* stats = static_cast<const float*>(p.stats);
     float mr[kRPW], logl[kRPW];
 #pragma unroll
     for (int r = 0; r < kRPW; ++r) {
@@ -291,7 +291,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnParams 
   load_rows(dOs, p.grad_out, b, h, r0, kBM, Dv, Dv, p.M, 1.0f);
   const float* Qw = Qs + warp * kRPW * D;
   const float* dOw = dOs + warp * kRPW * Dv;
-  const float* stats = static_cast<const float*>(p.lse);
+  const float* stats = static_cast<const float*>(p.stats);
   const float* dl = static_cast<const float*>(p.delta);
   float mr[kRPW], logl[kRPW], delta[kRPW], dq[kRPW][DL];
   KLGradRow<float> klr[kRPW];
@@ -361,7 +361,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParam
   for (int kk = 0; kk < kKPW; ++kk)
 #pragma unroll
     for (int c = 0; c < DL; ++c) dk[kk][c] = dv[kk][c] = 0.0f;
-  const float* stats = static_cast<const float*>(p.lse);
+  const float* stats = static_cast<const float*>(p.stats);
   const float* dlt = static_cast<const float*>(p.delta);
   // Causal: query rows above the block's first key see none of its keys.
   const int64_t row_lo = p.causal ? n0 : 0;

@@ -53,7 +53,8 @@ def load_imagefolder(path, transform=None, classes: Optional[Sequence[str]] = No
     if not root.exists():
         raise FileNotFoundError(f"data path does not exist: {root}")
     if not root.is_dir():
-        raise NotADirectoryError(f"data path is not a directory: {root} (expected an ImageFolder: root/<class>/<image>)")
+        raise NotADirectoryError(
+            f"data path is not a directory: {root} (expected an ImageFolder: root/<class>/<image>)")
     if not _is_imagefolder(root):
         sub = [d.name for d in _class_dirs(root)][:5]
         raise ValueError(

@@ -1,7 +1,7 @@
 """Built-in synthetic tasks with known object masks (a stand-in for real data + a VLM teacher).
 
-Each image shows several objects of *distinct* concepts on a background. One concept is designated (``target``, concepts[0] by default). Two
-label rules (``task``):
+Each image shows several objects of *distinct* concepts on a background. One concept is designated
+(``target``, concepts[0] by default). Two label rules (``task``):
 
 * ``"colour"`` (default; the benchmark of ``lfi demo``): the concepts are surface patterns
   (PATTERNS: stripes, bands, checks, dots, solid, diagonals; fine 2-3 px patterns on objects of a
@@ -9,9 +9,9 @@ label rules (``task``):
   blue; jittered, random saturation and brightness), and **the class is the palette colour of the
   designated concept** ("stripes" by default). Only the fine pattern tells the concepts apart, so a
   model must find which object is the designated one and read its colour; the other objects carry
-  colours of the same palette, so colour statistics of the whole image are only weak evidence. The concepts' *locations* (all that
-  the teacher's maps carry) are independent of the label: the maps alone do not give it (the leak
-  check of ``lfi demo`` measures this).
+  colours of the same palette, so colour statistics of the whole image are only weak evidence. The
+  concepts' *locations* (all that the teacher's maps carry) are independent of the label: the maps
+  alone do not give it (the leak check of ``lfi demo`` measures this).
 * ``"quadrant"`` (the first demo's task, kept to show the leak): every concept has its own hue
   family and the class is the quadrant in which the designated concept lies; a map of that concept
   alone gives the label.

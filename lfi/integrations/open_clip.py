@@ -30,7 +30,12 @@ from torch import nn
 
 from lfi.capture import capture_rows, deliver
 from lfi.integrations._common import (
-    PatchReport, check_backend, set_backend, swap, unswap, warn_skipped,
+    PatchReport,
+    check_backend,
+    set_backend,
+    swap,
+    unswap,
+    warn_skipped,
 )
 from lfi.nn.multihead_attention import MultiheadAttention, mha_supported
 from lfi.ops.interaction_attention import interaction_attention

@@ -21,7 +21,13 @@ from __future__ import annotations
 from torch import nn
 
 from lfi.integrations._common import (
-    PatchReport, check_backend, looks_like_attention, set_backend, swap, unswap, warn_skipped,
+    PatchReport,
+    check_backend,
+    looks_like_attention,
+    set_backend,
+    swap,
+    unswap,
+    warn_skipped,
 )
 
 try:

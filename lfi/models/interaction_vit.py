@@ -203,10 +203,6 @@ class InteractionViT(nn.Module):
         backbone = sum(p.numel() for p in self.vit.parameters())
         return dict(params=added, backbone_params=backbone, percent=100.0 * added / backbone)
 
-    def query_parameters(self):
-        params = list(self.interaction.parameters())
-        return params + ([self.query_pool] if self.query_pool is not None else [])
-
     # ----------------------------------------------------------------------------------------
     def _check_images(self, x: Tensor) -> tuple:
         if not isinstance(x, Tensor) or x.dim() != 4:
@@ -222,7 +218,8 @@ class InteractionViT(nn.Module):
             return x.shape[2] // ph, x.shape[3] // pw
         if tuple(x.shape[2:]) != tuple(pe.img_size):
             raise ValueError(
-                f"images are {x.shape[2]}x{x.shape[3]} but the student was built for {pe.img_size[0]}x{pe.img_size[1]}: "
+                f"images are {x.shape[2]}x{x.shape[3]} but the student was built for "
+                f"{pe.img_size[0]}x{pe.img_size[1]}: "
                 "resize the images (e.g. --img-size) or build the student with img_size=...")
         return self.grid
 

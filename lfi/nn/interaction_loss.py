@@ -163,7 +163,8 @@ class InteractionLoss(nn.Module):
             raise ValueError(f"via must be 'qk' or 'logits', got {via!r}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        self.assignment, self.heads, self.temperature, self.via, self.backend = assignment, heads, float(temperature), via, backend
+        self.assignment, self.heads, self.temperature = assignment, heads, float(temperature)
+        self.via, self.backend = via, backend
         self.layer_weights = None if layer_weights is None else [float(w) for w in layer_weights]
         self.last_assignment = None
 

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
+from lfi._numerics import MAX_HEAD_DIM
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-MAX_HEAD_DIM = 256
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -74,8 +75,11 @@ def normalize_mask(attn_mask, B: int, H: int, M: int, N: int, q: torch.Tensor):
     if attn_mask.device != q.device:
         raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
     if attn_mask.dim() > 4:
-        raise ValueError(f"attn_mask must broadcast to (B, H, M, N) = {(B, H, M, N)}, got shape {tuple(attn_mask.shape)}")
-    mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)) if attn_mask.dim() < 4 else attn_mask
+        raise ValueError(
+            f"attn_mask must broadcast to (B, H, M, N) = {(B, H, M, N)}, got shape {tuple(attn_mask.shape)}")
+    mask = attn_mask
+    if attn_mask.dim() < 4:
+        mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     for size, want in zip(mask.shape, (B, H, M, N)):
         if size not in (1, want):
             raise ValueError(

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from lfi import _dispatch
+from lfi._numerics import compute_dtype
 from lfi.ops._kl import check_dense_target, check_options, reduce_rows, target_scale
 from lfi.ops._validation import check_key_mask, check_tensor
 
@@ -18,7 +19,7 @@ OP = "attention_kl"
 
 
 def _stats_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+    return compute_dtype(t.dtype)
 
 
 @torch.library.custom_op("lfi::attention_kl_fwd", mutates_args=())

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from lfi import _dispatch
+from lfi._numerics import MAX_HEAD_DIM, compute_dtype
 from lfi.ops._kl import check_dense_target, check_options, reduce_rows, target_scale
 from lfi.ops._validation import check_key_mask, check_qkv, check_tensor
 
@@ -32,7 +33,7 @@ def attention_kl_qk_fwd(
 
 @attention_kl_qk_fwd.register_fake
 def _(q, k, target, q_t, k_t, key_mask, student_scale, target_scale, target_is_logits, backend):
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(q.dtype)
     kl = q.new_empty(q.shape[:-1], dtype=dtype)
     stats = q.new_empty((*q.shape[:-1], 2), dtype=dtype)
     return kl, stats, torch.empty_like(stats)
@@ -81,14 +82,15 @@ def _check_teacher(q_t, k_t, q: Tensor, k: Tensor) -> None:
     if q_t.shape[0] != B or q_t.shape[1] not in (1, H) or q_t.shape[2] != M:
         raise ValueError(f"q_t must have shape (B, Ht, M, Dt) = ({B}, 1 or {H}, {M}, Dt), got {tuple(q_t.shape)}")
     if k_t.shape[0] != B or k_t.shape[2] != N or k_t.shape[3] != q_t.shape[3]:
-        raise ValueError(f"k_t must have shape (B, Htk, N, Dt) = ({B}, Htk, {N}, {q_t.shape[3]}), got {tuple(k_t.shape)}")
+        raise ValueError(
+            f"k_t must have shape (B, Htk, N, Dt) = ({B}, Htk, {N}, {q_t.shape[3]}), got {tuple(k_t.shape)}")
     if k_t.shape[1] == 0 or q_t.shape[1] % k_t.shape[1] != 0:
         raise ValueError(f"q_t has {q_t.shape[1]} heads and k_t {k_t.shape[1]}: needs Ht % Htk == 0")
     if q_t.dtype != k_t.dtype or q_t.device != q.device or k_t.device != q.device:
         raise TypeError(f"q_t and k_t must share one dtype and q's device, got q_t {q_t.dtype} on {q_t.device}, "
                         f"k_t {k_t.dtype} on {k_t.device}")
-    if q_t.shape[-1] > 256:
-        raise ValueError(f"q_t head dim must be <= 256, got {q_t.shape[-1]}")
+    if q_t.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"q_t head dim must be <= {MAX_HEAD_DIM}, got {q_t.shape[-1]}")
 
 
 def attention_kl_qk(

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lfi import _dispatch
+from lfi._numerics import compute_dtype
 from lfi.backends.reference import interaction_attention as reference
 from lfi.ops._kl import check_dense_target, check_options, reduce_rows
 from lfi.ops._validation import check_qkv, check_tensor, check_weights_rows, normalize_mask
@@ -32,8 +33,9 @@ def interaction_attention_fwd(
     weights_start: int, weights_stop: int, kl_target: Optional[Tensor], backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward on a concrete backend: out (B, H, M, Dv); stats (B, H, M, 2) float32 (float64 for
-    float64 inputs): row max m and log l, so lse = m + log l (+inf on fully masked rows); weights (B, H, weights_stop - weights_start, N); and, with
-    kl_target, per-row kl and tnorm (B, H, M) float32 (empty tensors without)."""
+    float64 inputs): row max m and log l, so lse = m + log l (+inf on fully masked rows); weights
+    (B, H, weights_stop - weights_start, N); and, with kl_target, per-row kl and tnorm (B, H, M)
+    float32 (empty tensors without)."""
     return _forward_kernels(q, k, v, attn_mask, scale, is_causal, weights_start, weights_stop, kl_target, backend)
 
 
@@ -59,7 +61,7 @@ def _forward_kernels(q, k, v, attn_mask, scale, is_causal, weights_start, weight
 @interaction_attention_fwd.register_fake
 def _(q, k, v, attn_mask, scale, is_causal, weights_start, weights_stop, kl_target, backend):
     B, H, M, _ = q.shape
-    stats = q.new_empty(B, H, M, 2, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    stats = q.new_empty(B, H, M, 2, dtype=compute_dtype(q.dtype))
     kl_shape = (B, H, M) if kl_target is not None else (0,)
     maps_shape = (B, H, weights_stop - weights_start, k.shape[2])
     # A backend may pad the rows of its maps buffer (the Triton one does, for vectorized stores).

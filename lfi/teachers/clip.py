@@ -228,7 +228,8 @@ class CLIPTeacher(nn.Module):
         std = getattr(visual, "image_std", None) or CLIP_STD
         self.register_buffer("clip_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("clip_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("in_mean", torch.tensor(input_mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("in_mean", torch.tensor(input_mean, dtype=torch.float32).view(1, 3, 1, 1),
+                             persistent=False)
         self.register_buffer("in_std", torch.tensor(input_std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self._text_cache: dict = {}
         self.concepts: list = []

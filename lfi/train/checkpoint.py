@@ -129,8 +129,9 @@ def load_student(path, map_location="cpu"):
     tensors, meta = load_checkpoint(path, map_location)
     spec = dict(meta["student_spec"])
     kwargs = dict(spec.pop("timm_kwargs", {}) or {})
-    student = InteractionViT(spec["model"], num_queries=spec["num_queries"], supervised_layers=spec["supervised_layers"],
-                             num_classes=spec.get("num_classes"), img_size=spec.get("img_size"), pretrained=False,
+    student = InteractionViT(spec["model"], num_queries=spec["num_queries"],
+                             supervised_layers=spec["supervised_layers"], num_classes=spec.get("num_classes"),
+                             img_size=spec.get("img_size"), pretrained=False,
                              read_back=spec.get("read_back", "off"), head=spec.get("head", "cls"),
                              pos_embed_init=spec.get("pos_embed_init"), **kwargs)
     student.load_state_dict(model_state(tensors))

@@ -7,52 +7,19 @@ an exit code). Standalone: ``python -m lfi.train <subcommand> ...`` (also under 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
 from pathlib import Path
 from typing import Optional, Sequence
+
+from lfi.train.config import TrainConfig, demo_config
 
 __all__ = ["add_subcommands", "main", "config_from_args"]
 
 SUBCOMMANDS = ("demo", "train", "eval", "maps")
 _USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, TypeError, KeyError)
-
-
-def _kv(s: str) -> dict:
-    """'a=1,b=x' -> {'a': 1, 'b': 'x'} (ints/floats/bools parsed), or a JSON object."""
-    s = s.strip()
-    if not s:
-        return {}
-    if s.startswith("{"):
-        return json.loads(s)
-    out = {}
-    for part in s.split(","):
-        if "=" not in part:
-            raise argparse.ArgumentTypeError(f"expected key=value, got {part!r}")
-        k, v = part.split("=", 1)
-        v = v.strip()
-        for conv in (int, float):
-            try:
-                v = conv(v)
-                break
-            except ValueError:
-                pass
-        if v in ("true", "True"):
-            v = True
-        elif v in ("false", "False"):
-            v = False
-        out[k.strip()] = v
-    return out
-
-
-def _temperature(s: str):
-    """'auto' or a float (the teacher's patch-softmax temperature)."""
-    if s.strip().lower() == "auto":
-        return "auto"
-    try:
-        return float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {s!r}") from None
 
 
 def _err(cmd: str, e: BaseException) -> int:
@@ -63,145 +30,77 @@ def _err(cmd: str, e: BaseException) -> int:
 # ------------------------------------------------------------------------------------------------
 # train
 # ------------------------------------------------------------------------------------------------
+_GROUPS = ("data", "student", "teacher", "loss", "optimisation", "output")
+
+
+def _flag_fields():
+    """(field, Flag, argparse dest, argparse type) for every TrainConfig field that is an `lfi train`
+    flag. The type is Flag.type, else the field's int / float / str type; bool fields are switches."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = f.metadata.get("flag")
+        if flag is None:
+            continue
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) is typing.Union and len(args) == 1:  # Optional[X]
+            hint = args[0]
+        if hint is bool:
+            if f.default is not flag.negate:  # store_true: off by default, or --no-x for a field on by default
+                raise TypeError(f"TrainConfig.{f.name}: a bool flag needs default False (or True with negate)")
+            kind = bool
+        elif flag.type is not None:
+            kind = flag.type
+        elif hint in (int, float, str):
+            kind = hint
+        else:
+            raise TypeError(f"TrainConfig.{f.name}: give its Flag a type= (an argparse type for {hint})")
+        yield f, flag, flag.flag_name(f.name)[2:].replace("-", "_"), kind
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from lfi.train.config import TrainConfig
-
-    d = TrainConfig()
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default=d.data, help="ImageFolder root (root/<class>/<image>) or 'synthetic' (built-in task)")
-    g.add_argument("--val-data", default=None, help="ImageFolder root for validation")
-    g.add_argument("--val-split", type=float, default=d.val_split, help="hold out this fraction of --data for validation")
-    g.add_argument("--img-size", type=int, default=None, help="input size (default 224; 32 for --data synthetic)")
-    g.add_argument("--augment", default=d.augment, choices=["none", "flip", "crop+flip"])
-    g.add_argument("--workers", type=int, default=d.workers)
-    g.add_argument("--synthetic-train", type=int, default=None, help="built-in task: training images (default 1000)")
-    g.add_argument("--synthetic-val", type=int, default=None, help="built-in task: validation images (default 500)")
-    g.add_argument("--synthetic-task", default=d.synthetic_task, choices=["colour", "quadrant"],
-                   help="built-in task: colour (the label is the striped object's colour) or quadrant (the first "
-                        "demo's task, whose teacher maps give the label away)")
-    g.add_argument("--synthetic-style", default=d.synthetic_style)
-    g.add_argument("--synthetic-score-noise", type=float, default=d.synthetic_score_noise,
-                   help="built-in teacher: noise on its presence scores (0 = it knows what is present)")
-    g.add_argument("--synthetic-confuse", type=float, default=d.synthetic_confuse,
-                   help="built-in teacher: fraction of its maps that are another object's map")
-    g.add_argument("--synthetic-distractors", type=int, default=d.synthetic_distractors,
-                   help="built-in task: distractor objects per image")
-    g = p.add_argument_group("student")
-    g.add_argument("--student", default=None, help="timm ViT name (default vit_small_patch16_224; the demo's tiny ViT "
-                                                   "for --data synthetic)")
-    g.add_argument("--student-weights", default=None, help="local timm weights file (never downloads)")
-    g.add_argument("--student-kwargs", type=_kv, default=None,
-                   help="timm.create_model kwargs, e.g. patch_size=4,embed_dim=48,depth=4,num_heads=3")
-    g.add_argument("--queries", type=int, default=None, help="number of interaction queries K (default 8; 6 synthetic)")
-    g.add_argument("--supervised-layers", default=d.supervised_layers, help="all | last | lastN | firstN | 3,5,7")
-    g.add_argument("--read-back", default=None, choices=["off", "on", "gated"],
-                   help="tokens attend the queries (default off)")
-    g.add_argument("--head", default=d.head, choices=["cls", "cls+queries"])
-    g.add_argument("--pos-embed-init", default=None, choices=["sincos"],
-                   help="re-initialise the position embeddings with 2-D sin-cos (from-scratch students; default for "
-                        "synthetic)")
-    g = p.add_argument_group("teacher")
-    g.add_argument("--teacher", default=None, help="open_clip model name (e.g. ViT-B-16), 'synthetic' or 'none' "
-                                                   "(default ViT-B-16; synthetic for --data synthetic)")
-    g.add_argument("--teacher-weights", default=None, help="local open_clip weights file")
-    g.add_argument("--teacher-random", action="store_true", help="allow a random-weight CLIP teacher (tests only)")
-    g.add_argument("--teacher-kwargs", type=_kv, default=None, help="extra open_clip.create_model kwargs (JSON)")
-    g.add_argument("--concepts", default=None, help="comma list or file, one concept per class (default: class names)")
-    g.add_argument("--templates", default=None, help="'|'-separated prompt templates with {} (default: 4 photo prompts)")
-    g.add_argument("--teacher-temperature", type=_temperature, default=d.teacher_temperature,
-                   help="patch-softmax temperature of the CLIP teacher: a float (0.01 = the old fixed value) or "
-                        "'auto' (default: per image, so that the valid maps' mean entropy is "
-                        "--teacher-target-entropy * log(patches))")
-    g.add_argument("--teacher-target-entropy", type=float, default=d.teacher_target_entropy,
-                   help="with --teacher-temperature auto: target entropy as a fraction of log(patches), in (0, 1)")
-    g.add_argument("--teacher-select", default=d.teacher_select, choices=["topk", "threshold", "all"],
-                   help="concepts that supervise an image, from the teacher's zero-shot scores: topk (default: the "
-                        "--teacher-topk best), threshold (probability >= --teacher-threshold, at least the top-1) "
-                        "or all (multi-label data)")
-    g.add_argument("--teacher-topk", type=int, default=d.teacher_topk,
-                   help="with --teacher-select topk: concepts kept per image (default 1: the top class)")
-    g.add_argument("--teacher-threshold", type=float, default=d.teacher_threshold,
-                   help="with --teacher-select threshold: zero-shot probability a concept needs, in (0, 1]")
-    g.add_argument("--quick-gelu", action="store_true", help="QuickGELU teacher (OpenAI weights)")
-    g = p.add_argument_group("loss")
-    g.add_argument("--lam", type=float, default=d.lam, help="interaction-loss weight (0 = baseline)")
-    g.add_argument("--assignment", default=None, choices=["fixed", "topk", "hungarian"],
-                   help="query-to-concept assignment (default fixed; topk when concepts > queries)")
-    g.add_argument("--heads", default=d.heads, choices=["broadcast", "mean"])
-    g.add_argument("--supervision", default=d.supervision, choices=["queries", "map_head", "logits"],
-                   help="what the teacher trains: the interaction queries (LFI, default) or, as controls, an "
-                        "output-level map head or the logits (distillation of a classifier on the teacher's output)")
-    g.add_argument("--kd-temperature", type=float, default=d.kd_temperature, help="with --supervision logits")
-    g.add_argument("--teacher-shuffle", action="store_true",
-                   help="control: every image is supervised with the teacher output of another image")
-    g.add_argument("--kl-temperature", type=float, default=d.kl_temperature)
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--batch-size", type=int, default=None, help="per process (default 64; 32 synthetic)")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-4; 1e-3 synthetic)")
-    g.add_argument("--min-lr", type=float, default=d.min_lr)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--warmup-epochs", type=float, default=None)
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    g.add_argument("--amp", default=d.amp, choices=["auto", "bf16", "off"], help="auto: bf16 on CUDA, off on CPU")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--deterministic", action="store_true")
-    g.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    g.add_argument("--max-steps-per-epoch", type=int, default=None)
-    g = p.add_argument_group("output")
-    g.add_argument("--out", default=d.out, help="run folder (checkpoint, metrics.jsonl, config.json)")
-    g.add_argument("--resume", default=None, help="checkpoint to resume from, or 'auto' (OUT/checkpoint.safetensors)")
-    g.add_argument("--save-every", type=int, default=d.save_every, help="epochs between checkpoints (0 = no checkpoint; the last epoch is always saved otherwise)")
-    g.add_argument("--eval-every", type=int, default=d.eval_every)
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--quiet", action="store_true")
+    """One flag per TrainConfig field with Flag metadata (lfi/train/config.py), in field order within
+    the --help sections of _GROUPS."""
+    groups = {name: p.add_argument_group(name) for name in _GROUPS}
+    for f, flag, _, kind in _flag_fields():
+        g = groups[flag.group]
+        if kind is bool:
+            g.add_argument(flag.flag_name(f.name), action="store_true", help=flag.help)
+            continue
+        default = None if flag.if_given else (f.default_factory() if f.default is dataclasses.MISSING else f.default)
+        kw = {} if kind is str else {"type": kind}
+        if flag.choices is not None:
+            kw["choices"] = list(flag.choices)
+        g.add_argument(flag.flag_name(f.name), default=default, help=flag.help, **kw)
 
 
-def config_from_args(args: argparse.Namespace):
-    """TrainConfig from parsed `train` args (synthetic data switches the defaults to the demo's)."""
-    from lfi.train.config import TrainConfig, demo_config
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from parsed `train` args (synthetic data switches the defaults to the demo's).
 
+    A flag whose Flag has ``if_given`` and was not given keeps the base config's value: the demo's
+    (``demo_config``) for ``--data synthetic``, else TrainConfig's; every other flag sets its field.
+    """
     synthetic = args.data == "synthetic"
     cfg = demo_config(progress=True, save_every=1, quiet=False) if synthetic else TrainConfig()
-    direct = dict(data=args.data, val_data=args.val_data, val_split=args.val_split, augment=args.augment,
-                  workers=args.workers, synthetic_distractors=args.synthetic_distractors, synthetic_style=args.synthetic_style,
-                  synthetic_task=args.synthetic_task, synthetic_score_noise=args.synthetic_score_noise,
-                  synthetic_confuse=args.synthetic_confuse, student_weights=args.student_weights, supervision=args.supervision,
-                  kd_temperature=args.kd_temperature, teacher_shuffle=args.teacher_shuffle,
-                  supervised_layers=args.supervised_layers, head=args.head, teacher_weights=args.teacher_weights,
-                  teacher_random=args.teacher_random, concepts=args.concepts, templates=args.templates,
-                  teacher_temperature=args.teacher_temperature, teacher_target_entropy=args.teacher_target_entropy,
-                  teacher_select=args.teacher_select, teacher_topk=args.teacher_topk,
-                  teacher_threshold=args.teacher_threshold, quick_gelu=args.quick_gelu, lam=args.lam,
-                  heads=args.heads, kl_temperature=args.kl_temperature, epochs=args.epochs, min_lr=args.min_lr,
-                  weight_decay=args.weight_decay, grad_clip=args.grad_clip, label_smoothing=args.label_smoothing,
-                  amp=args.amp, seed=args.seed, deterministic=args.deterministic, device=args.device,
-                  threads=args.threads, max_steps_per_epoch=args.max_steps_per_epoch, out=args.out,
-                  resume=args.resume, save_every=args.save_every, eval_every=args.eval_every,
-                  progress=not args.no_progress, quiet=args.quiet)
-    optional = dict(img_size=args.img_size, student=args.student, student_kwargs=args.student_kwargs,
-                    queries=args.queries, read_back=args.read_back, teacher=args.teacher,
-                    pos_embed_init=args.pos_embed_init,
-                    teacher_kwargs=args.teacher_kwargs, assignment=args.assignment, batch_size=args.batch_size,
-                    lr=args.lr, warmup_epochs=args.warmup_epochs, synthetic_train=args.synthetic_train,
-                    synthetic_val=args.synthetic_val)
-    direct.update({k: v for k, v in optional.items() if v is not None})
+    values = {}
+    for f, flag, dest, _ in _flag_fields():
+        value = getattr(args, dest)
+        if flag.negate:
+            value = not value
+        elif flag.if_given and value is None:
+            continue
+        values[f.name] = value
     if synthetic and args.student is not None and args.student_kwargs is None:
-        direct["student_kwargs"] = {}
-    cfg = cfg.replace(**direct)
-    if args.assignment is None and not synthetic:
-        cfg = cfg.replace(assignment="auto")
-    return cfg
+        values["student_kwargs"] = {}  # another timm model: not the demo's tiny-ViT kwargs
+    return cfg.replace(**values)
 
 
 def _checkpoint_clip_teacher(cfg, weights, student, concepts, mean, std, device):
-    """The CLIP teacher of a checkpoint's config, built as in training (``build_teacher``: same
-    templates, temperature and concept selection), with ``weights`` (default: the config's)."""
-    from lfi.train.trainer import build_teacher
+    """The CLIP teacher of a checkpoint's config, as `lfi eval` / `lfi maps` build it
+    (``lfi.train.evaluate.checkpoint_teacher``, i.e. the trainer's ``build_teacher``)."""
+    from lfi.train.evaluate import checkpoint_teacher
 
-    return build_teacher(cfg.replace(teacher_weights=weights), student, concepts, mean, std, device, synthetic=False)
+    return checkpoint_teacher(cfg, student, concepts, mean, std, device, synthetic_data=False, weights=weights)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -263,88 +162,41 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from lfi.train.evaluate import evaluate_checkpoint, load_for_eval
+
     try:
-        results = run_eval(args)
+        ck = load_for_eval(args.checkpoint, args.device)
+        results = evaluate_checkpoint(ck, args.data, batch_size=args.batch_size, workers=args.workers,
+                                      maps=not args.no_maps, teacher_weights=args.teacher_weights,
+                                      map_topk=args.map_topk)
     except _USER_ERRORS as e:
         return _err("eval", e)
+    _print_eval(results, args.checkpoint, ck.student.num_patches, args.map_topk, synthetic=args.data == "synthetic")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1), encoding="utf-8")
     return 0
 
 
-def run_eval(args: argparse.Namespace) -> dict:
-    import torch
+def _print_eval(results: dict, checkpoint, num_patches: int, map_topk: float, synthetic: bool) -> None:
     from rich.console import Console
     from rich.table import Table
-    from torch.utils.data import DataLoader
 
-    from lfi.nn.interaction_loss import InteractionLoss
-    from lfi.train.checkpoint import load_student
-    from lfi.train.config import TrainConfig
-    from lfi.train.evaluate import evaluate
-    from lfi.train.trainer import _resolve_device
-
-    console = Console()
-    device = _resolve_device(args.device)
-    student, meta = load_student(args.checkpoint)
-    student.to(device)
-    cfg = TrainConfig.from_dict(meta.get("config", {}))
-    classes, concepts = meta["classes"], meta["concepts"]
-    mean, std = tuple(meta["mean"]), tuple(meta["std"])
-    loss_fn = InteractionLoss(assignment=cfg.assignment if cfg.assignment != "auto" else "topk", heads=cfg.heads,
-                              temperature=cfg.kl_temperature)
-    img_size = student.img_size[0]
-    domains = []  # (name, loader, normalize, teacher)
-    if args.data == "synthetic":
-        from lfi.data.synthetic import STYLES, SyntheticShapes
-        from lfi.train.demo import SHIFT_SEED_OFFSET
-        from lfi.train.trainer import synthetic_teacher
-
-        teacher = None if args.no_maps else synthetic_teacher(cfg, concepts, student.grid).to(device)
-        m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-        s = torch.tensor(std, device=device).view(1, 3, 1, 1)
-        for style in STYLES:
-            ds = SyntheticShapes(cfg.synthetic_val, img_size=img_size, concepts=concepts, style=style,
-                                 task=cfg.synthetic_task, num_distractors=cfg.synthetic_distractors,
-                                 seed=cfg.synthetic_seed + SHIFT_SEED_OFFSET)
-            domains.append((f"synthetic-{style}", DataLoader(ds, batch_size=args.batch_size), lambda x: (x - m) / s,
-                            teacher))
-    else:
-        from lfi.data.folders import build_transform, find_domains, load_imagefolder
-
-        teacher = None
-        if not args.no_maps and cfg.teacher not in ("none", "synthetic"):
-            weights = args.teacher_weights or cfg.teacher_weights
-            if weights is None and not cfg.teacher_random:
-                raise ValueError("the map score needs the CLIP teacher's weights: pass --teacher-weights (or --no-maps)")
-            teacher = _checkpoint_clip_teacher(cfg, weights, student, concepts, mean, std, device)
-        tf = build_transform(img_size, mean, std, train=False)
-        for name, path in find_domains(args.data):
-            ds = load_imagefolder(path, tf, classes=classes)
-            domains.append((name, DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers), None, teacher))
-    table = Table(title=f"lfi eval {args.checkpoint}")
+    table = Table(title=f"lfi eval {checkpoint}")
     for c in ("domain", "images", "accuracy", "map@k", "KL"):
         table.add_column(c, justify="right")
-    results = {"domains": {}}
-    for name, loader, norm, teacher in domains:
-        r = evaluate(student, loader, device, teacher=teacher, loss_fn=loss_fn, normalize=norm, map_topk=args.map_topk)
-        results["domains"][name] = r
+    for name, r in results["domains"].items():
         table.add_row(name, str(r["n"]), f"{100 * r['acc']:.2f}%",
                       "-" if r["map_score"] is None else f"{r['map_score']:.3f}",
                       "-" if r["kl"] is None else f"{r['kl']:.4f}")
-    accs = [r["acc"] for r in results["domains"].values()]
-    maps = [r["map_score"] for r in results["domains"].values() if r["map_score"] is not None]
-    results["mean_acc"] = sum(accs) / len(accs)
-    results["mean_map_score"] = sum(maps) / len(maps) if maps else None
     table.add_section()
     table.add_row("mean", "", f"{100 * results['mean_acc']:.2f}%",
                   "-" if results["mean_map_score"] is None else f"{results['mean_map_score']:.3f}", "")
+    console = Console()
     console.print(table)
-    k = max(1, round(args.map_topk * student.num_patches))
+    k = max(1, round(map_topk * num_patches))
     console.print(f"map@k: overlap of the top-{k} patches of the student's query maps (last supervised layer, head "
-                  "mean) with the teacher's" + (" (ground-truth masks)" if args.data == "synthetic" else "")
-                  + f"; chance ~ {k / student.num_patches:.2f}")
-    return results
+                  "mean) with the teacher's" + (" (ground-truth masks)" if synthetic else "")
+                  + f"; chance ~ {k / num_patches:.2f}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -362,72 +214,18 @@ def _add_maps_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_maps(args: argparse.Namespace) -> int:
+    from lfi.train.evaluate import load_for_eval
+    from lfi.train.maps import checkpoint_maps_png
+
     try:
-        path = run_maps(args)
+        ck = load_for_eval(args.checkpoint, args.device)
+        out = Path(args.out) if args.out else Path(args.checkpoint).with_name("maps.png")
+        path = checkpoint_maps_png(ck, out, images=args.images, synthetic=args.synthetic,
+                                   teacher=not args.no_teacher, teacher_weights=args.teacher_weights)
     except _USER_ERRORS as e:
         return _err("maps", e)
     print(f"wrote {path}")
     return 0
-
-
-def run_maps(args: argparse.Namespace) -> Path:
-    import torch
-
-    from lfi.nn.interaction_loss import InteractionLoss
-    from lfi.train.checkpoint import load_student
-    from lfi.train.config import TrainConfig
-    from lfi.train.maps import collect_maps, render_maps
-    from lfi.train.trainer import _resolve_device
-    from lfi.train.visualize import denormalize
-
-    device = _resolve_device(args.device)
-    student, meta = load_student(args.checkpoint)
-    student.to(device)
-    cfg = TrainConfig.from_dict(meta.get("config", {}))
-    concepts, mean, std = meta["concepts"], tuple(meta["mean"]), tuple(meta["std"])
-    loss_fn = InteractionLoss(assignment=cfg.assignment if cfg.assignment != "auto" else "topk", heads=cfg.heads)
-    img_size = student.img_size
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_name("maps.png")
-    masks, teacher = None, None
-    if args.synthetic is not None or (not args.images and cfg.data == "synthetic"):
-        from lfi.data.synthetic import SyntheticShapes
-        from lfi.train.trainer import synthetic_teacher
-
-        idx = args.synthetic or [0, 1, 2]
-        ds = SyntheticShapes(max(idx) + 1, img_size=img_size[0], concepts=concepts, task=cfg.synthetic_task,
-                             num_distractors=cfg.synthetic_distractors, style=cfg.synthetic_style,
-                             seed=cfg.synthetic_seed + 7919)
-        imgs01, _, masks = ds.tensors()
-        imgs01, masks = imgs01[idx], masks[idx].to(device)
-        m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-        images = ((imgs01 - m) / s).to(device)
-        if not args.no_teacher:
-            teacher = synthetic_teacher(cfg, concepts, student.grid)
-    else:
-        if not args.images:
-            raise ValueError("give image files (or --synthetic INDEX for a checkpoint trained on the synthetic task)")
-        from PIL import Image
-
-        from lfi.data.folders import build_transform
-
-        tf = build_transform(img_size[0], mean, std, train=False)
-        batch = []
-        for f in args.images:
-            p = Path(f).expanduser()
-            if not p.is_file():
-                raise FileNotFoundError(f"image not found: {p}")
-            batch.append(tf(Image.open(p).convert("RGB")))
-        images = torch.stack(batch).to(device)
-        if not args.no_teacher and cfg.teacher not in ("none", "synthetic"):
-            weights = args.teacher_weights or cfg.teacher_weights
-            if weights is None and not cfg.teacher_random:
-                raise ValueError("the teacher's maps need its weights: pass --teacher-weights (or --no-teacher)")
-            teacher = _checkpoint_clip_teacher(cfg, weights, student, concepts, mean, std, device)
-    maps = collect_maps(student, images, teacher=teacher, masks=masks, loss_fn=loss_fn)
-    pics = [denormalize(images[b], mean, std) for b in range(images.shape[0])]
-    preds = maps["logits"].argmax(-1).tolist()
-    title = "predicted: " + ", ".join(meta["classes"][p] for p in preds)
-    return render_maps(pics, maps, out, title=title)
 
 
 # ------------------------------------------------------------------------------------------------

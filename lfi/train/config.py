@@ -1,89 +1,206 @@
-"""TrainConfig: every knob of an LFI training run (CLI flags map 1:1 onto the fields)."""
+"""TrainConfig: every knob of an LFI training run.
+
+The ``lfi train`` flags are generated from the fields (lfi/train/cli.py): a field with ``Flag``
+metadata (``opt(...)`` below) is the flag ``--field-name`` in the ``Flag.group`` section of
+``lfi train --help``, with that help text and those choices. Fields without one (the synthetic
+task's concepts / seed / teacher blur, map_topk) are set from Python or a config.json only.
+"""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
-from dataclasses import dataclass, field
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
 
-__all__ = ["TrainConfig", "DEMO_STUDENT", "demo_config"]
+__all__ = ["TrainConfig", "DEMO_STUDENT", "demo_config", "VAL_SEED_OFFSET", "SHIFT_SEED_OFFSET", "Flag",
+           "parse_kv", "parse_temperature"]
+
+# Data seeds of the built-in synthetic task, as offsets from TrainConfig.synthetic_seed (the training
+# set's seed): for one synthetic_seed, the training, validation and shifted test sets never share a seed.
+VAL_SEED_OFFSET = 7919      # validation set (the trainer's val split; `lfi maps --synthetic`)
+SHIFT_SEED_OFFSET = 104729  # shifted test sets (`lfi demo`'s textured / noisy, `lfi eval --data synthetic`)
 
 # The tiny ViT of the built-in demo: 32x32 images, 4x4 patches (8x8 grid), width 48, depth 4, 3 heads.
 DEMO_STUDENT = dict(patch_size=4, embed_dim=48, depth=4, num_heads=3)
 
 
+# ------------------------------------------------------------------------------------------------
+# flag parsers (argparse types of the fields that are not plain int / float / str)
+# ------------------------------------------------------------------------------------------------
+def parse_kv(s: str) -> dict:
+    """'a=1,b=x' -> {'a': 1, 'b': 'x'} (ints/floats/bools parsed), or a JSON object."""
+    s = s.strip()
+    if not s:
+        return {}
+    if s.startswith("{"):
+        return json.loads(s)
+    out = {}
+    for part in s.split(","):
+        if "=" not in part:
+            raise argparse.ArgumentTypeError(f"expected key=value, got {part!r}")
+        k, v = part.split("=", 1)
+        v = v.strip()
+        for conv in (int, float):
+            try:
+                v = conv(v)
+                break
+            except ValueError:
+                pass
+        if v in ("true", "True"):
+            v = True
+        elif v in ("false", "False"):
+            v = False
+        out[k.strip()] = v
+    return out
+
+
+def parse_temperature(s: str):
+    """'auto' or a float (the teacher's patch-softmax temperature)."""
+    if s.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {s!r}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# field -> flag metadata
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Flag:
+    """How a TrainConfig field appears on ``lfi train`` (``dataclasses.fields(TrainConfig)[i].metadata["flag"]``).
+
+    group: the section of ``--help``. help, choices, type: as for ``argparse.add_argument``; type
+    defaults to the field's int / float / str type, and a bool field is a store_true switch.
+    if_given: the flag defaults to None and, when it is not given, the base config's value stays
+    (``demo_config``'s for ``--data synthetic``, else TrainConfig's); otherwise the flag's default is
+    the field's default and always applies. negate: the switch is ``--no-<field>`` and sets the field
+    False.
+    """
+
+    group: str
+    help: Optional[str] = None
+    choices: Optional[tuple] = None
+    type: Optional[Callable[[str], Any]] = None
+    if_given: bool = False
+    negate: bool = False
+
+    def flag_name(self, field_name: str) -> str:
+        return ("--no-" if self.negate else "--") + field_name.replace("_", "-")
+
+
+def opt(default: Any = dataclasses.MISSING, group: str = "", help: Optional[str] = None, *,
+        factory: Optional[Callable[[], Any]] = None, **flag: Any):
+    """A TrainConfig field that is also the ``lfi train`` flag described by ``Flag(group, help, **flag)``."""
+    meta = {"flag": Flag(group, help, **flag)}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
 @dataclass
 class TrainConfig:
     # ---- data
-    data: str = "synthetic"                  # ImageFolder root, or "synthetic" (built-in task)
-    val_data: Optional[str] = None           # ImageFolder root for validation (real data)
-    val_split: float = 0.0                   # hold out this fraction of --data when no --val-data
-    img_size: int = 224
-    augment: str = "flip"                    # none | flip | crop+flip (real data only)
-    workers: int = 2
-    synthetic_train: int = 2000              # built-in task sizes / generation
-    synthetic_val: int = 1000
-    synthetic_task: str = "colour"           # colour | quadrant (see lfi.data.synthetic)
-    synthetic_style: str = "clean"
+    data: str = opt("synthetic", "data", "ImageFolder root (root/<class>/<image>) or 'synthetic' (built-in task)")
+    val_data: Optional[str] = opt(None, "data", "ImageFolder root for validation")
+    val_split: float = opt(0.0, "data", "hold out this fraction of --data for validation")
+    img_size: int = opt(224, "data", "input size (default 224; 32 for --data synthetic)", if_given=True)
+    augment: str = opt("flip", "data", "training augmentation (real data only)",
+                       choices=("none", "flip", "crop+flip"))
+    workers: int = opt(2, "data", "DataLoader workers (real data; the built-in task uses none)")
+    synthetic_train: int = opt(2000, "data", "built-in task: training images (default 1000)", if_given=True)
+    synthetic_val: int = opt(1000, "data", "built-in task: validation images (default 500)", if_given=True)
+    synthetic_task: str = opt("colour", "data", "built-in task: colour (the label is the striped object's colour) or "
+                              "quadrant (the first demo's task, whose teacher maps give the label away)",
+                              choices=("colour", "quadrant"))
+    synthetic_style: str = opt("clean", "data", "built-in task: image style (lfi.data.synthetic.STYLES)")
     synthetic_concepts: Optional[str] = None   # comma list; default: all concepts of the task
-    synthetic_distractors: int = 3
+    synthetic_distractors: int = opt(3, "data", "built-in task: distractor objects per image")
     synthetic_seed: int = 1234               # data seed (independent of the training seed)
     # ---- student
-    student: str = "vit_small_patch16_224"
-    student_weights: Optional[str] = None    # local timm weights file
-    student_kwargs: dict = field(default_factory=dict)
-    queries: int = 8
-    supervised_layers: str = "all"
-    read_back: str = "off"                   # off | on | gated
-    head: str = "cls"                        # cls | cls+queries
-    pos_embed_init: Optional[str] = None     # None (timm / pretrained) | sincos (fixed 2-D init, from scratch)
+    student: str = opt("vit_small_patch16_224", "student", "timm ViT name (default vit_small_patch16_224; the demo's "
+                       "tiny ViT for --data synthetic)", if_given=True)
+    student_weights: Optional[str] = opt(None, "student", "local timm weights file (never downloads)")
+    student_kwargs: dict = opt(factory=dict, group="student", type=parse_kv, if_given=True,
+                               help="timm.create_model kwargs, e.g. patch_size=4,embed_dim=48,depth=4,num_heads=3")
+    queries: int = opt(8, "student", "number of interaction queries K (default 8; 6 synthetic)", if_given=True)
+    supervised_layers: str = opt("all", "student", "all | last | lastN | firstN | 3,5,7")
+    read_back: str = opt("off", "student", "tokens attend the queries (default off)", choices=("off", "on", "gated"),
+                         if_given=True)
+    head: str = opt("cls", "student", "cls: the timm head on the pooled tokens (queries unused); cls+queries: plus a "
+                    "learned weighted sum of the final queries", choices=("cls", "cls+queries"))
+    pos_embed_init: Optional[str] = opt(None, "student", "re-initialise the position embeddings with 2-D sin-cos "
+                                        "(from-scratch students; default for synthetic)", choices=("sincos",),
+                                        if_given=True)
     # ---- teacher
-    teacher: str = "ViT-B-16"                # open_clip model name | "synthetic" | "none"
-    teacher_weights: Optional[str] = None    # local open_clip weights file
-    teacher_random: bool = False             # allow a random-weight CLIP teacher (tests only)
-    teacher_kwargs: dict = field(default_factory=dict)   # extra open_clip.create_model kwargs
-    concepts: Optional[str] = None           # comma list or file; default: the class names
-    templates: Optional[str] = None          # '|'-separated prompt templates with {}
-    teacher_temperature: Union[float, str] = "auto"  # float > 0, or "auto": per image, the mean entropy of the
-    teacher_target_entropy: float = 0.5      #   valid maps = teacher_target_entropy * log(Np)
-    teacher_select: str = "topk"             # concepts that supervise an image: topk | threshold | all
-    teacher_topk: int = 1                    # select=topk: the k best zero-shot concepts (1 = the top class)
-    teacher_threshold: float = 0.5           # select=threshold: zero-shot probability >= this (top-1 always)
-    quick_gelu: bool = False
+    teacher: str = opt("ViT-B-16", "teacher", "open_clip model name (e.g. ViT-B-16), 'synthetic' or 'none' "
+                       "(default ViT-B-16; synthetic for --data synthetic)", if_given=True)
+    teacher_weights: Optional[str] = opt(None, "teacher", "local open_clip weights file")
+    teacher_random: bool = opt(False, "teacher", "allow a random-weight CLIP teacher (tests only)")
+    teacher_kwargs: dict = opt(factory=dict, group="teacher", type=parse_kv, if_given=True,
+                               help="extra open_clip.create_model kwargs (JSON)")
+    concepts: Optional[str] = opt(None, "teacher", "comma list or file, one concept per class (default: class names)")
+    templates: Optional[str] = opt(None, "teacher", "'|'-separated prompt templates with {} (default: 4 photo "
+                                   "prompts)")
+    teacher_temperature: Union[float, str] = opt(
+        "auto", "teacher", "patch-softmax temperature of the CLIP teacher: a float (0.01 = the old fixed value) or "
+        "'auto' (default: per image, so that the valid maps' mean entropy is --teacher-target-entropy * "
+        "log(patches))", type=parse_temperature)
+    teacher_target_entropy: float = opt(0.5, "teacher", "with --teacher-temperature auto: target entropy as a "
+                                        "fraction of log(patches), in (0, 1)")
+    teacher_select: str = opt("topk", "teacher", "concepts that supervise an image, from the teacher's zero-shot "
+                              "scores: topk (default: the --teacher-topk best), threshold (probability >= "
+                              "--teacher-threshold, at least the top-1) or all (multi-label data)",
+                              choices=("topk", "threshold", "all"))
+    teacher_topk: int = opt(1, "teacher", "with --teacher-select topk: concepts kept per image (default 1: the top "
+                            "class)")
+    teacher_threshold: float = opt(0.5, "teacher", "with --teacher-select threshold: zero-shot probability a concept "
+                                   "needs, in (0, 1]")
+    quick_gelu: bool = opt(False, "teacher", "QuickGELU teacher (OpenAI weights)")
     synthetic_sigma: float = 1.0             # SyntheticTeacher: blur (patches), presence-score noise, confusions
-    synthetic_score_noise: float = 0.35
-    synthetic_confuse: float = 0.15
-    teacher_shuffle: bool = False            # control: each image gets the teacher output of another image
+    synthetic_score_noise: float = opt(0.35, "data", "built-in teacher: noise on its presence scores (0 = it knows "
+                                       "what is present)")
+    synthetic_confuse: float = opt(0.15, "data", "built-in teacher: fraction of its maps that are another object's "
+                                   "map")
+    teacher_shuffle: bool = opt(False, "loss", "control: every image is supervised with the teacher output of "
+                                "another image")
     # ---- loss
-    lam: float = 1.0                         # weight of the teacher loss (0 = baseline)
-    supervision: str = "queries"             # what the teacher trains: queries (LFI) | map_head | logits (controls)
-    kd_temperature: float = 2.0              # supervision=logits: distillation temperature
-    assignment: str = "auto"                 # auto (fixed if concepts <= queries, else topk) | fixed | topk | hungarian
-    heads: str = "broadcast"                 # broadcast | mean
-    kl_temperature: float = 1.0
+    lam: float = opt(1.0, "loss", "interaction-loss weight (0 = baseline)")
+    supervision: str = opt("queries", "loss", "what the teacher trains: the interaction queries (LFI, default) or, as "
+                           "controls, an output-level map head or the logits (distillation of a classifier on the "
+                           "teacher's output)", choices=("queries", "map_head", "logits"))
+    kd_temperature: float = opt(2.0, "loss", "with --supervision logits")
+    assignment: str = opt("auto", "loss", "query-to-concept assignment (default fixed; topk when concepts > queries)",
+                          choices=("fixed", "topk", "hungarian"), if_given=True)
+    heads: str = opt("broadcast", "loss", "each head matches the teacher map (broadcast) or the head-mean map does",
+                     choices=("broadcast", "mean"))
+    kl_temperature: float = opt(1.0, "loss", "the student's logits are divided by it in the KL")
     # ---- optimisation
-    epochs: int = 30
-    batch_size: int = 64                     # per process
-    lr: float = 5e-4
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    grad_clip: float = 1.0
-    label_smoothing: float = 0.0
-    amp: str = "auto"                        # auto (bf16 on CUDA, off on CPU) | bf16 | off
-    seed: int = 0
-    deterministic: bool = False
-    device: str = "auto"
-    threads: Optional[int] = None            # torch CPU threads
-    max_steps_per_epoch: Optional[int] = None
+    epochs: int = opt(30, "optimisation", "training epochs")
+    batch_size: int = opt(64, "optimisation", "per process (default 64; 32 synthetic)", if_given=True)
+    lr: float = opt(5e-4, "optimisation", "peak learning rate (default 5e-4; 1e-3 synthetic)", if_given=True)
+    min_lr: float = opt(1e-5, "optimisation", "learning rate at the end of the cosine schedule")
+    weight_decay: float = opt(0.05, "optimisation", "AdamW weight decay")
+    warmup_epochs: float = opt(1.0, "optimisation", "linear warmup (default 1; 0.5 synthetic)", if_given=True)
+    grad_clip: float = opt(1.0, "optimisation", "gradient-norm clipping (0 = off)")
+    label_smoothing: float = opt(0.0, "optimisation", "cross-entropy label smoothing")
+    amp: str = opt("auto", "optimisation", "auto: bf16 on CUDA, off on CPU", choices=("auto", "bf16", "off"))
+    seed: int = opt(0, "optimisation", "training seed (the built-in task's data has its own, synthetic_seed)")
+    deterministic: bool = opt(False, "optimisation", "torch.use_deterministic_algorithms (warn only)")
+    device: str = opt("auto", "optimisation", "auto | cpu | cuda | cuda:N")
+    threads: Optional[int] = opt(None, "optimisation", "torch CPU threads")
+    max_steps_per_epoch: Optional[int] = opt(None, "optimisation", "cap on the training steps per epoch")
     # ---- output
-    out: str = "runs/exp"
-    resume: Optional[str] = None             # checkpoint path, or "auto" (out/checkpoint.safetensors if present)
-    save_every: int = 1
-    eval_every: int = 1
+    out: str = opt("runs/exp", "output", "run folder (checkpoint, metrics.jsonl, config.json)")
+    resume: Optional[str] = opt(None, "output", "checkpoint to resume from, or 'auto' (OUT/checkpoint.safetensors)")
+    save_every: int = opt(1, "output", "epochs between checkpoints (0 = no checkpoint; the last epoch is always "
+                          "saved otherwise)")
+    eval_every: int = opt(1, "output", "epochs between validations, and the last epoch (0 = none)")
     map_topk: float = 0.1                    # fraction of patches for the map-consistency score
-    progress: bool = True
-    quiet: bool = False
+    progress: bool = opt(True, "output", "no progress bar", negate=True)
+    quiet: bool = opt(False, "output", "no console output (log lines, the checkpoint path)")
 
     @property
     def synthetic(self) -> bool:

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from lfi.train.config import demo_config
+from lfi.train.config import SHIFT_SEED_OFFSET, demo_config
 
 __all__ = ["ARMS", "LOW_DATA_ARMS", "ABLATIONS", "run_demo", "epochs_to_target", "curve_auc", "cls_attention"]
 
@@ -43,7 +43,6 @@ ARMS = {
 LOW_DATA_TRAIN = 250
 LOW_DATA_ARMS = ("plain ViT", "ViT + registers", "LFI", "LFI read-back")
 SHIFT_STYLES = ("textured", "noisy")
-SHIFT_SEED_OFFSET = 104729  # shifted test sets: data seeds disjoint from train (seed) and val (seed + 7919)
 ABLATIONS = {
     "plain ViT": dict(lam=0.0),
     "LFI (all layers, lam 1)": dict(),
@@ -224,7 +223,8 @@ def _headline(summary: dict, lfi: str = "LFI", ref: str = "plain ViT") -> str:
     ratio = b["median_epochs"] / a["median_epochs"]
     text = (f"{lfi} vs {ref}: AUC {100 * a['auc'][0]:.1f} vs {100 * b['auc'][0]:.1f} "
             f"({a['auc'][0] / b['auc'][0]:.2f}x), median epochs to target {a['median_epochs']:g} vs "
-            f"{b['median_epochs']:g} ({ratio:.2f}x fewer), final {100 * a['final'][0]:.1f} vs {100 * b['final'][0]:.1f}")
+            f"{b['median_epochs']:g} ({ratio:.2f}x fewer), final {100 * a['final'][0]:.1f} vs "
+            f"{100 * b['final'][0]:.1f}")
     for st in SHIFT_STYLES:
         text += f", {st} {100 * a[st][0]:.1f} vs {100 * b[st][0]:.1f}"
     if best is not None:
@@ -306,14 +306,16 @@ def run_demo(out="runs/demo", *, quick: bool = False, seeds: int = 3, epochs: Op
     t_all = time.time()
     console.print(f"[bold]lfi demo[/bold]{' --quick' if quick else ''}{' --ablation' if ablation else ''}: "
                   f"{len(arms)} arms x {seeds} seeds (+ {len(low_arms)} low-data arms), {base.epochs} epochs, "
-                  f"{base.synthetic_train} train / {base.synthetic_val} val images of the '{base.synthetic_task}' task, "
+                  f"{base.synthetic_train} train / {base.synthetic_val} val images of the "
+                  f"'{base.synthetic_task}' task, "
                   f"student {base.student} {base.student_kwargs}; {n_jobs} parallel run(s) x {threads} thread(s)")
     leak = None
     if not ablation:
         leak = _leak(base)
         c, q = leak["colour"], leak["quadrant"]
         console.print(f"leak check (best simple classifier on the teacher's output alone, validation accuracy): "
-                      f"this task {100 * c['best']:.1f} % (logistic {100 * c['logistic']:.1f}, mlp {100 * c['mlp']:.1f}; "
+                      f"this task {100 * c['best']:.1f} % (logistic {100 * c['logistic']:.1f}, "
+                      f"mlp {100 * c['mlp']:.1f}; "
                       f"chance {100 * c['chance']:.1f}); the first demo's quadrant task {100 * q['best']:.1f} %")
     job_list = []
     for seed in range(seeds):

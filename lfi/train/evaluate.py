@@ -5,17 +5,23 @@ present concept, the fraction of the k most-attended patches of the student's he
 map (last supervised layer) that are also among the k highest patches of the teacher's map for
 that concept; k = max(1, round(map_topk * Np)). 1 = same top-k patches, chance level is about k/Np.
 With the SyntheticTeacher the reference maps are the ground-truth masks.
+
+``lfi eval`` is ``evaluate_checkpoint`` (a checkpoint over one or more domains); the teacher that
+scores its maps is built by the trainer's own ``build_teacher`` (``checkpoint_teacher``).
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
+from lfi.train.config import SHIFT_SEED_OFFSET, TrainConfig
 from lfi.train.distributed import DistInfo, all_reduce_sum
 
-__all__ = ["evaluate", "topk_overlap"]
+__all__ = ["evaluate", "topk_overlap", "LoadedCheckpoint", "load_for_eval", "checkpoint_loss", "checkpoint_teacher",
+           "EvalDomain", "eval_domains", "evaluate_checkpoint"]
 
 
 def topk_overlap(student: Tensor, teacher: Tensor, k: int) -> Tensor:
@@ -78,3 +84,141 @@ def evaluate(student, loader, device, *, teacher=None, loss_fn=None, normalize=N
         out["map_score"] = stats[4].item() / max(stats[5].item(), 1.0)
         out["map_pairs"] = int(stats[5].item())
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# a checkpoint over domains (`lfi eval`)
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint's student (on ``device``, eval mode), its metadata and its training config."""
+
+    student: Any
+    meta: dict
+    cfg: TrainConfig
+    device: torch.device
+
+    @property
+    def classes(self) -> list:
+        return self.meta["classes"]
+
+    @property
+    def concepts(self) -> list:
+        return self.meta["concepts"]
+
+    @property
+    def mean(self) -> tuple:
+        return tuple(self.meta["mean"])
+
+    @property
+    def std(self) -> tuple:
+        return tuple(self.meta["std"])
+
+
+def load_for_eval(path, device: str = "auto") -> LoadedCheckpoint:
+    """Rebuilds a checkpoint's student on ``device`` ("auto": CUDA when available) with its config."""
+    from lfi.train.checkpoint import load_student
+    from lfi.train.trainer import _resolve_device
+
+    dev = _resolve_device(device)
+    student, meta = load_student(path)
+    student.to(dev)
+    return LoadedCheckpoint(student, meta, TrainConfig.from_dict(meta.get("config", {})), dev)
+
+
+def checkpoint_loss(cfg: TrainConfig):
+    """The InteractionLoss of a training config (its query-to-concept assignment, head mode and KL
+    temperature; "auto", which training resolves before saving, falls back to topk)."""
+    from lfi.nn.interaction_loss import InteractionLoss
+
+    return InteractionLoss(assignment=cfg.assignment if cfg.assignment != "auto" else "topk", heads=cfg.heads,
+                           temperature=cfg.kl_temperature)
+
+
+def checkpoint_teacher(cfg: TrainConfig, student, concepts, mean, std, device, *, synthetic_data: bool,
+                       weights: Optional[str] = None):
+    """The teacher whose maps a checkpoint's maps are scored against, built exactly as in training
+    (``lfi.train.trainer.build_teacher``: same class, templates, temperature, concept selection).
+
+    synthetic_data: the built-in task's SyntheticTeacher (ground-truth masks, with the config's blur,
+    score noise and confusions), whatever teacher the run trained with. Otherwise the config's CLIP
+    teacher with ``weights`` (default: the config's ``teacher_weights``), or None when the run had
+    no CLIP teacher (teacher "none" / "synthetic").
+    """
+    from lfi.train.trainer import build_teacher
+
+    if synthetic_data:
+        return build_teacher(cfg.replace(teacher="synthetic"), student, concepts, mean, std, device, synthetic=True)
+    if cfg.teacher in ("none", "synthetic"):
+        return None
+    return build_teacher(cfg.replace(teacher_weights=weights or cfg.teacher_weights), student, concepts, mean, std,
+                         device, synthetic=False)
+
+
+class EvalDomain(NamedTuple):
+    name: str
+    loader: Any
+    normalize: Optional[Callable[[Tensor], Tensor]]  # raw batch -> student input (synthetic data), or None
+    teacher: Any                                     # None: accuracy only
+
+
+def eval_domains(ck: LoadedCheckpoint, data: str, *, batch_size: int = 64, workers: int = 2, maps: bool = True,
+                 teacher_weights: Optional[str] = None) -> list:
+    """The domains ``lfi eval`` scores a checkpoint on -> [EvalDomain].
+
+    data: an ImageFolder (one domain), a folder of domain ImageFolders (root/<domain>/<class>/<img>),
+    or "synthetic": the built-in task in every style of lfi.data.synthetic.STYLES, on the shifted
+    test sets' data seed (``SHIFT_SEED_OFFSET``). maps=False: no teacher (accuracy only). A CLIP
+    teacher needs weights: ``teacher_weights`` or the checkpoint's (``teacher_random`` runs excepted).
+    """
+    from torch.utils.data import DataLoader
+
+    cfg, student, device = ck.cfg, ck.student, ck.device
+    img_size = student.img_size[0]
+    domains = []
+    if data == "synthetic":
+        from lfi.data.synthetic import STYLES, SyntheticShapes
+
+        teacher = None
+        if maps:
+            teacher = checkpoint_teacher(cfg, student, ck.concepts, ck.mean, ck.std, device, synthetic_data=True)
+        m = torch.tensor(ck.mean, device=device).view(1, 3, 1, 1)
+        s = torch.tensor(ck.std, device=device).view(1, 3, 1, 1)
+        for style in STYLES:
+            ds = SyntheticShapes(cfg.synthetic_val, img_size=img_size, concepts=ck.concepts, style=style,
+                                 task=cfg.synthetic_task, num_distractors=cfg.synthetic_distractors,
+                                 seed=cfg.synthetic_seed + SHIFT_SEED_OFFSET)
+            domains.append(EvalDomain(f"synthetic-{style}", DataLoader(ds, batch_size=batch_size),
+                                      lambda x: (x - m) / s, teacher))
+        return domains
+    from lfi.data.folders import build_transform, find_domains, load_imagefolder
+
+    teacher = None
+    if maps and cfg.teacher not in ("none", "synthetic"):
+        if (teacher_weights or cfg.teacher_weights) is None and not cfg.teacher_random:
+            raise ValueError("the map score needs the CLIP teacher's weights: pass --teacher-weights (or --no-maps)")
+        teacher = checkpoint_teacher(cfg, student, ck.concepts, ck.mean, ck.std, device, synthetic_data=False,
+                                     weights=teacher_weights)
+    tf = build_transform(img_size, ck.mean, ck.std, train=False)
+    for name, path in find_domains(data):
+        ds = load_imagefolder(path, tf, classes=ck.classes)
+        domains.append(EvalDomain(name, DataLoader(ds, batch_size=batch_size, num_workers=workers), None, teacher))
+    return domains
+
+
+def evaluate_checkpoint(ck: LoadedCheckpoint, data: str, *, batch_size: int = 64, workers: int = 2,
+                        maps: bool = True, teacher_weights: Optional[str] = None, map_topk: float = 0.1) -> dict:
+    """Accuracy and map consistency of a checkpoint per domain (``eval_domains``) -> {"domains":
+    {name: evaluate(...)}, "mean_acc", "mean_map_score"} (the means over domains; the map score's
+    over the domains that have one, None if none)."""
+    loss_fn = checkpoint_loss(ck.cfg)
+    results: dict = {"domains": {}}
+    for d in eval_domains(ck, data, batch_size=batch_size, workers=workers, maps=maps,
+                          teacher_weights=teacher_weights):
+        results["domains"][d.name] = evaluate(ck.student, d.loader, ck.device, teacher=d.teacher, loss_fn=loss_fn,
+                                              normalize=d.normalize, map_topk=map_topk)
+    accs = [r["acc"] for r in results["domains"].values()]
+    maps_ = [r["map_score"] for r in results["domains"].values() if r["map_score"] is not None]
+    results["mean_acc"] = sum(accs) / len(accs)
+    results["mean_map_score"] = sum(maps_) / len(maps_) if maps_ else None
+    return results

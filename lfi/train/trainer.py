@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import replace
 import math
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lfi.train import checkpoint as ckpt
-from lfi.train.config import TrainConfig
+from lfi.train.config import VAL_SEED_OFFSET, TrainConfig
 from lfi.train.controls import distill_loss
 from lfi.train.distributed import all_reduce_sum, barrier, cleanup_distributed, init_distributed
 from lfi.train.evaluate import evaluate
@@ -63,12 +63,14 @@ def synthetic_datasets(cfg: TrainConfig):
     """(train, val) SyntheticShapes, cached in-process (the demo reuses them across runs)."""
     from lfi.data.synthetic import SyntheticShapes
 
-    concepts = None if not cfg.synthetic_concepts else tuple(c.strip() for c in cfg.synthetic_concepts.split(",") if c.strip())
+    concepts = None
+    if cfg.synthetic_concepts:
+        concepts = tuple(c.strip() for c in cfg.synthetic_concepts.split(",") if c.strip())
     common = dict(img_size=cfg.img_size, concepts=concepts, num_distractors=cfg.synthetic_distractors,
                   task=cfg.synthetic_task)
     out = []
     for n, seed, style in ((cfg.synthetic_train, cfg.synthetic_seed, cfg.synthetic_style),
-                           (cfg.synthetic_val, cfg.synthetic_seed + 7919, cfg.synthetic_style)):
+                           (cfg.synthetic_val, cfg.synthetic_seed + VAL_SEED_OFFSET, cfg.synthetic_style)):
         key = (n, seed, style, tuple(sorted(common.items())))
         if key not in _SYNTH_CACHE:
             _SYNTH_CACHE[key] = SyntheticShapes(n, style=style, seed=seed, **common)
@@ -424,7 +426,8 @@ class Trainer:
         with self.autocast():
             tmaps = None
             if self.teacher is not None:
-                tmaps = self.teacher(images, masks) if getattr(self.teacher, "needs_masks", False) else self.teacher(images)
+                needs_masks = getattr(self.teacher, "needs_masks", False)
+                tmaps = self.teacher(images, masks) if needs_masks else self.teacher(images)
                 if cfg.teacher_shuffle:
                     tmaps = shuffled(tmaps)
             loss, ce, kl, logits = self.model(images, labels, tmaps)
@@ -498,7 +501,8 @@ class Trainer:
         metrics_path = self.out / "metrics.jsonl"
         ov = self.student.overhead()
         self._log(f"student {cfg.student} ({ov['backbone_params'] / 1e6:.2f}M params) + {cfg.queries} queries "
-                  f"(+{ov['params']} params, {ov['percent']:.3f}%), teacher {cfg.teacher if self.teacher is not None else 'none'}, "
+                  f"(+{ov['params']} params, {ov['percent']:.3f}%), "
+                  f"teacher {cfg.teacher if self.teacher is not None else 'none'}, "
                   f"lam {self.lam}, {len(self.data['train'])} train images, {self.steps_per_epoch} steps/epoch, "
                   f"device {self.device}" + (f" x{self.dist.world_size} (DDP)" if self.dist.enabled else ""))
         try:

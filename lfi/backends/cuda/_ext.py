@@ -26,18 +26,19 @@ from pathlib import Path
 
 import torch
 
+from lfi.backends.cuda.build_spec import (
+    CPU_SOURCES,
+    CUDA_SOURCES,
+    CXX_FLAGS,
+    DEFAULT_ARCHS,
+    ISA_FLAGS,
+    LD_FLAGS,
+    NVCC_FLAGS,
+)
+
 CSRC = Path(os.environ.get("LFI_CSRC", Path(__file__).resolve().parents[3] / "csrc"))
-CPU_SOURCES = ("bindings.cpp", "ops.cpp", "cpu/attention.cpp", "cpu/kl.cpp")
-CUDA_SOURCES = ("cuda/attention.cu", "cuda/kl.cu")
-HEADERS = ("lfi_math.h", "lfi_params.h", "lfi_kernels.h", "ops.h", "cpu/cpu_common.h", "cuda/cuda_common.cuh")
-DEFAULT_ARCHS = "8.0;9.0"
 JIT_NAME_CUDA = "lfi_C"
 JIT_NAME_CPU = "lfi_C_cpu"
-# -fopenmp: at::parallel_for is header-inline OpenMP in torch's builds; without the flag the CPU
-# kernels would silently run on one thread (libgomp.so.1 resolves to the copy torch has loaded).
-CXX_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
-LD_FLAGS = ["-fopenmp"]
-NVCC_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-DLFI_WITH_CUDA"]
 
 _lock = threading.RLock()
 _state: dict = {"loaded": False, "how": None, "path": None, "error": None, "cuda": False, "archs": None,
@@ -86,7 +87,6 @@ def cpu_isa() -> str:
     return "avx2" if cap in ("AVX2", "AVX512") else "generic"
 
 
-ISA_FLAGS = {"avx2": ["-mavx2", "-mfma", "-mf16c"], "generic": []}
 
 
 def _want_cuda() -> bool:
@@ -143,7 +143,7 @@ def _jit_build(verbose: bool) -> str:
         sources += [str(CSRC / s) for s in CUDA_SOURCES]
         cflags.append("-DLFI_WITH_CUDA")
     isa = cpu_isa()
-    cflags += ISA_FLAGS[isa]
+    cflags += list(ISA_FLAGS[isa])
     name = (JIT_NAME_CUDA if with_cuda else JIT_NAME_CPU) + ("_avx2" if isa == "avx2" else "")
     start = time.perf_counter()
     path = cpp_extension.load(
@@ -152,7 +152,9 @@ def _jit_build(verbose: bool) -> str:
         extra_include_paths=[str(CSRC)], with_cuda=with_cuda, is_python_module=False, verbose=verbose,
     )
     _state["build_seconds"] = time.perf_counter() - start
-    return path if isinstance(path, str) else os.path.join(cpp_extension._get_build_directory(name, False), f"{name}.so")
+    if isinstance(path, str):
+        return path
+    return os.path.join(cpp_extension._get_build_directory(name, False), f"{name}.so")
 
 
 def load(verbose: bool | None = None) -> None:
@@ -247,7 +249,7 @@ def load_emulator(verbose: bool = False):
             cpp_extension.load(
                 name="lfi_C_emu" + ("_avx2" if cpu_isa() == "avx2" else ""),
                 sources=[str(CSRC / s) for s in CPU_SOURCES + EMU_SOURCES],
-                extra_cflags=CXX_FLAGS + ISA_FLAGS[cpu_isa()]
+                extra_cflags=list(CXX_FLAGS) + list(ISA_FLAGS[cpu_isa()])
                 + ["-DLFI_WITH_CUDA", "-DLFI_CUDA_EMULATE", "-Wno-unknown-pragmas"], extra_ldflags=list(LD_FLAGS),
                 extra_include_paths=[str(CSRC)], with_cuda=False, is_python_module=False, verbose=verbose,
             )

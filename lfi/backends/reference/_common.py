@@ -5,9 +5,7 @@ import os
 
 import torch
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from lfi._numerics import compute_dtype  # noqa: F401  (the reference ops import it from here)
 
 
 def chunk_rows(B: int, H: int, M: int, N: int, itemsize: int) -> int:
@@ -23,8 +21,7 @@ def grouped(t: torch.Tensor, hkv: int) -> torch.Tensor:
 
 def row_stats(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(row max m, log l) with l = sum exp(s - m), both (..., 1); (0, +inf) for rows with no
-    unmasked key. Kept apart rather than folded into lse = m + log l: with huge scores (a whole row
-    at -1e30 from a float mask) m + log l rounds to m, and exp(s - lse) would lose the 1/l."""
+    unmasked key (why a pair: lfi._numerics)."""
     m = s.amax(-1, keepdim=True)
     m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
     log_l = torch.log(torch.exp(s - m).sum(-1, keepdim=True))

@@ -3,9 +3,9 @@
 Per row (b, h, m) over the N keys kept by key_mask: s = logits * student_scale,
 t = target / sum(target) (probabilities) or softmax(target * target_scale) (logits), and
 KL = sum_j t_j (log t_j - log softmax(s)_j), with 0 log 0 = 0. Rows with no kept key, or whose
-target mass is zero, give 0. Row statistics returned for the backward, each a pair kept apart
-(never folded into one logsumexp, which loses the 1/l of a row at finfo.min): stats = (row max m,
-log l) of s and tstats = (shift, log_z) of the target (see log_target).
+target mass is zero, give 0. Row statistics returned for the backward, each a pair (why:
+lfi._numerics): stats = (row max m, log l) of s and tstats = (shift, log_z) of the target (see
+log_target).
 Computed in float32 (float64 for float64 inputs), in row chunks.
 """
 from __future__ import annotations

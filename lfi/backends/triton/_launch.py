@@ -135,7 +135,8 @@ class TunedKernel:
         if self._autotuner is None:
             self._autotuner = triton.autotune(
                 configs=self.configs, key=self.key,
-                prune_configs_by={"early_config_prune": lambda configs, named, **kw: self.prune(configs, {**named, **kw})},
+                prune_configs_by={
+                    "early_config_prune": lambda configs, named, **kw: self.prune(configs, {**named, **kw})},
             )(self.kernel)
         return self._autotuner
 

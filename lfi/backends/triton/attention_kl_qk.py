@@ -21,14 +21,19 @@ from functools import partial
 import torch
 import triton
 
+from lfi._numerics import MAX_HEAD_DIM
 from lfi.backends.triton._launch import TunedKernel, _block, _precision, bucket, configs_from, fit_buckets, smem_limit
 from lfi.backends.triton.attention_kl import (
-    SUPPORTED_DTYPES, _check_dtype, _mask_arg, _row_stats, _target_arg, key_mask_only,
+    SUPPORTED_DTYPES,
+    _check_dtype,
+    _mask_arg,
+    _row_stats,
+    _target_arg,
+    key_mask_only,
 )
 from lfi.kernels import INTERPRET
 from lfi.kernels import attention_kl_qk as K
 
-MAX_HEAD_DIM = 256
 _FEATURES = ["M_BUCKET", "N_BUCKET", "HEAD_DIM", "HEAD_DIM_T", "HAS_MASK", "KEY_MASK", "TARGET_IS_LOGITS",
              "IMPLICIT", "PRECISION", "T_PRECISION"]
 

@@ -22,7 +22,14 @@ import torch
 import triton
 
 from lfi.backends.triton._launch import (
-    TunedKernel, _block, _broadcast_strides, _precision, _strides, bucket, configs_from, smem_limit,
+    TunedKernel,
+    _block,
+    _broadcast_strides,
+    _precision,
+    _strides,
+    bucket,
+    configs_from,
+    smem_limit,
 )
 from lfi.kernels import INTERPRET
 from lfi.kernels import interaction_attention as K
@@ -189,7 +196,9 @@ def attention_forward(q, k, v, mask, scale: float, is_causal: bool, w_start: int
     # 0: no maps; 1: maps of a window of rows; 2: of every row (no single-pass code compiled)
     maps_mode = 0 if not write_maps else (2 if (w_start, w_stop) == (0, M) else 1)
     has_kl = kl_target is not None
-    kl, tnorm = (torch.empty(B, H, M, dtype=torch.float32, device=q.device) for _ in range(2)) if has_kl else (None, None)
+    kl = tnorm = None
+    if has_kl:
+        kl, tnorm = (torch.empty(B, H, M, dtype=torch.float32, device=q.device) for _ in range(2))
     _fwd(
         lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
         q, k, v, mask_arg, out, stats, weights if write_maps else out,
