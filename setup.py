@@ -63,7 +63,8 @@ setup(
     long_description=README.read_text(encoding="utf-8") if README.exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # Triton kernels live in the top-level kernels/ folder and install as lfi.kernels.
+    # Triton kernels live in the top-level kernels/ folder (the project's fixed top-level layout) and
+    # install as lfi.kernels: `from lfi.kernels import ...` everywhere, no top-level package `kernels`.
     packages=find_packages(include=["lfi", "lfi.*"]) + ["lfi.kernels"],
     package_dir={"lfi": "lfi", "lfi.kernels": "kernels"},
     install_requires=[

@@ -1,7 +1,7 @@
 """The one place that decides which backend runs an op.
 
 Backends:
-  "torch"  -- the PyTorch reference (lfi.backends.reference), any device and dtype, row-chunked.
+  "torch"  -- the PyTorch reference (lfi.backends.torch), any device and dtype, row-chunked.
   "triton" -- Triton kernels (lfi.backends.triton): CUDA tensors, or CPU tensors when the
               interpreter was enabled (TRITON_INTERPRET=1 before lfi.kernels was imported).
   "cuda"   -- the C++/CUDA extension lfi_C (lfi.backends.cuda): CUDA kernels, and CPU kernels for CPU
@@ -15,7 +15,6 @@ F.scaled_dot_product_attention instead.
 """
 from __future__ import annotations
 
-import importlib
 import os
 
 import torch
@@ -34,7 +33,7 @@ def _probe_triton() -> tuple[str | None, bool]:
     breaking the graph. TRITON_INTERPRET=1 must therefore be set before lfi is imported.
     """
     try:
-        kernels = importlib.import_module("lfi.kernels")
+        from lfi import kernels
     except Exception as exc:  # ImportError, or Triton failing to initialise
         return f"triton unavailable: {type(exc).__name__}: {exc}", False
     return None, kernels.INTERPRET
@@ -90,7 +89,10 @@ def backend_status(device: torch.device | str) -> dict[str, tuple[bool, str]]:
             if device.type == "cpu"
             else f"Triton kernels on {torch.cuda.get_device_name(device) if torch.cuda.is_available() else device}"
         ),
-        "cuda": "lfi_C extension (CUDA kernels; multithreaded CPU kernels for CPU tensors), built on first use",
+        # One backend name, two builds: on CPU tensors "cuda" runs the extension's C++ host kernels.
+        "cuda": ("lfi_C extension, C++ CPU kernels (multithreaded; the host build of backend='cuda'), "
+                 "built on first use" if device.type == "cpu" else
+                 "lfi_C extension, CUDA kernels, built on first use"),
     }
     status = {}
     for name in BACKENDS:
@@ -160,15 +162,36 @@ def _cuda_ext_ready() -> bool:
     return torch.cuda.is_available() and _cuda_ext.ready_for_cuda()
 
 
-_PACKAGES = {"torch": "reference", "triton": "triton", "cuda": "cuda"}
+def _torch_ops() -> dict:
+    from lfi.backends.torch import attention_kl, attention_kl_qk, interaction_attention
+
+    return {"interaction_attention": interaction_attention, "attention_kl": attention_kl,
+            "attention_kl_qk": attention_kl_qk}
 
 
-_MODULES: dict[tuple[str, str], object] = {}
+def _triton_ops() -> dict:
+    from lfi.backends.triton import attention_kl, attention_kl_qk, interaction_attention
+
+    return {"interaction_attention": interaction_attention, "attention_kl": attention_kl,
+            "attention_kl_qk": attention_kl_qk}
+
+
+def _cuda_ops() -> dict:
+    from lfi.backends.cuda import attention_kl, attention_kl_qk, interaction_attention
+
+    return {"interaction_attention": interaction_attention, "attention_kl": attention_kl,
+            "attention_kl_qk": attention_kl_qk}
+
+
+# Per backend, the modules implementing each op, imported (plain imports an editor can follow) on the
+# backend's first use: importing Triton or the extension loader at `import lfi` would cost every user.
+_LOADERS = {"torch": _torch_ops, "triton": _triton_ops, "cuda": _cuda_ops}
+_OPS: dict[str, dict] = {}
 
 
 def implementation(backend: str, op: str):
     """The module implementing `op` on the concrete `backend`, e.g. lfi.backends.triton.interaction_attention."""
-    module = _MODULES.get((backend, op))
-    if module is None:  # imported on first use, then looked up (called twice per forward + backward)
-        module = _MODULES[(backend, op)] = importlib.import_module(f"lfi.backends.{_PACKAGES[backend]}.{op}")
-    return module
+    ops = _OPS.get(backend)
+    if ops is None:  # called twice per forward + backward: a dict lookup after the first call
+        ops = _OPS[backend] = _LOADERS[backend]()
+    return ops[op]

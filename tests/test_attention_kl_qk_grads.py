@@ -128,8 +128,8 @@ def test_noncontiguous(backend, layout):
 def test_torch_backend_row_chunks(monkeypatch, chunk_bytes, teacher):
     """With a small LFI_TORCH_CHUNK_BYTES the torch backend still matches the reference, and never
     builds a logits block larger than the chunk (the full (M, N) map is never materialized)."""
-    from lfi.backends.reference import attention_kl_qk as ref_backend
-    from lfi.backends.reference._common import chunk_rows
+    from lfi.backends.torch import attention_kl_qk as ref_backend
+    from lfi.backends.torch._common import chunk_rows
 
     monkeypatch.setenv("LFI_TORCH_CHUNK_BYTES", str(chunk_bytes))
     seen = []

@@ -109,7 +109,7 @@ EMU_ATTENTION = [
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c["id"]) for c in EMU_ATTENTION])
 def test_emulated_cuda_attention(emu, case):
-    from lfi.backends.reference import interaction_attention as R
+    from lfi.backends.torch import interaction_attention as R
 
     gen = make_gen("emu", case["id"])
     dtype = case.get("dtype", torch.float32)
@@ -149,8 +149,8 @@ def test_emulated_cuda_attention(emu, case):
 @pytest.mark.parametrize("logits_t", [False, True], ids=["probs", "logits"])
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "keymask"])
 def test_emulated_cuda_kl(emu, masked, logits_t):
-    from lfi.backends.reference import attention_kl as RK
-    from lfi.backends.reference import attention_kl_qk as RQ
+    from lfi.backends.torch import attention_kl as RK
+    from lfi.backends.torch import attention_kl_qk as RQ
 
     gen = make_gen("emu-kl", masked, logits_t)
     B, H, M, N, D = 2, 2, 5, 150, 24

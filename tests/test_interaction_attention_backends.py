@@ -169,7 +169,7 @@ def test_torch_backend_backward_reads_full_maps():
     """backend="torch" keeps the returned maps of every row (its P, in the compute dtype) for the
     backward instead of recomputing them, as eager attention keeps P: same gradients, and an
     in-place edit of those maps before backward is refused as autograd refuses it for eager."""
-    from lfi.backends.reference import interaction_attention as ref
+    from lfi.backends.torch import interaction_attention as ref
 
     gen = make_gen("keep_probs")
     q, k, v = make_qkv(2, 2, 1, 9, 21, 16, gen=gen, requires_grad=True)

@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 
 from lfi import _dispatch
 from lfi._numerics import compute_dtype
-from lfi.backends.reference import interaction_attention as reference
+from lfi.backends.torch import interaction_attention as reference
 from lfi.ops._kl import check_dense_target, check_options, reduce_rows
 from lfi.ops._validation import check_qkv, check_tensor, check_weights_rows, normalize_mask
 

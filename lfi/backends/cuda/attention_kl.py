@@ -1,6 +1,6 @@
 """backend="cuda" for attention_kl: the lfi_C extension's row kernels on dense student logits.
 
-Same contract as lfi.backends.reference.attention_kl: logits (B, H, M, N), any strides; target and
+Same contract as lfi.backends.torch.attention_kl: logits (B, H, M, N), any strides; target and
 key_mask 4-D, broadcastable to it (stride 0 along broadcast dims, never expanded in memory).
 float16 / bfloat16 / float32 on CUDA; on CPU also float64.
 """

@@ -1,7 +1,7 @@
 """backend="cuda" for attention_kl_qk: student logits q k^T * scale (and an implicit teacher's
 q_t k_t^T * scale_t) computed tile by tile in the lfi_C extension, never materialized.
 
-Same contract as lfi.backends.reference.attention_kl_qk: q (B, H, M, D), k (B, Hkv, N, D),
+Same contract as lfi.backends.torch.attention_kl_qk: q (B, H, M, D), k (B, Hkv, N, D),
 H % Hkv == 0, any strides; a dense target broadcastable to (B, H, M, N), or q_t (B, Ht, M, Dt) with
 Ht in {1, H} and k_t (B, Htk, N, Dt), Ht % Htk == 0. float16 / bfloat16 / float32 on CUDA; on CPU
 also float64.

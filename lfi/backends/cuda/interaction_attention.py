@@ -1,6 +1,6 @@
 """backend="cuda" for interaction_attention: the lfi_C extension's attention kernels.
 
-Same contract as lfi.backends.reference.interaction_attention (shapes, dtypes, row statistics
+Same contract as lfi.backends.torch.interaction_attention (shapes, dtypes, row statistics
 (m, log l) with (0, +inf) on rows without an attended key, zero rows, fused KL with tnorm): q (B, H, M, D),
 k (B, Hkv, N, D), v (B, Hkv, N, Dv), any strides; mask (bool or float) and kl_target 4-D, broadcastable to
 (B, H, M, N) and read with stride 0 along broadcast dims. float16 / bfloat16 / float32 on CUDA

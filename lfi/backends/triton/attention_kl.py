@@ -1,6 +1,6 @@
 """Launchers for the Triton KL kernels on dense student logits (lfi.kernels.attention_kl).
 
-Same contract as lfi.backends.reference.attention_kl: logits (B, H, M, N) with any strides,
+Same contract as lfi.backends.torch.attention_kl: logits (B, H, M, N) with any strides,
 float16/bfloat16/float32; target and key_mask 4-D, broadcastable to it (size-1 dims are read with
 stride 0, never expanded in memory). The forward reads the logits and the target once; the backward
 recomputes p and t per tile from the saved row statistics.

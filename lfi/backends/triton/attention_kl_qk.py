@@ -1,7 +1,7 @@
 """Launchers for the Triton KL kernels with student logits s = (q k^T) * student_scale computed tile
 by tile (lfi.kernels.attention_kl_qk).
 
-Same contract as lfi.backends.reference.attention_kl_qk: q (B, H, M, D), k (B, Hkv, N, D),
+Same contract as lfi.backends.torch.attention_kl_qk: q (B, H, M, D), k (B, Hkv, N, D),
 H % Hkv == 0, any strides, float16/bfloat16/float32, D <= 256; the target is dense (4-D,
 broadcastable to (B, H, M, N)) or implicit, u = (q_t k_t^T) * target_scale with q_t (B, Ht, M, Dt),
 Ht in {1, H}, and k_t (B, Htk, N, Dt), Ht % Htk == 0. Extra memory is O(B * H * M): no (M, N) map of

@@ -1,6 +1,6 @@
 """Launchers for the Triton attention kernels (lfi.kernels.interaction_attention).
 
-Same contract as lfi.backends.reference.interaction_attention: q (B, H, M, D), k (B, Hkv, N, D), v (B, Hkv, N, Dv),
+Same contract as lfi.backends.torch.interaction_attention: q (B, H, M, D), k (B, Hkv, N, D), v (B, Hkv, N, Dv),
 mask 4-D broadcastable to (B, H, M, N) or None; float16/bfloat16/float32. The returned maps are a
 view of a buffer whose rows are padded to a multiple of 16 elements (so the kernels' map stores
 vectorize); every other output is contiguous.

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from lfi.backends.reference._common import chunk_rows, compute_dtype, grouped, rows_of
-from lfi.backends.reference.attention_kl import NEG_INF, _masked_fill, kl_grad, kl_rows, log_target, probs_of
+from lfi.backends.torch._common import chunk_rows, compute_dtype, grouped, rows_of
+from lfi.backends.torch.attention_kl import NEG_INF, _masked_fill, kl_grad, kl_rows, log_target, probs_of
 
 
 def _logits(q_rows, k, scale: float):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from lfi.backends.reference._common import chunk_rows, compute_dtype, row_stats, rows_of
+from lfi.backends.torch._common import chunk_rows, compute_dtype, row_stats, rows_of
 
 NEG_INF = float("-inf")
 

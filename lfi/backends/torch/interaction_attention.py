@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from lfi.backends.reference._common import chunk_rows, compute_dtype, grouped, row_stats, rows_of
-from lfi.backends.reference.attention_kl import kl_grad, kl_rows, log_target
+from lfi.backends.torch._common import chunk_rows, compute_dtype, grouped, row_stats, rows_of
+from lfi.backends.torch.attention_kl import kl_grad, kl_rows, log_target
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
