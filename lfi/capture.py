@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
@@ -64,29 +63,58 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 RowsSpec = Union[None, int, slice, Sequence[int]]
 
 
+_ROWS_FORM = ("None (all rows), an int row, a slice with step 1 or a (start, stop) pair of ints "
+              "(rows start..stop-1; negative values count from the end)")
+
+
+def _int_item(rows, x) -> int:
+    if isinstance(x, (bool, str, bytes)) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"rows must be {_ROWS_FORM}; got rows={rows!r}, whose item {x!r} is not an int")
+    return int(x)
+
+
+def _rows_pair(rows: RowsSpec) -> tuple[Optional[int], Optional[int]]:
+    """(start, stop) as given (None = the edge) for a slice or pair spec; checks the form only."""
+    if isinstance(rows, slice):
+        if rows.step not in (None, 1):
+            raise ValueError(f"rows must be {_ROWS_FORM}; got rows={rows!r} (step {rows.step})")
+        return tuple(None if x is None else _int_item(rows, x) for x in (rows.start, rows.stop))
+    try:
+        items = None if isinstance(rows, (str, bytes)) else tuple(rows)
+    except TypeError:
+        items = None
+    if items is None or len(items) != 2:
+        raise TypeError(f"rows must be {_ROWS_FORM}; got rows={rows!r} ({type(rows).__name__})")
+    return _int_item(rows, items[0]), _int_item(rows, items[1])
+
+
+def _check_rows(rows: RowsSpec) -> None:
+    """Checks the form of a rows spec before any call is seen (the range needs M, checked per call):
+    its type, and for a pair or slice whose bounds share a sign (so their order does not depend on
+    M) that start < stop."""
+    if rows is None:
+        return
+    if isinstance(rows, bool) or not isinstance(rows, numbers.Integral):
+        start, stop = _rows_pair(rows)
+        if start is not None and stop is not None and (start < 0) == (stop < 0) and start >= stop:
+            raise ValueError(f"rows={rows!r} selects no query row: rows must be {_ROWS_FORM}, with start < stop")
+
+
 def _resolve_rows(rows: RowsSpec, M: int) -> tuple[int, int]:
     """(start, stop) with 0 <= start < stop <= M for a rows spec (None = all rows)."""
     if rows is None:
         return 0, M
     if isinstance(rows, bool):
-        raise TypeError(f"rows must be None, an int, a slice or a (start, stop) pair, got {rows!r}")
+        raise TypeError(f"rows must be {_ROWS_FORM}; got rows={rows!r} (bool)")
     if isinstance(rows, numbers.Integral):
         r = int(rows) + (M if rows < 0 else 0)
         if not 0 <= r < M:
-            raise IndexError(f"rows={rows} is out of range for {M} query rows")
+            raise IndexError(f"rows={rows} is out of range for {M} query rows (an int row must be in -{M}..{M - 1})")
         return r, r + 1
-    if isinstance(rows, slice):
-        if rows.step not in (None, 1):
-            raise ValueError(f"rows must be a contiguous slice (step 1), got {rows}")
-        start, stop, _ = rows.indices(M)
-    else:
-        try:
-            start, stop = (int(x) for x in rows)
-        except (TypeError, ValueError):
-            raise TypeError(f"rows must be None, an int, a slice or a (start, stop) pair, got {rows!r}") from None
-        start, stop, _ = slice(start, stop).indices(M)
+    start, stop, _ = slice(*_rows_pair(rows)).indices(M)
     if start >= stop:
-        raise ValueError(f"rows={rows!r} selects no query row out of {M}")
+        raise ValueError(f"rows={rows!r} selects no query row out of this call's {M}: rows must be {_ROWS_FORM}, "
+                         "selecting at least one row")
     return start, stop
 
 
@@ -236,7 +264,7 @@ def capture_attention(
     if not isinstance(grad, bool):
         raise TypeError(f"grad must be a bool, got {grad!r}")
     if rows is not None:
-        _resolve_rows(rows, sys.maxsize)  # type check early; the range is checked per call
+        _check_rows(rows)  # the form early; the range is checked per call
     mods = attention_modules(model)
     if not mods:
         raise ValueError(

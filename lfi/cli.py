@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Sequence
@@ -169,6 +168,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from lfi import benchmark as bench
 
     console = _console()
+    if args.json:  # a bad --json path fails now, not after the run
+        bench.check_output_file(args.json, args.overwrite)
     device = torch.device(args.device) if args.device else bench.default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         console.print("[red]--device cuda requested but CUDA is not available[/red]")
@@ -209,8 +210,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         payload = {"shape": shape.as_tuple(), "dtype": bench.dtype_name(dtype), "device": str(device),
                    "device_name": bench.device_name(device), "versions": vers, "rows": rows}
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2)
+        bench.write_json_atomic(args.json, payload, indent=2)
         console.print(f"wrote {args.json}")
     ran = [r for r in rows if not r["skipped"]]
     return 1 if ran and all(r["error"] for r in ran) else 0
@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds of timing per row (default 0.5 on CPU, 0.3 on CUDA)")
     pb.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default torch's")
     pb.add_argument("--no-check", action="store_true", help="skip the max |err| comparison against eager")
-    pb.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
+    pb.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON (its folder must exist)")
+    pb.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     pb.add_argument("-v", "--verbose", action="store_true", help="print tracebacks of failing rows")
     pb.set_defaults(func=cmd_bench)
 

@@ -11,6 +11,7 @@ when the op (or one of its backends) is broken. One module per concern:
 * ``lfi.benchmark.measure``: peak memory and timing of one call, memory housekeeping
 * ``lfi.benchmark.cases``: a ``Case`` (inputs + a zero-argument step) per (impl, shape, mode, maps)
 * ``lfi.benchmark.compare``: the side-by-side table of ``lfi bench``
+* ``lfi.benchmark.output``: ``lfi bench --json``'s file, checked before the run and written atomically
 
 The names below are re-exported here, so ``from lfi import benchmark as bench; bench.make_case(...)``
 works without knowing the module layout.
@@ -29,6 +30,7 @@ from lfi.benchmark.env import (
 )
 from lfi.benchmark.impls import IMPLS, Impl, cuda_ext_needs_build, get_impl
 from lfi.benchmark.measure import fmt_bytes, free_memory, is_oom, measure_peak_memory, time_ms, time_once_s
+from lfi.benchmark.output import check_output_file, write_json_atomic
 from lfi.benchmark.shapes import SHAPES_CPU, SHAPES_FULL, Shape, parse_shape, shapes_for
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "SHAPES_CPU",
     "Case",
     "MODES",
+    "check_output_file",
     "cpu_model",
     "cuda_ext_needs_build",
     "default_device",
@@ -60,4 +63,5 @@ __all__ = [
     "time_ms",
     "time_once_s",
     "versions",
+    "write_json_atomic",
 ]

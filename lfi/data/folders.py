@@ -1,12 +1,14 @@
 """ImageFolder helpers: transforms, checked loading, multi-domain layouts, concept lists."""
 from __future__ import annotations
 
+import multiprocessing
 import os
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["IMG_EXTENSIONS", "build_transform", "load_imagefolder", "find_domains", "read_concepts",
-           "class_concepts"]
+__all__ = ["IMG_EXTENSIONS", "build_transform", "load_imagefolder", "skipped_images", "reset_skipped", "find_domains",
+           "read_concepts", "class_concepts"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -45,9 +47,81 @@ def build_transform(img_size: int, mean, std, train: bool = False, augment: str 
     return T.Compose(ops)
 
 
-def load_imagefolder(path, transform=None, classes: Optional[Sequence[str]] = None):
-    """A torchvision ImageFolder with clear errors for a missing/empty path or mismatched classes."""
+def __getattr__(name: str):
+    if name == "CheckedImageFolder":  # built on first use (torchvision is imported lazily); picklable by name
+        return _checked_imagefolder_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _checked_imagefolder_class():
+    if "CheckedImageFolder" in globals():
+        return globals()["CheckedImageFolder"]
     from torchvision.datasets import ImageFolder
+
+    class CheckedImageFolder(ImageFolder):
+        """ImageFolder that names unreadable files (truncated / corrupt / not an image).
+
+        strict: raise ValueError naming the file. Otherwise the file is skipped: a warning names it
+        (once per process) and the sample is replaced by the next readable one in index order
+        (deterministic); ``skipped`` counts the skips across DataLoader workers (reset it per epoch)."""
+
+        def __init__(self, *args, strict: bool = False, **kw):
+            super().__init__(*args, **kw)
+            self.strict = strict
+            self.skipped = multiprocessing.get_context().Value("i", 0)
+            self._warned: set = set()
+
+        def _bad(self, index: int, e: BaseException) -> None:
+            path = self.samples[index][0]
+            msg = f"{path}: unreadable image ({type(e).__name__}: {e})"
+            if self.strict:
+                raise ValueError(msg + "; remove or fix it (or train without --strict to skip it)") from None
+            with self.skipped.get_lock():
+                self.skipped.value += 1
+            if path not in self._warned:
+                self._warned.add(path)
+                warnings.warn(f"skipping {msg}", RuntimeWarning, stacklevel=3)
+
+        def __getitem__(self, index: int):
+            for k in range(len(self.samples)):
+                i = (index + k) % len(self.samples)
+                try:
+                    return super().__getitem__(i)
+                except (OSError, SyntaxError) as e:  # PIL: truncated / corrupt (UnidentifiedImageError is OSError)
+                    self._bad(i, e)
+            raise ValueError(f"{self.root}: no readable image")
+
+        def __getstate__(self):
+            state = dict(self.__dict__)
+            state["_warned"] = set()
+            return state
+
+    CheckedImageFolder.__module__ = __name__
+    CheckedImageFolder.__qualname__ = "CheckedImageFolder"
+    globals()["CheckedImageFolder"] = CheckedImageFolder
+    return CheckedImageFolder
+
+
+def skipped_images(dataset) -> int:
+    """The skip counter of a load_imagefolder dataset (through Subset wrappers); 0 for other datasets."""
+    while hasattr(dataset, "dataset") and not hasattr(dataset, "skipped"):
+        dataset = dataset.dataset
+    counter = getattr(dataset, "skipped", None)
+    return 0 if counter is None else int(counter.value)
+
+
+def reset_skipped(dataset) -> None:
+    while hasattr(dataset, "dataset") and not hasattr(dataset, "skipped"):
+        dataset = dataset.dataset
+    counter = getattr(dataset, "skipped", None)
+    if counter is not None:
+        with counter.get_lock():
+            counter.value = 0
+
+
+def load_imagefolder(path, transform=None, classes: Optional[Sequence[str]] = None, strict: bool = False):
+    """A torchvision ImageFolder with clear errors for a missing/empty path or mismatched classes, and
+    unreadable image files named (skipped with a warning, or a ValueError with ``strict``)."""
 
     root = Path(os.fspath(path)).expanduser()
     if not root.exists():
@@ -61,7 +135,7 @@ def load_imagefolder(path, transform=None, classes: Optional[Sequence[str]] = No
             f"{root} is not an ImageFolder: expected one sub-folder per class, each holding images "
             f"({', '.join(IMG_EXTENSIONS)}); found sub-folders {sub or 'none'}. For several domains pass their "
             "parent folder to `lfi eval`.")
-    ds = ImageFolder(str(root), transform=transform)
+    ds = _checked_imagefolder_class()(str(root), transform=transform, strict=strict)
     if classes is not None and list(ds.classes) != list(classes):
         raise ValueError(f"classes of {root} ({ds.classes}) differ from the model's classes ({list(classes)})")
     return ds

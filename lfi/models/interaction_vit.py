@@ -43,12 +43,18 @@ def resolve_layers(spec, depth: int) -> list:
             return resolve_layers([int(p) for p in s.split(",")], depth)
         raise ValueError(
             f"supervised_layers must be 'all', 'last', 'lastN', 'firstN', an int or a list of ints, got {spec!r}")
-    if isinstance(spec, int):
+    accepted = "'all', 'last', 'lastN', 'firstN', an int or a list of ints (negative = from the end)"
+    if isinstance(spec, int) and not isinstance(spec, bool):
         spec = [spec]
+    if isinstance(spec, (bool, bytes)) or not hasattr(spec, "__iter__"):
+        raise TypeError(f"supervised_layers must be {accepted}, got {spec!r} ({type(spec).__name__})")
     out = []
     for i in spec:
-        if not isinstance(i, int) or not -depth <= i < depth:
-            raise ValueError(f"supervised layer {i!r} out of range for a ViT of depth {depth}")
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"supervised_layers must be {accepted}, got {spec!r} (item {i!r} is not an int)")
+        if not -depth <= i < depth:
+            raise ValueError(f"supervised_layers: layer {i!r} is out of range for a ViT of depth {depth} "
+                             f"(valid: {-depth}..{depth - 1})")
         out.append(i % depth)
     if not out:
         raise ValueError("supervised_layers is empty")

@@ -1,23 +1,21 @@
 """Options shared by the KL ops: target kinds, temperature, reductions, target validation."""
 from __future__ import annotations
 
-import numbers
-
 import torch
 
-from lfi.ops._validation import FLOAT_DTYPES, as_4d
+from lfi.ops._validation import FLOAT_DTYPES, as_4d, check_float
 
 TARGET_KINDS = ("probs", "logits", "log_probs")
 REDUCTIONS = ("batchmean", "mean", "sum", "none")
 
 
-def check_options(target_is: str, temperature, reduction: str) -> None:
+def check_options(target_is: str, temperature, reduction: str) -> float:
+    """Checks the shared options; returns temperature as a float."""
     if target_is not in TARGET_KINDS:
         raise ValueError(f"target_is must be one of {TARGET_KINDS}, got {target_is!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
-        raise ValueError(f"temperature must be a positive float, got {temperature!r}")
+    return check_float("temperature", temperature, positive=True)
 
 
 def target_scale(target_is: str, temperature: float) -> float:
@@ -63,4 +61,5 @@ def reduce_rows(kl: torch.Tensor, reduction: str, batch: int) -> torch.Tensor:
     total = kl.sum()
     if reduction == "sum":
         return total
-    return total / (kl.numel() if reduction == "mean" else batch)
+    # max(1, .): an empty input (interaction_attention with B, H or M = 0) reduces to 0, not 0 / 0.
+    return total / max(1, kl.numel() if reduction == "mean" else batch)

@@ -1,6 +1,10 @@
 """Input checks shared by the public ops: every error names the argument and what was expected."""
 from __future__ import annotations
 
+import math
+import numbers
+import operator
+
 import torch
 
 from lfi._numerics import MAX_HEAD_DIM
@@ -38,7 +42,9 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         )
     if vH != Hkv:
         raise ValueError(f"k has {Hkv} heads but v has {vH}: expected v (B, Hkv, N, Dv) with Hkv={Hkv}")
-    if Hkv == 0 or H % Hkv != 0:
+    if Hkv == 0 and H != 0:
+        raise ValueError(f"k has Hkv=0 heads but q has H={H}: expected k (B, Hkv, N, D) with Hkv >= 1")
+    if Hkv != 0 and H % Hkv != 0:
         raise ValueError(
             f"q has H={H} heads and k has Hkv={Hkv}: grouped-query attention needs H % Hkv == 0"
         )
@@ -51,15 +57,67 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t, d in (("q", q, D), ("k", k, kD), ("v", v, Dv)):
         if d > MAX_HEAD_DIM or d < 1:
             raise ValueError(f"{name} head dim must be in 1..{MAX_HEAD_DIM}, got {d} ({_describe(t)})")
-    if M == 0 or N == 0 or B == 0 or H == 0:
-        raise ValueError(
-            f"empty attention: q {tuple(q.shape)}, k {tuple(k.shape)}; B, H, M and N must be >= 1"
-        )
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     device = q.device
     if not (k.device == device and v.device == device):
         raise ValueError(f"q, k and v must be on one device, got q {device}, k {k.device}, v {v.device}")
+
+
+def empty_dims(q: torch.Tensor, k: torch.Tensor) -> list[str]:
+    """The names of the empty dims of q (B, H, M, D) / k (B, Hkv, N, D), e.g. ["M=0"]; [] if none.
+
+    What the ops do with them (check_qkv lets them through):
+    - interaction_attention returns what F.scaled_dot_product_attention returns on CPU: B, H or
+      M = 0 give empty outputs (B, H, M, Dv) and empty maps; N = 0 (no key at all) makes every
+      query row fully masked, and our contract for such rows (zeros in out and maps, zero KL and
+      zero gradients, never NaN) is also what SDPA gives there, so out is zeros (B, H, M, Dv),
+      the maps (B, H, R, 0). These results are cheap (no kernel runs) and keep a model working
+      on an empty batch, as SDPA does.
+    - attention_kl and attention_kl_qk raise a ValueError naming the empty dim: a reduced KL loss
+      over no rows has no meaningful value ("batchmean" / "mean" would be 0 / 0)."""
+    B, H, M, _ = q.shape
+    N = k.shape[2]
+    return [f"{n}=0" for n, size in (("B", B), ("H", H), ("M", M), ("N", N)) if size == 0]
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type. Also a ValueError: the KL ops raised ValueError for these
+    before, so callers catching either keep working."""
+
+
+def check_float(name: str, value, *, none_ok: bool = False, positive: bool = False,
+                unit_interval: bool = False):
+    """`value` as a Python float: a real, finite number (not a bool, str or tensor), or None when
+    `none_ok`. positive: > 0; unit_interval: in [0, 1). Wrong types raise ArgumentTypeError,
+    bad values ValueError; both messages name `name` and what was expected."""
+    expected = "a finite real number"
+    if positive:
+        expected += " > 0"
+    if unit_interval:
+        expected += " in [0, 1)"
+    if none_ok:
+        expected += " or None"
+    if value is None and none_ok:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+    x = float(value)
+    if not math.isfinite(x) or (positive and not x > 0) or (unit_interval and not 0.0 <= x < 1.0):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return x
+
+
+def _index(name: str, value, x, expected: str) -> int:
+    """x, an item of the argument `value`, as an int: Python ints and integer types with __index__
+    (numpy ints, integer 0-dim tensors); not bool, float or str."""
+    bad = isinstance(x, (bool, str, bytes))
+    if not bad:
+        try:
+            return operator.index(x)
+        except TypeError:
+            bad = True
+    raise ArgumentTypeError(f"{name} must be {expected}, got {value!r}: item {x!r} ({type(x).__name__}) is not an int")
 
 
 def normalize_mask(attn_mask, B: int, H: int, M: int, N: int, q: torch.Tensor):
@@ -94,16 +152,24 @@ def check_weights_rows(weights_rows, need_weights: bool, M: int) -> tuple[int, i
         return (0, M) if need_weights else (0, 0)
     if not need_weights:
         raise ValueError("weights_rows is only meaningful with need_weights=True")
+    expected = "a (start, stop) pair of ints or a slice of ints with step 1"
     if isinstance(weights_rows, slice):
         if weights_rows.step not in (None, 1):
             raise ValueError(f"weights_rows must be a contiguous range, got step {weights_rows.step}")
+        for x in (weights_rows.start, weights_rows.stop):
+            if x is not None:
+                _index("weights_rows", weights_rows, x, expected)
         # Python slice semantics: negative bounds count from the end, None means the edge.
         start, stop, _ = weights_rows.indices(M)
-        weights_rows = (start, stop)
-    try:
-        start, stop = (int(x) for x in weights_rows)
-    except (TypeError, ValueError):
-        raise TypeError(f"weights_rows must be a (start, stop) pair of ints or a slice, got {weights_rows!r}") from None
+    else:
+        try:
+            items = None if isinstance(weights_rows, (str, bytes)) else tuple(weights_rows)
+        except TypeError:
+            items = None
+        if items is None or len(items) != 2:
+            raise ArgumentTypeError(
+                f"weights_rows must be {expected}, got {weights_rows!r} ({type(weights_rows).__name__})")
+        start, stop = (_index("weights_rows", weights_rows, x, expected) for x in items)
     if not 0 <= start < stop <= M:
         raise ValueError(f"weights_rows must satisfy 0 <= start < stop <= M = {M}, got ({start}, {stop})")
     return start, stop

@@ -102,11 +102,14 @@ def attention_kl(
         d/d logits = (softmax(s) - t) / temperature per row.
     """
     check_tensor("student_logits", student_logits, (2, 3, 4), "(B, H, M, N)")
-    check_options(target_is, temperature, reduction)
+    temperature = check_options(target_is, temperature, reduction)
     batch, row_shape = student_logits.shape[0], student_logits.shape[:-1]
     logits = student_logits.reshape((1,) * (4 - student_logits.dim()) + tuple(student_logits.shape))
     if logits.numel() == 0:
-        raise ValueError(f"student_logits is empty: shape {tuple(student_logits.shape)}")
+        empty = [f"{n}=0" for n, size in zip("BHMN", logits.shape) if size == 0]
+        raise ValueError(
+            f"student_logits is empty: shape {tuple(student_logits.shape)} as (B, H, M, N) has {', '.join(empty)}; "
+            "every dim must be >= 1 (a KL loss over no rows or no keys has no value)")
     target4 = check_dense_target(target, logits.shape, logits, target_is, validate)
     mask4 = check_key_mask(key_mask, logits.shape, logits.device)
     name = _dispatch.resolve(backend, logits.device)

@@ -14,7 +14,7 @@ from torch import Tensor
 from lfi import _dispatch
 from lfi._numerics import MAX_HEAD_DIM, compute_dtype
 from lfi.ops._kl import check_dense_target, check_options, reduce_rows, target_scale
-from lfi.ops._validation import check_key_mask, check_qkv, check_tensor
+from lfi.ops._validation import check_float, check_key_mask, check_qkv, check_tensor, empty_dims
 
 OP = "attention_kl_qk"
 
@@ -115,18 +115,25 @@ def attention_kl_qk(
     check_tensor("q", q, (4,), "(B, H, M, D)")
     check_tensor("k", k, (4,), "(B, Hkv, N, D)")
     check_qkv(q, k, k)
-    check_options(target_is, temperature, reduction)
+    temperature = check_options(target_is, temperature, reduction)
+    scale = check_float("scale", scale, none_ok=True)
+    scale_t = check_float("scale_t", scale_t, none_ok=True)
+    empty = empty_dims(q, k)
+    if empty:
+        raise ValueError(
+            f"attention_kl_qk got empty inputs: q {tuple(q.shape)} as (B, H, M, D), k {tuple(k.shape)} as "
+            f"(B, Hkv, N, D) have {', '.join(empty)}; B, H, M and N must be >= 1 (a KL loss over no rows "
+            "or no keys has no value)")
     B, H, M, D = q.shape
     N = k.shape[2]
-    temperature = float(temperature)
-    student_scale = (D ** -0.5 if scale is None else float(scale)) / temperature
+    student_scale = (D ** -0.5 if scale is None else scale) / temperature
     q_t = k_t = dense = None
     if isinstance(target, (tuple, list)):
         if len(target) != 2:
             raise ValueError(f"an implicit target must be a pair (q_t, k_t), got {len(target)} items")
         q_t, k_t = target
         _check_teacher(q_t, k_t, q, k)
-        t_scale = (q_t.shape[-1] ** -0.5 if scale_t is None else float(scale_t)) / temperature
+        t_scale = (q_t.shape[-1] ** -0.5 if scale_t is None else scale_t) / temperature
         is_logits = True
     else:
         if scale_t is not None:

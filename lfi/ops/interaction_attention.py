@@ -8,8 +8,6 @@ no maps may instead go to F.scaled_dot_product_attention (lfi._dispatch.routes_t
 """
 from __future__ import annotations
 
-import math
-import numbers
 import warnings
 from typing import Optional
 
@@ -22,7 +20,14 @@ from lfi import _dispatch
 from lfi._numerics import compute_dtype
 from lfi.backends.torch import interaction_attention as reference
 from lfi.ops._kl import check_dense_target, check_options, reduce_rows
-from lfi.ops._validation import check_qkv, check_tensor, check_weights_rows, normalize_mask
+from lfi.ops._validation import (
+    check_float,
+    check_qkv,
+    check_tensor,
+    check_weights_rows,
+    empty_dims,
+    normalize_mask,
+)
 
 OP = "interaction_attention"
 
@@ -204,8 +209,46 @@ def _warn_dropout_fallback(backend: str) -> None:
             "falling back to the eager PyTorch path (full attention matrix in memory). "
             "This warning is shown once.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,  # the caller of interaction_attention (via _run)
         )
+
+
+def _run(q, k, v, mask, scale, is_causal, dropout_p, need_weights, w_start, w_stop, kl_target, M, backend):
+    """The op on our kernels (or the eager dropout path): (out, weights, kl)."""
+    name = _dispatch.resolve(backend, q.device)
+    if dropout_p > 0.0:
+        if name != "torch":
+            _warn_dropout_fallback(name)
+        out, weights, kl = reference.attention_with_dropout(
+            q, k, v, mask, float(scale), bool(is_causal), float(dropout_p), w_start, w_stop, kl_target
+        )
+    else:
+        rows = (w_start, w_stop)
+        keep = getattr(_dispatch.implementation(name, OP), "keeps_maps_for_backward", None)
+        if not need_weights and keep is not None and torch.is_grad_enabled() and keep(q, k, v, mask, kl_target):
+            # The backend's backward is faster reading P than recomputing it, and P fits its memory
+            # budget: ask for every row's maps (the backward keeps them, see _setup_context) and drop
+            # them from the results.
+            rows = (0, M)
+        out, _, weights, kl, _ = _attention_forward(
+            q, k, v, mask, float(scale), bool(is_causal), *rows, kl_target, name
+        )
+    return out, weights, kl
+
+
+def _empty_attention(q, k, v, scale, w_start, w_stop):
+    """(out, weights, kl) when B, H, M or N is 0 (lfi.ops._validation.empty_dims): the math
+    computed eagerly on the empty tensors, so the results keep their autograd connection to q, k
+    and v (zero gradients), as SDPA's do. N = 0: softmax over no key is empty, P @ V is zeros."""
+    H, Hkv = q.shape[1], k.shape[1]
+    if Hkv != H:  # H == 0 here, or grouped heads with an empty B, M or N
+        k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+    cdt = compute_dtype(q.dtype)
+    p = torch.softmax((q.to(cdt) @ k.to(cdt).transpose(-2, -1)) * scale, -1)
+    out = (p @ v.to(cdt)).to(q.dtype)
+    weights = p[:, :, w_start:w_stop].to(q.dtype)
+    kl = p.sum(-1) * 0  # (B, H, M): no key -> no target mass -> 0, as for fully masked rows
+    return out, weights, kl
 
 
 def interaction_attention(
@@ -256,7 +299,9 @@ def interaction_attention(
     Returns:
         out (B, H, M, Dv) in q's dtype; (out, weights) when need_weights; (out, kl) with a
         kl_target; (out, weights, kl) with both (kl in float32). A query row with no attended key
-        gives zeros in out and weights (never NaN) and zero gradients.
+        gives zeros in out and weights (never NaN) and zero gradients. Empty inputs give what SDPA
+        gives: B, H or M = 0 -> empty results; N = 0 (no key: every row fully masked) -> zeros
+        (B, H, M, Dv), maps (B, H, R, 0), KL 0 (see lfi.ops._validation.empty_dims).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, (3, 4), "(B, H, L, D) or (B, L, D)")
@@ -276,19 +321,20 @@ def interaction_attention(
     Hkv, N = k.shape[1], k.shape[2]
     device = q.device
     mask = normalize_mask(attn_mask, B, H, M, N, q)
+    scale = check_float("scale", scale, none_ok=True)
     if scale is None:
         scale = D ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    dropout_p = check_float("dropout_p", dropout_p, unit_interval=True)
     if average_attn_weights and not need_weights:
         raise ValueError("average_attn_weights=True needs need_weights=True")
     w_start, w_stop = check_weights_rows(weights_rows, need_weights, M)
     if kl_target is not None:
         check_options("probs", 1.0, kl_reduction)
         kl_target = check_dense_target(kl_target, (B, H, M, N), q, "probs", validate=False)
-    if _dispatch.routes_to_sdpa(
+    if empty_dims(q, k):  # what SDPA returns (see lfi.ops._validation.empty_dims); no kernel runs
+        _dispatch.resolve(backend, device)  # a bad backend name still raises
+        out, weights, kl = _empty_attention(q, k, v, scale, w_start, w_stop)
+    elif _dispatch.routes_to_sdpa(
         backend, device, need_weights=need_weights, kl_target=kl_target is not None,
         attn_mask=mask is not None, is_causal=bool(is_causal), M=M, N=N, H=H, Hkv=Hkv,
     ):
@@ -299,31 +345,15 @@ def interaction_attention(
             q_in, k_in, v_in, None, float(dropout_p), bool(is_causal),
             scale=None if scale_in is None else float(scale_in), **gqa
         )
-    name = _dispatch.resolve(backend, device)
-
-    if dropout_p > 0.0:
-        if name != "torch":
-            _warn_dropout_fallback(name)
-        out, weights, kl = reference.attention_with_dropout(
-            q, k, v, mask, float(scale), bool(is_causal), float(dropout_p), w_start, w_stop, kl_target
-        )
     else:
-        rows = (w_start, w_stop)
-        keep = getattr(_dispatch.implementation(name, OP), "keeps_maps_for_backward", None)
-        if not need_weights and keep is not None and torch.is_grad_enabled() and keep(q, k, v, mask, kl_target):
-            # The backend's backward is faster reading P than recomputing it, and P fits its memory
-            # budget: ask for every row's maps (the backward keeps them, see _setup_context) and drop
-            # them from the results.
-            rows = (0, M)
-        out, _, weights, kl, _ = _attention_forward(
-            q, k, v, mask, float(scale), bool(is_causal), *rows, kl_target, name
-        )
+        out, weights, kl = _run(q, k, v, mask, scale, is_causal, dropout_p, need_weights, w_start, w_stop,
+                                kl_target, M, backend)
     if three_d:
         out = out.squeeze(1)
     results = [out]
     if need_weights:
         if average_attn_weights:
-            weights = weights.mean(1)
+            weights = weights.mean(1) if H else weights.sum(1)  # H = 0: zeros (B, M, N), not 0 / 0
         elif three_d:
             weights = weights.squeeze(1)
         results.append(weights)

@@ -10,7 +10,6 @@ to temporary names and renamed, so a crash never leaves a half-written checkpoin
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 from typing import Optional
@@ -18,7 +17,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "sidecar_path", "capture_rng", "restore_rng"]
+from lfi._io import atomic_write, atomic_write_text, check_output_path  # re-exported for the training layer
+
+__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "sidecar_path", "capture_rng", "restore_rng", "atomic_write",
+           "atomic_write_text", "check_output_path"]
 
 FORMAT = "lfi-checkpoint-v1"
 
@@ -56,12 +58,6 @@ def restore_rng(tensors: dict, meta: dict) -> None:
         np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], meta: dict) -> Path:
     """Writes path (.safetensors) and its .json sidecar; returns the path."""
     from safetensors.torch import save_file
@@ -84,8 +80,8 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer: Optional[torch.opti
     rng_t, rng_m = capture_rng()
     tensors.update({k: v.cpu().contiguous() for k, v in rng_t.items()})
     meta["rng"] = rng_m
-    _atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
-    _atomic_write(sidecar_path(path), lambda p: p.write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8"))
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
+    atomic_write_text(sidecar_path(path), json.dumps(meta, indent=1, default=str))
     return path
 
 
@@ -99,10 +95,18 @@ def load_checkpoint(path, map_location="cpu") -> tuple:
     side = sidecar_path(path)
     if not side.is_file():
         raise FileNotFoundError(f"checkpoint sidecar not found: {side} (written next to the .safetensors file)")
-    meta = json.loads(side.read_text(encoding="utf-8"))
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{side} is not an lfi checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})")
-    return load_file(str(path), device=str(map_location)), meta
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{side}: not a valid lfi checkpoint (unreadable JSON sidecar: {e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{side} is not an lfi checkpoint (format {fmt!r}, expected {FORMAT!r})")
+    try:
+        tensors = load_file(str(path), device=str(map_location))
+    except Exception as e:  # safetensors' SafetensorError (truncated / corrupt file), OSError
+        raise ValueError(f"{path}: not a valid lfi checkpoint ({type(e).__name__}: {e})") from None
+    return tensors, meta
 
 
 def model_state(tensors: dict) -> dict:
@@ -134,5 +138,9 @@ def load_student(path, map_location="cpu"):
                              img_size=spec.get("img_size"), pretrained=False,
                              read_back=spec.get("read_back", "off"), head=spec.get("head", "cls"),
                              pos_embed_init=spec.get("pos_embed_init"), **kwargs)
-    student.load_state_dict(model_state(tensors))
+    try:
+        student.load_state_dict(model_state(tensors))
+    except RuntimeError as e:
+        raise ValueError(f"{path}: not a valid lfi checkpoint (its tensors do not fit its student: "
+                         f"{str(e).splitlines()[0]})") from None
     return student.eval(), meta

@@ -19,7 +19,8 @@ from lfi.train.config import TrainConfig, demo_config
 __all__ = ["add_subcommands", "main", "config_from_args"]
 
 SUBCOMMANDS = ("demo", "train", "eval", "maps")
-_USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, TypeError, KeyError)
+_USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ValueError, TypeError,
+                KeyError)
 
 
 def _err(cmd: str, e: BaseException) -> int:
@@ -158,13 +159,17 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--map-topk", type=float, default=0.1, help="fraction of patches for map@k")
-    p.add_argument("--json", default=None, help="also write the results as JSON")
+    p.add_argument("--json", default=None, help="also write the results as JSON (its folder must exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from lfi.train.checkpoint import atomic_write_text, check_output_path
     from lfi.train.evaluate import evaluate_checkpoint, load_for_eval
 
     try:
+        if args.json:  # before any work
+            check_output_path(args.json, args.overwrite, "--json file")
         ck = load_for_eval(args.checkpoint, args.device)
         results = evaluate_checkpoint(ck, args.data, batch_size=args.batch_size, workers=args.workers,
                                       maps=not args.no_maps, teacher_weights=args.teacher_weights,
@@ -173,7 +178,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _err("eval", e)
     _print_eval(results, args.checkpoint, ck.student.num_patches, args.map_topk, synthetic=args.data == "synthetic")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1), encoding="utf-8")
+        atomic_write_text(Path(args.json).expanduser(), json.dumps(results, indent=1))
     return 0
 
 
@@ -207,19 +212,23 @@ def _add_maps_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="*", help="image files (any size: resized and centre-cropped to the student's)")
     p.add_argument("--synthetic", type=int, nargs="*", default=None, metavar="INDEX",
                    help="render validation images of the built-in task (with ground-truth teacher maps)")
-    p.add_argument("--out", default=None, help="PNG path (default: next to the checkpoint, maps.png)")
+    p.add_argument("--out", default=None, help="PNG path (default: next to the checkpoint, maps.png; its folder must "
+                   "exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--teacher-weights", default=None, help="CLIP weights (default: the checkpoint's)")
     p.add_argument("--no-teacher", action="store_true")
     p.add_argument("--device", default="cpu")
 
 
 def cmd_maps(args: argparse.Namespace) -> int:
+    from lfi.train.checkpoint import check_output_path
     from lfi.train.evaluate import load_for_eval
     from lfi.train.maps import checkpoint_maps_png
 
     try:
+        out = Path(args.out) if args.out else Path(args.checkpoint).expanduser().with_name("maps.png")
+        out = check_output_path(out, args.overwrite, "maps PNG")  # before any work
         ck = load_for_eval(args.checkpoint, args.device)
-        out = Path(args.out) if args.out else Path(args.checkpoint).with_name("maps.png")
         path = checkpoint_maps_png(ck, out, images=args.images, synthetic=args.synthetic,
                                    teacher=not args.no_teacher, teacher_weights=args.teacher_weights)
     except _USER_ERRORS as e:

@@ -118,6 +118,8 @@ class TrainConfig:
     synthetic_style: str = opt("clean", "data", "built-in task: image style (lfi.data.synthetic.STYLES)")
     synthetic_concepts: Optional[str] = None   # comma list; default: all concepts of the task
     synthetic_distractors: int = opt(3, "data", "built-in task: distractor objects per image")
+    strict: bool = opt(False, "data", "stop at the first unreadable image file (default: skip it with a warning "
+                       "naming the file, replaced by the next readable image, and count the skips per epoch)")
     synthetic_seed: int = 1234               # data seed (independent of the training seed)
     # ---- student
     student: str = opt("vit_small_patch16_224", "student", "timm ViT name (default vit_small_patch16_224; the demo's "
@@ -195,6 +197,9 @@ class TrainConfig:
     # ---- output
     out: str = opt("runs/exp", "output", "run folder (checkpoint, metrics.jsonl, config.json)")
     resume: Optional[str] = opt(None, "output", "checkpoint to resume from, or 'auto' (OUT/checkpoint.safetensors)")
+    overwrite: bool = opt(False, "output", "start over in an --out folder that holds a run: its config.json, "
+                          "checkpoint and metrics.jsonl are removed first (without it, or --resume, such a folder is "
+                          "refused)")
     save_every: int = opt(1, "output", "epochs between checkpoints (0 = no checkpoint; the last epoch is always "
                           "saved otherwise)")
     eval_every: int = opt(1, "output", "epochs between validations, and the last epoch (0 = none)")

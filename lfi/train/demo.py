@@ -285,6 +285,7 @@ def run_demo(out="runs/demo", *, quick: bool = False, seeds: int = 3, epochs: Op
     `seeds` seeds and writes the tables and plots (see module docstring). Returns results.json's dict."""
     from rich.console import Console
 
+    from lfi.train.checkpoint import atomic_write_text
     from lfi.train.visualize import plot_curves
 
     if console is None:
@@ -321,12 +322,16 @@ def run_demo(out="runs/demo", *, quick: bool = False, seeds: int = 3, epochs: Op
     for seed in range(seeds):
         for arm, over in arms.items():
             slug = "".join(ch if ch.isalnum() else "_" for ch in arm.lower())
+            # the demo owns its run folders: a re-run starts each of them over (overwrite)
             cfg = _config(over, base_over).replace(seed=seed, out=str(out / f"{slug}_seed{seed}"), quiet=True,
-                                                   progress=False, save_every=base.epochs if seed == 0 else 0)
+                                                   progress=False, save_every=base.epochs if seed == 0 else 0,
+                                                   overwrite=True)
             job_list.append(((arm, "main"), cfg))
-        for arm in low_arms:
+        for arm in low_arms:  # one folder per arm and seed (runs never share one)
+            slug = "".join(ch if ch.isalnum() else "_" for ch in arm.lower())
             cfg = _config(ARMS[arm][0], {**base_over, "synthetic_train": LOW_DATA_TRAIN}).replace(
-                seed=seed, out=str(out / "low_data" / f"seed{seed}"), quiet=True, progress=False, save_every=0)
+                seed=seed, out=str(out / "low_data" / f"{slug}_seed{seed}"), quiet=True, progress=False, save_every=0,
+                overwrite=True)
             job_list.append(((arm, "low"), cfg))
     results = {"main": {a: [] for a in arms}, "low": {a: [] for a in low_arms}}
 
@@ -359,7 +364,7 @@ def run_demo(out="runs/demo", *, quick: bool = False, seeds: int = 3, epochs: Op
         md += ["", f"Low data ({LOW_DATA_TRAIN} training images):", "", md_low]
     total = time.time() - t_all
     console.print(f"total time {total:.0f}s ({n_jobs} parallel run(s) x {threads} thread(s))")
-    (out / "table.md").write_text("\n".join(md) + f"\n\nTotal time: {total:.0f}s\n", encoding="utf-8")
+    atomic_write_text(out / "table.md", "\n".join(md) + f"\n\nTotal time: {total:.0f}s\n")
     files = [str(plot_curves({a: s["curves"] for a, s in summary["main"].items() if a != "target"},
                              out / "accuracy.png", title="synthetic colour task: validation accuracy"))]
     if low_arms:
@@ -372,6 +377,6 @@ def run_demo(out="runs/demo", *, quick: bool = False, seeds: int = 3, epochs: Op
             console.print(f"[yellow]maps.png skipped: {type(e).__name__}: {e}[/yellow]")
     res = dict(config=base.to_dict(), seeds=seeds, arms={a: ARMS[a][1] for a in arms if a in ARMS}, leak=leak,
                summary=summary, headline=headline, total_time_s=total, jobs=n_jobs, threads=threads, files=files)
-    (out / "results.json").write_text(json.dumps(res, indent=1, default=str), encoding="utf-8")
+    atomic_write_text(out / "results.json", json.dumps(res, indent=1, default=str))
     console.print(f"wrote {out / 'table.md'}, {out / 'results.json'}, " + ", ".join(files))
     return res

@@ -106,7 +106,12 @@ def image_files(ck, files: Sequence) -> torch.Tensor:
         p = Path(f).expanduser()
         if not p.is_file():
             raise FileNotFoundError(f"image not found: {p}")
-        batch.append(tf(Image.open(p).convert("RGB")))
+        try:
+            with Image.open(p) as im:
+                img = im.convert("RGB")
+        except (OSError, SyntaxError) as e:  # not an image, truncated, corrupt (UnidentifiedImageError is OSError)
+            raise ValueError(f"{p}: not a readable image ({type(e).__name__}: {e})") from None
+        batch.append(tf(img))
     return torch.stack(batch).to(ck.device)
 
 

@@ -90,17 +90,20 @@ def build_data(cfg: TrainConfig, mean, std) -> dict:
             if given != concepts:
                 raise ValueError(f"the synthetic task's concepts are {concepts}; --concepts gave {given}")
         return dict(train=train, val=val, classes=list(train.classes), concepts=concepts, synthetic=True)
-    train = load_imagefolder(cfg.data, build_transform(cfg.img_size, mean, std, train=True, augment=cfg.augment))
+    train = load_imagefolder(cfg.data, build_transform(cfg.img_size, mean, std, train=True, augment=cfg.augment),
+                             strict=cfg.strict)
     classes = list(train.classes)
     val = None
     if cfg.val_data:
-        val = load_imagefolder(cfg.val_data, build_transform(cfg.img_size, mean, std, train=False), classes=classes)
+        val = load_imagefolder(cfg.val_data, build_transform(cfg.img_size, mean, std, train=False), classes=classes,
+                               strict=cfg.strict)
     elif cfg.val_split > 0:
         n = len(train)
         g = torch.Generator().manual_seed(cfg.seed)
         perm = torch.randperm(n, generator=g).tolist()
         n_val = max(1, int(round(cfg.val_split * n)))
-        eval_view = load_imagefolder(cfg.data, build_transform(cfg.img_size, mean, std, train=False))
+        eval_view = load_imagefolder(cfg.data, build_transform(cfg.img_size, mean, std, train=False),
+                                     strict=cfg.strict)
         val = torch.utils.data.Subset(eval_view, perm[:n_val])
         train_sub = torch.utils.data.Subset(train, perm[n_val:])
         train_sub.classes = classes
@@ -223,11 +226,22 @@ def lr_at(step: int, total: int, warmup: int, base: float, minimum: float) -> fl
 # ------------------------------------------------------------------------------------------------
 # trainer
 # ------------------------------------------------------------------------------------------------
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.safetensors", "checkpoint.json")
+
+
+def existing_run_files(out) -> list:
+    """The run files (RUN_FILES) present in a run folder."""
+    out = Path(out).expanduser()
+    return [name for name in RUN_FILES if (out / name).exists()]
+
+
 class Trainer:
     """Builds everything from a TrainConfig; ``run()`` trains and returns the history.
 
     Files in cfg.out (main process): checkpoint.safetensors + checkpoint.json (every save_every
-    epochs and at the end), metrics.jsonl (one JSON line per epoch), config.json.
+    epochs and at the end), metrics.jsonl (one JSON line per epoch), config.json. An out folder that
+    already holds a run (RUN_FILES) is refused unless the run resumes from a checkpoint (cfg.resume) or
+    starts over (cfg.overwrite: its run files are removed first), so two runs never mix.
     """
 
     def __init__(self, cfg: TrainConfig, console=None, on_epoch: Optional[Callable[[dict], None]] = None):
@@ -325,8 +339,25 @@ class Trainer:
         return fit_map_classifier(x, y, len(self.classes), "logistic", seed=self.cfg.seed).to(self.device)
 
     # --------------------------------------------------------------------------------------------
+    def _check_run_dir(self):
+        """Refuses an out folder that holds another run, unless resuming or overwriting (see the class)."""
+        cfg = self.cfg
+        out = Path(cfg.out).expanduser()
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"--out {out} is a file, not a run folder")
+        if cfg.resume and cfg.overwrite:
+            raise ValueError("--resume continues the run in --out and --overwrite starts it over: give one of them")
+        self._resuming = bool(cfg.resume) and (cfg.resume != "auto" or (out / "checkpoint.safetensors").is_file())
+        found = existing_run_files(out)
+        self._remove_old = bool(found) and cfg.overwrite
+        if found and not self._resuming and not cfg.overwrite:
+            why = " but no checkpoint to resume from" if cfg.resume == "auto" else ""
+            raise FileExistsError(f"{out} already holds a run ({', '.join(found)}){why}: pass --resume auto to "
+                                  "continue it, or --overwrite to start over (its run files are removed first)")
+
     def _check_config(self):
         cfg = self.cfg
+        self._check_run_dir()
         if cfg.epochs < 1:
             raise ValueError("epochs must be >= 1")
         if cfg.batch_size < 1:
@@ -441,8 +472,11 @@ class Trainer:
         return dict(loss=loss.detach(), ce=ce, kl=kl, correct=correct, n=labels.shape[0], lr=lr)
 
     def train_epoch(self, epoch: int) -> dict:
+        from lfi.data.folders import reset_skipped, skipped_images
+
         self.step_module.train()
         self.sampler.set_epoch(epoch)
+        reset_skipped(self.data["train"])
         # loss*n, ce*n, kl*n, correct, n: accumulated on the device, so a step never waits for the GPU
         sums = torch.zeros(5, dtype=torch.float64, device=self.device)
         t0 = time.time()
@@ -477,8 +511,14 @@ class Trainer:
         sums = (all_reduce_sum(sums, self.dist) if self.dist.enabled else sums).cpu()
         n = max(sums[4].item(), 1.0)
         dt = time.time() - t0
-        return dict(train_loss=sums[0].item() / n, train_ce=sums[1].item() / n, train_kl=sums[2].item() / n,
-                    train_acc=sums[3].item() / n, lr=lr, epoch_time=dt, images_per_s=n / max(dt, 1e-9))
+        rec = dict(train_loss=sums[0].item() / n, train_ce=sums[1].item() / n, train_kl=sums[2].item() / n,
+                   train_acc=sums[3].item() / n, lr=lr, epoch_time=dt, images_per_s=n / max(dt, 1e-9))
+        skipped = skipped_images(self.data["train"])
+        if skipped:  # unreadable files (each named in a warning), replaced by the next readable image
+            rec["skipped_images"] = skipped
+            self._log(f"[yellow]epoch {epoch + 1}: skipped {skipped} unreadable image(s) (named in the warnings "
+                      "above; --strict stops at the first)[/yellow]")
+        return rec
 
     def evaluate(self) -> dict:
         if self.val_loader is None:
@@ -494,11 +534,17 @@ class Trainer:
         """Trains from start_epoch to cfg.epochs (or only `max_epochs` more epochs; the schedule is
         still the one of cfg.epochs, so a later resume continues exactly)."""
         cfg = self.cfg
+        metrics_path = self.out / "metrics.jsonl"
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(cfg.dumps(), encoding="utf-8")
+            if self._remove_old:  # --overwrite: the old run's files go first, so nothing of it mixes in
+                for name in RUN_FILES:
+                    (self.out / name).unlink(missing_ok=True)
+                self._remove_old = False
+            ckpt.atomic_write_text(self.out / "config.json", cfg.dumps())
+            if self.start_epoch > 0:  # resumed: metrics.jsonl holds exactly the checkpoint's epochs
+                ckpt.atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in self.history))
         barrier(self.dist)
-        metrics_path = self.out / "metrics.jsonl"
         ov = self.student.overhead()
         self._log(f"student {cfg.student} ({ov['backbone_params'] / 1e6:.2f}M params) + {cfg.queries} queries "
                   f"(+{ov['params']} params, {ov['percent']:.3f}%), "

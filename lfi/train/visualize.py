@@ -47,7 +47,9 @@ def plot_curves(curves: dict, path, *, target: Optional[float] = None, title: st
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    from lfi.train.checkpoint import atomic_write
+
+    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format=Path(path).suffix[1:] or "png"))
     plt.close(fig)
     return path
 
@@ -93,6 +95,8 @@ def plot_maps(images: Sequence, rows: Sequence[tuple], path, *, col_titles: Opti
         fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    from lfi.train.checkpoint import atomic_write
+
+    atomic_write(path, lambda p: fig.savefig(p, dpi=110, format=Path(path).suffix[1:] or "png"))
     plt.close(fig)
     return path

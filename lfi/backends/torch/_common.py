@@ -8,10 +8,25 @@ import torch
 from lfi._numerics import compute_dtype  # noqa: F401  (the reference ops import it from here)
 
 
+def env_positive_int(name: str, default: int, what: str) -> int:
+    """The environment variable `name` as an int >= 1 (`default` when unset or empty); a ValueError
+    naming the variable and the expected value otherwise."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"environment variable {name} must be a positive integer ({what}), got {raw!r}")
+    return value
+
+
 def chunk_rows(B: int, H: int, M: int, N: int, itemsize: int) -> int:
-    budget = int(os.environ.get("LFI_TORCH_CHUNK_BYTES", 64 << 20))
+    budget = env_positive_int("LFI_TORCH_CHUNK_BYTES", 64 << 20, "bytes of temporaries per chunk, default 67108864")
     # A chunk holds about three (B, H, rows, N) temporaries (scores, probabilities, gradients).
-    return max(1, min(M, budget // (3 * B * H * N * itemsize)))
+    return max(1, min(M, budget // max(1, 3 * B * H * N * itemsize)))
 
 
 def grouped(t: torch.Tensor, hkv: int) -> torch.Tensor:
