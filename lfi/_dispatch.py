@@ -101,6 +101,25 @@ def backend_status(device: torch.device | str) -> dict[str, tuple[bool, str]]:
     return status
 
 
+def auto_choice(device: torch.device | str) -> tuple[str, str]:
+    """(the backend "auto" runs on `device`, why) — the rule of resolve("auto", ...), with its reason
+    spelled out for `lfi info`."""
+    device = torch.device(device)
+    env = env_backend()
+    if env != "auto":
+        return env, f"LFI_BACKEND={env}"
+    if device.type == "cuda":
+        if _unusable_reason("triton", device) is None:
+            return "triton", "CUDA tensors and Triton works: the fused Triton kernels"
+        if _cuda_ext_ready():
+            return "cuda", (f"Triton cannot run ({_unusable_reason('triton', device)}); the lfi_C extension is "
+                            "built: its CUDA kernels")
+        return "torch", (f"Triton cannot run ({_unusable_reason('triton', device)}) and the lfi_C extension is not "
+                         "built (auto never compiles it): the PyTorch reference")
+    return "torch", ("not a CUDA device: the PyTorch reference (auto never picks the Triton interpreter or the "
+                     "extension's C++ host build, which are for tests and explicit use)")
+
+
 def resolve(backend: str, device: torch.device) -> str:
     """Returns the concrete backend name for a request on `device`, or raises ValueError."""
     if not isinstance(backend, str) or backend not in CHOICES:
@@ -108,11 +127,7 @@ def resolve(backend: str, device: torch.device) -> str:
     if backend == "auto":
         backend = env_backend()
         if backend == "auto":
-            if device.type == "cuda" and _unusable_reason("triton", device) is None:
-                return "triton"
-            if device.type == "cuda" and _cuda_ext_ready():
-                return "cuda"
-            return "torch"
+            return auto_choice(device)[0]
     reason = _unusable_reason(backend, device)
     if reason is not None:
         raise ValueError(f"backend={backend!r} cannot run on {device}: {reason}")
@@ -162,36 +177,37 @@ def _cuda_ext_ready() -> bool:
     return torch.cuda.is_available() and _cuda_ext.ready_for_cuda()
 
 
-def _torch_ops() -> dict:
-    from lfi.backends.torch import attention_kl, attention_kl_qk, interaction_attention
+# ------------------------------------------------------------------------------------------------
+# The op table: per op, the module implementing it on each backend, imported here (about 20 ms) so
+# that "go to definition" follows plain imports from lfi.ops to every backend's kernels. A backend
+# whose import fails (Triton missing or broken) has None and its reason in TRITON_ERROR.
+# ------------------------------------------------------------------------------------------------
+from lfi.backends.cuda import attention_kl as cuda_attention_kl  # noqa: E402
+from lfi.backends.cuda import attention_kl_qk as cuda_attention_kl_qk  # noqa: E402
+from lfi.backends.cuda import interaction_attention as cuda_interaction_attention  # noqa: E402
+from lfi.backends.torch import attention_kl as torch_attention_kl  # noqa: E402
+from lfi.backends.torch import attention_kl_qk as torch_attention_kl_qk  # noqa: E402
+from lfi.backends.torch import interaction_attention as torch_interaction_attention  # noqa: E402
 
-    return {"interaction_attention": interaction_attention, "attention_kl": attention_kl,
-            "attention_kl_qk": attention_kl_qk}
+triton_attention_kl = triton_attention_kl_qk = triton_interaction_attention = None
+if TRITON_ERROR is None:
+    from lfi.backends.triton import attention_kl as triton_attention_kl  # noqa: E402
+    from lfi.backends.triton import attention_kl_qk as triton_attention_kl_qk  # noqa: E402
+    from lfi.backends.triton import interaction_attention as triton_interaction_attention  # noqa: E402
 
-
-def _triton_ops() -> dict:
-    from lfi.backends.triton import attention_kl, attention_kl_qk, interaction_attention
-
-    return {"interaction_attention": interaction_attention, "attention_kl": attention_kl,
-            "attention_kl_qk": attention_kl_qk}
-
-
-def _cuda_ops() -> dict:
-    from lfi.backends.cuda import attention_kl, attention_kl_qk, interaction_attention
-
-    return {"interaction_attention": interaction_attention, "attention_kl": attention_kl,
-            "attention_kl_qk": attention_kl_qk}
-
-
-# Per backend, the modules implementing each op, imported (plain imports an editor can follow) on the
-# backend's first use: importing Triton or the extension loader at `import lfi` would cost every user.
-_LOADERS = {"torch": _torch_ops, "triton": _triton_ops, "cuda": _cuda_ops}
-_OPS: dict[str, dict] = {}
+OPS = {
+    "interaction_attention": {"torch": torch_interaction_attention, "triton": triton_interaction_attention,
+                              "cuda": cuda_interaction_attention},
+    "attention_kl": {"torch": torch_attention_kl, "triton": triton_attention_kl, "cuda": cuda_attention_kl},
+    "attention_kl_qk": {"torch": torch_attention_kl_qk, "triton": triton_attention_kl_qk,
+                        "cuda": cuda_attention_kl_qk},
+}
 
 
 def implementation(backend: str, op: str):
-    """The module implementing `op` on the concrete `backend`, e.g. lfi.backends.triton.interaction_attention."""
-    ops = _OPS.get(backend)
-    if ops is None:  # called twice per forward + backward: a dict lookup after the first call
-        ops = _OPS[backend] = _LOADERS[backend]()
-    return ops[op]
+    """The module implementing `op` on the concrete `backend` (one resolve() returned), e.g.
+    lfi.backends.triton.interaction_attention."""
+    impl = OPS[op][backend]
+    if impl is None:  # resolve() refuses an unusable backend first; this guards direct callers
+        raise ValueError(f"backend={backend!r} is unavailable: {_unusable_reason(backend, torch.device('cpu'))}")
+    return impl

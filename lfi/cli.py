@@ -55,9 +55,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         console.print(f"[red]cannot import lfi._dispatch.backend_status: {type(e).__name__}: {e}[/red]")
         return 1
     try:
-        from lfi._dispatch import resolve
+        from lfi._dispatch import auto_choice
     except Exception:
-        resolve = None
+        auto_choice = None
 
     rc = 0
     for dev in _devices_to_report(args.device):
@@ -74,12 +74,14 @@ def cmd_info(args: argparse.Namespace) -> int:
             continue
         for name, (ok, reason) in status.items():
             bt.add_row(name, "[green]yes[/green]" if ok else "[red]no[/red]", reason)
-        if resolve is not None:
+        if auto_choice is not None:
             try:
-                picked = resolve("auto", device)
+                picked, why = auto_choice(device)
+                picked = f"{picked} ({why})"
             except Exception as e:
                 picked = f"error: {e}"
-            bt.caption = f'backend="auto" resolves to: {picked}'
+            bt.caption = (f'backend="auto" runs: {picked}; calls SDPA computes identically (no maps, no KL) go to '
+                          "F.scaled_dot_product_attention (README: backends)")
         console.print(bt)
 
     try:
@@ -174,16 +176,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         console.print("[red]--device cuda requested but CUDA is not available[/red]")
         return 2
-    dtype = bench.parse_dtype(args.dtype) if args.dtype else bench.default_dtype(device)
+    dtype = args.dtype or bench.default_dtype(device)
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError("--threads must be >= 1")
         torch.set_num_threads(args.threads)
-    shape_text = args.shape or (_CUDA_DEFAULT_SHAPE if device.type == "cuda" else _CPU_DEFAULT_SHAPE)
-    shape = bench.parse_shape(shape_text)
-    impls = [s.strip() for s in args.impls.split(",") if s.strip()] if args.impls else list(bench.IMPLS)
-    for name in impls:
-        bench.get_impl(name)  # validate early
+    shape = args.shape or bench.parse_shape(_CUDA_DEFAULT_SHAPE if device.type == "cuda" else _CPU_DEFAULT_SHAPE)
+    impls = list(args.impls or bench.IMPLS)
     if "eager" not in impls:
         impls.insert(0, "eager")
     modes = {"fwd": ["fwd"], "fwd+bwd": ["fwd+bwd"], "both": list(bench.MODES)}[args.mode]
@@ -217,6 +214,58 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+def _arg_type(parse, what: str):
+    """An argparse type from a parser that raises ValueError: its message becomes argparse's
+    one-line usage error (exit status 2), naming the flag."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = what  # argparse names the type in "invalid <name> value" messages
+    return convert
+
+
+def _positive(kind):
+    what = "an integer" if kind is int else "a finite number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not 0 < value < float("inf"):  # also refuses nan
+            raise ValueError(f"expected {what} > 0, got {text!r}")
+        return value
+
+    return parse
+
+
+def _impl_list(text: str) -> list:
+    from lfi.benchmark import IMPLS
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise ValueError(f"expected a comma-separated list of {', '.join(IMPLS)}, got {text!r}")
+    for name in names:
+        if name not in IMPLS:
+            raise ValueError(f"unknown implementation {name!r}; choose from {', '.join(IMPLS)}")
+    return names
+
+
+def _shape_arg(text: str):
+    from lfi.benchmark import parse_shape
+
+    return parse_shape(text)
+
+
+def _dtype_arg(text: str):
+    from lfi.benchmark import parse_dtype
+
+    return parse_dtype(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lfi", description="LFI: attention with exact, differentiable maps.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -226,12 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     pi.set_defaults(func=cmd_info)
 
     pb = sub.add_parser("bench", help="side-by-side timing and peak memory of the op vs eager/SDPA/flex")
-    pb.add_argument("--shape", default=None,
+    pb.add_argument("--shape", default=None, type=_arg_type(_shape_arg, "shape"),
                     help=f"B,H,M,N,D (or B,H,N,D); default {_CPU_DEFAULT_SHAPE} on CPU, "
                          f"{_CUDA_DEFAULT_SHAPE} on CUDA")
-    pb.add_argument("--dtype", default=None, help="fp32, fp16 or bf16; default bf16 on CUDA, fp32 on CPU")
+    pb.add_argument("--dtype", default=None, type=_arg_type(_dtype_arg, "dtype"),
+                    help="fp32, fp16 or bf16; default bf16 on CUDA, fp32 on CPU")
     pb.add_argument("--device", default=None, help="cpu or cuda; default cuda when available")
-    pb.add_argument("--impls", default=None,
+    pb.add_argument("--impls", default=None, type=_arg_type(_impl_list, "implementation list"),
                     help="comma-separated subset of: eager,sdpa,flex,lfi_torch,lfi_triton,lfi_cuda,lfi_auto "
                          "(default all)")
     pb.add_argument("--build-ext", action="store_true",
@@ -239,9 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "without it an unbuilt extension is skipped")
     pb.add_argument("--mode", choices=["fwd", "fwd+bwd", "both"], default="both",
                     help="forward only, forward+backward, or both (default)")
-    pb.add_argument("--min-time", type=float, default=None,
+    pb.add_argument("--min-time", type=_arg_type(_positive(float), "seconds"), default=None,
                     help="seconds of timing per row (default 0.5 on CPU, 0.3 on CUDA)")
-    pb.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default torch's")
+    pb.add_argument("--threads", type=_arg_type(_positive(int), "thread count"), default=None,
+                    help="torch.set_num_threads (CPU); default torch's")
     pb.add_argument("--no-check", action="store_true", help="skip the max |err| comparison against eager")
     pb.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON (its folder must exist)")
     pb.add_argument("--overwrite", action="store_true", help="replace an existing --json file")

@@ -175,3 +175,36 @@ sys.exit(1 if bad else 0)
     # the environment is this process's: TRITON_INTERPRET as tests/conftest.py set it
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+LAZY_PACKAGES = ("lfi", "lfi.nn", "lfi.integrations", "lfi.teachers", "lfi.train")
+
+
+def test_lazy_names_resolve_to_what_they_name_even_after_their_modules_load():
+    """Every name in a lazy package's __all__ resolves, and to the same object however the package's
+    submodules were imported before: a submodule named like a function it defines would shadow the
+    function once imported (lfi.train.evaluate was such a module)."""
+    code = f"""
+import importlib, pkgutil, types
+for pkg in {LAZY_PACKAGES!r}:
+    p = importlib.import_module(pkg)
+    for info in pkgutil.iter_modules(p.__path__):
+        if info.name not in ("__main__", "cli"):
+            importlib.import_module(pkg + "." + info.name)
+    for name in p.__all__:
+        value = getattr(p, name)
+        assert name in dir(p), (pkg, name)
+        assert not isinstance(value, types.ModuleType) or name in ("capture", "integrations", "nn", "timm",
+            "open_clip", "transformers"), f"{{pkg}}.{{name}} is the module {{value.__name__}}, not what __all__ names"
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_lazy_names_report_unknown_attributes():
+    import lfi
+    import lfi.train
+
+    for pkg in (lfi, lfi.train):
+        with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+            pkg.no_such_name

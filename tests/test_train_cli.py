@@ -21,7 +21,7 @@ from lfi.train.config import (  # noqa: E402
     TrainConfig,
     demo_config,
 )
-from lfi.train.evaluate import LoadedCheckpoint, checkpoint_teacher, eval_domains, load_for_eval  # noqa: E402
+from lfi.train.evaluation import LoadedCheckpoint, checkpoint_teacher, eval_domains, load_for_eval  # noqa: E402
 from lfi.train.trainer import Trainer, build_teacher, synthetic_datasets  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

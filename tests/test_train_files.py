@@ -152,6 +152,28 @@ def test_bench_json_path_checked_first(tmp_path, capsys, monkeypatch):
     assert str(old) in err and "--overwrite" in err and old.read_text() == "{}"
 
 
+@pytest.mark.parametrize("argv, flag, says", [
+    (["--shape", "a,b,c,d,e"], "--shape", "expected integers B,H,M,N,D"),
+    (["--shape", "1,2,3"], "--shape", "expected B,H,M,N,D"),
+    (["--shape", "1,0,4,4,4"], "--shape", ">= 1"),
+    (["--min-time", "-1"], "--min-time", "> 0"),
+    (["--min-time", "nan"], "--min-time", "> 0"),
+    (["--impls", ",,,"], "--impls", "comma-separated list"),
+    (["--impls", "eager,nope"], "--impls", "unknown implementation 'nope'"),
+    (["--threads", "1.5"], "--threads", "an integer > 0"),
+    (["--dtype", "fp8"], "--dtype", "unknown dtype 'fp8'"),
+])
+def test_bench_options_get_one_line_errors(argv, flag, says, capsys, monkeypatch):
+    from lfi import benchmark
+
+    monkeypatch.setattr(benchmark, "run_comparison", lambda *a, **k: pytest.fail("ran with a bad option"))
+    with pytest.raises(SystemExit) as info:
+        lfi_cli.main(["bench", *argv])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"lfi bench: error: argument {flag}: ") and says in err, err
+
+
 def test_eval_and_maps_paths_checked_first(run_dir, tmp_path, capsys):
     ck = str(run_dir / "checkpoint.safetensors")
     bad = tmp_path / "missing" / "r.json"
@@ -208,11 +230,20 @@ def test_training_counts_skips_and_strict_fails(tmp_path, capsys):
     bad = folder_with_a_truncated_image(tmp_path / "data")
     cfg = TrainConfig(data=str(tmp_path / "data"), teacher="none", student="vit_tiny_patch16_224",
                       student_kwargs=dict(TINY_STUDENT), img_size=32, queries=4, epochs=1, batch_size=8, workers=0,
-                      out=str(tmp_path / "run"), progress=False, quiet=True, threads=1, device="cpu", save_every=0)
+                      out=str(tmp_path / "run"), progress=False, quiet=True, threads=1, device="cpu", save_every=1,
+                      val_data=str(tmp_path / "data"))
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         hist = Trainer(cfg).run()["history"]
     assert hist[0]["skipped_images"] == 1 and any(str(bad) in str(x.message) for x in w)
+    assert hist[0]["val_skipped_images"] == 1  # validation counts its own skips (not the training view's)
+    report = tmp_path / "eval.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["eval", str(tmp_path / "run" / "checkpoint.safetensors"), "--data", str(tmp_path / "data"),
+                     "--no-maps", "--workers", "0", "--json", str(report)]) == 0
+    assert "1 unreadable image(s) skipped" in capsys.readouterr().out
+    assert json.loads(report.read_text())["domains"]["data"]["skipped_images"] == 1
     argv = ["train", "--data", str(tmp_path / "data"), "--teacher", "none", "--student", "vit_tiny_patch16_224",
             "--student-kwargs", "patch_size=8,embed_dim=32,depth=2,num_heads=2", "--img-size", "32", "--queries", "4",
             "--epochs", "1", "--batch-size", "8", "--workers", "0", "--out", str(tmp_path / "strict"),
@@ -240,3 +271,99 @@ def test_corrupt_checkpoint_and_image_are_named(run_dir, tmp_path, capsys):
     assert main(["maps", str(run_dir / "checkpoint.safetensors"), str(img), "--out", str(tmp_path / "m.png")]) == 2
     err = one_line_error(capsys, "maps")
     assert str(img) in err and "not a readable image" in err
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Ctrl-C: a resumable checkpoint, and the resumed run is the uninterrupted one
+# ------------------------------------------------------------------------------------------------
+def _sigint_at_step(monkeypatch, trainer, at: int):
+    """Sends a real SIGINT to this process after `at` optimizer steps (the trainer's handler catches it)."""
+    import os
+    import signal
+
+    real = trainer.train_step
+    count = {"n": 0}
+
+    def step(batch):
+        r = real(batch)
+        count["n"] += 1
+        if count["n"] == at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return r
+
+    monkeypatch.setattr(trainer, "train_step", step)
+
+
+@pytest.mark.parametrize("at", [3, 2])  # mid-epoch 2 (2 steps per epoch: step 3 is its first), end of epoch 1
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch, at):
+    from lfi.train.interrupt import TrainingInterrupted
+
+    kw = dict(epochs=3, save_every=0, synthetic_train=32, batch_size=16, student_kwargs=dict(TINY_STUDENT,
+              drop_path_rate=0.1))
+    full = Trainer(tiny(tmp_path / "full", **kw)).run()["history"]
+    trainer = Trainer(tiny(tmp_path / "cut", **kw))
+    _sigint_at_step(monkeypatch, trainer, at)
+    with pytest.raises(TrainingInterrupted) as info:
+        trainer.run()
+    err = info.value
+    assert err.checkpoint is not None and Path(err.checkpoint).is_file() and "--resume auto" in str(err)
+    assert (err.epoch, err.step) == ((2, 1) if at == 3 else (2, 0))
+    assert len(lines(tmp_path / "cut" / "metrics.jsonl")) == 1  # the finished epoch only
+    rest = Trainer(tiny(tmp_path / "cut", **kw).replace(resume="auto")).run()["history"]
+    keys = ("train_loss", "train_acc", "val_acc", "step")
+    assert [{k: r[k] for k in keys} for r in rest] == [{k: r[k] for k in keys} for r in full]
+    assert [r["epoch"] for r in lines(tmp_path / "cut" / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_ctrl_c_in_lfi_train_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    import lfi.train.trainer as trainer_mod
+
+    real_step = trainer_mod.Trainer.train_step
+
+    def step(self, batch):
+        import os
+        import signal
+
+        r = real_step(self, batch)
+        os.kill(os.getpid(), signal.SIGINT)
+        return r
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", step)
+    out = tmp_path / "run"
+    assert main(TRAIN_ARGS + ["--out", str(out), "--save-every", "0"]) == 130
+    err = capsys.readouterr().err
+    assert "resumable checkpoint" in err and "--resume auto" in err and (out / "checkpoint.safetensors").is_file()
+
+
+def test_demo_ctrl_c_then_resume_matches_an_uninterrupted_demo(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    import lfi.train.trainer as trainer_mod
+    from lfi.train.demo import RESULT_FILE, run_demo
+
+    small = dict(synthetic_train=64, synthetic_val=32, epochs=2, batch_size=32)  # 2 steps per epoch, 4 per run
+    clean = run_demo(tmp_path / "clean", quick=True, jobs=1, threads=1, **small)
+    real_step, calls = trainer_mod.Trainer.train_step, {"n": 0}
+
+    def step(self, batch):
+        r = real_step(self, batch)
+        calls["n"] += 1
+        if calls["n"] == 11:  # the third run, first step of its second epoch
+            os.kill(os.getpid(), signal.SIGINT)
+        return r
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", step)
+    out = tmp_path / "demo"
+    with pytest.raises(KeyboardInterrupt, match="2 of .* runs.*--resume"):
+        run_demo(out, quick=True, jobs=1, threads=1, **small)
+    assert len(list(out.glob(f"*/{RESULT_FILE}"))) == 2 and len(list(out.glob("*/checkpoint.safetensors"))) == 3
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", real_step)
+    capsys.readouterr()
+    resumed = run_demo(out, quick=True, jobs=1, threads=1, resume=True, **small)
+    assert "2 finished run(s) reused, 1 continued from their checkpoints" in capsys.readouterr().out
+    for arm, s in clean["summary"]["main"].items():
+        if arm != "target":
+            assert resumed["summary"]["main"][arm]["curves"] == s["curves"], arm
+    metrics = [[r["epoch"] for r in lines(p)] for p in sorted(out.glob("*/metrics.jsonl"))]
+    assert metrics == [[1, 2]] * len(metrics)  # no stale or repeated records

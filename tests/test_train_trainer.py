@@ -129,3 +129,26 @@ def test_clear_errors(tmp_path, clip_weights, capsys):
 def test_config_roundtrip():
     cfg = TrainConfig(student_kwargs={"depth": 2}, lam=0.5)
     assert TrainConfig.from_dict(json.loads(cfg.dumps())) == cfg
+
+
+def test_folder_data_is_built_once_with_the_students_normalisation(tmp_path, monkeypatch):
+    """The class count comes from the folder names, so each ImageFolder view is built once, already with
+    the student's mean/std (deit: ImageNet's, not the neutral 0.5 a first pass would use)."""
+    import lfi.data.folders as folders
+
+    SyntheticShapes(24, img_size=32, seed=3).save_imagefolder(tmp_path / "data")
+    calls = []
+    real = folders.load_imagefolder
+
+    def counting(path, transform=None, **kw):
+        calls.append(next(t for t in transform.transforms if type(t).__name__ == "Normalize").mean)
+        return real(path, transform, **kw)
+
+    monkeypatch.setattr(folders, "load_imagefolder", counting)
+    cfg = TrainConfig(data=str(tmp_path / "data"), teacher="none", student="deit_tiny_patch16_224",
+                      student_kwargs=dict(TINY_STUDENT), img_size=32, queries=4, epochs=1, val_split=0.25,
+                      workers=0, out=str(tmp_path / "run"), quiet=True, threads=1, device="cpu")
+    trainer = Trainer(cfg)
+    assert len(calls) == 2  # the training view and the evaluation view of the split, once each
+    assert all(tuple(m) == tuple(trainer.mean) for m in calls) and tuple(trainer.mean) != (0.5, 0.5, 0.5)
+    assert trainer.classes == sorted(p.name for p in (tmp_path / "data").iterdir())

@@ -71,7 +71,10 @@ def shapes_for(device: torch.device | str, which: str = "auto") -> list[Shape]:
 
 def parse_shape(text: str) -> Shape:
     """``"B,H,M,N,D"`` (or ``"B,H,N,D"`` for self-attention) -> Shape."""
-    parts = [int(p) for p in text.replace("x", ",").split(",") if p.strip()]
+    try:
+        parts = [int(p) for p in text.replace("x", ",").split(",") if p.strip()]
+    except ValueError:
+        raise ValueError(f"shape {text!r}: expected integers B,H,M,N,D (or B,H,N,D), e.g. 2,6,197,197,64") from None
     if len(parts) == 4:
         b, h, n, d = parts
         m = n

@@ -7,8 +7,8 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["IMG_EXTENSIONS", "build_transform", "load_imagefolder", "skipped_images", "reset_skipped", "find_domains",
-           "read_concepts", "class_concepts"]
+__all__ = ["IMG_EXTENSIONS", "build_transform", "imagefolder_classes", "load_imagefolder", "skipped_images",
+           "reset_skipped", "find_domains", "read_concepts", "class_concepts"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -119,10 +119,8 @@ def reset_skipped(dataset) -> None:
             counter.value = 0
 
 
-def load_imagefolder(path, transform=None, classes: Optional[Sequence[str]] = None, strict: bool = False):
-    """A torchvision ImageFolder with clear errors for a missing/empty path or mismatched classes, and
-    unreadable image files named (skipped with a warning, or a ValueError with ``strict``)."""
-
+def _imagefolder_root(path) -> Path:
+    """`path` as a Path, after checking that it is an ImageFolder (root/<class>/<image>)."""
     root = Path(os.fspath(path)).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"data path does not exist: {root}")
@@ -135,6 +133,20 @@ def load_imagefolder(path, transform=None, classes: Optional[Sequence[str]] = No
             f"{root} is not an ImageFolder: expected one sub-folder per class, each holding images "
             f"({', '.join(IMG_EXTENSIONS)}); found sub-folders {sub or 'none'}. For several domains pass their "
             "parent folder to `lfi eval`.")
+    return root
+
+
+def imagefolder_classes(path) -> list:
+    """The classes torchvision's ImageFolder will find under `path`, without listing any image."""
+    from torchvision.datasets.folder import find_classes
+
+    return list(find_classes(str(_imagefolder_root(path)))[0])
+
+
+def load_imagefolder(path, transform=None, classes: Optional[Sequence[str]] = None, strict: bool = False):
+    """A torchvision ImageFolder with clear errors for a missing/empty path or mismatched classes, and
+    unreadable image files named (skipped with a warning, or a ValueError with ``strict``)."""
+    root = _imagefolder_root(path)
     ds = _checked_imagefolder_class()(str(root), transform=transform, strict=strict)
     if classes is not None and list(ds.classes) != list(classes):
         raise ValueError(f"classes of {root} ({ds.classes}) differ from the model's classes ({list(classes)})")

@@ -9,30 +9,22 @@ Command line: ``lfi demo | train | eval | maps`` (see lfi.train.cli), or ``pytho
 """
 from __future__ import annotations
 
-import importlib
+from lfi._lazy import lazy_names
 
-_LAZY = {
+__getattr__, __dir__, __all__ = lazy_names(__name__, {
     "TrainConfig": "lfi.train.config",
     "demo_config": "lfi.train.config",
     "Trainer": "lfi.train.trainer",
     "run_training": "lfi.train.trainer",
     "run_demo": "lfi.train.demo",
-    "evaluate": "lfi.train.evaluate",
+    "evaluate": "lfi.train.evaluation",
+    "evaluate_checkpoint": "lfi.train.evaluation",
+    "load_for_eval": "lfi.train.evaluation",
+    "collect_maps": "lfi.train.maps",
+    "render_maps": "lfi.train.maps",
+    "checkpoint_maps_png": "lfi.train.maps",
+    "leak_check": "lfi.train.controls",
     "save_checkpoint": "lfi.train.checkpoint",
     "load_checkpoint": "lfi.train.checkpoint",
     "load_student": "lfi.train.checkpoint",
-}
-
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lfi.train' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_LAZY))
+})

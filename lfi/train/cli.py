@@ -98,13 +98,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def _checkpoint_clip_teacher(cfg, weights, student, concepts, mean, std, device):
     """The CLIP teacher of a checkpoint's config, as `lfi eval` / `lfi maps` build it
-    (``lfi.train.evaluate.checkpoint_teacher``, i.e. the trainer's ``build_teacher``)."""
-    from lfi.train.evaluate import checkpoint_teacher
+    (``lfi.train.evaluation.checkpoint_teacher``, i.e. the trainer's ``build_teacher``)."""
+    from lfi.train.evaluation import checkpoint_teacher
 
     return checkpoint_teacher(cfg, student, concepts, mean, std, device, synthetic_data=False, weights=weights)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from lfi.train.interrupt import TrainingInterrupted
     from lfi.train.trainer import Trainer
 
     try:
@@ -113,6 +114,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         res = trainer.run()
     except _USER_ERRORS as e:
         return _err("train", e)
+    except TrainingInterrupted as e:
+        print(f"lfi train: {e}", file=sys.stderr)
+        return 130
     if trainer.main and not cfg.quiet and res.get("checkpoint"):
         print(f"checkpoint: {res['checkpoint']}")
     return 0
@@ -130,6 +134,9 @@ def _add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=None, help="parallel training runs (default min(2, cores))")
     p.add_argument("--ablation", action="store_true", help="run the LFI variants (layers, weight, read-back, "
                    "queries) instead of the arms and controls")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted demo with the same options: "
+                   "finished runs are reused, unfinished ones continue from their checkpoints (without it, every "
+                   "run starts over)")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -139,9 +146,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return _err("demo", ValueError(f"--seeds must be >= 1, got {args.seeds}"))
     try:
         run_demo(args.out, quick=args.quick, seeds=args.seeds, epochs=args.epochs, threads=args.threads,
-                 jobs=args.jobs, ablation=args.ablation)
+                 jobs=args.jobs, ablation=args.ablation, resume=args.resume)
     except _USER_ERRORS as e:
         return _err("demo", e)
+    except KeyboardInterrupt as e:
+        print(f"lfi demo: {e}", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -165,7 +175,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from lfi.train.checkpoint import atomic_write_text, check_output_path
-    from lfi.train.evaluate import evaluate_checkpoint, load_for_eval
+    from lfi.train.evaluation import evaluate_checkpoint, load_for_eval
 
     try:
         if args.json:  # before any work
@@ -198,6 +208,10 @@ def _print_eval(results: dict, checkpoint, num_patches: int, map_topk: float, sy
                   "-" if results["mean_map_score"] is None else f"{results['mean_map_score']:.3f}", "")
     console = Console()
     console.print(table)
+    for name, r in results["domains"].items():
+        if r.get("skipped_images"):
+            console.print(f"[yellow]{name}: {r['skipped_images']} unreadable image(s) skipped (named in the warnings "
+                          "above; each replaced by the next readable one)[/yellow]")
     k = max(1, round(map_topk * num_patches))
     console.print(f"map@k: overlap of the top-{k} patches of the student's query maps (last supervised layer, head "
                   "mean) with the teacher's" + (" (ground-truth masks)" if synthetic else "")
@@ -222,7 +236,7 @@ def _add_maps_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_maps(args: argparse.Namespace) -> int:
     from lfi.train.checkpoint import check_output_path
-    from lfi.train.evaluate import load_for_eval
+    from lfi.train.evaluation import load_for_eval
     from lfi.train.maps import checkpoint_maps_png
 
     try:

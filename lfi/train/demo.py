@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from lfi.train.checkpoint import atomic_write_text
 from lfi.train.config import SHIFT_SEED_OFFSET, demo_config
 
 __all__ = ["ARMS", "LOW_DATA_ARMS", "ABLATIONS", "run_demo", "epochs_to_target", "curve_auc", "cls_attention"]
@@ -113,7 +114,7 @@ def _run_arm(cfg_dict: dict, threads: int, shift_n: int) -> dict:
 
     from lfi.data.synthetic import SyntheticShapes
     from lfi.train.config import TrainConfig
-    from lfi.train.evaluate import evaluate
+    from lfi.train.evaluation import evaluate
     from lfi.train.trainer import Trainer
 
     torch.set_num_threads(max(1, threads))
@@ -134,8 +135,47 @@ def _run_arm(cfg_dict: dict, threads: int, shift_n: int) -> dict:
     images, _, masks = val.tensors()
     target = val.concepts.index(val.target)
     mass, chance, _ = cls_attention(student, trainer.normalize(images[:256]), masks[:256, target], student.grid)
-    return dict(history=res["history"], time=elapsed, shift=shift, cls_mass=mass, cls_chance=chance,
-                checkpoint=res["checkpoint"])
+    result = dict(history=res["history"], time=elapsed, shift=shift, cls_mass=mass, cls_chance=chance,
+                  checkpoint=res["checkpoint"])
+    # the run's outcome next to its checkpoint, so that `lfi demo --resume` never trains it again
+    atomic_write_text(Path(cfg.out) / RESULT_FILE, json.dumps(dict(result, config=_comparable(cfg)), default=str))
+    return result
+
+
+RESULT_FILE = "demo_result.json"
+
+
+def _comparable(cfg) -> dict:
+    """A run's config without the fields that say how it was started (resume / overwrite)."""
+    d = cfg.to_dict()
+    for key in ("resume", "overwrite"):
+        d.pop(key, None)
+    return json.loads(json.dumps(d, default=str))
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _prepare_run(cfg, resume: bool):
+    """-> (cfg to train, finished result or None). The demo owns its run folders: without `resume` a
+    run starts over (its old files removed); with it, a finished run whose config matches is reused
+    and an unfinished one continues from its checkpoint (every demo run checkpoints each epoch)."""
+    cfg = cfg.replace(save_every=1)
+    run, same = Path(cfg.out), _comparable(cfg)
+    if resume:
+        done = _read_json(run / RESULT_FILE)
+        if done is not None and done.pop("config", None) == same:
+            return cfg, done
+        started = _read_json(run / "config.json")
+        if (run / "checkpoint.safetensors").is_file() and started is not None and _comparable(
+                cfg.from_dict(started)) == same:
+            return cfg.replace(resume="auto", overwrite=False), None
+    (run / RESULT_FILE).unlink(missing_ok=True)
+    return cfg.replace(overwrite=True, resume=None), None
 
 
 def _leak(base) -> dict:
@@ -274,18 +314,25 @@ def _pool_run(jobs: list, n_jobs: int, threads: int, shift_n: int, on_done) -> N
         return
     with ProcessPoolExecutor(max_workers=n_jobs, mp_context=mp.get_context("spawn")) as ex:
         futs = [(key, ex.submit(_run_arm, cfg.to_dict(), threads, shift_n)) for key, cfg in jobs]
-        for key, f in futs:
-            on_done(key, f.result())
+        try:
+            for key, f in futs:
+                on_done(key, f.result())
+        except BaseException:  # Ctrl-C: runs not started yet never start; running ones checkpoint and stop
+            ex.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def run_demo(out="runs/demo", *, quick: bool = False, seeds: int = 3, epochs: Optional[int] = None,
              threads: Optional[int] = None, jobs: Optional[int] = None, ablation: bool = False, console=None,
-             **overrides) -> dict:
+             resume: bool = False, **overrides) -> dict:
     """Trains every arm (or, with ``ablation``, every ABLATIONS variant) for the same budget over
-    `seeds` seeds and writes the tables and plots (see module docstring). Returns results.json's dict."""
+    `seeds` seeds and writes the tables and plots (see module docstring). Returns results.json's dict.
+
+    resume: continue an interrupted experiment with the same options: finished runs are reused,
+    unfinished ones continue from their checkpoints; without it every run starts over. Ctrl-C stops
+    each run at a step boundary with a checkpoint and raises KeyboardInterrupt saying how to resume."""
     from rich.console import Console
 
-    from lfi.train.checkpoint import atomic_write_text
     from lfi.train.visualize import plot_curves
 
     if console is None:
@@ -324,14 +371,12 @@ def run_demo(out="runs/demo", *, quick: bool = False, seeds: int = 3, epochs: Op
             slug = "".join(ch if ch.isalnum() else "_" for ch in arm.lower())
             # the demo owns its run folders: a re-run starts each of them over (overwrite)
             cfg = _config(over, base_over).replace(seed=seed, out=str(out / f"{slug}_seed{seed}"), quiet=True,
-                                                   progress=False, save_every=base.epochs if seed == 0 else 0,
-                                                   overwrite=True)
+                                                   progress=False)
             job_list.append(((arm, "main"), cfg))
         for arm in low_arms:  # one folder per arm and seed (runs never share one)
             slug = "".join(ch if ch.isalnum() else "_" for ch in arm.lower())
             cfg = _config(ARMS[arm][0], {**base_over, "synthetic_train": LOW_DATA_TRAIN}).replace(
-                seed=seed, out=str(out / "low_data" / f"{slug}_seed{seed}"), quiet=True, progress=False, save_every=0,
-                overwrite=True)
+                seed=seed, out=str(out / "low_data" / f"{slug}_seed{seed}"), quiet=True, progress=False)
             job_list.append(((arm, "low"), cfg))
     results = {"main": {a: [] for a in arms}, "low": {a: [] for a in low_arms}}
 
@@ -341,7 +386,25 @@ def run_demo(out="runs/demo", *, quick: bool = False, seeds: int = 3, epochs: Op
         console.print(f"  {arm:>22}{' (low data)' if setting == 'low' else ''}: val acc "
                       + " ".join(f"{100 * h['val_acc']:.0f}" for h in r["history"]) + f"  ({r['time']:.0f}s)")
 
-    _pool_run(job_list, n_jobs, threads, shift_n, done)
+    todo, reused = [], 0
+    for key, cfg in job_list:
+        cfg, finished = _prepare_run(cfg, resume)
+        if finished is not None:
+            reused += 1
+            done(key, finished)
+        else:
+            todo.append((key, cfg))
+    if resume:
+        n_cont = sum(c.resume == "auto" for _, c in todo)
+        console.print(f"--resume: {reused} finished run(s) reused, {n_cont} continued from their checkpoints, "
+                      f"{len(todo) - n_cont} started")
+    try:
+        _pool_run(todo, n_jobs, threads, shift_n, done)
+    except KeyboardInterrupt as e:
+        finished = sum(len(v) for r in results.values() for v in r.values())
+        raise KeyboardInterrupt(f"interrupted after {finished} of {len(job_list)} runs; finished runs and the "
+                                f"others' checkpoints are kept in {out}: continue with the same command plus "
+                                "--resume") from e
     ref = "plain ViT"
     summary = {"main": summarize(results["main"], base.epochs, ref)}
     t_main, md_main = _table(summary["main"], arms, base.epochs,

@@ -124,7 +124,7 @@ def checkpoint_maps_png(ck, out, *, images: Sequence = (), synthetic: Optional[S
     files). teacher=False: the student's maps only. A CLIP teacher needs weights: ``teacher_weights``
     or the checkpoint's (``teacher_random`` runs excepted).
     """
-    from lfi.train.evaluate import checkpoint_loss, checkpoint_teacher
+    from lfi.train.evaluation import checkpoint_loss, checkpoint_teacher
     from lfi.train.visualize import denormalize
 
     cfg = ck.cfg

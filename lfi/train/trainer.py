@@ -28,7 +28,8 @@ from lfi.train import checkpoint as ckpt
 from lfi.train.config import VAL_SEED_OFFSET, TrainConfig
 from lfi.train.controls import distill_loss
 from lfi.train.distributed import all_reduce_sum, barrier, cleanup_distributed, init_distributed
-from lfi.train.evaluate import evaluate
+from lfi.train.evaluation import evaluate
+from lfi.train.interrupt import StopRequest, TrainingInterrupted
 
 __all__ = ["Trainer", "run_training", "build_student", "build_teacher", "build_data", "LFIStep", "seed_everything"]
 
@@ -242,6 +243,12 @@ class Trainer:
     epochs and at the end), metrics.jsonl (one JSON line per epoch), config.json. An out folder that
     already holds a run (RUN_FILES) is refused unless the run resumes from a checkpoint (cfg.resume) or
     starts over (cfg.overwrite: its run files are removed first), so two runs never mix.
+
+    Ctrl-C (SIGINT) in ``run()`` stops after the optimizer step in flight, writes a resumable
+    checkpoint (mid-epoch: the epoch's position and partial sums are in its sidecar) and raises
+    TrainingInterrupted; ``resume="auto"`` then continues from that step. With ``workers=0`` the
+    continued run is the uninterrupted one exactly; with loader workers, the augmentations of the
+    rest of that epoch are drawn anew.
     """
 
     def __init__(self, cfg: TrainConfig, console=None, on_epoch: Optional[Callable[[dict], None]] = None):
@@ -263,20 +270,15 @@ class Trainer:
 
         # student first (its normalisation defines the data pipeline), then data, then the teacher
         self.out = Path(cfg.out)
-        probe_classes = 4 if cfg.synthetic else None
         if cfg.synthetic:
-            self.student = build_student(cfg, probe_classes)
-            self.mean, self.std = student_norm(self.student)
-            self.data = build_data(cfg, self.mean, self.std)
+            num_classes = len(synthetic_datasets(cfg)[0].classes)  # cached: built once, reused by build_data
         else:
-            # the class count is needed to build the head; read the folder first with a neutral transform
-            self.mean, self.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-            self.data = build_data(cfg, self.mean, self.std)
-            self.student = build_student(cfg, len(self.data["classes"]))
-            mean, std = student_norm(self.student)
-            if (mean, std) != (self.mean, self.std):
-                self.mean, self.std = mean, std
-                self.data = build_data(cfg, mean, std)
+            from lfi.data.folders import imagefolder_classes
+
+            num_classes = len(imagefolder_classes(cfg.data))  # folder names only: no image is listed twice
+        self.student = build_student(cfg, num_classes)
+        self.mean, self.std = student_norm(self.student)
+        self.data = build_data(cfg, self.mean, self.std)
         self.classes, self.concepts = self.data["classes"], self.data["concepts"]
         self.student.to(self.device)
         self.lam = cfg.lam if cfg.teacher != "none" else 0.0
@@ -320,6 +322,7 @@ class Trainer:
         self.total_steps = max(1, cfg.epochs * self.steps_per_epoch)
         self.warmup_steps = int(round(cfg.warmup_epochs * self.steps_per_epoch))
         self.global_step, self.start_epoch, self.history = 0, 0, []
+        self._partial: Optional[dict] = None
         amp = cfg.amp
         if amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be auto, bf16 or off, got {amp!r}")
@@ -441,9 +444,11 @@ class Trainer:
         self.global_step = int(meta["global_step"])
         self.start_epoch = int(meta["epoch"]) + 1
         self.history = list(meta.get("history", []))
+        self._partial = meta.get("interrupted")  # a mid-epoch checkpoint: where in start_epoch to continue
         if meta.get("world_size", 1) == self.dist.world_size:
             ckpt.restore_rng(tensors, meta.get("rng", {}))
-        self._log(f"resumed from {path} (epoch {self.start_epoch}, step {self.global_step})")
+        at = f", step {self._partial['steps']} of it" if self._partial else ""
+        self._log(f"resumed from {path} (epoch {self.start_epoch + 1}{at}; global step {self.global_step})")
 
     # --------------------------------------------------------------------------------------------
     def train_step(self, batch) -> dict:
@@ -471,15 +476,39 @@ class Trainer:
         correct = (logits.argmax(-1) == labels).sum()
         return dict(loss=loss.detach(), ce=ce, kl=kl, correct=correct, n=labels.shape[0], lr=lr)
 
-    def train_epoch(self, epoch: int) -> dict:
+    def _epoch_batches(self, epoch: int, skip: int):
+        """The epoch's batches, from batch `skip` on (a resumed mid-epoch checkpoint), in the order an
+        uninterrupted epoch has (the sampler's order depends on (seed, epoch) only)."""
+        from torch.utils.data import DataLoader
+
+        self.sampler.set_epoch(epoch)
+        if not skip:
+            return iter(self.train_loader)
+        bs, loader = self.cfg.batch_size, self.train_loader
+        rest = list(self.sampler)[skip * bs:]
+        resumed = DataLoader(loader.dataset, batch_size=bs, sampler=rest, num_workers=loader.num_workers,
+                             pin_memory=loader.pin_memory, drop_last=False)
+        state = torch.get_rng_state()
+        batches = iter(resumed)
+        torch.set_rng_state(state)  # the epoch's iterator drew its seed before the checkpoint: draw none now
+        return batches
+
+    def train_epoch(self, epoch: int, stop: Optional[StopRequest] = None) -> dict:
+        """One epoch (the rest of it after a mid-epoch resume). With `stop`, returns early after the
+        step during which Ctrl-C was pressed, with ``rec["interrupted"]`` = (steps done, partial sums)."""
         from lfi.data.folders import reset_skipped, skipped_images
 
         self.step_module.train()
-        self.sampler.set_epoch(epoch)
         reset_skipped(self.data["train"])
         # loss*n, ce*n, kl*n, correct, n: accumulated on the device, so a step never waits for the GPU
         sums = torch.zeros(5, dtype=torch.float64, device=self.device)
-        t0 = time.time()
+        skip, t_before = 0, 0.0
+        if self._partial is not None and self._partial["epoch"] == epoch:
+            skip, t_before = int(self._partial["steps"]), float(self._partial["time"])
+            sums += torch.tensor(self._partial["sums"], dtype=torch.float64, device=self.device)
+        self._partial = None
+        batches = self._epoch_batches(epoch, skip)
+        t0 = time.time() - t_before
         progress = None
         if self.main and self.cfg.progress and self.console is not None:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -487,14 +516,15 @@ class Trainer:
             progress = Progress(TextColumn(f"epoch {epoch + 1}/{self.cfg.epochs}"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console,
                                 transient=True)
-            task = progress.add_task("train", total=self.steps_per_epoch, info="")
+            task = progress.add_task("train", total=self.steps_per_epoch, completed=skip, info="")
             progress.start()
-        lr = 0.0
+        lr, done = 0.0, skip
         try:
-            for i, batch in enumerate(self.train_loader):
+            for i, batch in enumerate(batches, start=skip):
                 if i >= self.steps_per_epoch:
                     break
                 r = self.train_step(batch)
+                done = i + 1
                 n = r["n"]
                 sums += torch.stack([r["loss"].double() * n, r["ce"].double() * n, r["kl"].double() * n,
                                      r["correct"].double(), torch.full((), n, dtype=torch.float64, device=self.device)])
@@ -505,6 +535,9 @@ class Trainer:
                         loss_avg, acc = (sums[0] / sums[4]).item(), (sums[3] / sums[4]).item()
                         info = f"loss {loss_avg:.3f}  acc {100 * acc:.1f}%"
                     progress.update(task, advance=1, **({"info": info} if info is not None else {}))
+                if stop is not None and self._stop_agreed(stop) and done < self.steps_per_epoch:
+                    return {"interrupted": dict(epoch=epoch, steps=done, sums=sums.cpu().tolist(),
+                                                time=time.time() - t0)}
         finally:
             if progress is not None:
                 progress.stop()
@@ -528,7 +561,12 @@ class Trainer:
                      normalize=self.normalize if self.data["synthetic"] else None, map_topk=self.cfg.map_topk,
                      autocast=self.autocast if self.amp_dtype is not None else None,
                      dist=self.dist if self.dist.enabled else None)
-        return {"val_acc": r["acc"], "val_kl": r["kl"], "map_score": r["map_score"]}
+        rec = {"val_acc": r["acc"], "val_kl": r["kl"], "map_score": r["map_score"]}
+        if r["skipped_images"]:
+            rec["val_skipped_images"] = r["skipped_images"]
+            self._log(f"[yellow]validation: skipped {r['skipped_images']} unreadable image(s) (named in the "
+                      "warnings above; --strict stops at the first)[/yellow]")
+        return rec
 
     def run(self, max_epochs: Optional[int] = None) -> dict:
         """Trains from start_epoch to cfg.epochs (or only `max_epochs` more epochs; the schedule is
@@ -553,27 +591,56 @@ class Trainer:
                   f"device {self.device}" + (f" x{self.dist.world_size} (DDP)" if self.dist.enabled else ""))
         try:
             stop = cfg.epochs if max_epochs is None else min(cfg.epochs, self.start_epoch + max_epochs)
-            for epoch in range(self.start_epoch, stop):
-                rec = {"epoch": epoch + 1}
-                rec.update(self.train_epoch(epoch))
-                if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-                    rec.update(self.evaluate())
-                rec["step"] = self.global_step
-                self.history.append(rec)
-                if self.main:
-                    with open(metrics_path, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(rec) + "\n")
-                    self._log(self._format(rec))
-                if self.on_epoch is not None and self.main:
-                    self.on_epoch(rec)
-                last = epoch + 1 == stop
-                if cfg.save_every and ((epoch + 1) % cfg.save_every == 0 or last):
-                    self.save(epoch)
+            with StopRequest() as interrupt:
+                for epoch in range(self.start_epoch, stop):
+                    rec = {"epoch": epoch + 1}
+                    part = self.train_epoch(epoch, interrupt)
+                    if "interrupted" in part:
+                        self._interrupted(epoch - 1, part["interrupted"])
+                    rec.update(part)
+                    if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+                        rec.update(self.evaluate())
+                    rec["step"] = self.global_step
+                    self.history.append(rec)
+                    if self.main:
+                        with open(metrics_path, "a", encoding="utf-8") as f:
+                            f.write(json.dumps(rec) + "\n")
+                        self._log(self._format(rec))
+                    if self.on_epoch is not None and self.main:
+                        self.on_epoch(rec)
+                    last = epoch + 1 == stop
+                    if cfg.save_every and ((epoch + 1) % cfg.save_every == 0 or last):
+                        self.save(epoch)
+                    if not last and self._stop_agreed(interrupt):
+                        self._interrupted(epoch, None)
             barrier(self.dist)
         finally:
             cleanup_distributed(self.dist)
         return {"history": self.history, "checkpoint": str(self.checkpoint_path()) if cfg.save_every else None,
                 "overhead": ov, "classes": self.classes, "concepts": self.concepts}
+
+    def _stop_agreed(self, stop: StopRequest) -> bool:
+        """Whether to stop now: Ctrl-C on any process (all-reduced under DDP, so every rank stops after
+        the same step)."""
+        if not self.dist.enabled:
+            return stop.requested
+        flag = torch.tensor([float(stop.requested)], device=self.device)
+        return bool(all_reduce_sum(flag, self.dist).item() > 0)
+
+    def _interrupted(self, completed_epoch: int, partial: Optional[dict]):
+        """Saves the resumable checkpoint of an interrupted run and raises TrainingInterrupted.
+        completed_epoch: index of the last finished epoch (-1: none); partial: the epoch in progress."""
+        meta = self.meta(completed_epoch)
+        if partial is not None:
+            meta["interrupted"] = partial
+        path = None
+        if self.main:
+            path = ckpt.save_checkpoint(self.checkpoint_path(), self.student, self.optimizer, meta)
+        barrier(self.dist)
+        err = TrainingInterrupted(path, completed_epoch + 2,
+                                  partial["steps"] if partial else 0, self.steps_per_epoch)
+        self._log(f"[yellow]{err}[/yellow]")
+        raise err
 
     def _format(self, r: dict) -> str:
         s = (f"epoch {r['epoch']:>3}/{self.cfg.epochs}  loss {r['train_loss']:.4f} (ce {r['train_ce']:.4f}, "

@@ -38,14 +38,19 @@ def topk_overlap(student: Tensor, teacher: Tensor, k: int) -> Tensor:
 @torch.no_grad()
 def evaluate(student, loader, device, *, teacher=None, loss_fn=None, normalize=None, map_topk: float = 0.1,
              autocast=None, dist: Optional[DistInfo] = None, max_batches: Optional[int] = None) -> dict:
-    """-> {"acc", "n", "kl", "map_score", "map_pairs"} (kl/map_score None without a teacher).
+    """-> {"acc", "n", "kl", "map_score", "map_pairs", "skipped_images"} (kl/map_score None without a
+    teacher; skipped_images: unreadable files of a load_imagefolder dataset, each named in a warning and
+    replaced by the next readable image, so that the score is over n images of which that many are repeats).
 
     loader yields (images, labels) or (images, labels, masks); ``normalize`` maps raw batches to
     the student's input (synthetic data), ``autocast`` is a context-manager factory or None.
     """
+    from lfi.data.folders import reset_skipped, skipped_images
+
     was_training = student.training
     student.eval()
-    stats = torch.zeros(6, dtype=torch.float64)  # correct, n, kl_sum, kl_batches, overlap_sum, pairs
+    reset_skipped(loader.dataset)
+    stats = torch.zeros(7, dtype=torch.float64)  # correct, n, kl_sum, kl_batches, overlap_sum, pairs, skipped
     use_teacher = teacher is not None and loss_fn is not None
     for bi, batch in enumerate(loader):
         if max_batches is not None and bi >= max_batches:
@@ -74,11 +79,13 @@ def evaluate(student, loader, device, *, teacher=None, loss_fn=None, normalize=N
                 logits = student(images)
         stats[0] += float((logits.argmax(-1) == labels).sum())
         stats[1] += labels.shape[0]
+    stats[6] = skipped_images(loader.dataset)
     if dist is not None:
         stats = all_reduce_sum(stats.to(device), dist).cpu()
     student.train(was_training)
     n = max(stats[1].item(), 1.0)
-    out = {"acc": stats[0].item() / n, "n": int(stats[1].item()), "kl": None, "map_score": None, "map_pairs": 0}
+    out = {"acc": stats[0].item() / n, "n": int(stats[1].item()), "kl": None, "map_score": None, "map_pairs": 0,
+           "skipped_images": int(stats[6].item())}
     if use_teacher and stats[3] > 0:
         out["kl"] = stats[2].item() / stats[3].item()
         out["map_score"] = stats[4].item() / max(stats[5].item(), 1.0)
