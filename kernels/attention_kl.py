@@ -95,11 +95,12 @@ def _kl_finish(m, l, x, y, c, TARGET_IS_LOGITS: tl.constexpr):
     with log_l = +inf without a kept key; logits: t = exp((u - t_shift) - t_log_z), t_log_z = +inf
     without a kept key; probabilities: t_shift = 0, t = target * exp(-t_log_z), t_log_z = log Z
     (-inf without target mass). A row whose kept keys carry target mass but whose student scores
-    are all -inf gets KL = +inf."""
+    are all -inf gets KL = +inf. The tests are `!= 0`, not `> 0`: a NaN l or x (NaN / +inf among the
+    student's scores or the target's values) gives KL NaN and NaN statistics, as F.kl_div."""
     sh = tl.where(m == float("-inf"), 0.0, m)
-    has_s = l > 0.0
+    has_s = l != 0.0
     log_l = tl.log2(tl.where(has_s, l, 1.0)) * LN2
-    has_t = x > 0.0
+    has_t = x != 0.0
     x_safe = tl.where(has_t, x, 1.0)
     log_x = tl.log2(x_safe) * LN2
     if TARGET_IS_LOGITS:
@@ -108,7 +109,8 @@ def _kl_finish(m, l, x, y, c, TARGET_IS_LOGITS: tl.constexpr):
         kl = c / x_safe - log_x + log_l
     else:
         t_shift = tl.zeros_like(x)
-        t_log_z = tl.where(has_t, log_x, float("-inf"))
+        # Z = +inf (a +inf weight): log Z NaN, so that every kept key's gradient is NaN too.
+        t_log_z = tl.where(has_t, tl.where(x == float("inf"), float("nan"), log_x), float("-inf"))
         kl = (y * LN2 - c) / x_safe - log_x + log_l
     kl = tl.where(has_t, tl.where(has_s, kl, float("inf")), 0.0)
     return kl, sh, tl.where(has_s, log_l, float("inf")), t_shift, t_log_z

@@ -170,6 +170,18 @@ def _row_offsets(STATS, rows, row_ok, FLOAT_MASK: tl.constexpr):
 
 
 @triton.jit
+def _empty_rows(l_i, HAS_MASK: tl.constexpr):
+    """Rows with no attended key (l == 0): zeros in out and the maps, (0, +inf) statistics. Only a
+    mask can empty a row (top-left causal rows always attend key 0): without one, l == 0 means every
+    score is -inf because of infinite q or k, and the row is NaN, as in eager softmax (log l = -inf
+    then makes P = exp(-inf + inf) and out = 0 / 0 NaN). A NaN l is never empty."""
+    if HAS_MASK:
+        return l_i == 0.0
+    else:
+        return l_i < float("-inf")  # all False (also for NaN)
+
+
+@triton.jit
 def _kl_target(t_ptrs, row_ok, key_ok, s, EDGE: tl.constexpr, HAS_MASK: tl.constexpr):
     """Target tile (float32), zero on the keys the student does not attend (s = -inf)."""
     t = _load_tile(t_ptrs, row_ok, key_ok, True, EDGE).to(tl.float32)
@@ -356,7 +368,7 @@ def attention_fwd_kernel(
             stride_kn, stride_vn, stride_mn, stride_tn, stride_wn, N, qk_scale, qk_scale2,
             STATS_ONLY, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_KL,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
-        empty = l_i == 0.0
+        empty = _empty_rows(l_i, HAS_MASK)
         log2_l = tl.where(empty, float("inf"), tl.math.log2(tl.where(empty, 1.0, l_i)))
         if FLOAT_MASK:
             row_a = tl.where(empty, 0.0, m_i)
@@ -371,8 +383,11 @@ def attention_fwd_kernel(
             MAPS, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_KL,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
         if IS_CAUSAL:
-            # Causal rows have no keys past the diagonal: their maps are zero there.
-            zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=W.dtype.element_ty)
+            # Causal rows have no keys past the diagonal: their maps are zero there, NaN on a NaN row
+            # (l NaN, or l = 0 without a mask: its whole row is NaN, as eager softmax; README "Numerics").
+            nan_row = (l_i != l_i) | ((l_i == 0.0) & ~empty)
+            zeros = tl.where(nan_row[:, None], float("nan"), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
+            zeros = zeros.to(W.dtype.element_ty)
             for start_n in range(tl.minimum(N, row_lo + BLOCK_M), N, BLOCK_N):
                 offs_n = start_n + tl.arange(0, BLOCK_N)
                 tl.store(w_base + offs_n[None, :] * stride_wn, zeros, mask=w_rows[:, None] & (offs_n < N)[None, :])
@@ -384,9 +399,9 @@ def attention_fwd_kernel(
             stride_kn, stride_vn, stride_mn, stride_tn, stride_wn, N, qk_scale, qk_scale2,
             ONLINE, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_KL,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
-        out = acc * (1.0 / tl.where(l_i == 0.0, 1.0, l_i))[:, None]
+        out = acc * (1.0 / tl.where(_empty_rows(l_i, HAS_MASK), 1.0, l_i))[:, None]
 
-    empty = l_i == 0.0
+    empty = _empty_rows(l_i, HAS_MASK)
     log_l = tl.where(empty, float("inf"), tl.log(tl.where(empty, 1.0, l_i)))
     if FLOAT_MASK:
         m_nat = tl.where(empty, 0.0, m_i)
@@ -397,8 +412,8 @@ def attention_fwd_kernel(
     tl.store(STATS + rows * 2 + 1, log_l, mask=row_ok)
     if HAS_KL:
         # KL = A/Z - ln Z + ln l - B/Z (B converted to natural units); rows without target mass give
-        # KL 0 and TNORM -inf.
-        has_mass = kl_z > 0.0
+        # KL 0 and TNORM -inf. `!= 0`, not `> 0`: a NaN in the target (Z = NaN) gives KL NaN, as F.kl_div.
+        has_mass = kl_z != 0.0
         z = tl.where(has_mass, kl_z, 1.0)
         if FLOAT_MASK:
             b_nat = kl_b
@@ -406,9 +421,23 @@ def attention_fwd_kernel(
             b_nat = kl_b * LN2
         kl = kl_a / z - tl.log(z) + tl.where(empty, 0.0, log_l) - b_nat / z
         tl.store(KL + rows, tl.where(has_mass, kl, 0.0), mask=row_ok)
-        tl.store(TNORM + rows, tl.where(has_mass, tl.log(z), float("-inf")), mask=row_ok)
-    tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
-             out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
+        # Z = +inf (a +inf target weight): TNORM NaN, so that the row's gradient is NaN at every key.
+        tnorm = tl.where(kl_z == float("inf"), float("nan"), tl.log(z))
+        tl.store(TNORM + rows, tl.where(has_mass, tnorm, float("-inf")), mask=row_ok)
+    # Rows without an attended key are exactly 0, even where acc holds 0 * NaN (a NaN in V at a key the
+    # row does not attend); a NaN row (l NaN) keeps its NaN (README "Numerics"). Chosen on the sm_90
+    # SASS (bf16 D64, benchmarks/kernel_report.py) so that the main loops stay instruction for
+    # instruction as they were: without maps a select on out; with maps (where a select cost the maps
+    # pass's loop 8 instructions at 254 registers, and complementary store masks cost the key-padding
+    # case's first loop 10) every row is stored, then the empty rows are overwritten with zeros (the
+    # same thread stores both, in program order).
+    o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+    dv_ok = (offs_dv < HEAD_DIM_V)[None, :]
+    if WRITE_MAPS == MAPS_NONE:
+        tl.store(o_ptrs, tl.where(empty[:, None], 0.0, out).to(OUT.dtype.element_ty), mask=row_ok[:, None] & dv_ok)
+    else:
+        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & dv_ok)
+        tl.store(o_ptrs, tl.zeros_like(out).to(OUT.dtype.element_ty), mask=(row_ok & empty)[:, None] & dv_ok)
 
 
 @triton.jit
@@ -564,7 +593,7 @@ def _dkdv_tile(k, v, dk, dv, start_m, q_base, q_offs, do_base, do_offs, dq_base,
         t_t = tl.where(s_t > float("-inf"), t_t, 0.0)
         tnorm = tl.load(TNORM + row_stats + offs_m, mask=row_ok, other=float("-inf"))
         grad_kl = tl.load(gkl_base + offs_m * stride_gklm, mask=row_ok, other=0.0).to(tl.float32)
-        has_mass = tnorm > float("-inf")
+        has_mass = tnorm != float("-inf")  # NaN (a NaN target) propagates to the gradient
         inv_z = tl.where(has_mass, tl.exp(-tl.where(has_mass, tnorm, 0.0)), 0.0)
         grad_kl = tl.where(has_mass, grad_kl, 0.0)
         ds_t += grad_kl[None, :] * (p_t - t_t * inv_z[None, :])
@@ -770,7 +799,7 @@ def attention_bwd_dq_kernel(
     if HAS_KL:
         # 1 / Z of the fused KL's target (0 on rows without target mass, whose grad_kl is 0 too).
         log_z = tl.load(TNORM + rows, mask=row_ok, other=float("-inf"))
-        has_mass = log_z > float("-inf")
+        has_mass = log_z != float("-inf")  # NaN (a NaN target) propagates to the gradient
         inv_z = tl.where(has_mass, tl.exp(-tl.where(has_mass, log_z, 0.0)), 0.0)
         grad_kl = tl.load(GKL + b * stride_gklb + h * stride_gklh + offs_m * stride_gklm, mask=row_ok,
                           other=0.0).to(tl.float32)

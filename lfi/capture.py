@@ -13,11 +13,15 @@ Hugging Face models loaded with ``attn_implementation="lfi"``, the modules whose
 model records as ``attentions``. ``attention_modules(model)`` lists them in ``named_modules`` order;
 ``layers`` indexes that list.
 
-Protocol for layer implementations (all of lfi's integrations follow it):
+Protocol for layer implementations (all of lfi's integrations follow it): one call,
 
-    rows = capture_rows(module, M)       # None, or the (start, stop) query rows to compute maps for
-    ... interaction_attention(..., need_weights=rows is not None, weights_rows=rows) ...
-    deliver(module, weights, M, start)   # weights (B, H, R, N) for query rows start..start+R-1
+    out, maps = attend(module, q, k, v, attn_mask, dropout_p, is_causal, scale)
+
+which asks ``capture_rows(module, M)`` for the rows to compute (None when no capture is active),
+runs ``interaction_attention(..., need_weights=rows is not None, weights_rows=rows)`` and hands the
+maps to the capture with ``deliver(module, maps, M, start)``. ``capturing(module)`` says whether a
+capture is active for the module (layers skip lfi entirely when it is not and nothing else asks
+for maps, see ``lfi.integrations``).
 
 Only the requested rows are computed by the op (``weights_rows``), so capturing the CLS row of a
 ViT never materializes an N x N map.
@@ -32,7 +36,9 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
-__all__ = ["capture_attention", "AttentionMaps", "attention_modules", "capture_rows", "deliver"]
+from lfi.ops.interaction_attention import interaction_attention
+
+__all__ = ["capture_attention", "AttentionMaps", "attention_modules", "capture_rows", "deliver", "capturing", "attend"]
 
 _SPEC_ATTR = "_lfi_capture"
 
@@ -151,6 +157,55 @@ def deliver(module: nn.Module, weights: torch.Tensor, M: int, start: int = 0) ->
     if not req.grad:
         weights = weights.detach()
     req.store(req.key, weights)
+
+
+def capturing(module: nn.Module) -> bool:
+    """True while a ``capture_attention`` block selects `module`."""
+    return getattr(module, _SPEC_ATTR, None) is not None
+
+
+def attend(
+    module: nn.Module,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    *,
+    all_rows: bool = False,
+    backend: Optional[str] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The attention of one lfi layer call: ``interaction_attention`` computing the maps of the rows
+    the active capture of `module` asks for (or of every row when `all_rows`), handed to the capture.
+
+    Args:
+        module: the attention layer (its ``lfi_backend`` attribute is the backend unless `backend`
+            is given; its capture request, if any, selects the rows).
+        q: (B, H, M, D); k: (B, Hkv, N, D); v: (B, Hkv, N, Dv); attn_mask, dropout_p, is_causal,
+            scale: as ``lfi.interaction_attention`` (bool mask True = attend, or additive float).
+        all_rows: compute the maps of all M rows (e.g. ``need_weights=True`` of the caller).
+        backend: overrides the module's backend.
+
+    Returns:
+        (out (B, H, M, Dv), maps) where maps is None when no row was asked for, else (B, H, R, N)
+        for the computed rows (all M rows when `all_rows`, else those of the capture); the maps are
+        in the autograd graph (the capture detaches its copy unless ``grad=True``).
+    """
+    M = q.shape[-2]
+    rows = (0, M) if all_rows else capture_rows(module, M)
+    if backend is None:
+        backend = getattr(module, "lfi_backend", "auto")
+    res = interaction_attention(
+        q, k, v, attn_mask, dropout_p, is_causal, scale,
+        need_weights=rows is not None, weights_rows=rows, backend=backend,
+    )
+    if rows is None:
+        return res, None
+    out, weights = res
+    deliver(module, weights, M, rows[0])
+    return out, weights
 
 
 # --------------------------------------------------------------------------------------------

@@ -285,14 +285,22 @@ def test_attn_drop_hooks_in_training_with_dropout():
 
 
 def test_report_lists_unconverted_variants():
-    from timm.layers import AttentionRope
+    """Converted classes are converted; attention-like modules of other classes (found by their
+    projections / class name / SDPA call, not a list of names) are listed and left as they were."""
+    from timm.layers import AttentionRope, DiffAttention
 
-    model = nn.Sequential(Attention(32, num_heads=4), AttentionRope(32, num_heads=4))
-    with pytest.warns(UserWarning, match="AttentionRope"):
+    class Mixer(nn.Module):  # no attention in its name: found by its q/k/v projections
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    model = nn.Sequential(Attention(32, num_heads=4), AttentionRope(32, num_heads=4), DiffAttention(32, num_heads=4),
+                          Mixer())
+    with pytest.warns(UserWarning, match="DiffAttention"):
         report = lfi_timm.patch(model)
-    assert report.patched == ["0"]
-    assert [(n, c) for n, c, _ in report.skipped] == [("1", "AttentionRope")]
-    assert type(model[1]) is AttentionRope
+    assert report.patched == ["0", "1"]
+    assert [(n, c) for n, c, _ in report.skipped] == [("2", "DiffAttention"), ("3", "Mixer")]
+    assert type(model[1]) is lfi_timm.LfiAttentionRope and type(model[2]) is DiffAttention
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lfi_timm.patch(model, warn=False)

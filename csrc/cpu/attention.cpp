@@ -104,12 +104,12 @@ void forward_impl(const AttnParams& p) {
 
       for (int64_t r = 0; r < R; ++r) {
         const int64_t i = r0 + r;
-        const T mr = shift_of(m[r]), log_l = log_l_of(l[r]);
+        const T mr = shift_of(m[r]), log_l = log_l_of(l[r], p.mask.defined());
         stats[2 * (bh * M + i)] = mr;
         stats[2 * (bh * M + i) + 1] = log_l;
-        const T inv = l[r] > T(0) ? T(1) / l[r] : T(0);
         const T* a = acc.data() + r * ldv;
-        for (int64_t e = 0; e < Dv; ++e) row[e] = a[e] * inv;
+        // 0 on empty rows (also where acc holds 0 * NaN), NaN on NaN rows
+        for (int64_t e = 0; e < Dv; ++e) row[e] = out_of(a[e], l[r], p.mask.defined());
         store_row(p.out, off4(p.out, b, h, i, 0), p.out.s[3], row.data(), Dv);
         if (has_kl) {
           T kl, tn;
@@ -122,7 +122,9 @@ void forward_impl(const AttnParams& p) {
           const int64_t hi_i = p.causal ? std::min(N, i + 1) : N;
           const T* sr = sbuf.data() + r * N;
           for (int64_t j = 0; j < hi_i; ++j) row[j] = prob_of(sr[j], mr, log_l);
-          std::fill(row.begin() + hi_i, row.begin() + N, T(0));
+          // Keys past the causal diagonal: P of a -inf score, i.e. 0, or NaN on a NaN row (its whole row
+          // is NaN, as in eager softmax).
+          std::fill(row.begin() + hi_i, row.begin() + N, prob_of(neg_inf<T>(), mr, log_l));
           store_row(p.weights, off4(p.weights, b, h, i - p.w_start, 0), p.weights.s[3], row.data(), N);
         }
       }
@@ -198,7 +200,7 @@ void backward_impl(const AttnParams& p) {
           T* pr = P.data() + r * ldn;
           T* dp = DP.data() + r * ldn;
           const T mr = stats[2 * (bh * M + i)], log_l = stats[2 * (bh * M + i) + 1];
-          if (!(log_l < pos_inf<T>())) {  // no attended key: every gradient of the row is 0
+          if (empty_row(log_l)) {  // no attended key: every gradient of the row is 0 (a NaN row propagates)
             std::fill(pr, pr + nj, T(0));
             std::fill(s, s + nj, T(0));  // s becomes dS
             if (ds_out) std::fill(ds_out + (bh * M + i) * N, ds_out + (bh * M + i + 1) * N, T(0));

@@ -9,16 +9,24 @@ lfi.integrations.open_clip.unpatch(model)
 ```
 
 * ``ResidualAttentionBlock.attn`` (``nn.MultiheadAttention``: batch_first or not, q|k|v rows in
-  ``in_proj_weight``) becomes ``lfi.nn.MultiheadAttention`` (same parameters; masks, including the
-  text tower's additive causal float mask and its padding masks, are honoured).
+  ``in_proj_weight``) and the ``nn.MultiheadAttention`` of ``AttentionalPooler`` (CoCa /
+  attentional-pool towers: n_queries latent queries attending to the tokens, kdim/vdim) become
+  ``lfi.nn.MultiheadAttention`` (same parameters; masks, including the text tower's additive
+  causal float mask and its padding masks, are honoured).
 * open_clip's own ``Attention`` (``CustomResidualAttentionBlock``: qk_norm, scaled cosine attention,
   head scaling, inner norm) becomes ``OpenCLIPAttention``.
-* ``timm.layers.Attention`` in timm vision trunks (``vision_cfg.timm_model_name``) becomes
-  ``lfi.nn.InteractionAttention`` (as ``lfi.integrations.timm.patch``).
-* Other attention modules (e.g. the ``AttentionalPooler`` of CoCa / attentional-pool towers) are
-  reported in ``PatchReport.skipped``; ``patch(model, all_mha=True)`` also converts every other
-  plain ``nn.MultiheadAttention``.
-``unpatch`` restores the original classes; outputs are unchanged up to floating-point rounding.
+* RN50-style ``AttentionPool2d`` (``ModifiedResNet.attnpool``: the mean token plus the HW tokens
+  attend to each other; row 0 is the pooled output) becomes ``LfiAttentionPool2d``.
+* timm attention in timm vision trunks (``vision_cfg.timm_model_name``) is converted as
+  ``lfi.integrations.timm.patch`` does.
+* Other attention-like modules are reported in ``PatchReport.skipped``; ``patch(model,
+  all_mha=True)`` also converts every other plain ``nn.MultiheadAttention``.
+
+Calls that ask for no maps on backend "auto" run the original module's forward (open_clip's, or
+torch's ``nn.MultiheadAttention.forward`` with its inference fast path): the outputs are
+bit-identical to the unpatched model's, as open_clip's own inference tests demand. Under
+``torch.jit.script`` (``create_model(..., jit=True)`` or ``torch.jit.script(model)``) the converted
+modules compile their original forward. ``unpatch`` restores the original classes.
 """
 from __future__ import annotations
 
@@ -28,38 +36,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lfi.capture import capture_rows, deliver
+from lfi.capture import attend
 from lfi.integrations._common import (
     PatchReport,
     check_backend,
+    runs_original,
+    script_copy,
     set_backend,
     swap,
+    unconverted_attention,
     unswap,
     warn_skipped,
 )
 from lfi.nn.multihead_attention import MultiheadAttention, mha_supported
-from lfi.ops.interaction_attention import interaction_attention
 
 try:
+    from open_clip.modified_resnet import AttentionPool2d as _OCAttentionPool2d
     from open_clip.transformer import Attention as _OCAttention
+    from open_clip.transformer import AttentionalPooler as _OCPooler
     from open_clip.transformer import ResidualAttentionBlock as _OCBlock
 except ImportError as exc:  # pragma: no cover - exercised only without open_clip
     raise ImportError(
         "lfi.integrations.open_clip needs open_clip: pip install 'lfi[integrations]' (or pip install open_clip_torch)"
     ) from exc
 
-__all__ = ["patch", "unpatch", "OpenCLIPAttention", "PatchReport"]
+__all__ = ["patch", "unpatch", "OpenCLIPAttention", "LfiAttentionPool2d", "PatchReport"]
 
 
-def _timm_attention_classes():
-    """(timm Attention, lfi InteractionAttention) when timm is installed (timm vision trunks)."""
+def _timm_conversions() -> dict:
+    """timm class -> lfi class (timm vision trunks), empty without timm."""
     try:
-        from timm.layers import Attention
-
-        from lfi.nn.timm_attention import InteractionAttention
+        from lfi.nn.timm_attention import TIMM_CONVERSIONS
     except ImportError:
-        return None, None
-    return Attention, InteractionAttention
+        return {}
+    return TIMM_CONVERSIONS
 
 
 class OpenCLIPAttention(_OCAttention):
@@ -71,8 +81,17 @@ class OpenCLIPAttention(_OCAttention):
 
     _lfi_attention = True
     lfi_backend: str = "auto"
+    _lfi_orig_forward = script_copy(_OCAttention.forward)  # what TorchScript compiles
 
-    def forward(self, x, attn_mask: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # TorchScript drops the branch it does not take, so _lfi_forward is never compiled
+        if not torch.jit.is_scripting():
+            return self._lfi_forward(x, attn_mask)
+        return self._lfi_orig_forward(x, attn_mask)
+
+    def _lfi_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        if runs_original(self):
+            return self._lfi_orig_forward(x, attn_mask)  # nothing asks for maps: open_clip's own path
         N, L, C = x.shape
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         q = q.reshape(N, L, self.num_heads, -1).transpose(1, 2)
@@ -93,17 +112,7 @@ class OpenCLIPAttention(_OCAttention):
             q, k = self.ln_q(q), self.ln_k(k)
             scale = self.scale
 
-        rows = capture_rows(self, L)
-        res = interaction_attention(
-            q, k, v, attn_mask, self.attn_drop.p if self.training else 0.0, False, scale,
-            need_weights=rows is not None, weights_rows=rows, backend=self.lfi_backend,
-        )
-        if rows is None:
-            x = res
-        else:
-            x, attn = res
-            deliver(self, attn, L, rows[0])
-
+        x, _ = attend(self, q, k, v, attn_mask, self.attn_drop.p if self.training else 0.0, False, scale)
         if self.head_scale is not None:
             x = x * self.head_scale
         x = x.transpose(1, 2).reshape(N, L, C)
@@ -113,23 +122,61 @@ class OpenCLIPAttention(_OCAttention):
         return x
 
 
+class LfiAttentionPool2d(_OCAttentionPool2d):
+    """open_clip's RN50 ``AttentionPool2d`` (``F.multi_head_attention_forward`` over the mean token and
+    the HW tokens, separate q/k/v projections) with its attention run by lfi when maps are captured.
+
+    x (B, C, H, W) -> (B, output_dim), the output row of the mean token (query row 0): capture
+    ``rows=0`` for the pooling map, (B, heads, 1, HW + 1)."""
+
+    _lfi_attention = True
+    lfi_backend: str = "auto"
+    _lfi_orig_forward = script_copy(_OCAttentionPool2d.forward)  # what TorchScript compiles
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            return self._lfi_forward(x)
+        return self._lfi_orig_forward(x)
+
+    def _lfi_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if runs_original(self):
+            return self._lfi_orig_forward(x)
+        x = x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3]).permute(2, 0, 1)  # NCHW -> (HW)NC
+        x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)  # (HW+1)NC
+        x = x + self.positional_embedding[:, None, :].to(x.dtype)
+        L, B, C = x.shape
+        H = self.num_heads
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (L, B, C) -> (B, H, L, C // H)
+            return t.reshape(L, B, H, C // H).permute(1, 2, 0, 3)
+
+        # F.multi_head_attention_forward's math: separate projections, scale 1/sqrt(head_dim)
+        out, _ = attend(self, heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)))
+        out = out.permute(2, 0, 1, 3).reshape(L, B, C)
+        return self.c_proj(out)[0]
+
+
 def patch(model: nn.Module, backend: str = "auto", all_mha: bool = False, warn: bool = True) -> PatchReport:
-    """Converts, in place, the attention of every open_clip transformer block of `model`.
+    """Converts, in place, the attention of every open_clip transformer block, attentional pooler and
+    RN50 attention pool of `model` (and of timm vision trunks).
 
     Args:
         model: an open_clip model (CLIP, CustomTextCLIP, CoCa, or one tower / block).
         backend: lfi backend of the converted modules ("auto", "torch", "triton" or "cuda"; see
-            ``lfi._dispatch``); stored as the module attribute ``lfi_backend``.
+            ``lfi._dispatch``); stored as the module attribute ``lfi_backend``. With "auto", calls
+            that ask for no maps run the original forward.
         all_mha: also convert plain ``nn.MultiheadAttention`` modules outside
-            ``ResidualAttentionBlock`` (e.g. attentional poolers).
+            ``ResidualAttentionBlock`` / ``AttentionalPooler``.
         warn: warn when attention modules were left unconverted.
     """
     check_backend(backend)
     report = PatchReport()
-    timm_attn, timm_lfi = _timm_attention_classes()
-    in_block = {id(m.attn) for m in model.modules() if isinstance(m, _OCBlock)}
+    timm_conv = _timm_conversions()
+    owned = {id(m.attn) for m in model.modules() if isinstance(m, (_OCBlock, _OCPooler))}
+    converted: set[int] = set()
     for name, m in model.named_modules():
         cls = type(m)
+        new_cls = None
         if getattr(cls, "_lfi_attention", False):
             set_backend(m, backend)
             report.already.append(name)
@@ -137,19 +184,25 @@ def patch(model: nn.Module, backend: str = "auto", all_mha: bool = False, warn: 
             reason = mha_supported(m)
             if reason is not None:
                 report.skipped.append((name, cls.__name__, reason))
-            elif id(m) in in_block or all_mha:
-                swap(m, MultiheadAttention, backend)
-                report.patched.append(name)
+            elif id(m) in owned or all_mha:
+                new_cls = MultiheadAttention
             else:
-                report.skipped.append((name, cls.__name__, "not in a ResidualAttentionBlock (patch with all_mha=True)"))
+                report.skipped.append((name, cls.__name__, "not in a ResidualAttentionBlock or AttentionalPooler "
+                                                           "(patch with all_mha=True)"))
         elif cls is _OCAttention:
-            swap(m, OpenCLIPAttention, backend)
+            new_cls = OpenCLIPAttention
+        elif cls is _OCAttentionPool2d:
+            new_cls = LfiAttentionPool2d
+        elif cls in timm_conv:  # timm vision trunk (TimmModel)
+            new_cls = timm_conv[cls]
+        if new_cls is not None:
+            swap(m, new_cls, backend)
             report.patched.append(name)
-        elif timm_attn is not None and cls is timm_attn:  # timm vision trunk (TimmModel)
-            swap(m, timm_lfi, backend)
-            report.patched.append(name)
-        elif isinstance(m, (nn.MultiheadAttention, _OCAttention)) or cls.__name__.endswith("Attention"):
-            report.skipped.append((name, cls.__name__, "attention class with its own forward"))
+            converted.add(id(m))
+    listed = {n for n, _, _ in report.skipped}
+    for name, cls_name in unconverted_attention(model, converted):
+        if name not in listed:
+            report.skipped.append((name, cls_name, "attention class with its own forward"))
     if warn:
         warn_skipped(report, "lfi.integrations.open_clip.patch")
     return report
@@ -158,12 +211,11 @@ def patch(model: nn.Module, backend: str = "auto", all_mha: bool = False, warn: 
 def unpatch(model: nn.Module) -> PatchReport:
     """Restores the classes ``patch`` replaced."""
     report = PatchReport()
-    timm_attn, timm_lfi = _timm_attention_classes()
+    originals = [(MultiheadAttention, nn.MultiheadAttention), (OpenCLIPAttention, _OCAttention),
+                 (LfiAttentionPool2d, _OCAttentionPool2d)]
+    originals += [(lfi_cls, cls) for cls, lfi_cls in _timm_conversions().items()]
     for name, m in model.named_modules():
-        if isinstance(m, MultiheadAttention) and unswap(m, nn.MultiheadAttention):
-            report.patched.append(name)
-        elif isinstance(m, OpenCLIPAttention) and unswap(m, _OCAttention):
-            report.patched.append(name)
-        elif timm_lfi is not None and isinstance(m, timm_lfi) and unswap(m, timm_attn):
+        original = next((orig for lfi_cls, orig in originals if isinstance(m, lfi_cls)), None)
+        if original is not None and unswap(m, original):
             report.patched.append(name)
     return report

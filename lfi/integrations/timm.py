@@ -10,10 +10,23 @@ maps[-1]                                          # (B, H, 1, N)
 lfi.integrations.timm.unpatch(model)              # back to timm's class, bit for bit
 ```
 
-Only modules whose type is *exactly* ``timm.layers.Attention`` are converted (their class becomes
-``lfi.nn.InteractionAttention``; parameters, buffers and the state dict are untouched). Other
-attention classes (EVA, RoPE, DiffAttention, attention pools, ...) have their own forward: they are
-listed in the returned ``PatchReport.skipped`` and a warning names them.
+Converted (``m.__class__`` swap; parameters, buffers and the state dict untouched; ``unpatch``
+restores the classes):
+
+* ``timm.layers.Attention`` (ViT, DeiT, BEiT-free ViTs, ...) -> ``lfi.nn.InteractionAttention``;
+* ``timm.layers.AttentionRope`` (EVA02, PE, DINOv3-style ViTs: RoPE on q/k), ``EvaAttention``,
+  ``RelPosAttention`` (relative position bias as the float mask), ``AttentionPoolLatent``
+  (latent-query pooling, M != N) and the CLIP-ResNet-style ``RotAttentionPool2d`` /
+  ``AttentionPool2d`` heads -> ``LfiAttentionRope`` / ``LfiEvaAttention`` / ``LfiRelPosAttention`` /
+  ``LfiAttentionPoolLatent`` / ``LfiRotAttentionPool2d`` / ``LfiTimmAttentionPool2d``: their own
+  forward runs, and only its ``F.scaled_dot_product_attention`` call goes through lfi while maps
+  are captured.
+
+Converted modules run timm's own forward when no maps are asked for (bit-identical outputs), and
+TorchScript compiles timm's forward (``torch.jit.script`` / ``trace`` of a patched model give timm's
+scripted / traced model). Every other module that looks like attention (q/k/v projections, an
+``nn.MultiheadAttention``, a forward calling SDPA, a ``*Attention`` class: maxvit's partition
+attention, DiffAttention, ...) is listed in the returned ``PatchReport.skipped`` with a warning.
 Alternatively build the model with ``timm.create_model(name, attn_layer=lfi.nn.InteractionAttention)``.
 """
 from __future__ import annotations
@@ -23,52 +36,74 @@ from torch import nn
 from lfi.integrations._common import (
     PatchReport,
     check_backend,
-    looks_like_attention,
     set_backend,
     swap,
+    unconverted_attention,
     unswap,
     warn_skipped,
 )
 
 try:
-    from timm.layers import Attention as _TimmAttention
+    import timm  # noqa: F401
 except ImportError as exc:  # pragma: no cover - exercised only without timm
     raise ImportError(
         "lfi.integrations.timm needs timm: pip install 'lfi[integrations]' (or pip install timm)"
     ) from exc
 
-from lfi.nn.timm_attention import InteractionAttention
+from lfi.nn.timm_attention import (
+    TIMM_CONVERSIONS,
+    InteractionAttention,
+    LfiAttentionPoolLatent,
+    LfiAttentionRope,
+    LfiEvaAttention,
+    LfiRelPosAttention,
+    LfiRotAttentionPool2d,
+    LfiTimmAttentionPool2d,
+)
 
-__all__ = ["patch", "unpatch", "InteractionAttention", "PatchReport"]
+__all__ = ["patch", "unpatch", "InteractionAttention", "LfiAttentionRope", "LfiEvaAttention", "LfiRelPosAttention",
+           "LfiAttentionPoolLatent", "LfiRotAttentionPool2d", "LfiTimmAttentionPool2d", "PatchReport", "CONVERSIONS"]
+
+#: timm class -> the lfi class ``patch`` gives modules of exactly that class
+CONVERSIONS = TIMM_CONVERSIONS
+_ORIGINAL = {lfi_cls: cls for cls, lfi_cls in CONVERSIONS.items()}
 
 
 def patch(model: nn.Module, backend: str = "auto", warn: bool = True) -> PatchReport:
-    """Converts, in place, every module of `model` whose type is exactly ``timm.layers.Attention``
-    into ``lfi.nn.InteractionAttention`` (``m.__class__`` swap; reversible with ``unpatch``).
+    """Converts, in place, every module of `model` whose type is exactly one of ``CONVERSIONS``
+    (``timm.layers.Attention``, ``AttentionRope``, ``AttentionPoolLatent``, ``EvaAttention``,
+    ``RelPosAttention``, ``RotAttentionPool2d``, ``AttentionPool2d``) into its lfi class
+    (``m.__class__`` swap; reversible with ``unpatch``).
 
     Args:
         model: any nn.Module containing timm attention layers (the model itself may be one).
         backend: lfi backend for the converted modules ("auto", "torch", "triton" or "cuda"; see
-            ``lfi._dispatch``); stored as the module attribute ``lfi_backend``.
-        warn: warn when attention-like modules of other classes were left unconverted.
+            ``lfi._dispatch``); stored as the module attribute ``lfi_backend``. With "auto", calls
+            that ask for no maps run timm's own forward.
+        warn: warn when attention-like modules were left unconverted.
 
     Returns:
-        PatchReport with the converted, already-converted and skipped module names.
+        PatchReport with the converted, already-converted and skipped (attention-like, not
+        converted: subclasses of the converted classes with their own forward, other variants)
+        module names.
     """
     check_backend(backend)
     report = PatchReport()
+    converted: set[int] = set()
     for name, m in model.named_modules():
         cls = type(m)
-        if cls is _TimmAttention:
-            swap(m, InteractionAttention, backend)
+        if cls in CONVERSIONS:
+            swap(m, CONVERSIONS[cls], backend)
             report.patched.append(name)
+            converted.add(id(m))
         elif getattr(cls, "_lfi_attention", False):
             set_backend(m, backend)
             report.already.append(name)
-        elif isinstance(m, _TimmAttention):
-            report.skipped.append((name, cls.__name__, "subclass of timm Attention with its own forward"))
-        elif looks_like_attention(m):
-            report.skipped.append((name, cls.__name__, "timm attention variant with its own forward"))
+    for name, cls_name in unconverted_attention(model, converted):
+        m = model.get_submodule(name)
+        reason = ("subclass of a converted timm class, with its own forward"
+                  if isinstance(m, tuple(CONVERSIONS)) else "attention variant with its own forward")
+        report.skipped.append((name, cls_name, reason))
     if warn:
         warn_skipped(report, "lfi.integrations.timm.patch")
     return report
@@ -79,6 +114,7 @@ def unpatch(model: nn.Module) -> PatchReport:
     ``attn_layer=InteractionAttention``, which become ``timm.layers.Attention``)."""
     report = PatchReport()
     for name, m in model.named_modules():
-        if isinstance(m, InteractionAttention) and unswap(m, _TimmAttention):
+        original = next((orig for lfi_cls, orig in _ORIGINAL.items() if isinstance(m, lfi_cls)), None)
+        if original is not None and unswap(m, original):
             report.patched.append(name)
     return report

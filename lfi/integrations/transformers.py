@@ -18,12 +18,22 @@ with lfi.capture_attention(model, layers=[-1], rows=0) as maps:             # or
   would be silently ignored. The sdpa mask is a boolean (B, 1, Q, KV) mask (True = attend), which
   is lfi's convention; it is skipped (None) exactly when SDPA would rely on ``is_causal`` instead.
 
-The attention function follows ``sdpa_attention_forward``: ``is_causal`` from the call (else the
-module's ``is_causal``) applies only when there is more than one query and no mask; grouped-query
-heads are passed as they are (the op handles H % Hkv == 0 natively, no ``repeat_kv``);
-``position_bias`` is folded into a float mask. The maps (in the query dtype, taken before dropout)
-are computed when ``output_attentions`` is requested — then returned, as the eager path does — or
-when ``lfi.capture_attention`` selects the module (only the requested rows).
+A call that asks for no maps (no ``output_attentions``, no capture of the module) on backend "auto"
+(``register``'s backend, the module attribute ``lfi_backend`` and ``LFI_BACKEND``) is handed to
+transformers' own ``sdpa_attention_forward`` with the same arguments: the outputs are bit-identical
+to the same model loaded with ``attn_implementation="sdpa"`` (transformers' default).
+
+Otherwise the attention function follows ``sdpa_attention_forward``: ``is_causal`` from the call
+(else the module's ``is_causal``) applies only when there is more than one query and no mask;
+grouped-query heads are passed as they are (the op handles H % Hkv == 0 natively, no
+``repeat_kv``); ``position_bias`` is folded into a float mask. The maps (in the query dtype, taken
+before dropout) are computed when ``output_attentions`` is requested — then returned, as the eager
+path does — or when ``lfi.capture_attention`` selects the module (only the requested rows).
+
+``config.output_attentions = True`` is refused by transformers' own config setter for every
+implementation but "eager"; pass ``output_attentions=True`` at call time instead, or opt one model
+in with ``set_output_attentions(model)`` (it sets the flag on that model's configs only, bypassing
+the setter; transformers' behaviour for other models and implementations is unchanged).
 
 transformers is an optional dependency: ``pip install 'lfi[integrations]'``.
 """
@@ -47,12 +57,18 @@ try:  # transformers >= 4.53 builds masks per attention implementation
 except ImportError:  # pragma: no cover - older versions pass 4-D float masks built by the model
     AttentionMaskInterface = sdpa_mask = None
 
-from lfi import capture as _capture
-from lfi.capture import capture_rows, deliver
-from lfi.integrations._common import check_backend
-from lfi.ops.interaction_attention import interaction_attention
+try:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+except ImportError:  # pragma: no cover - transformers < 4.48 has no attention interface at all
+    sdpa_attention_forward = None
 
-__all__ = ["register", "unregister", "is_registered", "lfi_attention_forward", "attention_modules"]
+from lfi import capture as _capture
+from lfi._dispatch import env_backend
+from lfi.capture import attend, capturing
+from lfi.integrations._common import check_backend
+
+__all__ = ["register", "unregister", "is_registered", "lfi_attention_forward", "attention_modules",
+           "set_output_attentions"]
 
 # registered implementation name -> default backend
 _REGISTERED: dict[str, str] = {}
@@ -92,6 +108,13 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
             )
     if kwargs.get("cache") is not None:
         raise NotImplementedError("attn_implementation='lfi' does not support paged attention caches")
+    full = _wants_attentions(kwargs)
+    backend = getattr(module, "lfi_backend", None) or backend
+    if (not full and backend == "auto" and env_backend() == "auto" and not capturing(module)
+            and sdpa_attention_forward is not None):
+        # nothing asks for maps: transformers' own sdpa path, bit for bit what attn_implementation="sdpa" runs
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, position_bias=position_bias, **kwargs)
     q_len, kv_len = query.shape[2], key.shape[2]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
@@ -103,19 +126,8 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
         attention_mask = _position_bias_mask(position_bias, attention_mask, is_causal, query, key)
         is_causal = False
 
-    full = _wants_attentions(kwargs)
-    rows = (0, q_len) if full else capture_rows(module, q_len)
-    backend = getattr(module, "lfi_backend", None) or backend
-    res = interaction_attention(
-        query, key, value, attention_mask, dropout, is_causal, scaling,
-        need_weights=rows is not None, weights_rows=rows, backend=backend,
-    )
-    weights = None
-    if rows is None:
-        out = res
-    else:
-        out, weights = res
-        deliver(module, weights, q_len, rows[0])
+    out, weights = attend(module, query, key, value, attention_mask, dropout, is_causal, scaling,
+                          all_rows=full, backend=backend)
     return out.transpose(1, 2).contiguous(), (weights if full else None)
 
 
@@ -214,3 +226,36 @@ def attention_modules_of(model: nn.Module) -> list[nn.Module]:
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of the lfi attention layers of `model` (the list capture_attention indexes)."""
     return _capture.attention_modules(model)
+
+
+def set_output_attentions(model: nn.Module, value: bool = True) -> int:
+    """Sets ``output_attentions`` on the configs of `model` (the model's and its sub-models', e.g. a
+    CLIP's text and vision configs), so that calls return the maps without ``output_attentions=True``.
+
+    transformers' config setter refuses ``config.output_attentions = True`` for every implementation
+    but "eager"; this writes the stored flag of these config objects directly, after checking that
+    each uses an implementation registered by ``register``. Nothing else changes: other models,
+    other implementations and the setter itself behave as before. A later ``config.validate()``
+    (e.g. in ``save_pretrained``) refuses the flag as it refuses it for sdpa; set it back with
+    ``set_output_attentions(model, False)`` before saving.
+
+    Returns:
+        the number of config objects set.
+    """
+    configs = {}
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_output_attentions"):
+            configs[id(cfg)] = cfg
+    if not configs:
+        raise ValueError(f"{type(model).__name__} has no transformers config")
+    for cfg in configs.values():
+        impl = getattr(cfg, "_attn_implementation", None)
+        if value and impl not in _REGISTERED:
+            raise ValueError(
+                f"set_output_attentions: a config of {type(model).__name__} uses attn_implementation={impl!r}, not an "
+                f"implementation registered by lfi ({sorted(_REGISTERED)}); use config.output_attentions for eager"
+            )
+    for cfg in configs.values():
+        cfg._output_attentions = bool(value)
+    return len(configs)

@@ -16,17 +16,24 @@ converted back. Semantics follow ``nn.MultiheadAttention.forward``:
 
 ``add_bias_kv`` / ``add_zero_attn`` modules are not supported (forward falls back to torch's
 implementation for them; ``lfi.integrations`` does not convert such modules).
+
+A call that asks for no maps (``need_weights=False`` and no ``capture_attention`` of the module) on
+backend "auto" (the ``lfi_backend`` attribute and ``LFI_BACKEND``) runs
+``nn.MultiheadAttention.forward`` itself (including torch's inference fast path), so it is
+bit-identical to the unconverted module. Under ``torch.jit.script`` the module compiles
+``nn.MultiheadAttention.forward``, and ``torch.jit.trace`` records it: the scripted / traced module
+is torch's (its maps, when ``need_weights=True``, are then torch's eager maps).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lfi.capture import capture_rows, deliver
-from lfi.ops.interaction_attention import interaction_attention
+from lfi.capture import attend
+from lfi.integrations._common import runs_original, script_copy
 
 __all__ = ["MultiheadAttention", "mha_supported", "merge_masks"]
 
@@ -79,6 +86,7 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     _lfi_attention = True
     lfi_backend: str = "auto"
+    _lfi_orig_forward = script_copy(nn.MultiheadAttention.forward)  # what TorchScript compiles
 
     def forward(
         self,
@@ -90,8 +98,19 @@ class MultiheadAttention(nn.MultiheadAttention):
         attn_mask: Optional[Tensor] = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
-    ) -> tuple[Tensor, Optional[Tensor]]:
-        if mha_supported(self) is not None:
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        # TorchScript drops the branch it does not take, so _lfi_forward is never compiled
+        if not torch.jit.is_scripting():
+            return self._lfi_forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                     average_attn_weights, is_causal)
+        return self._lfi_orig_forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                      average_attn_weights, is_causal)
+
+    def _lfi_forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
+                     need_weights: bool, attn_mask: Optional[Tensor], average_attn_weights: bool,
+                     is_causal: bool) -> tuple[Tensor, Optional[Tensor]]:
+        if mha_supported(self) is not None or torch.jit.is_tracing() or (not need_weights and runs_original(self)):
+            # unsupported options, traced, or nothing asks for maps: torch's own forward, bit for bit
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)
         unbatched = query.dim() == 2
@@ -134,17 +153,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         v = v.view(B, S, H, Dh).transpose(1, 2)
 
         mask = merge_masks(attn_mask, key_padding_mask, B, H, L, S, q.dtype)
-        rows = (0, L) if need_weights else capture_rows(self, L)
-        res = interaction_attention(
-            q, k, v, mask, self.dropout if self.training else 0.0, causal,
-            need_weights=rows is not None, weights_rows=rows, backend=self.lfi_backend,
-        )
-        weights = None
-        if rows is None:
-            out = res
-        else:
-            out, weights = res
-            deliver(self, weights, L, rows[0])
+        out, weights = attend(self, q, k, v, mask, self.dropout if self.training else 0.0, causal,
+                              all_rows=need_weights)
         out = out.transpose(1, 2).reshape(B, L, H * Dh)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
 

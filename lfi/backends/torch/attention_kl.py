@@ -51,6 +51,9 @@ def log_target(target, keep, target_scale: float, target_is_logits: bool, dtype,
         probs = probs.masked_fill(~keep, 0.0)
     if norm is None:
         log_z = torch.log(probs.sum(-1, keepdim=True))
+        # Z = +inf (a +inf weight): t = target / Z is NaN there; a NaN log Z makes the whole row's KL and
+        # gradient NaN (as F.kl_div on the normalised target), on every backend.
+        log_z = log_z.masked_fill_(log_z == float("inf"), float("nan"))
         shift = torch.zeros_like(log_z)
     else:
         shift, log_z = (n.to(dtype) for n in norm)
@@ -74,7 +77,8 @@ def kl_rows(s, log_t, differentiable: bool = False):
     else:
         terms = (s - m).sub_(log_l).neg_().add_(log_t).mul_(t)  # t (log t - log p), in one temporary
     # t = 0 terms contribute 0 (also where s = -inf); rows without kept keys have t = 0 everywhere.
-    return torch.where(t > 0, terms, 0.0).sum(-1), m, log_l
+    # `t == 0`, not `t <= 0`: a NaN t (NaN / +inf in the target) keeps its NaN term, as F.kl_div.
+    return torch.where(t == 0, 0.0, terms).sum(-1), m, log_l
 
 
 def probs_of(s, stats):
@@ -84,8 +88,9 @@ def probs_of(s, stats):
 
 def kl_grad(grad_kl, p, log_t, log_z):
     """dKL/ds = grad_kl * (p - t) for the student's probabilities p = softmax(s) (overwritten); zero
-    at dropped keys, on rows without kept keys and on rows without target mass (log_z = -inf)."""
-    grad_kl = torch.where(log_z.squeeze(-1) > NEG_INF, grad_kl, 0.0)
+    at rows without kept keys and on rows without target mass (log_z = -inf); NaN on rows whose
+    statistics are NaN. Callers zero the dropped keys (which a NaN row would otherwise fill with NaN)."""
+    grad_kl = torch.where(log_z.squeeze(-1) != NEG_INF, grad_kl, 0.0)
     return p.sub_(torch.exp(log_t)).mul_(grad_kl[..., None])
 
 
@@ -129,5 +134,7 @@ def kl_backward(grad_kl, logits, target, key_mask, stats, tstats, student_scale:
         log_t, _, log_z = log_target(rows_of(target, r0, r1), keep, target_scale, target_is_logits, dt, norm)
         s = _scores(logits[:, :, r0:r1], keep, student_scale, dt)
         ds = kl_grad(grad_kl[:, :, r0:r1].to(dt), probs_of(s, stats[:, :, r0:r1]), log_t, log_z)
+        if keep is not None:  # dropped keys get 0, also on NaN rows (as the other backends)
+            ds = _masked_fill(ds, ~keep, 0.0)
         dlogits[:, :, r0:r1] = (ds * student_scale).to(logits.dtype)
     return dlogits

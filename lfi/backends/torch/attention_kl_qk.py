@@ -66,6 +66,8 @@ def kl_qk_backward(grad_kl, q, k, target, q_t, k_t, key_mask, stats, tstats, stu
         norm = tstats[:, :, r0:r1, :1], tstats[:, :, r0:r1, 1:]
         log_t, _, log_z = log_target(target_rows, keep, target_scale, target_is_logits or q_t is not None, dt, norm)
         ds = kl_grad(grad_kl[:, :, r0:r1].to(dt), probs_of(s, stats[:, :, r0:r1]), log_t, log_z)
+        if keep is not None:  # dropped keys get 0, also on NaN rows (as the other backends)
+            ds = _masked_fill(ds, ~keep, 0.0)
         # student_scale goes on the (R x D) and (N x D) products, not on dS (R x N)
         dq[:, :, r0:r1] = (torch.matmul(grouped(ds, hkv), k_dt.unsqueeze(2)).flatten(1, 2) * student_scale).to(q.dtype)
         dk += torch.matmul(grouped(ds, hkv).transpose(-1, -2), grouped(q[:, :, r0:r1].to(dt), hkv)).sum(2)

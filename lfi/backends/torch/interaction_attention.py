@@ -56,21 +56,26 @@ def _scores(q_rows, k, mask, scale, is_causal, r0, r1, dtype):
 
 
 def _probs_only(s, may_have_dead_rows: bool):
-    """softmax(s) over the last dim, exactly 0 on rows without an attended key (_softmax_rows'
-    p, bit for bit, without the row statistics)."""
+    """(p, dead): softmax(s) over the last dim, exactly 0 on rows without an attended key
+    (_softmax_rows' p, bit for bit, without the row statistics), and those rows (..., 1) bool (None
+    when there can be none)."""
     p = torch.softmax(s, -1)
+    dead = None
     if may_have_dead_rows:
-        p.masked_fill_(s.amax(-1, keepdim=True) == float("-inf"), 0.0)
-    return p
+        dead = s.amax(-1, keepdim=True) == float("-inf")  # False on NaN rows: they propagate
+        p.masked_fill_(dead, 0.0)
+    return p, dead
 
 
 def _softmax_rows(s, may_have_dead_rows: bool):
-    """(p, m, log_l): p = softmax(s) over the last dim, exactly 0 on rows without an attended key;
+    """(p, m, log_l, dead): p = softmax(s) over the last dim, exactly 0 on rows without an attended key;
     the row max m (0 there) and log l, l = sum exp(s - m) (+inf there), each (..., 1).
 
     torch.softmax is one vectorised pass; l is read back from the row max's own probability,
     exp(0) / l, instead of a second exp pass (accurate to an ulp of log l). Rows without an attended
-    key (all -inf) can only come from a mask; softmax makes them NaN and they are zeroed."""
+    key (all -inf) can only come from a mask; softmax makes them NaN and they are zeroed. dead:
+    those rows, (..., 1) bool, or None when there can be none. A NaN / +inf score makes its row of
+    p and log l NaN (as eager softmax; README "Numerics")."""
     m = s.amax(-1, keepdim=True)
     p = torch.softmax(s, -1)
     log_l = torch.log(p.amax(-1, keepdim=True)).neg_()
@@ -78,9 +83,9 @@ def _softmax_rows(s, may_have_dead_rows: bool):
         dead = m == float("-inf")
         p.masked_fill_(dead, 0.0)
         log_l.masked_fill_(dead, float("inf"))
-        return p, m.masked_fill_(dead, 0.0), log_l
+        return p, m.masked_fill_(dead, 0.0), log_l, dead
     # No mask: a row is all -inf only through -inf in the inputs; its m is 0 too (one op, not two)
-    return p, m.nan_to_num_(float("nan"), float("inf"), 0.0), log_l
+    return p, m.nan_to_num_(float("nan"), float("inf"), 0.0), log_l, None
 
 
 def _overlap(r0: int, r1: int, w0: int, w1: int):
@@ -125,16 +130,19 @@ def attention_forward(q, k, v, mask, scale: float, is_causal: bool, w_start: int
         r1 = min(M, r0 + step)
         s = _scores(_rows(q, r0, r1), k_, mask, scale, is_causal, r0, r1, dt)
         if need_stats:
-            p, m, log_l = _softmax_rows(s, mask is not None)
+            p, m, log_l, dead = _softmax_rows(s, mask is not None)
             stats.append(torch.cat([m, log_l], -1))
         else:
-            p = _probs_only(s, mask is not None)
+            p, dead = _probs_only(s, mask is not None)
         if kl_target is not None:
             log_t, tn = _kl_log_target(kl_target, s > float("-inf"), r0, r1, dt)
             kl[:, :, r0:r1] = kl_rows(s, log_t)[0]
             tnorm[:, :, r0:r1] = tn.squeeze(-1)
         del s
-        outs.append(_as(_mm(p, v_, hkv), q.dtype))
+        o = _mm(p, v_, hkv)
+        if dead is not None:  # exactly 0 on rows without an attended key, even with NaN in V (0 * NaN)
+            o.masked_fill_(dead, 0.0)
+        outs.append(_as(o, q.dtype))
         rows = _overlap(r0, r1, w_start, w_stop)
         if rows == (0, M) and p.dtype == q.dtype:
             weights = p  # one chunk holds every requested row: return it, no copy
@@ -257,9 +265,14 @@ def attention_with_dropout(q, k, v, mask, scale: float, is_causal: bool, dropout
     dt = compute_dtype(q.dtype)
     s = _scores(q, k.to(dt), mask, scale, is_causal, 0, q.shape[2], dt)
     m, log_l = row_stats(s)
+    if mask is None:  # only a mask empties a row: an all -inf row comes from infinite q / k and is NaN
+        log_l = torch.where(log_l == float("inf"), float("-inf"), log_l)
     p = torch.exp((s - m) - log_l)  # not _softmax_rows: autograd must see this formula
     p_drop = torch.nn.functional.dropout(p, dropout_p, training=True)
-    out = _as(_mm(p_drop, _as(v, dt), hkv), q.dtype)
+    o = _mm(p_drop, _as(v, dt), hkv)
+    if mask is not None:  # 0 on rows without an attended key, even with NaN in V (log l = +inf there)
+        o = torch.where(log_l == float("inf"), 0.0, o)
+    out = _as(o, q.dtype)
     kl = None
     if kl_target is not None:
         kl = kl_rows(s, _kl_log_target(kl_target, s > float("-inf"), 0, q.shape[2], dt)[0], differentiable=True)[0]
