@@ -32,6 +32,10 @@ LFI_AUTOTUNE=0 step tests 240 python -m pytest -q -x -p no:cacheprovider \
     tests/test_interaction_attention*.py tests/test_fused_kl.py tests/test_sdpa_routing.py \
     -k "triton or routing"  # not the cuda backend: its JIT build with nvcc alone would take minutes
 
+# The NaN/inf contract and higher-order autograd on the compiled kernels.
+LFI_AUTOTUNE=0 step numerics 150 python -m pytest -q -p no:cacheprovider \
+    tests/test_numerics_contract.py tests/test_autograd_higher.py tests/test_enable_gqa.py -k triton
+
 # Speed and peak memory at ViT shapes, bf16, side by side (pytest-benchmark medians in the JSON).
 step bench 300 python -m pytest benchmarks/test_bench_interaction_attention.py --benchmark-only -q \
     -p no:cacheprovider --lfi-dtype bf16 --lfi-shapes vit_b_n197,vit_b_n577,xattn_m16_n197 \
@@ -40,6 +44,15 @@ step bench 300 python -m pytest benchmarks/test_bench_interaction_attention.py -
 LFI_DQ_ATOMIC=1 step bench_atomic_dq 150 python -m pytest benchmarks/test_bench_interaction_attention.py \
     --benchmark-only -q -p no:cacheprovider --lfi-dtype bf16 --lfi-shapes vit_b_n197,vit_b_n1025 \
     --lfi-impls lfi_triton -k "fwd+bwd" --benchmark-json="$OUT/bench_atomic_dq.json"
+# Opt-in (LFI_GPU_CHECK_CUDA_EXT=1, ~4+ minutes of nvcc): the lfi_C extension's tensor-core kernels,
+# built for this GPU only, tested and timed next to Triton and SDPA.
+if [ "${LFI_GPU_CHECK_CUDA_EXT:-0}" = "1" ]; then
+    TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 step cuda_ext 420 python -m pytest -q -p no:cacheprovider \
+        tests/test_cuda_extension.py tests/test_numerics_contract.py -k cuda
+    step bench_cuda 150 python -m pytest benchmarks/test_bench_interaction_attention.py --benchmark-only -q \
+        -p no:cacheprovider --lfi-dtype bf16 --lfi-shapes vit_b_n197,vit_b_n577 \
+        --lfi-impls eager,sdpa,lfi_triton,lfi_cuda --benchmark-json="$OUT/bench_cuda.json"
+fi
 # (at most 8 files come back: tables from the JSON with python benchmarks/summarize.py FILE)
 
 cat "$OUT/summary.txt"

@@ -4,6 +4,7 @@
     python benchmarks/kernel_report.py [--quick | --ci] [--json PATH] [--md PATH] [--targets sm_80,sm_90]
                                        [--tutorial PATH] [--filter REGEX] [--configs all|candidates|default]
                                        [--jobs N] [--dry-run] [--from-json PATH]
+    python benchmarks/kernel_report.py --cuda [--json PATH] [--md PATH] [--targets sm_90]
 
 Without --quick/--ci: the full grid (full_attention_cases + kl_cases), every config, sm_80 and
 sm_90 (~8,500 compilations with the 20-config launchers: hours on 2 cores; --configs candidates or
@@ -42,6 +43,15 @@ What it measures, and how:
   this repository) is imported under a fake driver, its own launches are captured the same way, its
   forward is compiled at the tiles of TUTORIAL_FWD_TILES and its backward as it launches it, and
   the figures are printed next to ours; without it the figures recorded in shared/ENVIRONMENT.md.
+
+``--cuda``: the same evidence for the C++/CUDA extension behind backend="cuda" (csrc/cuda): each .cu
+file is compiled on its own with ``nvcc -cubin -arch=sm_XX -Xptxas -v`` (the extension's flags,
+no torch headers needed), registers / spills per kernel come from the ptxas log, the dynamic shared
+memory of the tensor-core kernels from their tile shapes (FwdShape in attention_tc.cu), HMMA from
+the SASS, and the main loops are found as above; the tensor-core forward's figure is its fast loop
+(the separately compiled loop over unmasked interior tiles, the one every key tile but the
+edge / diagonal ones runs), instructions x 4 warps / (64 x 64), next to the Triton kernels'
+figures for bf16 D = 64 at sm_90 (TRITON_REFERENCE, from this report's Triton section).
 
 The report's reusable pieces (capture_case, bind, compile_job, analyze_sass) are plain functions;
 tests/test_compiled_kernels.py runs this file with ``--ci`` in a subprocess. LFI_AUTOTUNE is
@@ -1175,9 +1185,12 @@ def main(argv=None):
     p.add_argument("--from-json", help="render the markdown of records saved by an earlier --json run")
     p.add_argument("--dry-run", action="store_true", help="capture and count the compilations only")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes (default 2)")
+    p.add_argument("--cuda", action="store_true", help="report the C++/CUDA extension's kernels (csrc/cuda) instead")
     args = p.parse_args(argv)
 
     t0 = time.time()
+    if args.cuda:
+        return cuda_main(args)
     if args.from_json:
         records = json.loads(Path(args.from_json).read_text())
         meta = {"date": "from " + args.from_json, "command": "python benchmarks/kernel_report.py " + " ".join(argv),
@@ -1212,6 +1225,218 @@ def main(argv=None):
     if args.json:
         Path(args.json).write_text(json.dumps(records, indent=1))
     text = markdown(records, tutorial_rows, meta)
+    if args.md:
+        Path(args.md).write_text(text)
+    else:
+        print(text)
+    print(f"done in {time.time() - t0:.0f} s", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# --cuda: the C++/CUDA extension's kernels (csrc/cuda), compiled with nvcc without a GPU
+# ----------------------------------------------------------------------------------------------
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+CUDA_FILES = ("cuda/attention_tc.cu", "cuda/attention.cu", "cuda/kl.cu")
+# Triton kernels of lfi (this report's Triton section, bf16, D = 64, sm_90, default configs):
+# warp-level SASS instructions per score element of the main loops.
+TRITON_REFERENCE = {"fwd": 0.224, "bwd_dkdv": 0.331, "bwd_dq": 0.239}
+TC_TILE = (64, 64, 4)  # attention_tc.cu: query rows, keys per tile, warps
+
+
+def _nvcc() -> str:
+    from lfi.backends.cuda import _ext
+    home = _ext.cuda_home()
+    if home is None:
+        raise SystemExit("--cuda needs nvcc (set CUDA_HOME)")
+    return str(Path(home) / "bin" / "nvcc")
+
+
+def compile_cu(rel: str, target: str) -> tuple[bytes, str, float]:
+    """(cubin, ptxas log, seconds) of one csrc/ .cu file, as the extension compiles it."""
+    from lfi.backends.cuda.build_spec import NVCC_FLAGS
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "k.cubin"
+        cmd = [_nvcc(), f"-arch={target}", "-cubin", "-std=c++17", "-Xptxas", "-v", f"-I{CSRC}",
+               *[f for f in NVCC_FLAGS if f != "-lineinfo"], "-o", str(out), str(CSRC / rel)]
+        t = time.time()
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"nvcc failed on {rel}:\n{r.stderr[-4000:]}")
+        return out.read_bytes(), r.stderr + r.stdout, time.time() - t
+
+
+def parse_ptxas_functions(log: str) -> dict:
+    """{mangled name: {regs, spill_bytes, spill_load_bytes, stack_bytes}} from a ptxas -v log."""
+    out, name = {}, None
+    for line in log.splitlines():
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            name = m.group(1)
+            out.setdefault(name, {})
+            continue
+        if name is None:
+            continue
+        if "spill stores" in line:
+            out[name].update(parse_ptxas_log(line))
+            out[name].pop("regs", None)
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            out[name]["regs"] = int(m.group(1))
+    return out
+
+
+def disassemble_functions(cubin: bytes) -> dict:
+    """{mangled name: [(address, opcode, text)]} for every function of a cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    funcs = {}
+    for chunk in re.split(r"\n\s*Function : ", out)[1:]:
+        name, body = chunk.split("\n", 1)
+        ins = []
+        for line in body.splitlines():
+            m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+            if m:
+                text = re.sub(r"^@!?U?P\w+\s+", "", m.group(2).strip())
+                ins.append((int(m.group(1), 16), text.split()[0] if text else "", text))
+        funcs[name.strip()] = ins
+    return funcs
+
+
+def _demangle(names) -> dict:
+    cxxfilt = shutil.which("c++filt")
+    if not cxxfilt:
+        return {n: n for n in names}
+    r = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True)
+    return dict(zip(names, r.stdout.splitlines())) if r.returncode == 0 else {n: n for n in names}
+
+
+def _tc_kernel_info(pretty: str):
+    """(stage, dtype, DP, variant) of a tensor-core kernel instantiation of attention_tc.cu, else None.
+    stage: fwd / bwd_dq / bwd_dkdv; variant: "dk+dv", "dk" or "dv" for dK/dV kernels, else ""."""
+    m = re.search(r"attn_(fwd|bwd_dq|bwd_dkdv)_tc_kernel<(\w+), (\d+)(?:, (true|false), (true|false))?>", pretty)
+    if not m:
+        return None
+    variant = ""
+    if m.group(1) == "bwd_dkdv":
+        variant = "+".join(x for x, on in (("dk", m.group(4)), ("dv", m.group(5))) if on == "true")
+    return m.group(1), ("bf16" if "bfloat16" in m.group(2) else "fp16"), int(m.group(3)), variant
+
+
+def annotate_cuda_record(rec: dict) -> dict:
+    """Adds the tile, dynamic shared memory and fast-loop figure of a tensor-core kernel record."""
+    tc = _tc_kernel_info(rec["kernel"])
+    if tc is None:
+        return rec
+    stage, dtype, dp, variant = tc
+    bm, bn, warps = TC_TILE
+    smem = 2 * (dp + 8) * (bm + 4 * bn) if stage == "fwd" else 2 * (dp + 8) * 64 * 6 + 4 * 2 * 6 * 64
+    rec.update(stage=stage, dtype=dtype, head_dim_padded=dp, variant=variant, smem_bytes=smem,
+               tile=f"{bm}x{bn} w{warps}")
+    for loop in rec["loops"]:
+        loop["per_score"] = round(loop["instructions"] * warps / (bm * bn), 4)
+    # The fast loop: the shortest main loop (the unmasked interior-tile body, compiled on its own).
+    fast = min(rec["loops"], key=lambda x: x["instructions"]) if rec["loops"] else None
+    rec["fast_loop"] = fast
+    rec["sass_per_score_element"] = fast["per_score"] if fast else None
+    return rec
+
+
+def cuda_records(targets) -> tuple[list[dict], dict]:
+    records, timings = [], {}
+    for target in targets:
+        for rel in CUDA_FILES:
+            cubin, log, secs = compile_cu(rel, target)
+            timings[f"{rel} {target}"] = round(secs, 1)
+            ptx = parse_ptxas_functions(log)
+            funcs = disassemble_functions(cubin)
+            pretty = _demangle(list(funcs))
+            for name, ins in funcs.items():
+                if not ins:
+                    continue
+                opcodes = {_base(op) for _, op, _ in ins}
+                kind, loops = main_loops(ins)
+                rec = {"file": rel, "target": target, "kernel": pretty[name], "sass_instructions": len(ins),
+                       "tensor_cores": bool(opcodes & set(MATRIX_OPS)),
+                       "hmma": sum(_base(op) == "HMMA" for _, op, _ in ins), "loop_kind": kind,
+                       "loops": loops, **ptx.get(name, {})}
+                records.append(annotate_cuda_record(rec))
+    return records, timings
+
+
+def _ratio(x, ref):
+    return f"{x / ref:.2f}x" if x and ref else ""
+
+
+def cuda_markdown(records, timings, meta) -> str:
+    lines = [f"## backend=\"cuda\" kernels (csrc/cuda), compiled with nvcc ({meta['date']})", "",
+             f"`{meta['command']}`"
+             + ("; nvcc compile times: " + ", ".join(f"{k} {v} s" for k, v in timings.items()) if timings else "")
+             + ".", ""]
+    tc = [r for r in records if "fast_loop" in r]
+    by = {(r["target"], r["stage"], r["dtype"], r["head_dim_padded"], r["variant"]): r for r in tc}
+    lines += ["### Tensor-core kernels (attention_tc.cu: mma.sync m16n8k16, 64 x 64 tiles, 4 warps)", "",
+              "Per kernel: registers, spills, dynamic shared memory, HMMA count, and the fast loop (the "
+              "separately compiled loop over unmasked interior tiles) in warp-level SASS instructions per "
+              "iteration and per score element; the other main loops (general / maps bodies) in the last column.", "",
+              "| target | kernel | dtype | DP | regs | spills (B) | smem (B) | HMMA | fast loop | per score | "
+              "other loops (per score) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted(by):
+        r = by[key]
+        fast = r["fast_loop"] or {}
+        others = [x for x in r["loops"] if x is not r["fast_loop"]]
+        name = r["stage"] + (f" ({r['variant']})" if r["variant"] else "")
+        lines.append(f"| {r['target']} | {name} | {r['dtype']} | {r['head_dim_padded']} | {r.get('regs')} | "
+                     f"{r.get('spill_bytes')} | {r['smem_bytes']} | {r['hmma']} | {fast.get('instructions')} | "
+                     f"{r.get('sass_per_score_element')} | " + ", ".join(str(x["per_score"]) for x in others) + " |")
+    lines += ["", "### Against the Triton kernels (warp-level SASS instructions per score element, fast loops)", "",
+              "| target | dtype | DP | forward | Triton fwd | ratio | dK/dV | dQ | backward | Triton bwd | ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for target, dtype, dp in sorted({(k[0], k[2], k[3]) for k in by}):
+        fwd = (by.get((target, "fwd", dtype, dp, "")) or {}).get("sass_per_score_element")
+        dq = (by.get((target, "bwd_dq", dtype, dp, "")) or {}).get("sass_per_score_element")
+        dkdv = sum((by[k].get("sass_per_score_element") or 0) for k in by
+                   if k[:4] == (target, "bwd_dkdv", dtype, dp)) or None
+        bwd = round(dq + dkdv, 4) if dq and dkdv else None
+        ref = target == "sm_90" and dtype == "bf16" and dp == 64
+        tf = TRITON_REFERENCE["fwd"] if ref else None
+        tb = round(TRITON_REFERENCE["bwd_dkdv"] + TRITON_REFERENCE["bwd_dq"], 3) if ref else None
+        lines.append(f"| {target} | {dtype} | {dp} | {fwd} | {tf or ''} | {_ratio(fwd, tf)} | "
+                     f"{round(dkdv, 4) if dkdv else None} | {dq} | {bwd} | {tb or ''} | {_ratio(bwd, tb)} |")
+    lines += ["", "### CUDA-core kernels (fp32, head dims > 128, the backward's delta pre-pass, the KL ops)", "",
+              "| target | file | kernel | regs | spills (B) | tensor cores | main loops (kind: instructions) |",
+              "|---|---|---|---|---|---|---|"]
+    for r in records:
+        m = re.search(r"(\w+_kernel)(<[^>]*>)?", r["kernel"])
+        if "fast_loop" in r or not m:
+            continue
+        lp = ", ".join(str(x["instructions"]) for x in r["loops"])
+        lines.append(f"| {r['target']} | {r['file']} | {m.group(0)} | {r.get('regs')} | {r.get('spill_bytes')} | "
+                     f"{'yes' if r['tensor_cores'] else 'no'} | {r['loop_kind']}: {lp} |")
+    lines += ["", "Per score = warp-level SASS instructions of the loop body x warps / (query rows x keys) of one "
+              "iteration (64 x 64 x 4 warps for every tensor-core kernel; a dK/dV iteration covers 64 keys x 64 "
+              "queries; at DP = 128 dK and dV are two launches, summed). Triton reference (lfi's Triton kernels, "
+              f"bf16, D = 64, sm_90, this report's Triton section): fwd no-maps {TRITON_REFERENCE['fwd']}, "
+              f"bwd dK/dV + dQ {TRITON_REFERENCE['bwd_dkdv']} + {TRITON_REFERENCE['bwd_dq']}.", ""]
+    return "\n".join(lines)
+
+
+def cuda_main(args) -> int:
+    t0 = time.time()
+    targets = args.targets.split(",") if args.targets else ["sm_90"]
+    if args.from_json:  # re-render saved records
+        records, timings = [annotate_cuda_record(r) for r in json.loads(Path(args.from_json).read_text())], {}
+    else:
+        records, timings = cuda_records(targets)
+    meta = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "command": "python benchmarks/kernel_report.py --cuda"
+                       + (f" --targets {args.targets}" if args.targets else "")}
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=1))
+    text = cuda_markdown(records, timings, meta)
     if args.md:
         Path(args.md).write_text(text)
     else:

@@ -23,6 +23,12 @@ const char* kl_forward(const KLParams& p, void* stream);
 const char* kl_backward(const KLParams& p, void* stream);
 const char* kl_qk_forward(const KLParams& p, void* stream);
 const char* kl_qk_backward(const KLParams& p, void* stream);
+// The tensor-core kernels (attention_tc.cu): bf16 / fp16 q, k, v with D, Dv <= 128.
+// attention_forward / attention_backward use them when attention_forward_tc_applies(p); the
+// backward's delta pre-pass stays on CUDA cores.
+bool attention_forward_tc_applies(const AttnParams& p);
+const char* attention_forward_tc(const AttnParams& p, void* stream);
+const char* attention_backward_tc(const AttnParams& p, void* stream);
 // Comma-separated list of the compute capabilities compiled into the device code.
 const char* compiled_archs();
 }  // namespace cuda

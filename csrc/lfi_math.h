@@ -123,9 +123,28 @@ LFI_HD T softmax_rescale(T& m, T& l, T tile_max) {
 }
 
 // log l of a finished row, +inf when nothing was attended (l == 0): with the shift m, the row's
-// statistics (shift_of(m), log l) give P = exp((s - m) - log l).
+// statistics (shift_of(m), log l) give P = exp((s - m) - log l). A NaN l (NaN or +inf among the
+// row's scores) stays NaN, so the whole row of P, out and the gradients is NaN, as in eager softmax
+// (README "Numerics"): the test is l == 0, never l > 0, which would turn NaN into an empty row.
 template <typename T>
-LFI_HD T log_l_of(T l) { return l > T(0) ? log_(l) : pos_inf<T>(); }
+LFI_HD T log_l_of(T l) { return l == T(0) ? pos_inf<T>() : log_(l); }
+
+// Whether a finished row attended no key (its l == 0 / log l == +inf): such rows are zeros in out,
+// the maps and the gradients. False for NaN rows, which propagate.
+template <typename T>
+LFI_HD bool empty_row(T log_l) { return log_l == pos_inf<T>(); }
+
+// Attention rows, with `maskable` = an attn_mask is given (only a mask can empty a row: top-left
+// causal rows always attend key 0). Without one, l == 0 means that every score is -inf because of
+// infinite q or k, and the row is NaN as in eager softmax: log l = -inf makes P = exp(-inf + inf)
+// NaN, and out = 0 / 0. With a mask such a row is empty: (0, +inf) statistics, zeros.
+template <typename T>
+LFI_HD T log_l_of(T l, bool maskable) { return (l == T(0) && maskable) ? pos_inf<T>() : log_(l); }
+
+// out = acc / l of a finished attention row: exactly 0 on rows without an attended key (even where
+// acc holds 0 * NaN from a NaN in V at a key the row does not attend), NaN where l is NaN.
+template <typename T>
+LFI_HD T out_of(T acc, T l, bool maskable) { return (l == T(0) && maskable) ? T(0) : acc / l; }
 
 // Probability from the row statistics (m, log l); the subtraction order keeps huge scores exact.
 template <typename T>
@@ -208,11 +227,13 @@ LFI_HD void kl_merge(KLSums<T>& st, const KLSums<T>& part, bool logits) {
 // The target's normaliser is kept as a pair, like the student's (m, log l): logits give
 // t = exp((u - t_shift) - t_log_z) with t_shift = the row max of u, t_log_z = log sum exp(u -
 // t_shift) (+inf without a kept key); probabilities give t_shift = 0, t_log_z = log Z (-inf without
-// target mass). KL is 0 on rows without a kept key or without target mass.
+// target mass). KL is 0 on rows without a kept key or without target mass; +inf on rows whose
+// target puts mass on kept keys that the student gives -inf (as F.kl_div); NaN where the student's
+// or the target's row holds NaN / +inf (the tests are == / !=, so a NaN sum or log l propagates).
 template <typename T>
 LFI_HD void kl_finish(const KLSums<T>& st, T log_l, bool logits, T& kl, T& t_shift, T& t_log_z) {
-  const bool has_s = log_l < pos_inf<T>();
-  const bool has_t = st.x > T(0);
+  const bool has_s = log_l != pos_inf<T>();
+  const bool has_t = st.x != T(0);
   const T x = has_t ? st.x : T(1);
   const T ll = has_s ? log_l : T(0);
   const T log_x = log_(x);
@@ -223,10 +244,12 @@ LFI_HD void kl_finish(const KLSums<T>& st, T log_l, bool logits, T& kl, T& t_shi
     k = st.c / x - log_x + ll;
   } else {
     t_shift = T(0);
-    t_log_z = has_t ? log_x : neg_inf<T>();
+    // Z = +inf (a +inf weight): t = target / Z is NaN there, so the row's log Z is NaN too, which
+    // makes its KL and every kept key's gradient NaN (as F.kl_div on the normalised target).
+    t_log_z = has_t ? (x == pos_inf<T>() ? x - x : log_x) : neg_inf<T>();
     k = st.y / x - log_x - st.c / x + ll;
   }
-  kl = (has_t && has_s) ? k : T(0);
+  kl = has_t ? (has_s ? k : pos_inf<T>()) : T(0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -270,6 +293,17 @@ template <typename T>
 LFI_HD T kl_dscore(T p, T tg, bool keep, const KLGradRow<T>& row, T t_scale, bool logits) {
   const T t = logits ? exp_((kl_u(tg, keep, t_scale) - row.t_shift) - row.t_log_z) : (keep ? tg : T(0)) * row.inv_z;
   return keep ? row.g * (p - t) : T(0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Appended for the tensor-core kernels (csrc/cuda/attention_tc.cu).
+// ---------------------------------------------------------------------------------------------
+// exp(s - sh) = exp2(softmax_exp2_arg(s, sh * log2 e)): the row's sh * log2 e is formed once per
+// tile, so each score costs one FMA and one base-2 exponential. s = -inf gives -inf (exp2: 0).
+LFI_HD float softmax_exp2_arg(float s, float sh_log2e) { return fmaf(s, static_cast<float>(kLog2e), -sh_log2e); }
+// The same from an unscaled score x (s = scale * x, scale > 0) and scale_log2e = scale * log2 e.
+LFI_HD float softmax_exp2_arg_scaled(float x, float scale_log2e, float sh_log2e) {
+  return fmaf(x, scale_log2e, -sh_log2e);
 }
 
 }  // namespace lfi

@@ -10,7 +10,9 @@ errors are checked by the shared suite, in which "cuda" is one backend of the ma
     table ("auto" never picks the extension for CPU tensors);
 (b) opt-in (LFI_TEST_CUDA_EMULATOR=1): the CUDA kernels compiled as host C++ against a CPU
     emulator of threads, barriers and warp shuffles (csrc/emu), against the reference -- the only
-    way to execute the CUDA code paths on a machine without a GPU.
+    way to execute the CUDA code paths on a machine without a GPU. The fp32 cases here run the
+    CUDA-core kernels; bf16 / fp16 inputs with head dims up to 128 run the tensor-core kernels
+    (csrc/cuda/attention_tc.cu), whose grid runs by default in tests/test_cuda_emulator.py.
 """
 from __future__ import annotations
 

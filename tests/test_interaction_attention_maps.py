@@ -1,12 +1,25 @@
 """interaction_attention's maps against the float64 reference (tests/reference.py): need_weights,
 average_attn_weights and weights_rows (tuple or slice), with losses on the output, the maps or both,
-with masks and causal masking. Every backend of the matrix (helpers.BACKEND_PARAMS).
+with masks and causal masking; and the autograd graph of the maps (every row's maps feed out, as in
+eager: retain_grad, hooks). Every backend of the matrix (helpers.BACKEND_PARAMS).
 """
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import BACKEND_PARAMS, float_mask, make_gen, make_qkv, run_and_compare
+from helpers import (
+    BACKEND_PARAMS,
+    backend_supports,
+    bool_mask,
+    case_params,
+    detached64,
+    float_mask,
+    make_gen,
+    make_qkv,
+    randn,
+    run_and_compare,
+)
+from reference import reference_attention
 
 from lfi.ops import interaction_attention
 
@@ -77,3 +90,109 @@ def test_weights_slice_form(backend):
     _, w_tail = interaction_attention(q, k, v, need_weights=True, weights_rows=slice(-4, None), backend=backend)
     _, w_all = interaction_attention(q, k, v, need_weights=True, backend=backend)
     torch.testing.assert_close(w_tail, w_all[:, :, -4:], atol=0, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The maps on the autograd path (issue 14): with every row's maps per head, out = W @ V as in eager
+# --------------------------------------------------------------------------------------------------
+
+def _dtype_for(backend):
+    return torch.float64 if backend_supports(backend, torch.float64) else torch.float32
+
+
+def _tol(dtype):
+    return dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
+
+
+GRAPH_CASES = [
+    dict(id="gqa", B=2, H=4, Hkv=2, M=7, N=9, mask=False, causal=False),
+    dict(id="mask-causal-dead-row", B=1, H=2, Hkv=1, M=6, N=5, mask=True, causal=True),
+    dict(id="M1", B=1, H=2, Hkv=2, M=1, N=11, mask=False, causal=False),
+]
+
+
+@pytest.mark.parametrize("case", case_params(GRAPH_CASES))
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_full_maps_feed_out_as_in_eager(backend, case):
+    """need_weights=True (all rows, per head): w.retain_grad() and a hook on w see dL/dw after a
+    backward from out alone and from out + a loss on w; the grads of q, k, v, w equal eager's
+    (w = softmax(s), out = w @ v, tests/reference.py) in float64 where the backend has it."""
+    dtype = _dtype_for(backend)
+    gen = make_gen("maps_graph", backend, case["id"])
+    B, H, Hkv, M, N = case["B"], case["H"], case["Hkv"], case["M"], case["N"]
+    q, k, v = make_qkv(B, H, Hkv, M, N, 8, dtype=dtype, gen=gen, requires_grad=True)
+    mask = None
+    if case["mask"]:
+        mask = bool_mask((B, 1, M, N), gen)
+        mask[0, 0, 2] = False  # a row with no attended key: zero maps, zero gradients
+    r_out = randn((B, H, M, 8), gen, dtype)
+    r_w = randn((B, H, M, N), gen, dtype)
+    for with_w_loss in (False, True):
+        out, w = interaction_attention(q, k, v, mask, is_causal=case["causal"], need_weights=True, backend=backend)
+        w.retain_grad()
+        seen = []
+        w.register_hook(lambda g: seen.append(g.clone()))
+        loss = (out * r_out).sum() + ((w * r_w).sum() if with_w_loss else 0)
+        grads = torch.autograd.grad(loss, (q, k, v, w), retain_graph=True)
+        w.grad = None  # retain_grad fills w.grad in autograd.grad too (as for eager tensors)
+        loss.backward()
+
+        q64, k64, v64 = detached64(q, k, v)
+        ref_out, ref_p = reference_attention(q64, k64, v64, mask, is_causal=case["causal"])
+        ref_p.retain_grad()
+        ref_loss = (ref_out * r_out.double()).sum() + ((ref_p * r_w.double()).sum() if with_w_loss else 0)
+        ref_loss.backward()
+        assert w.grad is not None, "w.retain_grad(): w.grad is None, out is not on w's autograd path"
+        assert len(seen) == 2, f"the hook on w fired {len(seen)} times for two backwards, expected 2"
+        for name, got, want in (("w.grad", w.grad, ref_p.grad), ("hook", seen[-1], ref_p.grad),
+                                 ("grad(loss, w)", grads[3], ref_p.grad), ("q", grads[0], q64.grad),
+                                 ("k", grads[1], k64.grad), ("v", grads[2], v64.grad)):
+            torch.testing.assert_close(got.double(), want, **_tol(dtype), msg=lambda m, n=name: f"{n}: {m}")
+        for t in (q, k, v):
+            t.grad = None
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_full_maps_graph_3d_and_grad_of_out_wrt_w(backend):
+    """3-D inputs (B, L, E) return (B, M, N) maps that feed out too; torch.autograd.grad(out, w) is
+    dO V^T, as in eager."""
+    dtype = _dtype_for(backend)
+    gen = make_gen("maps_graph_3d", backend)
+    q, k, v = (randn(s, gen, dtype, requires_grad=True) for s in ((2, 5, 8), (2, 7, 8), (2, 7, 6)))
+    out, w = interaction_attention(q, k, v, need_weights=True, backend=backend)
+    assert w.shape == (2, 5, 7)
+    up = randn(out.shape, gen, dtype)
+    (dw,) = torch.autograd.grad(out, w, up)
+    torch.testing.assert_close(dw.double(), up.double() @ v.detach().double().transpose(-1, -2), **_tol(dtype))
+    out.mul_(2)  # the output is an ordinary tensor: in-place ops are allowed, as on eager's
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_row_subset_and_averaged_maps_stay_side_outputs(backend):
+    """weights_rows and average_attn_weights keep the other graph: the maps are a side output (out
+    does not depend on them; eager's nn.MultiheadAttention averages after P @ V too), so gradients
+    reach them only from losses on them."""
+    gen = make_gen("maps_side", backend)
+    q, k, v = make_qkv(1, 2, 2, 6, 7, 8, gen=gen, requires_grad=True)
+    for kw in (dict(weights_rows=(1, 4)), dict(average_attn_weights=True)):
+        out, w = interaction_attention(q, k, v, need_weights=True, backend=backend, **kw)
+        assert torch.autograd.grad(out.sum(), w, allow_unused=True) == (None,), kw
+
+
+def test_full_maps_without_grad_take_no_extra_node():
+    """Without grad mode (inference) the fused output is returned as is: no P @ V node, no copy."""
+    gen = make_gen("maps_nograd")
+    q, k, v = make_qkv(1, 2, 2, 6, 7, 8, gen=gen, requires_grad=True)
+    with torch.no_grad():
+        out, w = interaction_attention(q, k, v, need_weights=True, backend="torch")
+    assert out.grad_fn is None and w.grad_fn is None
+
+
+def test_attention_pv_opcheck():
+    """The custom op behind the maps' graph passes torch.library.opcheck (schema, fake kernel,
+    autograd registration, AOT dispatch with dynamic shapes), grouped-query heads included."""
+    gen = make_gen("pv_opcheck")
+    w = torch.softmax(randn((2, 4, 5, 7), gen), -1).requires_grad_(True)
+    v = randn((2, 2, 7, 6), gen, requires_grad=True)
+    out = (w.detach().unflatten(1, (2, 2)) @ v.detach().unsqueeze(2)).flatten(1, 2)
+    torch.library.opcheck(torch.ops.lfi.attention_pv.default, (w, v, out))

@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p, 
   const int64_t b = bh / p.H, h = bh % p.H, hk = h / (p.H / p.Hkv);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t r0 = mb * kBM, i0 = r0 + warp * kRPW;
-  const bool has_kl = p.kl_target.ptr != nullptr;
+  const bool has_kl = p.kl_target.ptr != nullptr, has_mask = p.mask.ptr != nullptr;
   const int64_t hi = p.causal ? (p.N < r0 + kBM ? p.N : r0 + kBM) : p.N;
   const bool maps = p.weights.ptr != nullptr && r0 < p.w_stop && r0 + kBM > p.w_start;
 
@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p, 
 #pragma unroll
   for (int r = 0; r < kRPW; ++r) {
     mf[r] = shift_of(m[r]);
-    logl[r] = log_l_of(l[r]);
+    logl[r] = log_l_of(l[r], has_mask);  // l == 0 without a mask: infinite q / k, a NaN row (lfi_math.h)
   }
 
   if (maps) {  // exact probabilities: write the map rows, accumulate P V
@@ -154,14 +154,15 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p, 
         }
       }
     }
-    // Causal rows attend no key at or past `hi`: their map entries there are 0.
+    // Causal rows attend no key at or past `hi`: P of a -inf score there (0, NaN on a NaN row).
     for (int64_t j0 = (hi + kBN - 1) / kBN * kBN; j0 < p.N; j0 += kBN) {
       const int64_t j = j0 + lane;
 #pragma unroll
       for (int r = 0; r < kRPW; ++r) {
         const int64_t i = i0 + r;
         if (i >= p.w_start && i < p.w_stop && i < p.M && j < p.N)
-          stf(p.weights.ptr, off4(p.weights, b, h, i - p.w_start, j), p.weights.dtype, 0.0f);
+          stf(p.weights.ptr, off4(p.weights, b, h, i - p.w_start, j), p.weights.dtype,
+              prob_of(ninf(), mf[r], logl[r]));
       }
     }
   }
@@ -171,12 +172,14 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p, 
   for (int r = 0; r < kRPW; ++r) {
     const int64_t i = i0 + r;
     if (i >= p.M) continue;
-    // The two-pass P is already normalised; the online accumulator still needs 1 / l.
-    const float inv = maps ? 1.0f : (l[r] > 0.0f ? 1.0f / l[r] : 0.0f);
+    // The two-pass P is already normalised; the online accumulator still needs 1 / l. A row the mask
+    // empties is 0 even where V holds NaN (0 * NaN); see out_of in lfi_math.h.
+    const bool empty = l[r] == 0.0f && has_mask;
 #pragma unroll
     for (int c = 0; c < DL; ++c) {
       const int e = lane + c * kWarp;
-      if (e < Dv) stf(p.out.ptr, off4(p.out, b, h, i, e), p.out.dtype, acc[r][c] * inv);
+      const float o = maps ? (empty ? 0.0f : acc[r][c]) : out_of(acc[r][c], l[r], has_mask);
+      if (e < Dv) stf(p.out.ptr, off4(p.out, b, h, i, e), p.out.dtype, o);
     }
     if (lane == 0) {
       stats[2 * (bh * p.M + i)] = mf[r];
@@ -435,6 +438,8 @@ namespace cuda {
 using namespace cuda_k;
 
 const char* attention_forward(const AttnParams& p, void* stream_) {
+  // bf16 / fp16 with head dims up to 128: tensor cores (attention_tc.cu).
+  if (attention_forward_tc_applies(p)) return attention_forward_tc(p, stream_);
   cudaStream_t stream = static_cast<cudaStream_t>(stream_);
   const int64_t nmb = (p.M + kBM - 1) / kBM;
   const int64_t grid = p.B * p.H * nmb;
@@ -459,6 +464,8 @@ const char* attention_backward(const AttnParams& p, void* stream_) {
     LFI_LAUNCH(attn_bwd_pre_kernel, grid_m, kThreads, smem, stream, p, nmb);
     if (const char* e = check_launch()) return e;
   }
+  // bf16 / fp16 with head dims up to 128: dK / dV and dQ on tensor cores (attention_tc.cu).
+  if (attention_forward_tc_applies(p)) return attention_backward_tc(p, stream_);
   {
     const int64_t nnb = (p.N + kBNK - 1) / kBNK;
     const int64_t grid_n = p.B * p.Hkv * nnb;

@@ -1,7 +1,6 @@
 """Input checks shared by the public ops: every error names the argument and what was expected."""
 from __future__ import annotations
 
-import math
 import numbers
 import operator
 
@@ -103,7 +102,9 @@ def check_float(name: str, value, *, none_ok: bool = False, positive: bool = Fal
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ArgumentTypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
     x = float(value)
-    if not math.isfinite(x) or (positive and not x > 0) or (unit_interval and not 0.0 <= x < 1.0):
+    # x - x == 0 exactly when x is finite (inf - inf and NaN - NaN are NaN): unlike math.isfinite, it
+    # also traces under torch.compile(dynamic=True), where a float argument may be a SymFloat.
+    if not x - x == 0.0 or (positive and not x > 0) or (unit_interval and not 0.0 <= x < 1.0):
         raise ValueError(f"{name} must be {expected}, got {value!r}")
     return x
 
@@ -195,3 +196,20 @@ def check_key_mask(key_mask, shape, device) -> torch.Tensor | None:
     if key_mask.device != device:
         raise ValueError(f"key_mask is on {key_mask.device} but the student is on {device}")
     return as_4d("key_mask", key_mask, shape, "(B, H, M, N)")
+
+
+def check_enable_gqa(enable_gqa, H: int, Hkv: int) -> None:
+    """enable_gqa as in F.scaled_dot_product_attention: True allows grouped-query heads (H % Hkv == 0,
+    checked by check_qkv); False requires H == Hkv and raises SDPA's error type (RuntimeError)
+    otherwise. None (lfi's default) allows grouped heads implicitly, as lfi always has: every call
+    that SDPA accepts behaves the same, and callers that pass unexpanded kv heads without the
+    keyword (lfi's integrations, existing code) keep working."""
+    if enable_gqa is None:
+        return
+    if not isinstance(enable_gqa, bool):
+        raise ArgumentTypeError(f"enable_gqa must be a bool or None, got {enable_gqa!r} ({type(enable_gqa).__name__})")
+    if not enable_gqa and H != Hkv:
+        raise RuntimeError(
+            f"enable_gqa=False but q has H={H} heads and k, v have Hkv={Hkv}: without grouped-query attention "
+            "the head counts must match (F.scaled_dot_product_attention raises here too); pass enable_gqa=True "
+            "(or leave it None) for grouped-query heads, H % Hkv == 0")

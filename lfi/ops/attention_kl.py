@@ -12,6 +12,9 @@ from torch import Tensor
 
 from lfi import _dispatch
 from lfi._numerics import compute_dtype
+from lfi.ops import _double_backward as double_backward
+from lfi.ops import _vmap
+from lfi.ops._functorch import functorch_active, functorch_function
 from lfi.ops._kl import check_dense_target, check_options, reduce_rows, target_scale
 from lfi.ops._validation import check_key_mask, check_tensor
 
@@ -68,11 +71,24 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_kl, grad_stats, grad_tstats):
     logits, target, key_mask, stats, tstats = ctx.saved_tensors
-    dlogits = torch.ops.lfi.attention_kl_bwd(grad_kl, logits, target, key_mask, stats, tstats, *ctx.args)
+    if torch.is_grad_enabled():
+        # A differentiable backward is asked for (create_graph=True, gradgradcheck, torch.func): the
+        # same gradient from differentiable torch ops (lfi.ops._double_backward), not the kernels.
+        dlogits = double_backward.kl_backward(grad_kl, logits, target, key_mask, *ctx.args[:3])
+    else:
+        dlogits = torch.ops.lfi.attention_kl_bwd(grad_kl, logits, target, key_mask, stats, tstats, *ctx.args)
     return dlogits, None, None, None, None, None, None
 
 
 attention_kl_fwd.register_autograd(_backward, setup_context=_setup_context)
+_vmap.register(attention_kl_fwd, [_vmap.FULL, _vmap.BCAST, _vmap.BCAST] + [None] * 4)
+_vmap.register(attention_kl_bwd, [_vmap.FULL, _vmap.FULL, _vmap.BCAST, _vmap.BCAST, _vmap.FULL, _vmap.FULL]
+               + [None] * 4)
+
+
+_FunctorchKL = functorch_function(
+    torch.ops.lfi.attention_kl_fwd, _setup_context, _backward,
+    "attention_kl_fwd with its autograd, for torch.func transforms (lfi.ops._functorch).")
 
 
 def attention_kl(
@@ -113,7 +129,7 @@ def attention_kl(
     target4 = check_dense_target(target, logits.shape, logits, target_is, validate)
     mask4 = check_key_mask(key_mask, logits.shape, logits.device)
     name = _dispatch.resolve(backend, logits.device)
-    kl, _, _ = torch.ops.lfi.attention_kl_fwd(
+    kl, _, _ = (_FunctorchKL.apply if functorch_active() else torch.ops.lfi.attention_kl_fwd)(
         logits, target4, mask4, 1.0 / float(temperature), target_scale(target_is, float(temperature)),
         target_is != "probs", name,
     )

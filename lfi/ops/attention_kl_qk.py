@@ -13,6 +13,9 @@ from torch import Tensor
 
 from lfi import _dispatch
 from lfi._numerics import MAX_HEAD_DIM, compute_dtype
+from lfi.ops import _double_backward as double_backward
+from lfi.ops import _vmap
+from lfi.ops._functorch import functorch_active, functorch_function
 from lfi.ops._kl import check_dense_target, check_options, reduce_rows, target_scale
 from lfi.ops._validation import check_float, check_key_mask, check_qkv, check_tensor, empty_dims
 
@@ -67,11 +70,25 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_kl, grad_stats, grad_tstats):
     q, k, target, q_t, k_t, key_mask, stats, tstats = ctx.saved_tensors
-    dq, dk = torch.ops.lfi.attention_kl_qk_bwd(grad_kl, q, k, target, q_t, k_t, key_mask, stats, tstats, *ctx.args)
+    if torch.is_grad_enabled():
+        # A differentiable backward is asked for (create_graph=True, gradgradcheck, torch.func): the
+        # same gradients from differentiable torch ops (lfi.ops._double_backward), not the kernels.
+        dq, dk = double_backward.kl_qk_backward(grad_kl, q, k, target, q_t, k_t, key_mask, *ctx.args[:3])
+    else:
+        dq, dk = torch.ops.lfi.attention_kl_qk_bwd(grad_kl, q, k, target, q_t, k_t, key_mask, stats, tstats,
+                                                   *ctx.args)
     return dq, dk, None, None, None, None, None, None, None, None
 
 
 attention_kl_qk_fwd.register_autograd(_backward, setup_context=_setup_context)
+_FULL, _BCAST = _vmap.FULL, _vmap.BCAST
+_vmap.register(attention_kl_qk_fwd, [_FULL, _FULL, _BCAST, _FULL, _FULL, _BCAST] + [None] * 4)
+_vmap.register(attention_kl_qk_bwd, [_FULL, _FULL, _FULL, _BCAST, _FULL, _FULL, _BCAST, _FULL, _FULL] + [None] * 4)
+
+
+_FunctorchKLQK = functorch_function(
+    torch.ops.lfi.attention_kl_qk_fwd, _setup_context, _backward,
+    "attention_kl_qk_fwd with its autograd, for torch.func transforms (lfi.ops._functorch).")
 
 
 def _check_teacher(q_t, k_t, q: Tensor, k: Tensor) -> None:
@@ -142,5 +159,6 @@ def attention_kl_qk(
         t_scale, is_logits = target_scale(target_is, temperature), target_is != "probs"
     mask4 = check_key_mask(key_mask, (B, H, M, N), q.device)
     name = _dispatch.resolve(backend, q.device)
-    kl, _, _ = torch.ops.lfi.attention_kl_qk_fwd(q, k, dense, q_t, k_t, mask4, student_scale, t_scale, is_logits, name)
+    fwd = _FunctorchKLQK.apply if functorch_active() else torch.ops.lfi.attention_kl_qk_fwd
+    kl, _, _ = fwd(q, k, dense, q_t, k_t, mask4, student_scale, t_scale, is_logits, name)
     return reduce_rows(kl, reduction, B)

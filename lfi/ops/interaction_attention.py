@@ -1,9 +1,11 @@
 """interaction_attention: scaled dot-product attention that can also return its exact maps.
 
-Layers: backend kernels (lfi.backends.*) -> custom ops `lfi::interaction_attention_fwd/_bwd`
-(torch.library, with fake and autograd registrations) -> the functional API below. In plain eager
-mode the API runs the same kernels with the same autograd without the dispatcher (_EagerForward);
-under torch.compile, export, tracing or tensor subclasses it calls the custom ops. Calls that want
+Layers: backend kernels (lfi.backends.*) -> custom ops `lfi::interaction_attention_fwd/_bwd` and
+`lfi::attention_pv` (torch.library, with fake, autograd and vmap registrations) -> the functional API
+below. In plain eager mode the API runs the same kernels with the same autograd without the
+dispatcher (_EagerForward, _EagerPV); under torch.func transforms it calls the custom ops through
+functorch-compatible autograd.Functions (_FunctorchForward, _FunctorchPV); under torch.compile,
+export, tracing or tensor subclasses it calls the custom ops. Calls that want
 no maps may instead go to F.scaled_dot_product_attention (lfi._dispatch.routes_to_sdpa).
 """
 from __future__ import annotations
@@ -14,13 +16,16 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from lfi import _dispatch
 from lfi._numerics import compute_dtype
 from lfi.backends.torch import interaction_attention as reference
+from lfi.ops import _double_backward as double_backward
+from lfi.ops import _vmap
+from lfi.ops._functorch import functorch_active, functorch_function
 from lfi.ops._kl import check_dense_target, check_options, reduce_rows
 from lfi.ops._validation import (
+    check_enable_gqa,
     check_float,
     check_qkv,
     check_tensor,
@@ -131,11 +136,19 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_stats, grad_weights, grad_kl, grad_tnorm):
     q, k, v, out, stats, attn_mask, kl_target, tnorm, probs = ctx.saved_tensors
     scale, is_causal, weights_start, weights_stop = ctx.args
-    if grad_out is None:  # only the maps or the KL enter the loss
-        grad_out = torch.zeros_like(out)
     mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
     if kl_target is None:
         grad_kl = None
+    if torch.is_grad_enabled():
+        # A differentiable backward is asked for (create_graph=True, gradgradcheck, torch.func):
+        # the same gradients from differentiable torch ops (lfi.ops._double_backward), not the kernels.
+        dq, dk, dv, dmask = double_backward.attention_backward(
+            grad_out, grad_weights, q, k, v, attn_mask, scale, is_causal, weights_start, weights_stop, mask_grad,
+            kl_target, grad_kl,
+        )
+        return dq, dk, dv, dmask, None, None, None, None, None, None
+    if grad_out is None:  # only the maps or the KL enter the loss (or out is read through attention_pv)
+        grad_out = torch.zeros_like(out)
     dq, dk, dv, dmask = ctx.backward_op(
         grad_out, grad_weights, q, k, v, out, stats, attn_mask, scale, is_causal,
         weights_start, weights_stop, mask_grad, kl_target, tnorm if grad_kl is not None else None, grad_kl,
@@ -145,6 +158,95 @@ def _backward(ctx, grad_out, grad_stats, grad_weights, grad_kl, grad_tnorm):
 
 
 interaction_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+_vmap.register(interaction_attention_fwd, [_vmap.FULL] * 3 + [_vmap.BCAST] + [None] * 4 + [_vmap.BCAST, None])
+_vmap.register(
+    interaction_attention_bwd,
+    [_vmap.FULL] * 7 + [_vmap.BCAST] + [None] * 5 + [_vmap.BCAST, _vmap.FULL, _vmap.FULL, None, _vmap.FULL],
+    bcast_grads={3: 7},  # dmask has the (per-sample) mask's shape
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# attention_pv: out = W @ V on the autograd path, with the fused output as its value
+# --------------------------------------------------------------------------------------------------
+# When every row's maps are returned, the results are wired as eager attention's are (w = softmax(s),
+# out = w @ v): out = attention_pv(w, v, out_fused), whose forward returns the fused kernel's output
+# (no recompute) and whose backward is that of w @ v: dW = dO V^T, dV = W^T dO. The maps op then
+# receives dW (+ the gradient of any loss on w) as the gradient of its maps, and no gradient of
+# out_fused, so its backward (one dS pass) gives dq, dk: dS = W * (dW - rowsum(dW * W)). Hence
+# w.retain_grad(), hooks on w and torch.autograd.grad(out, w) behave as in eager.
+
+
+@torch.library.custom_op("lfi::attention_pv", mutates_args=())
+def attention_pv(w: Tensor, v: Tensor, out: Tensor) -> Tensor:
+    """out (B, H, M, Dv), already computed as w (B, H, M, N) @ v (B, Hkv, N, Dv) (grouped heads) by
+    the fused forward; returned as a new tensor (a custom op may not return an input)."""
+    return out.clone()
+
+
+@attention_pv.register_fake
+def _(w, v, out):
+    return torch.empty_like(out)
+
+
+def _pv_setup_context(ctx, inputs, output):
+    w, v, _ = inputs
+    ctx.save_for_backward(w, v)
+    ctx.set_materialize_grads(False)
+
+
+def _pv_backward(ctx, grad_out):
+    """dW = dO V^T (B, H, M, N) in w's dtype, dV = W^T dO summed over each kv head's query heads,
+    in the compute dtype (float32 for 16-bit inputs) as the kernels accumulate; torch ops, so this
+    backward is itself differentiable (double backward)."""
+    w, v = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None
+    dt = compute_dtype(w.dtype)
+    do = grad_out.to(dt)
+    H, hkv = w.shape[1], v.shape[1]
+    dw = dv = None
+    if ctx.needs_input_grad[0]:
+        dw = torch.matmul(do, double_backward._expand_kv(v.to(dt), H).transpose(-1, -2)).to(w.dtype)
+    if ctx.needs_input_grad[1]:
+        dv = double_backward._sum_kv(torch.matmul(w.to(dt).transpose(-1, -2), do), hkv).to(v.dtype)
+    return dw, dv, None
+
+
+attention_pv.register_autograd(_pv_backward, setup_context=_pv_setup_context)
+_vmap.register(attention_pv, [_vmap.FULL] * 3)
+
+
+class _EagerPV(torch.autograd.Function):
+    """attention_pv without the dispatcher (plain eager mode, see _plain_eager). Returns a copy of
+    the fused output, (B, H, M, Dv), small next to the maps: returning the input itself would make
+    the result a view created in a custom Function, on which autograd refuses in-place ops
+    (`out += x`), and marking it dirty instead would invalidate the maps op's saved output."""
+
+    @staticmethod
+    def forward(ctx, w, v, out):
+        _pv_setup_context(ctx, (w, v, out), out)
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _pv_backward(ctx, grad_out)
+
+
+_FunctorchPV = functorch_function(
+    torch.ops.lfi.attention_pv, _pv_setup_context, _pv_backward,
+    "attention_pv with its autograd, for torch.func transforms (lfi.ops._functorch).")
+
+
+def _pv(w, v, out):
+    """out on the autograd path of w and v (see attention_pv), by the route _attention_forward takes."""
+    if _plain_eager(w, v, out):
+        return _EagerPV.apply(w, v, out)
+    if functorch_active():
+        return _FunctorchPV.apply(w, v, out)
+    return torch.ops.lfi.attention_pv(w, v, out)
 
 
 class _EagerForward(torch.autograd.Function):
@@ -163,9 +265,13 @@ class _EagerForward(torch.autograd.Function):
         return output
 
     @staticmethod
-    @once_differentiable  # as the custom op: no double backward
-    def backward(ctx, *grads):
+    def backward(ctx, *grads):  # differentiable with grad mode on (double backward), see _backward
         return _backward(ctx, *grads)
+
+
+_FunctorchForward = functorch_function(
+    torch.ops.lfi.interaction_attention_fwd, _setup_context, _backward,
+    "interaction_attention_fwd with its autograd, for torch.func transforms (lfi.ops._functorch).")
 
 
 def _plain_eager(*tensors) -> bool:
@@ -189,6 +295,8 @@ def _attention_forward(q, k, v, mask, scale, is_causal, w_start, w_stop, kl_targ
     without the dispatcher (and without autograd at all when nothing requires grad)."""
     args = (q, k, v, mask, scale, is_causal, w_start, w_stop, kl_target, backend)
     if not _plain_eager(q, k, v, mask, kl_target):
+        if functorch_active():
+            return _FunctorchForward.apply(*args)
         return torch.ops.lfi.interaction_attention_fwd(*args)
     if torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad
@@ -255,7 +363,7 @@ def interaction_attention(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
     is_causal: bool = False, scale: Optional[float] = None, *, need_weights: bool = False,
     average_attn_weights: bool = False, weights_rows=None, kl_target: Optional[Tensor] = None,
-    kl_reduction: str = "batchmean", backend: str = "auto",
+    kl_reduction: str = "batchmean", enable_gqa: Optional[bool] = None, backend: str = "auto",
 ):
     """Scaled dot-product attention, a drop-in for ``F.scaled_dot_product_attention`` that can also
     return the exact softmax maps, with gradients flowing through them.
@@ -285,8 +393,28 @@ def interaction_attention(
             without target mass give 0. No gradient flows to the target.
         kl_reduction: "batchmean" (sum / B), "mean" (sum / (B*H*M) rows), "sum" or "none"
             (per row, (B, H, M)), as in attention_kl.
+        enable_gqa: as in SDPA: True allows grouped-query heads (H % Hkv == 0); False requires
+            H == Hkv and raises RuntimeError otherwise, as SDPA does. None (the default; SDPA's is
+            False) allows grouped heads implicitly, as lfi always has (its integrations and existing
+            callers pass unexpanded kv heads without the keyword); every call SDPA accepts gives
+            the same result.
         backend: "auto", "torch", "triton" or "cuda" (see lfi._dispatch; LFI_BACKEND overrides
             "auto"). An explicit backend always runs our kernels.
+
+    Autograd graphs:
+        * every row's per-head maps (need_weights=True without weights_rows, average_attn_weights
+          or dropout), with grad mode on: as eager's, w = softmax(s) and out = w @ v. The fused op
+          returns (out_fused, w); out = attention_pv(w, v, out_fused) returns out_fused's values
+          and has the backward of w @ v (dW = dO V^T, dV = W^T dO); the fused op's backward then
+          takes dW plus the gradient of any loss on w and runs one dS pass for dq, dk. So
+          w.retain_grad(), hooks on w and torch.autograd.grad(out, w) behave as in eager.
+        * anything else (no maps, a row window, head-averaged maps, dropout): the maps are a side
+          output; out does not depend on them, and they receive gradients only from losses on
+          them (flowing into the same fused backward as out's).
+        A backward run with grad mode on (create_graph=True, torch.func.grad / vjp) uses
+        differentiable torch formulas (lfi.ops._double_backward), so it can be differentiated
+        again; under functorch transforms the ops run through functorch-compatible
+        autograd.Functions with vmap rules (lfi.ops._vmap).
 
     Routing to SDPA: with backend="auto" (and LFI_BACKEND unset or "auto"), on CPU or CUDA, a call
     that asks for no maps (need_weights=False) and no kl_target, with no attn_mask, is_causal only
@@ -319,6 +447,7 @@ def interaction_attention(
     check_qkv(q, k, v)
     B, H, M, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
+    check_enable_gqa(enable_gqa, H, Hkv)
     device = q.device
     mask = normalize_mask(attn_mask, B, H, M, N, q)
     scale = check_float("scale", scale, none_ok=True)
@@ -331,6 +460,7 @@ def interaction_attention(
     if kl_target is not None:
         check_options("probs", 1.0, kl_reduction)
         kl_target = check_dense_target(kl_target, (B, H, M, N), q, "probs", validate=False)
+    maps_on_path = False
     if empty_dims(q, k):  # what SDPA returns (see lfi.ops._validation.empty_dims); no kernel runs
         _dispatch.resolve(backend, device)  # a bad backend name still raises
         out, weights, kl = _empty_attention(q, k, v, scale, w_start, w_stop)
@@ -348,15 +478,20 @@ def interaction_attention(
     else:
         out, weights, kl = _run(q, k, v, mask, scale, is_causal, dropout_p, need_weights, w_start, w_stop,
                                 kl_target, M, backend)
-    if three_d:
-        out = out.squeeze(1)
+        # Every row's maps, per head: out = W @ V on the autograd path, as in eager (attention_pv).
+        maps_on_path = (need_weights and not average_attn_weights and (w_start, w_stop) == (0, M)
+                        and dropout_p == 0.0 and torch.is_grad_enabled() and (weights.requires_grad or v.requires_grad))
     results = [out]
     if need_weights:
         if average_attn_weights:
             weights = weights.mean(1) if H else weights.sum(1)  # H = 0: zeros (B, M, N), not 0 / 0
         elif three_d:
             weights = weights.squeeze(1)
+        if maps_on_path:  # the returned tensor itself feeds out (3-D: through the unsqueeze)
+            results[0] = _pv(weights.unsqueeze(1) if three_d else weights, v, out)
         results.append(weights)
+    if three_d:
+        results[0] = results[0].squeeze(1)
     if kl_target is not None:
         results.append(reduce_rows(kl.squeeze(1) if three_d else kl, kl_reduction, B))
     return results[0] if len(results) == 1 else tuple(results)

@@ -230,7 +230,7 @@ def ready_for_cuda() -> bool:
     return bool(_state["cuda"])
 
 
-EMU_SOURCES = ("emu/attention_emu.cpp", "emu/kl_emu.cpp")
+EMU_SOURCES = ("emu/attention_emu.cpp", "emu/attention_tc_emu.cpp", "emu/kl_emu.cpp", "emu/tc_selftest_emu.cpp")
 _emulator: dict = {}
 
 

@@ -5,7 +5,7 @@ setup.py (ahead-of-time build, ``LFI_BUILD_CUDA=1``) runs this file with ``runpy
 nothing. Paths are relative to csrc/.
 """
 CPU_SOURCES = ("bindings.cpp", "ops.cpp", "cpu/attention.cpp", "cpu/kl.cpp")
-CUDA_SOURCES = ("cuda/attention.cu", "cuda/kl.cu")
+CUDA_SOURCES = ("cuda/attention.cu", "cuda/attention_tc.cu", "cuda/kl.cu")
 # -fopenmp: at::parallel_for is header-inline OpenMP in torch's builds; without the flag the CPU
 # kernels would silently run on one thread (libgomp.so.1 resolves to the copy torch has loaded).
 CXX_FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp")

@@ -1,0 +1,963 @@
+// Tensor-core forward of interaction_attention for bfloat16 / float16 (sm_80+): mma.sync
+// m16n8k16 with fp32 accumulation (tc_common.cuh), used by attention.cu's attention_forward for
+// bf16 / fp16 inputs with head dims up to 128 (fp32, and head dims past 128, stay on the CUDA-core
+// kernels there).
+//
+// One block of 4 warps per (64 query rows, b, h); each warp owns 16 rows. Q (64 rows) and K / V
+// tiles of 64 keys are staged in shared memory with cp.async, K / V double-buffered (the copy of
+// tile t + 1 overlaps the math of tile t), rows padded by 8 elements so that ldmatrix's eight row
+// addresses hit distinct banks. Per tile and warp: S = Q K^T as 8 accumulator tiles (16 x 8) in
+// registers, the online softmax on those registers (the quad of lanes sharing a row reduces the max
+// with two shuffles; l stays per lane until the end), P packed to b16 in place as the A operand of
+// P V (two adjacent accumulator tiles are one A fragment), O in 16 x 8 accumulator tiles.
+//
+// dtype and padded head dim (DP = 32 / 64 / 96 / 128, covering D and Dv) are template parameters;
+// 64-bit offsets are formed once per (b, head) and once per staged 16-byte row chunk. Tiles that
+// need no per-element work (no mask, no fused KL, all keys in range, below the causal diagonal)
+// take a branch without any masking; the others apply bounds, causality, masks and the KL sums per
+// element with the shared math of lfi_math.h. Blocks returning map rows take two passes
+// (statistics, then the exact P = exp((s - m) - log l), as the CUDA-core kernel).
+#include <type_traits>
+
+#include "../lfi_kernels.h"
+#include "tc_common.cuh"
+
+namespace lfi {
+namespace tc {
+namespace {
+
+using namespace ::lfi::cuda_k;
+
+constexpr int kTcThreads = 128;
+constexpr int kTcBM = 64;  // query rows per block (16 per warp)
+constexpr int kTcBN = 64;  // keys per tile
+
+template <typename T, int DP>
+struct FwdShape {
+  static constexpr int LD = DP + 8;       // shared row stride (elements): 16-byte aligned rows, no bank conflicts
+  static constexpr int KS = DP / 16;      // k steps of Q K^T
+  static constexpr int NT = kTcBN / 8;    // accumulator tiles of S per warp
+  static constexpr int OT = DP / 8;       // accumulator tiles of O per warp
+  static constexpr size_t smem = sizeof(T) * LD * (kTcBM + 4 * kTcBN);  // Q, K x 2, V x 2
+};
+
+// Base pointer of t at (b, head) and whether its rows can be copied in 16-byte chunks (contiguous
+// last dim, rows and base 16-byte aligned).
+template <typename T>
+struct RowSource {
+  const T* base;
+  int64_t rs, es;  // row and element strides
+  bool vec;
+};
+
+template <typename T>
+__device__ __forceinline__ RowSource<T> row_source(const Strided& t, int64_t b, int64_t head) {
+  RowSource<T> r;
+  r.base = static_cast<const T*>(t.ptr) + b * t.s[0] + head * t.s[1];
+  r.rs = t.s[2];
+  r.es = t.s[3];
+  r.vec = t.s[3] == 1 && t.s[2] % 8 == 0 && reinterpret_cast<uintptr_t>(r.base) % 16 == 0;
+  return r;
+}
+
+// Staging grid: CHP 16-byte chunk columns per row (a power of two >= DP / 8), so that each
+// thread keeps one column and walks rows threadIdx.x / CHP + k * (kTcThreads / CHP).
+template <int DP>
+constexpr int staging_columns() { return DP / 8 <= 4 ? 4 : (DP / 8 <= 8 ? 8 : 16); }
+
+// Stages rows [row0, row0 + ROWS) x dims [0, DP) of `src` into dst (row stride LD): cp.async for
+// whole in-range 16-byte chunks, element copies for a partial chunk (D % 8 != 0) or a strided
+// source, zeros past `limit` rows and past D (the padding must be 0, not garbage: 0 * NaN = NaN).
+template <typename T, int ROWS, int DP, int LD>
+__device__ __forceinline__ void stage_rows(T* dst, const RowSource<T> src, int64_t row0, int64_t limit, int D) {
+  constexpr int CHP = staging_columns<DP>(), RSTEP = kTcThreads / CHP;
+  const int d0 = static_cast<int>(threadIdx.x % CHP) * 8;
+  if (d0 >= DP) return;
+  for (int r = static_cast<int>(threadIdx.x / CHP); r < ROWS; r += RSTEP) {
+    T* d = dst + r * LD + d0;
+    const int64_t row = row0 + r;
+    if (row < limit && d0 < D) {
+      const T* s = src.base + row * src.rs;
+      if (src.vec && d0 + 8 <= D) {
+        cp_async16(d, s + d0, 16);
+      } else {
+        uint16_t* d16 = reinterpret_cast<uint16_t*>(d);
+        const uint16_t* s16 = reinterpret_cast<const uint16_t*>(s);
+        for (int e = 0; e < 8; ++e) d16[e] = d0 + e < D ? s16[(d0 + e) * src.es] : uint16_t(0);
+      }
+    } else {
+      uint64_t* d64 = reinterpret_cast<uint64_t*>(d);
+      d64[0] = 0;
+      d64[1] = 0;
+    }
+  }
+}
+
+// The common case: all ROWS rows in range, a 16-byte aligned contiguous source and D % 8 == 0:
+// one cp.async per chunk of dims < D, a 64-bit pointer step per row group. The padding dims
+// [D, DP) are zeroed once at the start of the kernel (zero_padding).
+template <typename T, int ROWS, int DP, int LD>
+__device__ __forceinline__ void stage_rows_full(T* dst, const RowSource<T>& src, int64_t row0, int D) {
+  constexpr int CHP = staging_columns<DP>(), RSTEP = kTcThreads / CHP;
+  const int d0 = static_cast<int>(threadIdx.x % CHP) * 8, r = static_cast<int>(threadIdx.x / CHP);
+  if (d0 >= D) return;
+  const T* s = src.base + (row0 + r) * src.rs + d0;
+  T* d = dst + r * LD + d0;
+  const int64_t step = RSTEP * src.rs;
+#pragma unroll
+  for (int k = 0; k < ROWS / RSTEP; ++k) {
+    cp_async16(d + k * RSTEP * LD, s, 16);
+    s += step;
+  }
+}
+
+// Zeroes the dims [D, DP) (whole chunks past D) of `rows` rows of a tile buffer.
+template <typename T, int DP, int LD>
+__device__ __forceinline__ void zero_padding(T* dst, int rows, int D) {
+  constexpr int CH = DP / 8;
+  for (int idx = static_cast<int>(threadIdx.x); idx < rows * CH; idx += kTcThreads) {
+    const int r = idx / CH, d0 = (idx - r * CH) * 8;
+    if (d0 >= D) {
+      uint64_t* d64 = reinterpret_cast<uint64_t*>(dst + r * LD + d0);
+      d64[0] = 0;
+      d64[1] = 0;
+    }
+  }
+}
+
+template <typename T, int DP>
+__global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParams p, int64_t nmb) {
+  using S = FwdShape<T, DP>;
+  constexpr int LD = S::LD, KS = S::KS, NT = S::NT, OT = S::OT;
+  LFI_DYNAMIC_SMEM(smem_f);
+  T* Qs = reinterpret_cast<T*>(smem_f);
+  T* Ks = Qs + kTcBM * LD;  // two buffers of kTcBN x LD
+  T* Vs = Ks + 2 * kTcBN * LD;
+
+  const int64_t pid = blockIdx.x, mb = pid % nmb, bh = pid / nmb;
+  const int64_t b = bh / p.H, h = bh % p.H, hk = h / (p.H / p.Hkv);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+  const int64_t r0 = mb * kTcBM;
+  const int64_t hi = p.causal ? (p.N < r0 + kTcBM ? p.N : r0 + kTcBM) : p.N;  // keys any row of the block sees
+  const int ntiles = static_cast<int>((hi + kTcBN - 1) / kTcBN);
+  const bool has_mask = p.mask.ptr != nullptr, has_kl = p.kl_target.ptr != nullptr;
+  const bool maps = p.weights.ptr != nullptr && r0 < p.w_stop && r0 + kTcBM > p.w_start;
+  const float scale = static_cast<float>(p.scale);
+  const float l2e = static_cast<float>(kLog2e);
+
+  const RowSource<T> qsrc = row_source<T>(p.q, b, h), ksrc = row_source<T>(p.k, b, hk),
+                     vsrc = row_source<T>(p.v, b, hk);
+  // The lane's two rows: g and g + 8 of the warp's 16; their 64-bit offsets, once.
+  int64_t row[2], mrow[2] = {0, 0}, trow[2] = {0, 0};
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    row[rr] = r0 + warp * 16 + g + 8 * rr;
+    if (has_mask) mrow[rr] = b * p.mask.s[0] + h * p.mask.s[1] + row[rr] * p.mask.s[2];
+    if (has_kl) trow[rr] = b * p.kl_target.s[0] + h * p.kl_target.s[1] + row[rr] * p.kl_target.s[2];
+  }
+
+  float m[2], l[2], o[OT][4];
+  KLSums<float> kls[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    m[rr] = neg_inf<float>();
+    l[rr] = 0.0f;
+    kls[rr] = kl_init<float>(false);
+  }
+#pragma unroll
+  for (int ot = 0; ot < OT; ++ot)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[ot][e] = 0.0f;
+  float mf[2] = {0.0f, 0.0f}, logl[2] = {0.0f, 0.0f};  // final statistics (maps pass)
+
+  zero_padding<T, DP, LD>(Ks, 2 * kTcBN, p.D);
+  zero_padding<T, DP, LD>(Vs, 2 * kTcBN, p.Dv);
+  stage_rows<T, kTcBM, DP, LD>(Qs, qsrc, r0, p.M, p.D);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  // The warp's Q rows as A fragments, held for the whole kernel up to DP = 96; at DP = 128 they are
+  // re-read from shared memory per tile (32 registers fewer: no spills on sm_80).
+  constexpr bool kQRegs = DP <= 96;
+  constexpr int KQ = kQRegs ? KS : 1;
+  uint32_t qf[KQ][4];
+  const T* Qw = Qs + (warp * 16 + (lane & 15)) * LD + (lane >> 4) * 8;
+  if constexpr (kQRegs) {
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) ldsm_x4(qf[ks], Qw + ks * 16);
+  }
+  const bool full_ok = ksrc.vec && vsrc.vec && p.D % 8 == 0 && p.Dv % 8 == 0;
+  // Key tiles [0, nfull) are staged with stage_rows_full.
+  const int64_t nfull = full_ok ? (p.N / kTcBN < ntiles ? p.N / kTcBN : ntiles) : 0;
+
+  // mode 0: the single online pass; 1: statistics pass (maps); 2: exact-P pass (maps).
+  auto run_pass = [&](int mode) {
+    const bool with_v = mode != 1;
+    auto stage = [&](int tile) {
+      const int64_t j0 = static_cast<int64_t>(tile) * kTcBN;
+      T* kd = Ks + (tile & 1) * kTcBN * LD;
+      T* vd = Vs + (tile & 1) * kTcBN * LD;
+      if (tile < nfull) {
+        stage_rows_full<T, kTcBN, DP, LD>(kd, ksrc, j0, p.D);
+        if (with_v) stage_rows_full<T, kTcBN, DP, LD>(vd, vsrc, j0, p.Dv);
+      } else {
+        stage_rows<T, kTcBN, DP, LD>(kd, ksrc, j0, p.N, p.D);
+        if (with_v) stage_rows<T, kTcBN, DP, LD>(vd, vsrc, j0, p.N, p.Dv);
+      }
+      cp_async_commit();
+    };
+    // Tiles [0, nfast) need no per-element work in the online pass: no mask or KL, every key
+    // in range and at or below every row's diagonal (a causal block's row r0 sees keys <= r0).
+    int64_t nfast = 0;
+    if (mode == 0 && !has_mask && !has_kl && scale > 0.0f) {
+      nfast = p.N / kTcBN;
+      if (p.causal && (r0 + 1) / kTcBN < nfast) nfast = (r0 + 1) / kTcBN;
+      // ... and whose successor is a staged-in-full tile too, so that the fast loop holds no
+      // edge-tile staging code.
+      if (nfast > nfull - 1) nfast = nfull - 1;
+      if (nfast < 0) nfast = 0;
+    }
+    if (ntiles > 0) stage(0);
+    // One tile; FAST: compiled without any masking (its own loop in the SASS).
+    auto step = [&](int it, auto fast_tag) {
+      constexpr bool FAST = decltype(fast_tag)::value;
+      if constexpr (FAST) {
+        stage_rows_full<T, kTcBN, DP, LD>(Ks + ((it + 1) & 1) * kTcBN * LD, ksrc, (it + 1) * int64_t(kTcBN), p.D);
+        stage_rows_full<T, kTcBN, DP, LD>(Vs + ((it + 1) & 1) * kTcBN * LD, vsrc, (it + 1) * int64_t(kTcBN), p.Dv);
+        cp_async_commit();
+        cp_async_wait<1>();
+      } else if (it + 1 < ntiles) {
+        stage(it + 1);
+        cp_async_wait<1>();  // everything but the tile just issued has landed (this thread's copies)
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();  // ... and every thread's copies are visible
+      const T* Kt = Ks + (it & 1) * kTcBN * LD;
+      const T* Vt = Vs + (it & 1) * kTcBN * LD;
+      const int64_t j0 = static_cast<int64_t>(it) * kTcBN;
+
+      // S = Q K^T (unscaled) in NT accumulator tiles.
+      float s[NT][4];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] = 0.0f;
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        const int kq = kQRegs ? ks : 0;
+        if constexpr (!kQRegs) ldsm_x4(qf[0], Qw + ks * 16);
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) {
+          uint32_t kb[4];
+          ldsm_x4(kb, Kt + (np * 16 + (lane & 7) + (lane >> 4) * 8) * LD + ks * 16 + ((lane >> 3) & 1) * 8);
+          const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+          mma16816<T>(s[2 * np], qf[kq], b0);
+          mma16816<T>(s[2 * np + 1], qf[kq], b1);
+        }
+      }
+
+      if constexpr (FAST) {
+        // Raw scores: the max of scale * s is scale * max s (scale > 0), and exp(scale s - sh) is
+        // exp2(s * scale log2 e - sh log2 e): one FMA and one MUFU.EX2 per score.
+        float tmax[2] = {neg_inf<float>(), neg_inf<float>()};
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          tmax[0] = fmaxf(tmax[0], fmaxf(s[nt][0], s[nt][1]));
+          tmax[1] = fmaxf(tmax[1], fmaxf(s[nt][2], s[nt][3]));
+        }
+        float alpha[2], shl2[2];
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          tmax[rr] = fmaxf(tmax[rr], __shfl_xor_sync(kFull, tmax[rr], 1));
+          tmax[rr] = fmaxf(tmax[rr], __shfl_xor_sync(kFull, tmax[rr], 2));
+          alpha[rr] = softmax_rescale(m[rr], l[rr], tmax[rr] * scale);
+          shl2[rr] = shift_of(m[rr]) * l2e;
+        }
+        const float scale_l2 = scale * l2e;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int rr = e >> 1;
+            const float pr = ex2(softmax_exp2_arg_scaled(s[nt][e], scale_l2, shl2[rr]));
+            l[rr] += pr;
+            s[nt][e] = pr;
+          }
+#pragma unroll
+        for (int ot = 0; ot < OT; ++ot) {
+          o[ot][0] *= alpha[0];
+          o[ot][1] *= alpha[0];
+          o[ot][2] *= alpha[1];
+          o[ot][3] *= alpha[1];
+        }
+      } else {
+      // Scores in natural units; element (nt, e) is row g + 8 (e / 2), key j0 + nt * 8 + 2 t4 + e % 2.
+      const bool per_element =
+          has_mask || has_kl || mode == 2 || j0 + kTcBN > p.N || (p.causal && j0 + kTcBN - 1 > r0);
+      if (per_element) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int rr = e >> 1;
+            const int64_t i = row[rr], j = j0 + nt * 8 + 2 * t4 + (e & 1);
+            float sv = s[nt][e] * scale;
+            bool valid = i < p.M && j < p.N && (!p.causal || j <= i);
+            if (valid && has_mask) {
+              const float mv = ldf(p.mask.ptr, mrow[rr] + j * p.mask.s[3], p.mask.dtype);
+              if (p.mask_bool) valid = mv != 0.0f;
+              else sv += mv;
+            }
+            s[nt][e] = valid ? sv : neg_inf<float>();
+          }
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[nt][e] *= scale;
+      }
+
+      if (mode == 2) {  // exact probabilities from the final statistics; map rows written
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int rr = e >> 1;
+            const int64_t i = row[rr], j = j0 + nt * 8 + 2 * t4 + (e & 1);
+            const float pr = prob_of(s[nt][e], mf[rr], logl[rr]);
+            s[nt][e] = pr;
+            if (i >= p.w_start && i < p.w_stop && i < p.M && j < p.N)
+              stf(p.weights.ptr, off4(p.weights, b, h, i - p.w_start, j), p.weights.dtype, pr);
+          }
+      } else {
+        // Online softmax: the quad of lanes sharing a row reduces the tile max.
+        float tmax[2] = {neg_inf<float>(), neg_inf<float>()};
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          tmax[0] = fmaxf(tmax[0], fmaxf(s[nt][0], s[nt][1]));
+          tmax[1] = fmaxf(tmax[1], fmaxf(s[nt][2], s[nt][3]));
+        }
+        float alpha[2], shl2[2];
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          tmax[rr] = fmaxf(tmax[rr], __shfl_xor_sync(kFull, tmax[rr], 1));
+          tmax[rr] = fmaxf(tmax[rr], __shfl_xor_sync(kFull, tmax[rr], 2));
+          const float sh_old = shift_of(m[rr]);
+          alpha[rr] = softmax_rescale(m[rr], l[rr], tmax[rr]);
+          const float sh = shift_of(m[rr]);
+          shl2[rr] = sh * l2e;
+          if (has_kl) kl_rescale(kls[rr], sh_old, sh, 0.0f, false);
+        }
+        if (has_kl) {
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int rr = e >> 1;
+              const int64_t i = row[rr], j = j0 + nt * 8 + 2 * t4 + (e & 1);
+              const float tv = (i < p.M && j < p.N)
+                                   ? ldf(p.kl_target.ptr, trow[rr] + j * p.kl_target.s[3], p.kl_target.dtype)
+                                   : 0.0f;
+              kl_add(kls[rr], s[nt][e], tv, s[nt][e] > neg_inf<float>(), shift_of(m[rr]), 0.0f, 0.0f, false);
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int rr = e >> 1;
+            const float pr = ex2(softmax_exp2_arg(s[nt][e], shl2[rr]));
+            l[rr] += pr;
+            s[nt][e] = pr;
+          }
+        if (mode == 0) {
+#pragma unroll
+          for (int ot = 0; ot < OT; ++ot) {
+            o[ot][0] *= alpha[0];
+            o[ot][1] *= alpha[0];
+            o[ot][2] *= alpha[1];
+            o[ot][3] *= alpha[1];
+          }
+        }
+      }
+
+      }  // FAST / general
+
+      if (with_v) {  // O += P V, P as b16 A fragments straight from the S registers
+#pragma unroll
+        for (int kk = 0; kk < kTcBN / 16; ++kk) {
+          const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                                  pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                  pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+          for (int dp = 0; dp < DP / 16; ++dp) {
+            uint32_t vb[4];
+            ldsm_x4_t(vb, Vt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dp * 16 + (lane >> 4) * 8);
+            const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
+            mma16816<T>(o[2 * dp], pa, b0);
+            mma16816<T>(o[2 * dp + 1], pa, b1);
+          }
+        }
+      }
+      __syncthreads();  // every warp is done with this buffer before the next stage overwrites it
+    };
+    for (int it = 0; it < nfast; ++it) step(it, std::true_type{});
+    for (int it = static_cast<int>(nfast); it < ntiles; ++it) step(it, std::false_type{});
+  };
+
+  run_pass(maps ? 1 : 0);
+  // Row sums over the quad; final statistics.
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    l[rr] += __shfl_xor_sync(kFull, l[rr], 1);
+    l[rr] += __shfl_xor_sync(kFull, l[rr], 2);
+    if (has_kl) {
+#pragma unroll
+      for (int x = 1; x <= 2; x <<= 1) {
+        kls[rr].x += __shfl_xor_sync(kFull, kls[rr].x, x);
+        kls[rr].y += __shfl_xor_sync(kFull, kls[rr].y, x);
+        kls[rr].c += __shfl_xor_sync(kFull, kls[rr].c, x);
+      }
+    }
+    mf[rr] = shift_of(m[rr]);
+    logl[rr] = log_l_of(l[rr], has_mask);  // l == 0 without a mask: infinite q / k, a NaN row (lfi_math.h)
+  }
+  if (maps) run_pass(2);
+
+  float* stats = static_cast<float*>(p.stats);
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int64_t i = row[rr];
+    if (i >= p.M) continue;
+    // The two-pass P is already normalised; the online accumulator still needs 1 / l. A row the mask
+    // empties is 0 even where V holds NaN (0 * NaN); see out_of in lfi_math.h.
+    const bool empty = l[rr] == 0.0f && has_mask;
+    const int64_t obase = b * p.out.s[0] + h * p.out.s[1] + i * p.out.s[2];
+#pragma unroll
+    for (int ot = 0; ot < OT; ++ot)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int e = ot * 8 + 2 * t4 + c;
+        const float acc = o[ot][2 * rr + c];
+        const float v = maps ? (empty ? 0.0f : acc) : out_of(acc, l[rr], has_mask);
+        if (e < p.Dv) stf(p.out.ptr, obase + e * p.out.s[3], p.out.dtype, v);
+      }
+    if (t4 == 0) {
+      stats[2 * (bh * p.M + i)] = mf[rr];
+      stats[2 * (bh * p.M + i) + 1] = logl[rr];
+      if (has_kl) {
+        float kl, tn, t_shift;
+        kl_finish(kls[rr], logl[rr], false, kl, t_shift, tn);
+        static_cast<float*>(p.kl)[bh * p.M + i] = kl;
+        static_cast<float*>(p.tnorm)[bh * p.M + i] = tn;
+      }
+    }
+  }
+  if (maps) {
+    // Causal rows attend no key past the last tile: P of a -inf score there (0; NaN on a NaN row),
+    // from the statistics just written (a row's values sit with other threads of the warp).
+    __syncthreads();
+    for (int r = 0; r < 16; ++r) {
+      const int64_t i = r0 + warp * 16 + r;
+      if (i < p.w_start || i >= p.w_stop || i >= p.M) continue;
+      const float v = prob_of(neg_inf<float>(), stats[2 * (bh * p.M + i)], stats[2 * (bh * p.M + i) + 1]);
+      for (int64_t j = static_cast<int64_t>(ntiles) * kTcBN + lane; j < p.N; j += kWarp)
+        stf(p.weights.ptr, off4(p.weights, b, h, i - p.w_start, j), p.weights.dtype, v);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward on tensor cores (after attn_bwd_pre_kernel of attention.cu has written delta).
+//
+// dK / dV: one block per (64 keys, b, kv head), each warp owning 16 keys; the block loops over the
+// group's query heads and 64-row query tiles (Q, dO and the rows' statistics double-buffered with
+// cp.async), so no atomics are needed. Per tile and warp, keys as rows: S^T = K Q^T and
+// dP^T = V dO^T in accumulator tiles, P^T and dS^T element-wise, then dV += P^T dO and
+// dK += dS^T Q with P^T / dS^T packed in place as A fragments.
+// dQ: one block per (64 query rows, b, h), as the forward: S = Q K^T, dP = dO V^T, dS, and
+// dQ += dS K; it also writes dS for the mask gradient.
+// Element-wise math (shared, lfi_math.h): P = exp((s - m) - log l) (prob_of), dS = P (dP - delta)
+// (attn_dscore) + the fused KL's g (P - t) (kl_dscore); interior tiles without masks / maps
+// gradient / KL run a separately compiled fast body: P = exp2(x * scale log2 e - (m + log l) log2 e).
+// ---------------------------------------------------------------------------------------------
+
+// Per query row of a staged tile: m, log l, (m + log l) log2 e, delta, and the KL factors g, 1 / Z.
+constexpr int kRowVals = 6;
+
+template <typename T, int DP>
+struct BwdShape {
+  static constexpr int LD = DP + 8;
+  // dK / dV keep 2 x DP / 8 x 4 accumulators per lane; at DP = 96 the 64-query tile is taken in
+  // halves of 32 queries so that S^T and dP^T fit beside them without spilling (DP = 128 computes
+  // dK and dV in two launches, see attn_bwd_dkdv_tc_kernel).
+  static constexpr int QH = (DP <= 64 || DP > 96) ? 64 : 32;
+  static constexpr int NT = 64 / 8;
+  static constexpr int OT = DP / 8;
+  // Two fixed tiles, two double-buffered tiles, then the row values (two buffers).
+  static constexpr size_t smem = sizeof(T) * LD * 64 * 6 + sizeof(float) * 2 * kRowVals * 64;
+};
+
+// dS of one element from P, dP (without G) and its row's delta / KL factors (general path).
+__device__ __forceinline__ float dscore_tc(const AttnParams& p, int64_t b, int64_t h, int64_t i, int64_t j, float s,
+                                           float pr, float dp, float delta, const KLGradRow<float>& klr) {
+  const bool inside = i < p.M && j < p.N;
+  if (p.grad_weights.ptr != nullptr && inside && i >= p.w_start && i < p.w_stop)
+    dp += ldf(p.grad_weights.ptr, off4(p.grad_weights, b, h, i - p.w_start, j), p.grad_weights.dtype);
+  float ds = attn_dscore(pr, dp, delta);
+  if (p.grad_kl.ptr != nullptr) {
+    const float t = inside ? ldf(p.kl_target.ptr, off4(p.kl_target, b, h, i, j), p.kl_target.dtype) : 0.0f;
+    ds += kl_dscore(pr, t, s > neg_inf<float>(), klr, 0.0f, false);
+  }
+  return ds;
+}
+
+// Masked natural-unit score of (row i, key j) from the raw product x (general path).
+__device__ __forceinline__ float masked_score_tc(float x, float scale, const AttnParams& p, int64_t b, int64_t h,
+                                                 int64_t i, int64_t j) {
+  float s = x * scale;
+  bool valid = i < p.M && j < p.N && (!p.causal || j <= i);
+  if (valid && p.mask.ptr != nullptr) {
+    const float mv = ldf(p.mask.ptr, off4(p.mask, b, h, i, j), p.mask.dtype);
+    if (p.mask_bool) valid = mv != 0.0f;
+    else s += mv;
+  }
+  return valid ? s : neg_inf<float>();
+}
+
+// The KL gradient's row factors of row i (zeros without a fused KL or past M).
+__device__ __forceinline__ KLGradRow<float> kl_row_tc(const AttnParams& p, int64_t b, int64_t h, int64_t bh,
+                                                      int64_t i) {
+  if (p.grad_kl.ptr == nullptr || i >= p.M) return KLGradRow<float>{0.0f, 0.0f, 0.0f, 0.0f};
+  const float g = ldf(p.grad_kl.ptr, b * p.grad_kl.s[0] + h * p.grad_kl.s[1] + i * p.grad_kl.s[2], p.grad_kl.dtype);
+  return kl_grad_row(g, 0.0f, static_cast<const float*>(p.tnorm)[bh * p.M + i], false);
+}
+
+// acc[nt] += A (16 x DP, rows of `a` at row stride LD, the warp's 16 rows) x B^T, B = 8 NT rows of
+// `bt` (row stride LD): 16 x 8 NT in NT accumulator tiles. Both operands from shared memory.
+template <typename T, int DP, int LD, int NT>
+__device__ __forceinline__ void mma_abt(float (&acc)[NT][4], const T* a, const T* bt, int lane) {
+#pragma unroll
+  for (int ks = 0; ks < DP / 16; ++ks) {
+    uint32_t af[4];
+    ldsm_x4(af, a + (lane & 15) * LD + ks * 16 + (lane >> 4) * 8);
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+      uint32_t kb[4];
+      ldsm_x4(kb, bt + (np * 16 + (lane & 7) + (lane >> 4) * 8) * LD + ks * 16 + ((lane >> 3) & 1) * 8);
+      const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+      mma16816<T>(acc[2 * np], af, b0);
+      mma16816<T>(acc[2 * np + 1], af, b1);
+    }
+  }
+}
+
+// out[ot] += X (16 x 8 NT, in accumulator-tile registers x) times B (8 NT rows of `bm`, row stride
+// LD): 16 x DP. X is packed to b16 A fragments (two accumulator tiles = one k16 fragment).
+template <typename T, int DP, int LD, int NT>
+__device__ __forceinline__ void mma_xb(float (&out)[DP / 8][4], const float (&x)[NT][4], const T* bm, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < NT / 2; ++kk) {
+    const uint32_t xa[4] = {pack2<T>(x[2 * kk][0], x[2 * kk][1]), pack2<T>(x[2 * kk][2], x[2 * kk][3]),
+                            pack2<T>(x[2 * kk + 1][0], x[2 * kk + 1][1]),
+                            pack2<T>(x[2 * kk + 1][2], x[2 * kk + 1][3])};
+#pragma unroll
+    for (int dp = 0; dp < DP / 16; ++dp) {
+      uint32_t vb[4];
+      ldsm_x4_t(vb, bm + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dp * 16 + (lane >> 4) * 8);
+      const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
+      mma16816<T>(out[2 * dp], xa, b0);
+      mma16816<T>(out[2 * dp + 1], xa, b1);
+    }
+  }
+}
+
+// DO_DK / DO_DV: which of dK, dV this launch computes (both up to DP = 96; at DP = 128 the 2 x 64
+// accumulators per lane of both would spill, so dV and dK are two launches, the dV one without dP).
+template <typename T, int DP, bool DO_DK, bool DO_DV>
+__global__ void __launch_bounds__(kTcThreads, 1) attn_bwd_dkdv_tc_kernel(const AttnParams p, int64_t nnb) {
+  using S = BwdShape<T, DP>;
+  constexpr int LD = S::LD, OT = S::OT;
+  LFI_DYNAMIC_SMEM(smem_f);
+  T* Ks = reinterpret_cast<T*>(smem_f);
+  T* Vs = Ks + 64 * LD;
+  T* Qs = Vs + 64 * LD;     // two buffers
+  T* dOs = Qs + 128 * LD;   // two buffers
+  float* rowv = reinterpret_cast<float*>(dOs + 128 * LD);  // [2][kRowVals][64]
+
+  const int64_t pid = blockIdx.x, nb = pid % nnb, bhk = pid / nnb;
+  const int64_t b = bhk / p.Hkv, hk = bhk % p.Hkv, G = p.H / p.Hkv;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g4 = lane >> 2, t4 = lane & 3;
+  const int64_t n0 = nb * 64;
+  const float scale = static_cast<float>(p.scale), l2e = static_cast<float>(kLog2e);
+  const bool general_all = p.mask.ptr != nullptr || p.grad_kl.ptr != nullptr || p.grad_weights.ptr != nullptr ||
+                           !(scale > 0.0f);
+
+  zero_padding<T, DP, LD>(Qs, 128, p.D);
+  zero_padding<T, DP, LD>(dOs, 128, p.Dv);
+  stage_rows<T, 64, DP, LD>(Ks, row_source<T>(p.k, b, hk), n0, p.N, p.D);
+  stage_rows<T, 64, DP, LD>(Vs, row_source<T>(p.v, b, hk), n0, p.N, p.Dv);
+  cp_async_commit();
+
+  float dk[OT][4], dv[OT][4];
+#pragma unroll
+  for (int ot = 0; ot < OT; ++ot)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[ot][e] = dv[ot][e] = 0.0f;
+  int64_t jrow[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) jrow[rr] = n0 + warp * 16 + g4 + 8 * rr;
+
+  const float* stats = static_cast<const float*>(p.stats);
+  const float* dlt = static_cast<const float*>(p.delta);
+  const int64_t row_lo = p.causal ? n0 : 0;  // causal: rows above the block's first key see none of it
+  const int64_t nq = p.M > row_lo ? (p.M - row_lo + 63) / 64 : 0;
+  const int64_t nq_full = p.M > row_lo ? (p.M - row_lo) / 64 : 0;
+  const int64_t ntot = G * nq;
+  const bool vec = row_source<T>(p.q, b, hk * G).vec && row_source<T>(p.grad_out, b, hk * G).vec &&
+                   p.D % 8 == 0 && p.Dv % 8 == 0 && p.q.s[1] % 8 == 0 && p.grad_out.s[1] % 8 == 0;
+
+  // Tile `it` (head hk * G + it / nq, rows row_lo + (it % nq) * 64) into buffer it & 1; FULL: known
+  // to be a whole in-range tile of a 16-byte aligned source (the fast loop's successors).
+  auto stage = [&](int64_t it, auto full_tag) {
+    constexpr bool FULL = decltype(full_tag)::value;
+    const int64_t gg = it / nq, qt = it - gg * nq, h = hk * G + gg, i0 = row_lo + qt * 64, bh = b * p.H + h;
+    const int buf = static_cast<int>(it & 1);
+    const RowSource<T> qsrc = row_source<T>(p.q, b, h), dsrc = row_source<T>(p.grad_out, b, h);
+    if (FULL || (vec && qt < nq_full)) {
+      stage_rows_full<T, 64, DP, LD>(Qs + buf * 64 * LD, qsrc, i0, p.D);
+      stage_rows_full<T, 64, DP, LD>(dOs + buf * 64 * LD, dsrc, i0, p.Dv);
+    } else {
+      stage_rows<T, 64, DP, LD>(Qs + buf * 64 * LD, qsrc, i0, p.M, p.D);
+      stage_rows<T, 64, DP, LD>(dOs + buf * 64 * LD, dsrc, i0, p.M, p.Dv);
+    }
+    cp_async_commit();
+    if (threadIdx.x < 64) {  // plain loads: visible after the barrier that precedes their use
+      const int r = threadIdx.x;
+      const int64_t i = i0 + r;
+      float* rv = rowv + buf * kRowVals * 64;
+      const bool in = i < p.M;
+      const float m = in ? stats[2 * (bh * p.M + i)] : 0.0f;
+      const float ll = in ? stats[2 * (bh * p.M + i) + 1] : pos_inf<float>();
+      const KLGradRow<float> klr = kl_row_tc(p, b, h, bh, i);
+      rv[0 * 64 + r] = m;
+      rv[1 * 64 + r] = ll;
+      rv[2 * 64 + r] = (m + ll) * l2e;
+      rv[3 * 64 + r] = in ? dlt[bh * p.M + i] : 0.0f;
+      rv[4 * 64 + r] = klr.g;
+      rv[5 * 64 + r] = klr.inv_z;
+    }
+  };
+
+  if (ntot > 0) stage(0, std::false_type{});
+  auto step = [&](int64_t it, auto fast_tag) {
+    constexpr bool FAST = decltype(fast_tag)::value;
+    if (it + 1 < ntot) {
+      if constexpr (FAST) stage(it + 1, std::true_type{});
+      else stage(it + 1, std::false_type{});
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const int buf = static_cast<int>(it & 1);
+    const T* Qt = Qs + buf * 64 * LD;
+    const T* dOt = dOs + buf * 64 * LD;
+    const float* rv = rowv + buf * kRowVals * 64;
+    const int64_t gg = it / nq, qt = it - gg * nq, h = hk * G + gg, i0 = row_lo + qt * 64;
+
+    constexpr int QH = S::QH, NH = QH / 8;
+#pragma unroll
+    for (int half = 0; half < 64 / QH; ++half) {
+      const T* Qh = Qt + half * QH * LD;
+      const T* dOh = dOt + half * QH * LD;
+      float s[NH][4], dp[NH][4];
+#pragma unroll
+      for (int nt = 0; nt < NH; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.0f;
+      mma_abt<T, DP, LD, NH>(s, Ks + warp * 16 * LD, Qh, lane);                  // S^T: keys x queries
+      if constexpr (DO_DK) mma_abt<T, DP, LD, NH>(dp, Vs + warp * 16 * LD, dOh, lane);  // dP^T
+      // Element (nt, e): key jrow[e / 2], query i0 + c with c = half * QH + nt * 8 + 2 t4 + e % 2.
+#pragma unroll
+      for (int nt = 0; nt < NH; ++nt) {
+        const int c0 = half * QH + nt * 8 + 2 * t4;
+        if constexpr (FAST) {
+          const float cq0 = rv[2 * 64 + c0], cq1 = rv[2 * 64 + c0 + 1];
+          [[maybe_unused]] const float d0 = rv[3 * 64 + c0], d1 = rv[3 * 64 + c0 + 1];  // dS only with DO_DK
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float pr = ex2(softmax_exp2_arg_scaled(s[nt][e], scale * l2e, (e & 1) ? cq1 : cq0));
+            s[nt][e] = pr;
+            if constexpr (DO_DK) dp[nt][e] = attn_dscore(pr, dp[nt][e], (e & 1) ? d1 : d0);
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int c = c0 + (e & 1);
+            const int64_t i = i0 + c, j = jrow[e >> 1];
+            const float sc = masked_score_tc(s[nt][e], scale, p, b, h, i, j);
+            const float pr = prob_of(sc, rv[c], rv[64 + c]);
+            if constexpr (DO_DK) {
+              const KLGradRow<float> klr{rv[4 * 64 + c], rv[5 * 64 + c], 0.0f, 0.0f};
+              dp[nt][e] = dscore_tc(p, b, h, i, j, sc, pr, dp[nt][e], rv[3 * 64 + c], klr);
+            }
+            s[nt][e] = pr;
+          }
+        }
+      }
+      if constexpr (DO_DV) mma_xb<T, DP, LD, NH>(dv, s, dOh, lane);   // dV += P^T dO
+      if constexpr (DO_DK) mma_xb<T, DP, LD, NH>(dk, dp, Qh, lane);   // dK += dS^T Q
+    }
+    __syncthreads();  // the buffers are free for the stage two tiles ahead
+  };
+  // Per head: the diagonal tile (causal) and the tiles from the last full one on are general;
+  // the rest, whose successor is a full tile of the same head, run the fast body.
+  for (int64_t gg = 0; gg < G; ++gg) {
+    const int64_t qa = p.causal ? 1 : 0;
+    int64_t qb = general_all ? qa : nq_full - 1;
+    if (!vec) qb = qa;
+    if (qb < qa) qb = qa;
+    if (qb > nq) qb = nq;
+    int64_t qt = 0;
+    for (; qt < qa && qt < nq; ++qt) step(gg * nq + qt, std::false_type{});
+    for (; qt < qb; ++qt) step(gg * nq + qt, std::true_type{});
+    for (; qt < nq; ++qt) step(gg * nq + qt, std::false_type{});
+  }
+  cp_async_wait<0>();  // the K / V group when no query tile ran
+
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int64_t j = jrow[rr];
+    if (j >= p.N) continue;
+    const int64_t kb = b * p.dk.s[0] + hk * p.dk.s[1] + j * p.dk.s[2];
+    const int64_t vbo = b * p.dv.s[0] + hk * p.dv.s[1] + j * p.dv.s[2];
+#pragma unroll
+    for (int ot = 0; ot < OT; ++ot)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int e = ot * 8 + 2 * t4 + c;
+        if (DO_DK && e < p.D) stf(p.dk.ptr, kb + e * p.dk.s[3], p.dk.dtype, dk[ot][2 * rr + c] * scale);
+        if (DO_DV && e < p.Dv) stf(p.dv.ptr, vbo + e * p.dv.s[3], p.dv.dtype, dv[ot][2 * rr + c]);
+      }
+  }
+}
+
+template <typename T, int DP>
+__global__ void __launch_bounds__(kTcThreads, 1) attn_bwd_dq_tc_kernel(const AttnParams p, int64_t nmb) {
+  using S = BwdShape<T, DP>;
+  constexpr int LD = S::LD, NT = S::NT, OT = S::OT;
+  LFI_DYNAMIC_SMEM(smem_f);
+  T* Qs = reinterpret_cast<T*>(smem_f);
+  T* dOs = Qs + 64 * LD;
+  T* Ks = dOs + 64 * LD;  // two buffers
+  T* Vs = Ks + 128 * LD;  // two buffers
+
+  const int64_t pid = blockIdx.x, mb = pid % nmb, bh = pid / nmb;
+  const int64_t b = bh / p.H, h = bh % p.H, hk = h / (p.H / p.Hkv);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g4 = lane >> 2, t4 = lane & 3;
+  const int64_t r0 = mb * 64;
+  const int64_t hi = p.causal ? (p.N < r0 + 64 ? p.N : r0 + 64) : p.N;
+  const int64_t ntiles = (hi + 63) / 64;
+  const float scale = static_cast<float>(p.scale), l2e = static_cast<float>(kLog2e);
+  const RowSource<T> ksrc = row_source<T>(p.k, b, hk), vsrc = row_source<T>(p.v, b, hk);
+
+  zero_padding<T, DP, LD>(Ks, 128, p.D);
+  zero_padding<T, DP, LD>(Vs, 128, p.Dv);
+  stage_rows<T, 64, DP, LD>(Qs, row_source<T>(p.q, b, h), r0, p.M, p.D);
+  stage_rows<T, 64, DP, LD>(dOs, row_source<T>(p.grad_out, b, h), r0, p.M, p.Dv);
+  cp_async_commit();
+
+  const float* stats = static_cast<const float*>(p.stats);
+  const float* dl = static_cast<const float*>(p.delta);
+  int64_t row[2];
+  float mr[2], logl[2], cq[2], delta[2];
+  KLGradRow<float> klr[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int64_t i = r0 + warp * 16 + g4 + 8 * rr;
+    row[rr] = i;
+    mr[rr] = i < p.M ? stats[2 * (bh * p.M + i)] : 0.0f;
+    logl[rr] = i < p.M ? stats[2 * (bh * p.M + i) + 1] : pos_inf<float>();
+    cq[rr] = (mr[rr] + logl[rr]) * l2e;
+    delta[rr] = i < p.M ? dl[bh * p.M + i] : 0.0f;
+    klr[rr] = kl_row_tc(p, b, h, bh, i);
+  }
+  float dq[OT][4];
+#pragma unroll
+  for (int ot = 0; ot < OT; ++ot)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dq[ot][e] = 0.0f;
+  float* ds_out = static_cast<float*>(p.ds);
+
+  const bool full_ok = ksrc.vec && vsrc.vec && p.D % 8 == 0 && p.Dv % 8 == 0;
+  const int64_t nfull = full_ok ? (p.N / 64 < ntiles ? p.N / 64 : ntiles) : 0;
+  int64_t nfast = 0;
+  if (p.mask.ptr == nullptr && p.grad_kl.ptr == nullptr && p.grad_weights.ptr == nullptr && ds_out == nullptr &&
+      scale > 0.0f) {
+    nfast = p.causal && (r0 + 1) / 64 < nfull - 1 ? (r0 + 1) / 64 : nfull - 1;
+    if (nfast < 0) nfast = 0;
+  }
+  auto stage = [&](int64_t tile) {
+    const int64_t j0 = tile * 64;
+    T* kd = Ks + (tile & 1) * 64 * LD;
+    T* vd = Vs + (tile & 1) * 64 * LD;
+    if (tile < nfull) {
+      stage_rows_full<T, 64, DP, LD>(kd, ksrc, j0, p.D);
+      stage_rows_full<T, 64, DP, LD>(vd, vsrc, j0, p.Dv);
+    } else {
+      stage_rows<T, 64, DP, LD>(kd, ksrc, j0, p.N, p.D);
+      stage_rows<T, 64, DP, LD>(vd, vsrc, j0, p.N, p.Dv);
+    }
+    cp_async_commit();
+  };
+  if (ntiles > 0) stage(0);
+  auto step = [&](int64_t it, auto fast_tag) {
+    constexpr bool FAST = decltype(fast_tag)::value;
+    if constexpr (FAST) {
+      stage_rows_full<T, 64, DP, LD>(Ks + ((it + 1) & 1) * 64 * LD, ksrc, (it + 1) * 64, p.D);
+      stage_rows_full<T, 64, DP, LD>(Vs + ((it + 1) & 1) * 64 * LD, vsrc, (it + 1) * 64, p.Dv);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else if (it + 1 < ntiles) {
+      stage(it + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* Kt = Ks + (it & 1) * 64 * LD;
+    const T* Vt = Vs + (it & 1) * 64 * LD;
+    const int64_t j0 = it * 64;
+    float s[NT][4], dp[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.0f;
+    mma_abt<T, DP, LD, NT>(s, Qs + warp * 16 * LD, Kt, lane);    // S = Q K^T
+    mma_abt<T, DP, LD, NT>(dp, dOs + warp * 16 * LD, Vt, lane);  // dP = dO V^T
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int rr = e >> 1;
+        if constexpr (FAST) {
+          const float pr = ex2(softmax_exp2_arg_scaled(s[nt][e], scale * l2e, cq[rr]));
+          dp[nt][e] = attn_dscore(pr, dp[nt][e], delta[rr]);
+        } else {
+          const int64_t i = row[rr], j = j0 + nt * 8 + 2 * t4 + (e & 1);
+          const float sc = masked_score_tc(s[nt][e], scale, p, b, h, i, j);
+          const float pr = prob_of(sc, mr[rr], logl[rr]);
+          const float ds = dscore_tc(p, b, h, i, j, sc, pr, dp[nt][e], delta[rr], klr[rr]);
+          if (ds_out != nullptr && i < p.M && j < p.N) ds_out[(bh * p.M + i) * p.N + j] = ds;
+          dp[nt][e] = ds;
+        }
+      }
+    mma_xb<T, DP, LD, NT>(dq, dp, Kt, lane);  // dQ += dS K
+    __syncthreads();
+  };
+  for (int64_t it = 0; it < nfast; ++it) step(it, std::true_type{});
+  for (int64_t it = nfast; it < ntiles; ++it) step(it, std::false_type{});
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int64_t i = row[rr];
+    if (i >= p.M) continue;
+    const int64_t base = b * p.dq.s[0] + h * p.dq.s[1] + i * p.dq.s[2];
+#pragma unroll
+    for (int ot = 0; ot < OT; ++ot)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int e = ot * 8 + 2 * t4 + c;
+        if (e < p.D) stf(p.dq.ptr, base + e * p.dq.s[3], p.dq.dtype, dq[ot][2 * rr + c] * scale);
+      }
+  }
+}
+
+template <typename T, int DP>
+const char* launch_bwd(const AttnParams& p, cudaStream_t stream) {
+  const size_t smem = BwdShape<T, DP>::smem;
+  {
+    const int64_t nnb = (p.N + 63) / 64;
+    const int64_t grid = p.B * p.Hkv * nnb;
+    if (grid > 0) {
+      void (*kernels[2])(const AttnParams, int64_t) = {nullptr, nullptr};
+      if constexpr (DP > 96) {  // dV, then dK (two launches: register budget)
+        kernels[0] = attn_bwd_dkdv_tc_kernel<T, DP, false, true>;
+        kernels[1] = attn_bwd_dkdv_tc_kernel<T, DP, true, false>;
+      } else {
+        kernels[0] = attn_bwd_dkdv_tc_kernel<T, DP, true, true>;
+      }
+      for (auto kernel : kernels) {
+        if (kernel == nullptr) continue;
+        LFI_CUDA_TRY(cuda_k::prepare(kernel, smem));
+        LFI_LAUNCH(kernel, grid, kTcThreads, smem, stream, p, nnb);
+        if (const char* e = cuda_k::check_launch()) return e;
+      }
+    }
+  }
+  const int64_t nmb = (p.M + 63) / 64;
+  const int64_t grid = p.B * p.H * nmb;
+  if (grid == 0) return nullptr;
+  void (*kernel)(const AttnParams, int64_t) = attn_bwd_dq_tc_kernel<T, DP>;
+  LFI_CUDA_TRY(cuda_k::prepare(kernel, smem));
+  LFI_LAUNCH(kernel, grid, kTcThreads, smem, stream, p, nmb);
+  return cuda_k::check_launch();
+}
+
+template <typename T>
+const char* dispatch_bwd_dp(const AttnParams& p, cudaStream_t stream) {
+  const int64_t d = p.D > p.Dv ? p.D : p.Dv;
+  if (d <= 32) return launch_bwd<T, 32>(p, stream);
+  if (d <= 64) return launch_bwd<T, 64>(p, stream);
+  if (d <= 96) return launch_bwd<T, 96>(p, stream);
+  return launch_bwd<T, 128>(p, stream);
+}
+
+template <typename T, int DP>
+const char* launch_fwd(const AttnParams& p, cudaStream_t stream) {
+  const int64_t nmb = (p.M + kTcBM - 1) / kTcBM;
+  const int64_t grid = p.B * p.H * nmb;
+  if (grid == 0) return nullptr;
+  const size_t smem = FwdShape<T, DP>::smem;
+  void (*kernel)(const AttnParams, int64_t) = attn_fwd_tc_kernel<T, DP>;
+  LFI_CUDA_TRY(cuda_k::prepare(kernel, smem));
+  LFI_LAUNCH(kernel, grid, kTcThreads, smem, stream, p, nmb);
+  return cuda_k::check_launch();
+}
+
+template <typename T>
+const char* dispatch_dp(const AttnParams& p, cudaStream_t stream) {
+  const int64_t d = p.D > p.Dv ? p.D : p.Dv;
+  if (d <= 32) return launch_fwd<T, 32>(p, stream);
+  if (d <= 64) return launch_fwd<T, 64>(p, stream);
+  if (d <= 96) return launch_fwd<T, 96>(p, stream);
+  return launch_fwd<T, 128>(p, stream);
+}
+
+}  // namespace
+}  // namespace tc
+
+namespace cuda {
+
+bool attention_forward_tc_applies(const AttnParams& p) {
+  return (p.q.dtype == kBF16 || p.q.dtype == kF16) && p.k.dtype == p.q.dtype && p.v.dtype == p.q.dtype &&
+         p.D <= 128 && p.Dv <= 128;
+}
+
+const char* attention_forward_tc(const AttnParams& p, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (p.q.dtype == kBF16) return tc::dispatch_dp<__nv_bfloat16>(p, s);
+  return tc::dispatch_dp<__half>(p, s);
+}
+
+const char* attention_backward_tc(const AttnParams& p, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (p.q.dtype == kBF16) return tc::dispatch_bwd_dp<__nv_bfloat16>(p, s);
+  return tc::dispatch_bwd_dp<__half>(p, s);
+}
+
+}  // namespace cuda
+}  // namespace lfi

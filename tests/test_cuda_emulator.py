@@ -1,0 +1,219 @@
+"""The CPU emulator of the CUDA subset (csrc/emu/cuda_emu.h) and the tensor-core kernels under it.
+
+(a) the emulator's own model of the tensor-core primitives (csrc/cuda/tc_common.cuh): a one-warp
+    kernel (csrc/emu/tc_selftest_emu.cpp) stages A and B with cp.async, loads fragments with
+    ldmatrix (plain and .trans) and multiplies with mma.sync m16n8k16; the correct variant must
+    match a float64 matmul, and each deliberately wrong variant (register order, accumulator
+    layout, missing or wrong cp.async wait, missing .trans) must not -- so a fragment-layout or
+    synchronisation bug in a kernel cannot pass under the emulator;
+(b) the bf16 / fp16 tensor-core attention forward and backward (csrc/cuda/attention_tc.cu:
+    dK / dV, dQ and the mask gradient) under the emulator, against the float64 reference, over
+    the correctness grid (odd N, M != N, N = 1, D 24/40/64/80/128 with Dv != D, strided inputs,
+    GQA, bool / float masks with fully masked rows, causal with M != N, map rows and gradients
+    through them, the fused KL and its gradient), including the fast interior-tile loops.
+    The KL ops (attention_kl, attention_kl_qk) are not on tensor cores; their CUDA-core kernels
+    are tested under the emulator by tests/test_cuda_extension.py (opt-in).
+
+Runs by default: it builds the emulator variant of the extension once (about 1.5 minutes on 2 cores,
+cached in TORCH_EXTENSIONS_DIR); the 44 tests then take ~50 s on 2 idle cores (at most ~5 s each).
+Skipped only where the build tools are missing (no C++ compiler or ninja), or with
+LFI_TEST_CUDA_EMULATOR=0.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from helpers import bool_mask, float_mask, make_gen, make_qkv
+
+from lfi.backends.cuda import _ext
+
+
+@pytest.fixture(scope="module")
+def emu():
+    if os.environ.get("LFI_TEST_CUDA_EMULATOR", "1") == "0":
+        pytest.skip("LFI_TEST_CUDA_EMULATOR=0 disables the CUDA emulator tests")
+    if _ext.PROBE["build_problem"] is not None:
+        pytest.skip(f"cannot build the CUDA emulator here: {_ext.PROBE['build_problem']}")
+    return _ext.load_emulator()
+
+
+# ------------------------------------------------------------------------------------------------
+# (a) the fragment / mma / cp.async model
+# ------------------------------------------------------------------------------------------------
+
+DTYPES = [torch.bfloat16, torch.float16]
+VARIANTS = {1: "A registers a1/a2 swapped", 2: "accumulator c1/c3 rows swapped", 3: "no cp.async wait",
+            4: "wait_group 1 leaves B in flight", 5: "B loaded without .trans"}
+
+
+def _operands(dtype, seed):
+    gen = make_gen("tc-selftest", str(dtype), seed)
+    a = torch.randn(16, 16, generator=gen).to(dtype)
+    b = torch.randn(16, 16, generator=gen).to(dtype)
+    b2 = torch.randn(16, 16, generator=gen).to(dtype)
+    return a, b, b2
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+def test_mma_fragments_match_matmul(emu, dtype):
+    a, b, b2 = _operands(dtype, 0)
+    want = a.double() @ b.double()
+    torch.testing.assert_close(emu.tc_selftest(a, b, None, 0).double(), want, atol=1e-4, rtol=1e-5)
+    # Two B tiles through the same shared buffer (cp.async after a barrier): A B + A B2.
+    want2 = a.double() @ (b.double() + b2.double())
+    torch.testing.assert_close(emu.tc_selftest(a, b, b2, 0).double(), want2, atol=1e-4, rtol=1e-5)
+    # A non-symmetric, element-distinct probe: every (row, col) of C must land where it belongs.
+    eye = torch.eye(16, dtype=dtype)
+    idx = (torch.arange(256, dtype=torch.float32).reshape(16, 16) / 4).to(dtype)
+    torch.testing.assert_close(emu.tc_selftest(idx, eye, None, 0), idx.float(), atol=0, rtol=0)
+    torch.testing.assert_close(emu.tc_selftest(eye, idx, None, 0), idx.float(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS), ids=list(VARIANTS.values()))
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+def test_wrong_layout_or_sync_fails(emu, dtype, variant):
+    """A deliberately wrong kernel must not reproduce the matmul under the emulator."""
+    a, b, _ = _operands(dtype, variant)
+    got = emu.tc_selftest(a, b, None, variant).double()
+    want = a.double() @ b.double()
+    bad = ~torch.isfinite(got) | ((got - want).abs() > 1e-2 * (1 + want.abs()))
+    assert bad.sum() >= 16, f"variant {variant} ({VARIANTS[variant]}) went unnoticed"
+    if variant in (3, 4):  # reading a cp.async destination before its wait reads poison
+        assert torch.isnan(got).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+def test_missing_wait_on_second_tile_fails(emu, dtype):
+    a, b, b2 = _operands(dtype, 7)
+    got = emu.tc_selftest(a, b, b2, 6)
+    assert torch.isnan(got).all(), "reading a tile whose cp.async was not waited for must read poison"
+
+
+# ------------------------------------------------------------------------------------------------
+# (b) the tensor-core attention forward under the emulator
+# ------------------------------------------------------------------------------------------------
+
+def _close(got, want, atol, rtol, name):
+    got, want = got.double(), want.double()
+    fin = torch.isfinite(want)
+    assert torch.equal(fin, torch.isfinite(got)), f"{name}: inf / nan pattern differs"
+    torch.testing.assert_close(got[~fin], want[~fin], atol=0, rtol=0, equal_nan=True, msg=f"{name}: inf / nan differ")
+    torch.testing.assert_close(got[fin], want[fin], atol=atol, rtol=rtol, msg=name)
+
+
+# Shapes chosen for the tensor-core tiling (64 query rows per block, 64-key tiles): partial row and
+# key tiles, several key tiles (the cp.async double buffer), head dims padded to 32 / 64 / 96 / 128
+# and dims not a multiple of 8 (element-wise staging), GQA, causal with M != N.
+TC_FORWARD = [
+    dict(id="odd_D64", B=1, H=2, Hkv=2, M=70, N=45, D=64, Dv=64),
+    dict(id="D40_3tiles", B=1, H=1, Hkv=1, M=33, N=150, D=40, Dv=40),
+    dict(id="D80_gqa_bool_causal", B=1, H=4, Hkv=2, M=67, N=67, D=80, Dv=80, mask="bool", causal=True),
+    dict(id="D128_float_maps_kl", B=1, H=2, Hkv=1, M=40, N=70, D=128, Dv=128, mask="float", rows=(3, 38), kl=True),
+    dict(id="D24_Dv20_strided", B=2, H=1, Hkv=1, M=9, N=77, D=24, Dv=20, strided=True, causal=True, rows=(0, 9)),
+    dict(id="N1_M1", B=1, H=1, Hkv=1, M=1, N=1, D=64, Dv=64),
+    # Unmasked interior tiles: the separately compiled fast loop (two or more iterations).
+    dict(id="fast_loop_D64", B=1, H=1, Hkv=1, M=65, N=200, D=64, Dv=64),
+    dict(id="fast_loop_causal_D128", B=1, H=1, Hkv=1, M=130, N=130, D=128, Dv=128, causal=True),
+    dict(id="causal_M_gt_N_kl", B=1, H=2, Hkv=1, M=80, N=20, D=32, Dv=32, causal=True, kl=True, mask="bool"),
+    # The NaN contract (README, Numerics): a NaN score makes its whole row NaN, maps included (also past
+    # the causal diagonal); a row the mask empties stays 0 even where V holds NaN.
+    dict(id="nan_k_maps_causal", B=1, H=1, Hkv=1, M=70, N=140, D=64, Dv=64, causal=True, rows=(0, 70), nan="k"),
+    dict(id="nan_q_fast_loop", B=1, H=1, Hkv=1, M=65, N=130, D=64, Dv=64, nan="q"),
+    dict(id="nan_v_masked_row", B=1, H=1, Hkv=1, M=20, N=40, D=32, Dv=32, mask="bool", rows=(0, 20), nan="v"),
+]
+
+
+def _forward_case(case, dtype):
+    gen = make_gen("emu-tc-fwd", case["id"], str(dtype))
+    B, H, Hkv, M, N, D, Dv = (case[x] for x in ("B", "H", "Hkv", "M", "N", "D", "Dv"))
+    q, k, v = make_qkv(B, H, Hkv, M, N, D, Dv, dtype=dtype, gen=gen, device="cpu")
+    if case.get("strided"):  # non-contiguous last dim: the element-wise staging path
+        q = q.transpose(2, 3).contiguous().transpose(2, 3)
+        k = torch.cat([k, k], dim=-1)[..., ::2]
+        v = v.transpose(2, 3).contiguous().transpose(2, 3)
+    mask = None
+    if case.get("mask") == "bool":
+        mask = bool_mask((B, 1, M, N), gen, device="cpu")
+        mask[0, 0, min(2, M - 1)] = False  # a fully masked row
+    elif case.get("mask") == "float":
+        mask = float_mask((1, H, M, N), gen, device="cpu")
+        mask[0, 0, 0] = float("-inf")
+    target = torch.rand(B, 1, M, N, generator=gen) if case.get("kl") else None
+    if case.get("nan") == "k":
+        k[0, 0, 1, 0] = float("nan")  # rows >= 1 see it (causal); row 0 stays finite
+    elif case.get("nan") == "q":
+        q[0, 0, 4, 1] = float("nan")
+    elif case.get("nan") == "v":
+        v[0, 0, 3, 0] = float("nan")  # out[..., 0] of rows attending key 3; row 2 is fully masked
+        mask[0, 0, :, 3] = True
+        mask[0, 0, 2] = False
+    return q, k, v, mask, target
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c["id"]) for c in TC_FORWARD])
+def test_emulated_tc_attention_forward(emu, case, dtype):
+    from lfi.backends.torch import interaction_attention as R
+
+    q, k, v, mask, target = _forward_case(case, dtype)
+    rows, causal, scale = case.get("rows", (0, 0)), case.get("causal", False), case["D"] ** -0.5
+    m64 = None if mask is None else (mask if mask.dtype == torch.bool else mask.double())
+    want = R.attention_forward(q.double(), k.double(), v.double(), m64, scale, causal, *rows,
+                               None if target is None else target.double())
+    got = emu.attention_fwd(q, k, v, mask, scale, causal, *rows, target)
+    # out / weights are b16 (P enters P V rounded to b16 as on the GPU); stats and KL are fp32.
+    tol = 1.5e-2 if dtype == torch.bfloat16 else 3e-3
+    got = list(got)
+    if case.get("nan"):  # a NaN row's statistics: log l is NaN; its max m may be NaN or not (fmaxf)
+        nan_row = want[1][..., 1].isnan()
+        assert got[1][..., 1][nan_row].isnan().all()
+        got[1] = got[1].clone()
+        got[1][..., 0][nan_row] = want[1][..., 0][nan_row].float()
+    for name, g, w, t in zip(("out", "stats", "weights", "kl", "tnorm"), got, want, (tol, 1e-4, tol, 2e-4, 1e-4)):
+        if w is not None and w.numel():
+            _close(g, w, t, t, name)
+
+
+# dK / dV tiles: 64 keys per block, query tiles of 64 (parts of 32 / 16 rows past D = 64); dQ as
+# the forward. Cases cover the fast and general bodies, GQA (dK / dV summed over the group),
+# gradients through map rows (G) and the fused KL, and the mask gradient (dS written by dQ).
+TC_BACKWARD = [
+    dict(id="odd_D64", B=1, H=2, Hkv=2, M=70, N=45, D=64, Dv=64),
+    dict(id="fast_D64_gqa", B=1, H=2, Hkv=1, M=129, N=128, D=64, Dv=64),
+    dict(id="D40_causal", B=1, H=1, Hkv=1, M=130, N=130, D=40, Dv=40, causal=True),
+    dict(id="D80_bool_maps", B=1, H=1, Hkv=1, M=67, N=70, D=80, Dv=80, mask="bool", rows=(5, 60)),
+    dict(id="D128_float_kl_causal", B=1, H=1, Hkv=1, M=80, N=75, D=128, Dv=128, mask="float", kl=True,
+         causal=True),
+    dict(id="D24_Dv20_strided_maps_kl", B=1, H=2, Hkv=1, M=9, N=77, D=24, Dv=20, strided=True, rows=(0, 9), kl=True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c["id"]) for c in TC_BACKWARD])
+def test_emulated_tc_attention_backward(emu, case, dtype):
+    from lfi.backends.torch import interaction_attention as R
+
+    q, k, v, mask, target = _forward_case(case, dtype)
+    B, H, M, N, Dv = (case[x] for x in ("B", "H", "M", "N", "Dv"))
+    rows, causal, scale = case.get("rows", (0, 0)), case.get("causal", False), case["D"] ** -0.5
+    gen = make_gen("emu-tc-bwd", case["id"], str(dtype))
+    m64 = None if mask is None else (mask if mask.dtype == torch.bool else mask.double())
+    t64 = None if target is None else target.double()
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    want = R.attention_forward(q64, k64, v64, m64, scale, causal, *rows, t64)
+    got = emu.attention_fwd(q, k, v, mask, scale, causal, *rows, target)
+    go = torch.randn(B, H, M, Dv, generator=gen).to(dtype)
+    gw = torch.randn(B, H, rows[1] - rows[0], N, generator=gen).to(dtype) if rows[1] > rows[0] else None
+    gkl = torch.randn(B, H, M, generator=gen) if target is not None else None
+    mask_grad = mask is not None and mask.dtype != torch.bool
+    want_g = R.attention_backward(go.double(), None if gw is None else gw.double(), q64, k64, v64, want[0], want[1],
+                                  m64, scale, causal, *rows, mask_grad, t64, want[4], gkl)
+    got_g = emu.attention_bwd(go, gw, q, k, v, got[0], got[1], mask, scale, causal, *rows, mask_grad, target,
+                              got[4] if target is not None else None, gkl)
+    # P and dS enter the tensor-core products rounded to b16 (as on the GPU); outputs are b16.
+    tol = 4e-2 if dtype == torch.bfloat16 else 8e-3
+    for name, g, w in zip(("dq", "dk", "dv", "dmask"), got_g, want_g):
+        if w is not None and w.numel():
+            _close(g, w, tol, tol, name)
