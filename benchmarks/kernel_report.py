@@ -1167,6 +1167,18 @@ def build(cases, targets, configs="all", workers=2, filter_re=None, probe=False,
     return [finish_record(rec, results[job.key]) for rec, job in pairs], len(jobs)
 
 
+def write_outputs(args, records, text: str, t0: float) -> int:
+    """Writes the records (--json) and the markdown (--md, else stdout); returns the exit status."""
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=1))
+    if args.md:
+        Path(args.md).write_text(text)
+    else:
+        print(text)
+    print(f"done in {time.time() - t0:.0f} s", file=sys.stderr)
+    return 0
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--_capture-default"]:
@@ -1222,15 +1234,7 @@ def main(argv=None):
             "compilations": n_jobs, "wall_s": time.time() - t0, "workers": args.jobs, "tutorial": args.tutorial,
             "grid": " ".join(" ".join(f.__doc__.split()) for f in grid) + f" Configs: {configs}; targets: "
                     f"{', '.join(targets)}; sizes: B = 2, H = 4, M = N = 1024 unless stated."}
-    if args.json:
-        Path(args.json).write_text(json.dumps(records, indent=1))
-    text = markdown(records, tutorial_rows, meta)
-    if args.md:
-        Path(args.md).write_text(text)
-    else:
-        print(text)
-    print(f"done in {time.time() - t0:.0f} s", file=sys.stderr)
-    return 0
+    return write_outputs(args, records, markdown(records, tutorial_rows, meta), t0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1434,15 +1438,7 @@ def cuda_main(args) -> int:
     meta = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
             "command": "python benchmarks/kernel_report.py --cuda"
                        + (f" --targets {args.targets}" if args.targets else "")}
-    if args.json:
-        Path(args.json).write_text(json.dumps(records, indent=1))
-    text = cuda_markdown(records, timings, meta)
-    if args.md:
-        Path(args.md).write_text(text)
-    else:
-        print(text)
-    print(f"done in {time.time() - t0:.0f} s", file=sys.stderr)
-    return 0
+    return write_outputs(args, records, cuda_markdown(records, timings, meta), t0)
 
 
 if __name__ == "__main__":

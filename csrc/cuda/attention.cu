@@ -20,18 +20,6 @@ namespace {
 
 __device__ __forceinline__ float ninf() { return neg_inf<float>(); }
 
-// Applies causality, bounds and the mask to the score of row i, key j.
-__device__ __forceinline__ float masked_score(float s, const AttnParams& p, int64_t b, int64_t h, int64_t i,
-                                              int64_t j) {
-  bool valid = i < p.M && j < p.N && (!p.causal || j <= i);
-  if (valid && p.mask.ptr != nullptr) {
-    const float mv = ldf(p.mask.ptr, off4(p.mask, b, h, i, j), p.mask.dtype);
-    if (p.mask_bool) valid = mv != 0.0f;
-    else s += mv;
-  }
-  return valid ? s : ninf();
-}
-
 // Masked scores of the warp's kRPW rows (Qw, pre-scaled by scale) against the key
 // tile Ks (kBN x (D + 1)); the lane's key is j0 + lane.
 __device__ __forceinline__ void warp_scores(float (&s)[kRPW], const float* Qw, const float* Ks, int D,
@@ -174,12 +162,13 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p, 
     if (i >= p.M) continue;
     // The two-pass P is already normalised; the online accumulator still needs 1 / l. A row the mask
     // empties is 0 even where V holds NaN (0 * NaN); see out_of in lfi_math.h.
+    // (Equal to out_of's acc / l, with one reciprocal per row: l == 0 without a mask gives NaN either way.)
     const bool empty = l[r] == 0.0f && has_mask;
+    const float inv = maps ? 1.0f : 1.0f / l[r];
 #pragma unroll
     for (int c = 0; c < DL; ++c) {
       const int e = lane + c * kWarp;
-      const float o = maps ? (empty ? 0.0f : acc[r][c]) : out_of(acc[r][c], l[r], has_mask);
-      if (e < Dv) stf(p.out.ptr, off4(p.out, b, h, i, e), p.out.dtype, o);
+      if (e < Dv) stf(p.out.ptr, off4(p.out, b, h, i, e), p.out.dtype, empty ? 0.0f : acc[r][c] * inv);
     }
     if (lane == 0) {
       stats[2 * (bh * p.M + i)] = mf[r];
@@ -261,20 +250,6 @@ __device__ __forceinline__ KLGradRow<float> kl_row_of(const AttnParams& p, int64
   if (p.grad_kl.ptr == nullptr || i >= p.M) return KLGradRow<float>{0.0f, 0.0f, 0.0f};
   const float g = ldf(p.grad_kl.ptr, b * p.grad_kl.s[0] + h * p.grad_kl.s[1] + i * p.grad_kl.s[2], p.grad_kl.dtype);
   return kl_grad_row(g, 0.0f, static_cast<const float*>(p.tnorm)[bh * p.M + i], false);
-}
-
-// dS of row i, key j from its probability, dP (without G) and the row's delta / KL factors.
-__device__ __forceinline__ float dscore(const AttnParams& p, int64_t b, int64_t h, int64_t i, int64_t j, float s,
-                                        float pr, float dp, float delta, const KLGradRow<float>& klr) {
-  const bool inside = i < p.M && j < p.N;
-  if (p.grad_weights.ptr != nullptr && inside && i >= p.w_start && i < p.w_stop)
-    dp += ldf(p.grad_weights.ptr, off4(p.grad_weights, b, h, i - p.w_start, j), p.grad_weights.dtype);
-  float ds = attn_dscore(pr, dp, delta);
-  if (p.grad_kl.ptr != nullptr) {
-    const float t = inside ? ldf(p.kl_target.ptr, off4(p.kl_target, b, h, i, j), p.kl_target.dtype) : 0.0f;
-    ds += kl_dscore(pr, t, s > ninf(), klr, 0.0f, false);
-  }
-  return ds;
 }
 
 template <int DL>

@@ -423,7 +423,21 @@ __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParam
     mf[rr] = shift_of(m[rr]);
     logl[rr] = log_l_of(l[rr], has_mask);  // l == 0 without a mask: infinite q / k, a NaN row (lfi_math.h)
   }
-  if (maps) run_pass(2);
+  if (maps) {
+    run_pass(2);
+    // Causal rows attend no key past the last tile: P of a -inf score there (0; NaN on a NaN row). Row
+    // g + 8 rr of the warp's 16 sits with lanes 4 g .. 4 g + 3; lanes here run over keys.
+    const float fill[2] = {prob_of(neg_inf<float>(), mf[0], logl[0]), prob_of(neg_inf<float>(), mf[1], logl[1])};
+    for (int64_t j0 = static_cast<int64_t>(ntiles) * kTcBN; j0 < p.N; j0 += kWarp) {
+      const int64_t j = j0 + lane;
+      for (int r = 0; r < 16; ++r) {
+        const float v = __shfl_sync(kFull, fill[r >> 3], (r & 7) * 4);
+        const int64_t i = r0 + warp * 16 + r;
+        if (i >= p.w_start && i < p.w_stop && i < p.M && j < p.N)
+          stf(p.weights.ptr, off4(p.weights, b, h, i - p.w_start, j), p.weights.dtype, v);
+      }
+    }
+  }
 
   float* stats = static_cast<float*>(p.stats);
 #pragma unroll
@@ -432,16 +446,16 @@ __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParam
     if (i >= p.M) continue;
     // The two-pass P is already normalised; the online accumulator still needs 1 / l. A row the mask
     // empties is 0 even where V holds NaN (0 * NaN); see out_of in lfi_math.h.
+    // (Equal to out_of's acc / l, with one reciprocal per row: l == 0 without a mask gives NaN either way.)
     const bool empty = l[rr] == 0.0f && has_mask;
+    const float inv = maps ? 1.0f : 1.0f / l[rr];
     const int64_t obase = b * p.out.s[0] + h * p.out.s[1] + i * p.out.s[2];
 #pragma unroll
     for (int ot = 0; ot < OT; ++ot)
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int e = ot * 8 + 2 * t4 + c;
-        const float acc = o[ot][2 * rr + c];
-        const float v = maps ? (empty ? 0.0f : acc) : out_of(acc, l[rr], has_mask);
-        if (e < p.Dv) stf(p.out.ptr, obase + e * p.out.s[3], p.out.dtype, v);
+        if (e < p.Dv) stf(p.out.ptr, obase + e * p.out.s[3], p.out.dtype, empty ? 0.0f : o[ot][2 * rr + c] * inv);
       }
     if (t4 == 0) {
       stats[2 * (bh * p.M + i)] = mf[rr];
@@ -452,18 +466,6 @@ __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParam
         static_cast<float*>(p.kl)[bh * p.M + i] = kl;
         static_cast<float*>(p.tnorm)[bh * p.M + i] = tn;
       }
-    }
-  }
-  if (maps) {
-    // Causal rows attend no key past the last tile: P of a -inf score there (0; NaN on a NaN row),
-    // from the statistics just written (a row's values sit with other threads of the warp).
-    __syncthreads();
-    for (int r = 0; r < 16; ++r) {
-      const int64_t i = r0 + warp * 16 + r;
-      if (i < p.w_start || i >= p.w_stop || i >= p.M) continue;
-      const float v = prob_of(neg_inf<float>(), stats[2 * (bh * p.M + i)], stats[2 * (bh * p.M + i) + 1]);
-      for (int64_t j = static_cast<int64_t>(ntiles) * kTcBN + lane; j < p.N; j += kWarp)
-        stf(p.weights.ptr, off4(p.weights, b, h, i - p.w_start, j), p.weights.dtype, v);
     }
   }
 }
@@ -498,33 +500,6 @@ struct BwdShape {
   // Two fixed tiles, two double-buffered tiles, then the row values (two buffers).
   static constexpr size_t smem = sizeof(T) * LD * 64 * 6 + sizeof(float) * 2 * kRowVals * 64;
 };
-
-// dS of one element from P, dP (without G) and its row's delta / KL factors (general path).
-__device__ __forceinline__ float dscore_tc(const AttnParams& p, int64_t b, int64_t h, int64_t i, int64_t j, float s,
-                                           float pr, float dp, float delta, const KLGradRow<float>& klr) {
-  const bool inside = i < p.M && j < p.N;
-  if (p.grad_weights.ptr != nullptr && inside && i >= p.w_start && i < p.w_stop)
-    dp += ldf(p.grad_weights.ptr, off4(p.grad_weights, b, h, i - p.w_start, j), p.grad_weights.dtype);
-  float ds = attn_dscore(pr, dp, delta);
-  if (p.grad_kl.ptr != nullptr) {
-    const float t = inside ? ldf(p.kl_target.ptr, off4(p.kl_target, b, h, i, j), p.kl_target.dtype) : 0.0f;
-    ds += kl_dscore(pr, t, s > neg_inf<float>(), klr, 0.0f, false);
-  }
-  return ds;
-}
-
-// Masked natural-unit score of (row i, key j) from the raw product x (general path).
-__device__ __forceinline__ float masked_score_tc(float x, float scale, const AttnParams& p, int64_t b, int64_t h,
-                                                 int64_t i, int64_t j) {
-  float s = x * scale;
-  bool valid = i < p.M && j < p.N && (!p.causal || j <= i);
-  if (valid && p.mask.ptr != nullptr) {
-    const float mv = ldf(p.mask.ptr, off4(p.mask, b, h, i, j), p.mask.dtype);
-    if (p.mask_bool) valid = mv != 0.0f;
-    else s += mv;
-  }
-  return valid ? s : neg_inf<float>();
-}
 
 // The KL gradient's row factors of row i (zeros without a fused KL or past M).
 __device__ __forceinline__ KLGradRow<float> kl_row_tc(const AttnParams& p, int64_t b, int64_t h, int64_t bh,
@@ -697,11 +672,11 @@ __global__ void __launch_bounds__(kTcThreads, 1) attn_bwd_dkdv_tc_kernel(const A
           for (int e = 0; e < 4; ++e) {
             const int c = c0 + (e & 1);
             const int64_t i = i0 + c, j = jrow[e >> 1];
-            const float sc = masked_score_tc(s[nt][e], scale, p, b, h, i, j);
+            const float sc = masked_score(s[nt][e] * scale, p, b, h, i, j);
             const float pr = prob_of(sc, rv[c], rv[64 + c]);
             if constexpr (DO_DK) {
               const KLGradRow<float> klr{rv[4 * 64 + c], rv[5 * 64 + c], 0.0f, 0.0f};
-              dp[nt][e] = dscore_tc(p, b, h, i, j, sc, pr, dp[nt][e], rv[3 * 64 + c], klr);
+              dp[nt][e] = dscore(p, b, h, i, j, sc, pr, dp[nt][e], rv[3 * 64 + c], klr);
             }
             s[nt][e] = pr;
           }
@@ -847,9 +822,9 @@ __global__ void __launch_bounds__(kTcThreads, 1) attn_bwd_dq_tc_kernel(const Att
           dp[nt][e] = attn_dscore(pr, dp[nt][e], delta[rr]);
         } else {
           const int64_t i = row[rr], j = j0 + nt * 8 + 2 * t4 + (e & 1);
-          const float sc = masked_score_tc(s[nt][e], scale, p, b, h, i, j);
+          const float sc = masked_score(s[nt][e] * scale, p, b, h, i, j);
           const float pr = prob_of(sc, mr[rr], logl[rr]);
-          const float ds = dscore_tc(p, b, h, i, j, sc, pr, dp[nt][e], delta[rr], klr[rr]);
+          const float ds = dscore(p, b, h, i, j, sc, pr, dp[nt][e], delta[rr], klr[rr]);
           if (ds_out != nullptr && i < p.M && j < p.N) ds_out[(bh * p.M + i) * p.N + j] = ds;
           dp[nt][e] = ds;
         }
@@ -907,15 +882,6 @@ const char* launch_bwd(const AttnParams& p, cudaStream_t stream) {
   return cuda_k::check_launch();
 }
 
-template <typename T>
-const char* dispatch_bwd_dp(const AttnParams& p, cudaStream_t stream) {
-  const int64_t d = p.D > p.Dv ? p.D : p.Dv;
-  if (d <= 32) return launch_bwd<T, 32>(p, stream);
-  if (d <= 64) return launch_bwd<T, 64>(p, stream);
-  if (d <= 96) return launch_bwd<T, 96>(p, stream);
-  return launch_bwd<T, 128>(p, stream);
-}
-
 template <typename T, int DP>
 const char* launch_fwd(const AttnParams& p, cudaStream_t stream) {
   const int64_t nmb = (p.M + kTcBM - 1) / kTcBM;
@@ -928,13 +894,15 @@ const char* launch_fwd(const AttnParams& p, cudaStream_t stream) {
   return cuda_k::check_launch();
 }
 
-template <typename T>
-const char* dispatch_dp(const AttnParams& p, cudaStream_t stream) {
+// Calls launch(std::integral_constant<int, DP>) with the head dim padded to DP in {32, 64, 96, 128}
+// (the larger of D and Dv; the callers route larger dims to the CUDA-core kernels).
+template <typename Launch>
+const char* with_padded_head_dim(const AttnParams& p, Launch launch) {
   const int64_t d = p.D > p.Dv ? p.D : p.Dv;
-  if (d <= 32) return launch_fwd<T, 32>(p, stream);
-  if (d <= 64) return launch_fwd<T, 64>(p, stream);
-  if (d <= 96) return launch_fwd<T, 96>(p, stream);
-  return launch_fwd<T, 128>(p, stream);
+  if (d <= 32) return launch(std::integral_constant<int, 32>{});
+  if (d <= 64) return launch(std::integral_constant<int, 64>{});
+  if (d <= 96) return launch(std::integral_constant<int, 96>{});
+  return launch(std::integral_constant<int, 128>{});
 }
 
 }  // namespace
@@ -949,14 +917,18 @@ bool attention_forward_tc_applies(const AttnParams& p) {
 
 const char* attention_forward_tc(const AttnParams& p, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (p.q.dtype == kBF16) return tc::dispatch_dp<__nv_bfloat16>(p, s);
-  return tc::dispatch_dp<__half>(p, s);
+  return tc::with_padded_head_dim(p, [&](auto dp) {
+    return p.q.dtype == kBF16 ? tc::launch_fwd<__nv_bfloat16, decltype(dp)::value>(p, s)
+                              : tc::launch_fwd<__half, decltype(dp)::value>(p, s);
+  });
 }
 
 const char* attention_backward_tc(const AttnParams& p, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (p.q.dtype == kBF16) return tc::dispatch_bwd_dp<__nv_bfloat16>(p, s);
-  return tc::dispatch_bwd_dp<__half>(p, s);
+  return tc::with_padded_head_dim(p, [&](auto dp) {
+    return p.q.dtype == kBF16 ? tc::launch_bwd<__nv_bfloat16, decltype(dp)::value>(p, s)
+                              : tc::launch_bwd<__half, decltype(dp)::value>(p, s);
+  });
 }
 
 }  // namespace cuda

@@ -178,5 +178,32 @@ inline const char* check_launch() {
     default: { constexpr int DLC = 8; __VA_ARGS__; break; } \
   }
 
+// Shared by the CUDA-core (attention.cu) and tensor-core (attention_tc.cu) kernels.
+// Applies causality, bounds and the mask to the score of row i, key j.
+__device__ __forceinline__ float masked_score(float s, const AttnParams& p, int64_t b, int64_t h, int64_t i,
+                                              int64_t j) {
+  bool valid = i < p.M && j < p.N && (!p.causal || j <= i);
+  if (valid && p.mask.ptr != nullptr) {
+    const float mv = ldf(p.mask.ptr, off4(p.mask, b, h, i, j), p.mask.dtype);
+    if (p.mask_bool) valid = mv != 0.0f;
+    else s += mv;
+  }
+  return valid ? s : neg_inf<float>();
+}
+
+// dS of row i, key j from its probability, dP (without G) and the row's delta / KL factors.
+__device__ __forceinline__ float dscore(const AttnParams& p, int64_t b, int64_t h, int64_t i, int64_t j, float s,
+                                        float pr, float dp, float delta, const KLGradRow<float>& klr) {
+  const bool inside = i < p.M && j < p.N;
+  if (p.grad_weights.ptr != nullptr && inside && i >= p.w_start && i < p.w_stop)
+    dp += ldf(p.grad_weights.ptr, off4(p.grad_weights, b, h, i - p.w_start, j), p.grad_weights.dtype);
+  float ds = attn_dscore(pr, dp, delta);
+  if (p.grad_kl.ptr != nullptr) {
+    const float t = inside ? ldf(p.kl_target.ptr, off4(p.kl_target, b, h, i, j), p.kl_target.dtype) : 0.0f;
+    ds += kl_dscore(pr, t, s > neg_inf<float>(), klr, 0.0f, false);
+  }
+  return ds;
+}
+
 }  // namespace cuda_k
 }  // namespace lfi
