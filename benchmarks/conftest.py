@@ -107,3 +107,65 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture(scope="session")
 def bench_config(request) -> BenchConfig:
     return request.config._lfi_bench
+
+
+@pytest.fixture
+def run_case(benchmark, bench_config):
+    """The measurement every benchmark test makes: ``run_case(make_case, min_rounds=None,
+    result_info=None)``. make_case() builds the case (an object with step(), measure_peak() ->
+    (result of one step, peak extra bytes or None), info() -> dict and release()); it is warmed up
+    once (compilation, autotuning, lazy initialization), one call is timed, the peak extra memory of
+    one step is measured, then ``benchmark.pedantic`` times enough rounds for about
+    --lfi-target-time seconds, at least min_rounds (default: --lfi-min-rounds's) and at most
+    --lfi-max-rounds. benchmark.extra_info records case.info(), result_info(result) (e.g. the loss),
+    the memory figures, the rounds, the load average and the versions. Out of memory: skipped."""
+    import os
+
+    from lfi import benchmark as bench
+
+    c = bench_config
+
+    def run(make_case, min_rounds=None, result_info=None):
+        case = None
+        try:
+            case = make_case()
+            case.step()  # warm-up: compilation, autotuning, lazy initialization
+            t_once = bench.time_once_s(case.step, c.device)
+            result, peak = case.measure_peak()
+            info = result_info(result) if result_info is not None else {}
+        except Exception as e:
+            if case is not None:
+                case.release()
+            del case
+            bench.free_memory(c.device)
+            if bench.is_oom(e):
+                pytest.skip(f"out of memory: {type(e).__name__}")
+            raise
+
+        low = c.min_rounds if min_rounds is None else min_rounds
+        rounds = int(max(low, min(c.max_rounds, c.target_time / max(t_once, 1e-6))))
+        benchmark.extra_info.update(case.info())
+        benchmark.extra_info.update(
+            **info,
+            peak_mem_bytes=peak,
+            peak_mem_mib=None if peak is None else round(peak / 2**20, 2),
+            mem_method="cuda max_memory_allocated - allocated before" if c.device.type == "cuda"
+            else "peak RSS (VmHWM after clear_refs) - RSS before",
+            first_call_s=round(t_once, 6),
+            rounds=rounds,
+            loadavg_1m=round(os.getloadavg()[0], 2),  # > 1 on an otherwise idle machine = other load
+            **{f"version_{k.split()[0]}": v for k, v in c.versions.items()},
+        )
+        device = c.device
+
+        def step():
+            case.step()
+            bench.synchronize(device)
+
+        try:
+            benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
+        finally:
+            case.release()
+            bench.free_memory(device)
+
+    return run

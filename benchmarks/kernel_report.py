@@ -128,7 +128,7 @@ def stage_of(kernel: str) -> str:
 class Case:
     """One representative call of an op. features: causal, bool_mask (B, H, M, N), key_padding
     (bool (B, 1, 1, N)), float_mask, mask_grad (the float mask receives a gradient), gqa (H = 4,
-    Hkv = 2), kl (kl_target (B, 1, M, N)), rows (maps of 4 rows only), vit197 (M = N = 197),
+    Hkv = 2), kl (kl_target (B, 1, M, N)), rows (maps of 4 rows only), vit197 (M = N = 197), n200 (N = 200),
     cross (M = 16, N = 197), tf32_off (fp32 with allow_tf32 = False); KL ops: dense / implicit
     teacher, key_mask, logits target."""
     op: str
@@ -162,7 +162,7 @@ def _attention_case(dtype, d, maps=False, features=(), **kw):
 
 
 FEATURES = [("causal",), ("bool_mask",), ("key_padding",), ("float_mask",), ("gqa",), ("kl",)]
-FEATURES_WITH_MAPS = [("causal",), ("key_padding",), ("kl",), ("rows",), ("float_mask", "mask_grad")]
+FEATURES_WITH_MAPS = [("causal",), ("key_padding",), ("kl",), ("rows",), ("float_mask", "mask_grad"), ("gqa",)]
 
 
 def base_cases(dtypes, dims, maps=(False, True)):
@@ -186,6 +186,15 @@ def shape_cases():
             for f, mm in (("vit197", 197), ("cross", 16)) for m in (False, True)]
 
 
+def ragged_cases():
+    """Maps with M or N not a multiple of 16 (Triton compiles those calls as separate variants, whose
+    registers differ): bf16 at the ViT-B/16 shape (M = N = 197; D = 64 plain, causal, GQA; D = 128)
+    and fp16 D = 64 with a key-padding mask at M = 64, N = 200."""
+    return ([_attention_case("bf16", 64, True, f + ("vit197",), M=197, N=197) for f in ((), ("causal",), ("gqa",))]
+            + [_attention_case("bf16", 128, True, ("vit197",), M=197, N=197),
+               _attention_case("fp16", 64, True, ("key_padding", "n200"), M=64, N=200)])
+
+
 def full_attention_cases():
     """The full report's interaction_attention grid (52 cases): bf16, fp16, fp32 (tf32) x D = 64 /
     128 / 80 x maps off/on; fp32 with allow_tf32 = False (an FMA path is slow to compile) at D = 64;
@@ -193,7 +202,7 @@ def full_attention_cases():
     D = 64; the ViT and cross-attention shapes."""
     return (base_cases(("bf16", "fp16", "fp32"), (64, 128, 80)) + base_cases(("fp32/no_tf32",), (64,))
             + feature_cases("bf16", 64) + feature_cases("bf16", 128) + feature_cases("fp16", 64, with_maps=False)
-            + shape_cases())
+            + shape_cases() + ragged_cases()[1:])
 
 
 def kl_cases(dtypes=("bf16", "fp16", "fp32"), dims=(64, 128)):
@@ -211,9 +220,10 @@ def kl_cases(dtypes=("bf16", "fp16", "fp32"), dims=(64, 128)):
 
 def ci_cases():
     """The CI test's grid: bf16/fp16 x D = 64/128 with maps off and on; every feature (alone, and
-    with maps where LFI uses it) at bf16 D = 64 and at fp16 D = 128; one attention_kl case and a
-    dense and an implicit attention_kl_qk case."""
+    with maps where LFI uses it) at bf16 D = 64 and at fp16 D = 128; the ragged shapes; one
+    attention_kl case and a dense and an implicit attention_kl_qk case."""
     return (base_cases(("bf16", "fp16"), (64, 128)) + feature_cases("bf16", 64) + feature_cases("fp16", 128)
+            + ragged_cases()
             + [Case("attention_kl", "bf16", None, features=("dense", "key_mask")),
                Case("attention_kl_qk", "bf16", 64, features=("dense",)),
                Case("attention_kl_qk", "fp16", 128, features=("implicit",))])
@@ -541,19 +551,16 @@ def parse_ptxas_log(log: str) -> dict:
             "spill_load_bytes": grab(r"(\d+) bytes spill loads"), "stack_bytes": grab(r"(\d+) bytes stack frame")}
 
 
-def disassemble(cubin: bytes) -> list[tuple[int, str, str]]:
-    """(address, opcode, text) of every SASS instruction of a cubin, via cuobjdump -sass."""
+def _cuobjdump_sass(cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    instructions = []
-    for line in out.splitlines():
-        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
-        if m:
-            text = re.sub(r"^@!?U?P\w+\s+", "", m.group(2).strip())
-            instructions.append((int(m.group(1), 16), text.split()[0] if text else "", text))
-    return instructions
+        return subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def disassemble(cubin: bytes) -> list[tuple[int, str, str]]:
+    """(address, opcode, text) of every SASS instruction of a cubin, via cuobjdump -sass."""
+    return sass_instructions(_cuobjdump_sass(cubin))
 
 
 def _base(opcode: str) -> str:
@@ -1246,7 +1253,10 @@ CUDA_FILES = ("cuda/attention_tc.cu", "cuda/attention.cu", "cuda/kl.cu")
 # Triton kernels of lfi (this report's Triton section, bf16, D = 64, sm_90, default configs):
 # warp-level SASS instructions per score element of the main loops.
 TRITON_REFERENCE = {"fwd": 0.224, "bwd_dkdv": 0.331, "bwd_dq": 0.239}
-TC_TILE = (64, 64, 4)  # attention_tc.cu: query rows, keys per tile, warps
+# The same for attention_kl_qk (bf16, D = 64, dense target; forward from RESULTS.md's KL-ops note,
+# backward dq / dk from `kernel_report.py --ci --filter kl_qk`).
+TRITON_KL_QK_REFERENCE = {"kl_qk_fwd": 0.984}
+TC_TILE = (64, 64, 4)  # the tensor-core kernels: query rows, keys per tile, warps
 
 
 def _nvcc() -> str:
@@ -1293,21 +1303,23 @@ def parse_ptxas_functions(log: str) -> dict:
 
 def disassemble_functions(cubin: bytes) -> dict:
     """{mangled name: [(address, opcode, text)]} for every function of a cubin."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    out = _cuobjdump_sass(cubin)
     funcs = {}
     for chunk in re.split(r"\n\s*Function : ", out)[1:]:
         name, body = chunk.split("\n", 1)
-        ins = []
-        for line in body.splitlines():
-            m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
-            if m:
-                text = re.sub(r"^@!?U?P\w+\s+", "", m.group(2).strip())
-                ins.append((int(m.group(1), 16), text.split()[0] if text else "", text))
-        funcs[name.strip()] = ins
+        funcs[name.strip()] = sass_instructions(body)
     return funcs
+
+
+def sass_instructions(text: str) -> list:
+    """[(address, opcode, text)] of the SASS lines of cuobjdump output (predicates stripped)."""
+    ins = []
+    for line in text.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if m:
+            text = re.sub(r"^@!?U?P\w+\s+", "", m.group(2).strip())
+            ins.append((int(m.group(1), 16), text.split()[0] if text else "", text))
+    return ins
 
 
 def _demangle(names) -> dict:
@@ -1319,15 +1331,26 @@ def _demangle(names) -> dict:
 
 
 def _tc_kernel_info(pretty: str):
-    """(stage, dtype, DP, variant) of a tensor-core kernel instantiation of attention_tc.cu, else None.
-    stage: fwd / bwd_dq / bwd_dkdv; variant: "dk+dv", "dk" or "dv" for dK/dV kernels, else ""."""
-    m = re.search(r"attn_(fwd|bwd_dq|bwd_dkdv)_tc_kernel<(\w+), (\d+)(?:, (true|false), (true|false))?>", pretty)
+    """(stage, dtype, DP, variant) of a tensor-core kernel instantiation (attention_tc.cu, kl.cu), else
+    None. stage: fwd / bwd_dq / bwd_dkdv / bwd_pre_maps (attention), kl_qk_fwd / kl_qk_dq / kl_qk_dk;
+    variant: "dk+dv", "dk" or "dv" for attention dK/dV kernels, else ""."""
+    m = re.search(r"(?:attn_(fwd|bwd_dq|bwd_dkdv|bwd_pre_maps)|(kl_qk_(?:fwd|dq|dk)))_tc_kernel<(\w+), (\d+)"
+                  r"(?:, (true|false), (true|false))?>", pretty)
     if not m:
         return None
+    stage = m.group(1) or m.group(2)
     variant = ""
-    if m.group(1) == "bwd_dkdv":
-        variant = "+".join(x for x, on in (("dk", m.group(4)), ("dv", m.group(5))) if on == "true")
-    return m.group(1), ("bf16" if "bfloat16" in m.group(2) else "fp16"), int(m.group(3)), variant
+    if stage == "bwd_dkdv":
+        variant = "+".join(x for x, on in (("dk", m.group(5)), ("dv", m.group(6))) if on == "true")
+    return stage, ("bf16" if "bfloat16" in m.group(3) else "fp16"), int(m.group(4)), variant
+
+
+def _tc_smem(stage: str, dp: int) -> int:
+    """Dynamic shared memory (bytes) of a tensor-core kernel: b16 tiles of 64 rows x (DP + 8) and
+    float row values; for kl_qk the implicit-teacher layout (the largest)."""
+    tile, rowv = 2 * (dp + 8) * 64, 4 * 2 * 6 * 64
+    return {"fwd": 5 * tile, "bwd_pre_maps": 3 * tile, "kl_qk_fwd": 6 * tile, "kl_qk_dq": 6 * tile,
+            "kl_qk_dk": 7 * tile + rowv}.get(stage, 6 * tile + rowv)
 
 
 def annotate_cuda_record(rec: dict) -> dict:
@@ -1337,8 +1360,7 @@ def annotate_cuda_record(rec: dict) -> dict:
         return rec
     stage, dtype, dp, variant = tc
     bm, bn, warps = TC_TILE
-    smem = 2 * (dp + 8) * (bm + 4 * bn) if stage == "fwd" else 2 * (dp + 8) * 64 * 6 + 4 * 2 * 6 * 64
-    rec.update(stage=stage, dtype=dtype, head_dim_padded=dp, variant=variant, smem_bytes=smem,
+    rec.update(stage=stage, dtype=dtype, head_dim_padded=dp, variant=variant, smem_bytes=_tc_smem(stage, dp),
                tile=f"{bm}x{bn} w{warps}")
     for loop in rec["loops"]:
         loop["per_score"] = round(loop["instructions"] * warps / (bm * bn), 4)
@@ -1382,7 +1404,7 @@ def cuda_markdown(records, timings, meta) -> str:
              + ".", ""]
     tc = [r for r in records if "fast_loop" in r]
     by = {(r["target"], r["stage"], r["dtype"], r["head_dim_padded"], r["variant"]): r for r in tc}
-    lines += ["### Tensor-core kernels (attention_tc.cu: mma.sync m16n8k16, 64 x 64 tiles, 4 warps)", "",
+    lines += ["### Tensor-core kernels (attention_tc.cu, kl.cu: mma.sync m16n8k16, 64 x 64 tiles, 4 warps)", "",
               "Per kernel: registers, spills, dynamic shared memory, HMMA count, and the fast loop (the "
               "separately compiled loop over unmasked interior tiles) in warp-level SASS instructions per "
               "iteration and per score element; the other main loops (general / maps bodies) in the last column.", "",
@@ -1410,7 +1432,24 @@ def cuda_markdown(records, timings, meta) -> str:
         tb = round(TRITON_REFERENCE["bwd_dkdv"] + TRITON_REFERENCE["bwd_dq"], 3) if ref else None
         lines.append(f"| {target} | {dtype} | {dp} | {fwd} | {tf or ''} | {_ratio(fwd, tf)} | "
                      f"{round(dkdv, 4) if dkdv else None} | {dq} | {bwd} | {tb or ''} | {_ratio(bwd, tb)} |")
-    lines += ["", "### CUDA-core kernels (fp32, head dims > 128, the backward's delta pre-pass, the KL ops)", "",
+    lines += ["", "### attention_kl_qk against the Triton kernels (warp-level SASS instructions per score element)", "",
+              "| target | dtype | DP | forward | Triton fwd | ratio | dQ | dK | backward | Triton bwd | ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for target, dtype, dp in sorted({(k[0], k[2], k[3]) for k in by if k[1].startswith("kl_qk")}):
+        fwd, dq, dk = ((by.get((target, st, dtype, dp, "")) or {}).get("sass_per_score_element")
+                       for st in ("kl_qk_fwd", "kl_qk_dq", "kl_qk_dk"))
+        bwd = round(dq + dk, 4) if dq and dk else None
+        ref = target == "sm_90" and dtype == "bf16" and dp == 64
+        tf = TRITON_KL_QK_REFERENCE.get("kl_qk_fwd") if ref else None
+        tb = (round(TRITON_KL_QK_REFERENCE["kl_qk_bwd_dq"] + TRITON_KL_QK_REFERENCE["kl_qk_bwd_dk"], 3)
+              if ref and "kl_qk_bwd_dq" in TRITON_KL_QK_REFERENCE else None)
+        lines.append(f"| {target} | {dtype} | {dp} | {fwd} | {tf or ''} | {_ratio(fwd, tf)} | {dq} | {dk} | {bwd} | "
+                     f"{tb or ''} | {_ratio(bwd, tb)} |")
+    lines += ["", "The kl_qk loops are the static loop bodies: each holds the dense-target and the implicit-teacher "
+              "(second Q_t K_t^T product) paths and the key-mask branch, of which one call runs one; attention_kl "
+              "reads precomputed logits (no matrix product) and stays on CUDA cores.", ""]
+    lines += ["### CUDA-core kernels (fp32, head dims > 128, rowsum(dO O) of the backward's pre-pass, "
+              "attention_kl)", "",
               "| target | file | kernel | regs | spills (B) | tensor cores | main loops (kind: instructions) |",
               "|---|---|---|---|---|---|---|"]
     for r in records:

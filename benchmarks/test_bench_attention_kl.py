@@ -43,22 +43,15 @@ CUDA_ONLY = ("lfi_triton", "lfi_cuda")
 
 
 @dataclass(frozen=True)
-class KLShape:
-    name: str
-    B: int
-    H: int
-    M: int
-    N: int
-    D: int = 64
-    kind: str = "cross"  # "cross": interaction queries; "self": self-attention distillation (M == N)
+class KLShape(bench.Shape):
+    """An attention benchmark shape whose kind defaults to "cross" (interaction queries); "self":
+    self-attention distillation (M == N)."""
+    kind: str = "cross"
 
     @property
     def teacher_heads(self) -> int:
         """Interaction queries: one teacher map per query (CLIP text vs patches); self: per head."""
         return 1 if self.kind == "cross" else self.H
-
-    def map_bytes(self, dtype: torch.dtype) -> int:
-        return self.B * self.H * self.M * self.N * torch.empty((), dtype=dtype).element_size()
 
 
 SHAPES_FULL = [
@@ -215,7 +208,7 @@ def _params():
 
 
 @pytest.mark.parametrize("op,shape,impl,mode", _params())
-def test_attention_kl(benchmark, bench_config, request, op, shape, impl, mode):
+def test_attention_kl(benchmark, bench_config, run_case, request, op, shape, impl, mode):
     c = bench_config
     if impl not in {i.name for i in c.impls}:
         pytest.skip(f"{impl} not selected by --lfi-impls")
@@ -227,46 +220,8 @@ def test_attention_kl(benchmark, bench_config, request, op, shape, impl, mode):
             pytest.skip(reason)
 
     benchmark.group = f"{op} {shape.name} {mode}"
-    case = None
-    try:
-        case = KLCase(op, impl, shape, c.device, c.dtype, mode)
-        case.step()  # warm-up: compilation, autotuning, lazy initialization
-        t_once = bench.time_once_s(case.step, c.device)
-        loss, peak = case.measure_peak()
-        loss = float(loss.detach().float())
-    except Exception as e:
-        if case is not None:
-            case.release()
-        del case
-        bench.free_memory(c.device)
-        if bench.is_oom(e):
-            pytest.skip(f"out of memory: {type(e).__name__}")
-        raise
-
-    cuda = c.device.type == "cuda"
     explicit_min = request.config.getoption("--lfi-min-rounds")
-    min_rounds = explicit_min if explicit_min is not None else (c.min_rounds if cuda else 1)
-    rounds = int(max(min_rounds, min(c.max_rounds, c.target_time / max(t_once, 1e-6))))
-    benchmark.extra_info.update(case.info())
-    benchmark.extra_info.update(
-        loss=loss,
-        peak_mem_bytes=peak,
-        peak_mem_mib=None if peak is None else round(peak / 2**20, 2),
-        mem_method="cuda max_memory_allocated - allocated before" if cuda
-        else "peak RSS (VmHWM after clear_refs) - RSS before",
-        first_call_s=round(t_once, 6),
-        rounds=rounds,
-        loadavg_1m=round(os.getloadavg()[0], 2),
-        **{f"version_{k.split()[0]}": v for k, v in c.versions.items()},
-    )
-    device = c.device
-
-    def run():
-        case.step()
-        bench.synchronize(device)
-
-    try:
-        benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=0)
-    finally:
-        case.release()
-        bench.free_memory(device)
+    cuda = c.device.type == "cuda"
+    run_case(lambda: KLCase(op, impl, shape, c.device, c.dtype, mode),
+             min_rounds=explicit_min if explicit_min is not None else (c.min_rounds if cuda else 1),
+             result_info=lambda loss: {"loss": float(loss.detach().float())})

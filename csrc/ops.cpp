@@ -7,7 +7,9 @@
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
+#include <array>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "lfi_kernels.h"
@@ -273,11 +275,43 @@ void fill_kl_common(KLParams& p, const c10::optional<Tensor>& target, const c10:
   }
 }
 
-void set_grad_rows(KLParams& p, const Tensor& g, int64_t B, int64_t H, int64_t M) {
-  const Tensor e = g.expand({B, H, M});
-  p.grad_kl.ptr = const_cast<void*>(g.data_ptr());
+// The backward's inputs: grad_kl (B, H, M) read with broadcast strides, the forward's row
+// statistics contiguous in the accumulation dtype. Returns the tensors p points into (the caller
+// keeps them alive for the kernel).
+std::array<Tensor, 3> set_grad_inputs(KLParams& p, const Tensor& grad_kl, const Tensor& stats, const Tensor& tstats,
+                                      at::ScalarType acc) {
+  std::array<Tensor, 3> held{as_float(grad_kl), contiguous_stats(stats, acc), contiguous_stats(tstats, acc)};
+  const Tensor e = held[0].expand({p.B, p.H, p.M});
+  p.grad_kl.ptr = const_cast<void*>(held[0].data_ptr());
   p.grad_kl.s[0] = e.stride(0); p.grad_kl.s[1] = e.stride(1); p.grad_kl.s[2] = e.stride(2);
-  p.grad_kl.dtype = dtype_code(g);
+  p.grad_kl.dtype = dtype_code(held[0]);
+  p.stats = held[1].data_ptr(); p.tstats = held[2].data_ptr();
+  return held;
+}
+
+// The forward's outputs kl (B, H, M), stats, tstats (B, H, M, 2) in the accumulation dtype of
+// ref, with p pointing at them.
+std::tuple<Tensor, Tensor, Tensor> kl_outputs(KLParams& p, const Tensor& ref) {
+  auto opts = ref.options().dtype(acc_type(ref));
+  Tensor kl = at::empty({p.B, p.H, p.M}, opts), stats = at::empty({p.B, p.H, p.M, 2}, opts),
+         tstats = at::empty({p.B, p.H, p.M, 2}, opts);
+  p.kl = kl.data_ptr(); p.stats = stats.data_ptr(); p.tstats = tstats.data_ptr();
+  return {kl, stats, tstats};
+}
+
+// attention_kl's parameters: logits (B, H, M, N), the target and key mask read as broadcast to it
+// (target_t, mask_t hold converted copies for the call).
+KLParams dense_params(const Tensor& logits, const Tensor& target, const c10::optional<Tensor>& key_mask,
+                      double student_scale, double target_scale, bool target_is_logits, Tensor& target_t,
+                      Tensor& mask_t) {
+  TORCH_CHECK(logits.dim() == 4, "lfi_C: logits must be 4-D, got ", logits.sizes());
+  check_compute_dtype(logits, "logits");
+  KLParams p;
+  p.B = logits.size(0); p.H = logits.size(1); p.M = logits.size(2); p.N = logits.size(3);
+  p.student_scale = student_scale; p.target_scale = target_scale; p.target_is_logits = target_is_logits;
+  p.logits = view(logits);
+  fill_kl_common(p, target, key_mask, logits.sizes(), logits, target_t, mask_t);
+  return p;
 }
 
 }  // namespace
@@ -285,42 +319,22 @@ void set_grad_rows(KLParams& p, const Tensor& g, int64_t B, int64_t H, int64_t M
 std::tuple<Tensor, Tensor, Tensor> kl_fwd(const Tensor& logits, const Tensor& target,
                                           const c10::optional<Tensor>& key_mask, double student_scale,
                                           double target_scale, bool target_is_logits) {
-  TORCH_CHECK(logits.dim() == 4, "lfi_C: logits must be 4-D, got ", logits.sizes());
-  check_compute_dtype(logits, "logits");
-  const int64_t B = logits.size(0), H = logits.size(1), M = logits.size(2), N = logits.size(3);
-  const auto acc = acc_type(logits);
-  auto opts = logits.options().dtype(acc);
-  Tensor kl = at::empty({B, H, M}, opts), stats = at::empty({B, H, M, 2}, opts), tstats = at::empty({B, H, M, 2}, opts);
-  if (kl.numel() == 0 || N == 0) return {kl, stats, tstats};
-  KLParams p;
-  p.B = B; p.H = H; p.M = M; p.N = N;
-  p.student_scale = student_scale; p.target_scale = target_scale; p.target_is_logits = target_is_logits;
-  p.logits = view(logits);
   Tensor target_t, mask_t;
-  fill_kl_common(p, target, key_mask, logits.sizes(), logits, target_t, mask_t);
-  p.kl = kl.data_ptr(); p.stats = stats.data_ptr(); p.tstats = tstats.data_ptr();
+  KLParams p = dense_params(logits, target, key_mask, student_scale, target_scale, target_is_logits, target_t, mask_t);
+  auto out = kl_outputs(p, logits);
+  if (std::get<0>(out).numel() == 0 || p.N == 0) return out;
   LFI_RUN(logits, kl_forward, p);
-  return {kl, stats, tstats};
+  return out;
 }
 
 Tensor kl_bwd(const Tensor& grad_kl, const Tensor& logits, const Tensor& target,
               const c10::optional<Tensor>& key_mask, const Tensor& stats, const Tensor& tstats, double student_scale,
               double target_scale, bool target_is_logits) {
-  TORCH_CHECK(logits.dim() == 4, "lfi_C: logits must be 4-D, got ", logits.sizes());
-  check_compute_dtype(logits, "logits");
-  const int64_t B = logits.size(0), H = logits.size(1), M = logits.size(2), N = logits.size(3);
-  const auto acc = acc_type(logits);
-  Tensor dlogits = at::empty({B, H, M, N}, logits.options());
-  if (dlogits.numel() == 0) return dlogits;
-  KLParams p;
-  p.B = B; p.H = H; p.M = M; p.N = N;
-  p.student_scale = student_scale; p.target_scale = target_scale; p.target_is_logits = target_is_logits;
-  p.logits = view(logits);
   Tensor target_t, mask_t;
-  fill_kl_common(p, target, key_mask, logits.sizes(), logits, target_t, mask_t);
-  Tensor stats_c = contiguous_stats(stats, acc), tstats_c = contiguous_stats(tstats, acc), g = as_float(grad_kl);
-  p.stats = stats_c.data_ptr(); p.tstats = tstats_c.data_ptr();
-  set_grad_rows(p, g, B, H, M);
+  KLParams p = dense_params(logits, target, key_mask, student_scale, target_scale, target_is_logits, target_t, mask_t);
+  Tensor dlogits = at::empty(logits.sizes(), logits.options());
+  if (dlogits.numel() == 0) return dlogits;
+  const auto held = set_grad_inputs(p, grad_kl, stats, tstats, acc_type(logits));
   p.dlogits = view(dlogits);
   LFI_RUN(logits, kl_backward, p);
   return dlogits;
@@ -376,13 +390,10 @@ std::tuple<Tensor, Tensor, Tensor> kl_qk_fwd(const Tensor& q, const Tensor& k, c
   Tensor target_t, mask_t, qt_t, kt_t;
   KLParams p = qk_params(q, k, target, q_t, k_t, key_mask, student_scale, target_scale, target_is_logits, target_t,
                          mask_t, qt_t, kt_t);
-  auto opts = q.options().dtype(acc_type(q));
-  Tensor kl = at::empty({p.B, p.H, p.M}, opts), stats = at::empty({p.B, p.H, p.M, 2}, opts),
-         tstats = at::empty({p.B, p.H, p.M, 2}, opts);
-  if (kl.numel() == 0 || p.N == 0) return {kl, stats, tstats};
-  p.kl = kl.data_ptr(); p.stats = stats.data_ptr(); p.tstats = tstats.data_ptr();
+  auto out = kl_outputs(p, q);
+  if (std::get<0>(out).numel() == 0 || p.N == 0) return out;
   LFI_RUN(q, kl_qk_forward, p);
-  return {kl, stats, tstats};
+  return out;
 }
 
 std::tuple<Tensor, Tensor> kl_qk_bwd(const Tensor& grad_kl, const Tensor& q, const Tensor& k,
@@ -396,10 +407,7 @@ std::tuple<Tensor, Tensor> kl_qk_bwd(const Tensor& grad_kl, const Tensor& q, con
   Tensor dq = at::empty(q.sizes(), q.options());
   Tensor dk = at::empty(k.sizes(), k.options());
   if (dq.numel() == 0 || p.N == 0) return {dq.zero_(), dk.zero_()};
-  const auto acc = acc_type(q);
-  Tensor stats_c = contiguous_stats(stats, acc), tstats_c = contiguous_stats(tstats, acc), g = as_float(grad_kl);
-  p.stats = stats_c.data_ptr(); p.tstats = tstats_c.data_ptr();
-  set_grad_rows(p, g, p.B, p.H, p.M);
+  const auto held = set_grad_inputs(p, grad_kl, stats, tstats, acc_type(q));
   p.dq = view(dq); p.dk = view(dk);
   LFI_RUN(q, kl_qk_backward, p);
   return {dq, dk};

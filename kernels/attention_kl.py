@@ -13,9 +13,10 @@ sums of target-weighted scores are kept relative to the current row maxima, whic
 accurate for scores of magnitude ~1e4.
 
 The @triton.jit helpers are shared with lfi.kernels.attention_kl_qk.
-Strided loads (broadcast dims with stride 0), int64 batch/head/row offsets, 1-D grid with the row
-blocks of one (b, h) adjacent. M_BUCKET and N_BUCKET (power-of-two buckets of M and N) are the
-launchers' autotuning key and are not used by the kernels.
+Strided loads (broadcast dims with stride 0; each tensor's strides are one tuple argument, (b, h,
+row, column), which Triton specializes element by element as it does separate arguments), int64
+batch/head/row offsets, 1-D grid with the row blocks of one (b, h) adjacent. M_BUCKET and N_BUCKET
+(power-of-two buckets of M and N) are the launchers' autotuning key and are not used by the kernels.
 """
 import triton
 import triton.language as tl
@@ -157,69 +158,77 @@ def _kl_dscores(s, tg, keep, sh, log_l, t_shift, t_log_z, g, t_scale, TARGET_IS_
 
 
 @triton.jit
+def _masked_scores(s, keep, m_base, rows, offs_n, N, sm, s_scale, HAS_MASK: tl.constexpr, KEY_MASK: tl.constexpr):
+    """(scores, keep) of one tile: keep narrowed by the mask at this (b, h) (m_base; sm its stride
+    tuple), s times s_scale (natural units), -inf where not kept."""
+    if HAS_MASK:
+        keep = _mask_keep(keep, m_base, rows, offs_n, N, sm[2], sm[3], KEY_MASK)
+    return tl.where(keep, s * s_scale, float("-inf")), keep
+
+
+@triton.jit
+def _dense_rows(LOGITS, TARGET, MASK, sl, st, sm, H, M, BLOCK_M: tl.constexpr):
+    """The row block of a program of the dense kernels: (pid_bh, b, h, offs_m, row_ok, rows (int64,
+    (BLOCK_M, 1)), and the logits', target's and mask's pointers at its rows / head)."""
+    pid_m, pid_bh, b, h, offs_m, row_ok = _row_block(M, H, BLOCK_M)
+    rows = offs_m.to(tl.int64)[:, None]
+    l_base = LOGITS + b * sl[0] + h * sl[1] + rows * sl[2]
+    t_base = TARGET + b * st[0] + h * st[1] + rows * st[2]
+    return pid_bh, b, h, offs_m, row_ok, rows, l_base, t_base, MASK + b * sm[0] + h * sm[1]
+
+
+@triton.jit
+def _dense_tile(l_base, t_base, m_base, rows, row_ok, offs_n, N, sl, st, sm, s_scale,
+                HAS_MASK: tl.constexpr, KEY_MASK: tl.constexpr):
+    """(s, tg, keep, in_bounds) of the keys offs_n: student scores (natural units, -inf where not
+    kept), raw target values (float32), the kept and the in-bounds entries."""
+    in_bounds = row_ok[:, None] & (offs_n < N)[None, :]
+    s = tl.load(l_base + offs_n[None, :] * sl[3], mask=in_bounds, other=0.0).to(tl.float32)
+    tg = tl.load(t_base + offs_n[None, :] * st[3], mask=in_bounds, other=0.0).to(tl.float32)
+    s, keep = _masked_scores(s, in_bounds, m_base, rows, offs_n, N, sm, s_scale, HAS_MASK, KEY_MASK)
+    return s, tg, keep, in_bounds
+
+
+@triton.jit
 def kl_fwd_kernel(
-    LOGITS, TARGET, MASK, KL, STATS, TSTATS,
-    stride_lb, stride_lh, stride_lm, stride_ln,
-    stride_tb, stride_th, stride_tm, stride_tn,
-    stride_mb, stride_mh, stride_mm, stride_mn,
+    LOGITS, TARGET, MASK, KL, STATS, TSTATS, sl, st, sm,
     H, M, N, s_scale, t_scale, M_BUCKET, N_BUCKET,
     HAS_MASK: tl.constexpr, KEY_MASK: tl.constexpr, TARGET_IS_LOGITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (row block, b, h): KL (B, H, M), STATS, TSTATS (B, H, M, 2) float32, contiguous.
-    s_scale = student_scale, t_scale = target_scale."""
-    pid_m, pid_bh, b, h, offs_m, row_ok = _row_block(M, H, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    rows = offs_m.to(tl.int64)[:, None]
-    l_base = LOGITS + b * stride_lb + h * stride_lh + rows * stride_lm
-    t_base = TARGET + b * stride_tb + h * stride_th + rows * stride_tm
-    m_base = MASK + b * stride_mb + h * stride_mh
-
+    sl, st, sm: the (b, h, m, n) strides of the logits, the target and the mask as broadcast to
+    (B, H, M, N); s_scale = student_scale, t_scale = target_scale."""
+    pid_bh, b, h, offs_m, row_ok, rows, l_base, t_base, m_base = _dense_rows(LOGITS, TARGET, MASK, sl, st, sm, H, M,
+                                                                              BLOCK_M)
     m, l, x, y, c = _kl_init(BLOCK_M, TARGET_IS_LOGITS)
     for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + offs_n0
-        keep = row_ok[:, None] & (offs_n < N)[None, :]
-        s = tl.load(l_base + offs_n[None, :] * stride_ln, mask=keep, other=0.0).to(tl.float32)
-        tg = tl.load(t_base + offs_n[None, :] * stride_tn, mask=keep, other=0.0).to(tl.float32)
-        if HAS_MASK:
-            keep = _mask_keep(keep, m_base, rows, offs_n, N, stride_mm, stride_mn, KEY_MASK)
-        s = tl.where(keep, s * s_scale, float("-inf"))
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        s, tg, keep, _ = _dense_tile(l_base, t_base, m_base, rows, row_ok, offs_n, N, sl, st, sm, s_scale,
+                                     HAS_MASK, KEY_MASK)
         m, l, x, y, c = _kl_step(s, tg, keep, m, l, x, y, c, t_scale, TARGET_IS_LOGITS)
     _kl_store(KL, STATS, TSTATS, pid_bh.to(tl.int64) * M + offs_m, row_ok, m, l, x, y, c, TARGET_IS_LOGITS)
 
 
 @triton.jit
 def kl_bwd_kernel(
-    GRAD, LOGITS, TARGET, MASK, STATS, TSTATS, DLOGITS,
-    stride_gb, stride_gh, stride_gm,
-    stride_lb, stride_lh, stride_lm, stride_ln,
-    stride_tb, stride_th, stride_tm, stride_tn,
-    stride_mb, stride_mh, stride_mm, stride_mn,
+    GRAD, LOGITS, TARGET, MASK, STATS, TSTATS, DLOGITS, sg, sl, st, sm,
     H, M, N, s_scale, t_scale, M_BUCKET, N_BUCKET,
     HAS_MASK: tl.constexpr, KEY_MASK: tl.constexpr, TARGET_IS_LOGITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (row block, b, h): DLOGITS (B, H, M, N) contiguous, in its own dtype,
-    = grad * (p - t) * student_scale, with p and t recomputed from STATS and TSTATS."""
-    pid_m, pid_bh, b, h, offs_m, row_ok = _row_block(M, H, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    rows = offs_m.to(tl.int64)[:, None]
-    l_base = LOGITS + b * stride_lb + h * stride_lh + rows * stride_lm
-    t_base = TARGET + b * stride_tb + h * stride_th + rows * stride_tm
-    m_base = MASK + b * stride_mb + h * stride_mh
+    = grad * (p - t) * student_scale, with p and t recomputed from STATS and TSTATS; sg: GRAD's
+    (b, h, m) strides as broadcast to (B, H, M), the others as in kl_fwd_kernel."""
+    pid_bh, b, h, offs_m, row_ok, rows, l_base, t_base, m_base = _dense_rows(LOGITS, TARGET, MASK, sl, st, sm, H, M,
+                                                                              BLOCK_M)
     d_base = DLOGITS + pid_bh.to(tl.int64) * M * N + rows * N
-
     sh, log_l, t_shift, t_log_z = _load_row_stats(STATS, TSTATS, pid_bh.to(tl.int64) * M + offs_m, row_ok)
-    g = tl.load(GRAD + b * stride_gb + h * stride_gh + offs_m.to(tl.int64) * stride_gm, mask=row_ok,
+    g = tl.load(GRAD + b * sg[0] + h * sg[1] + offs_m.to(tl.int64) * sg[2], mask=row_ok,
                 other=0.0).to(tl.float32) * s_scale
     for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + offs_n0
-        in_bounds = row_ok[:, None] & (offs_n < N)[None, :]
-        keep = in_bounds
-        s = tl.load(l_base + offs_n[None, :] * stride_ln, mask=keep, other=0.0).to(tl.float32)
-        tg = tl.load(t_base + offs_n[None, :] * stride_tn, mask=keep, other=0.0).to(tl.float32)
-        if HAS_MASK:
-            keep = _mask_keep(keep, m_base, rows, offs_n, N, stride_mm, stride_mn, KEY_MASK)
-        s = tl.where(keep, s * s_scale, float("-inf"))
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        s, tg, keep, in_bounds = _dense_tile(l_base, t_base, m_base, rows, row_ok, offs_n, N, sl, st, sm, s_scale,
+                                             HAS_MASK, KEY_MASK)
         ds = _kl_dscores(s, tg, keep, sh, log_l, t_shift, t_log_z, g, t_scale, TARGET_IS_LOGITS)
         tl.store(d_base + offs_n[None, :], ds.to(DLOGITS.dtype.element_ty), mask=in_bounds)

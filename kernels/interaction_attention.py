@@ -77,6 +77,16 @@ def _row_block(M, H, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _key_block(N, HKV, BLOCK_N: tl.constexpr):
+    """This program's key block in the 1-D grid of (key block, b, kv head), the key blocks of one
+    (b, kv head) adjacent: (pid_n, b, hk), b and hk as int64 (see _row_block)."""
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_bhk = pid // num_n_blocks
+    return pid % num_n_blocks, (pid_bhk // HKV).to(tl.int64), (pid_bhk % HKV).to(tl.int64)
+
+
+@triton.jit
 def _dot(a, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     # The CPU interpreter multiplies raw bf16 bits in tl.dot, so it gets float32 operands.
     if DOT_FP32:
@@ -191,16 +201,29 @@ def _kl_target(t_ptrs, row_ok, key_ok, s, EDGE: tl.constexpr, HAS_MASK: tl.const
 
 
 @triton.jit
+def _ones_column(BLOCK_N: tl.constexpr):
+    """(BLOCK_N, 16) float16, ones in column 0 and zeros elsewhere: P @ it is P's row sums (the
+    smallest tile tl.dot takes). The stats pass of the maps forward sums its rows so, on the tensor
+    cores, which that pass otherwise leaves idle, instead of one float32 add per score. P is rounded to
+    float16 first (P <= 1: relative error <= 2^-11 per term, rounded to nearest, so l's error is far
+    below the 16-bit outputs' and maps' rounding); the sums accumulate in float32."""
+    cols = tl.arange(0, 16)
+    return tl.where((cols[None, :] == 0) & (tl.arange(0, BLOCK_N)[:, None] >= 0), 1.0, 0.0).to(tl.float16)
+
+
+@triton.jit
 def _fwd_tile(q, start_n, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_base, offs_m, row_ok, w_rows,
               m_i, l_i, acc, kl_a, kl_b, kl_z, row_a, row_b,
               stride_kn, stride_vn, stride_mn, stride_tn, stride_wn, N, qk_scale, qk_scale2,
               PASS: tl.constexpr, EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
               MASK_BOOL: tl.constexpr, KEY_MASK: tl.constexpr, FLOAT_MASK: tl.constexpr, HAS_KL: tl.constexpr,
+              ROWSUM_MMA: tl.constexpr,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key block of a forward pass. ONLINE / STATS_ONLY: online row max m_i and sum l_i (in the
-    kernel's units), and for ONLINE the unnormalised acc; MAPS: P from the final offsets, written to
-    the map rows and accumulated into acc."""
+    kernel's units), and for ONLINE the unnormalised acc; STATS_ONLY with ROWSUM_MMA keeps the sums
+    in column 0 of acc (BLOCK_M, 16) instead of l_i; MAPS: P from the final offsets, written to the
+    map rows and accumulated into acc."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     key_ok = offs_n < N
@@ -236,7 +259,12 @@ def _fwd_tile(q, start_n, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_b
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(s * qk_scale2 - m_safe[:, None])
             alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        if PASS == STATS_ONLY and ROWSUM_MMA:
+            # The row sums on the tensor cores, idle in this pass (acc is a (BLOCK_M, 16) float32
+            # accumulator here; see _ones_column): one matrix product per tile instead of a float32 add per score.
+            acc = _dot(p.to(tl.float16), _ones_column(BLOCK_N), acc * alpha[:, None], DOT_FP32, PRECISION)
+        else:
+            l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_KL:
             # Online pieces of KL(t || softmax(s)): kl_a = sum t ln t, kl_b = sum t (s - m) centred on
             # the running max (in the kernel's units), kl_z = sum t.
@@ -266,7 +294,7 @@ def _fwd_pass(q, row_lo, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_ba
               m_i, l_i, acc, kl_a, kl_b, kl_z, row_a, row_b,
               stride_kn, stride_vn, stride_mn, stride_tn, stride_wn, N, qk_scale, qk_scale2,
               PASS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-              KEY_MASK: tl.constexpr, FLOAT_MASK: tl.constexpr, HAS_KL: tl.constexpr,
+              KEY_MASK: tl.constexpr, FLOAT_MASK: tl.constexpr, HAS_KL: tl.constexpr, ROWSUM_MMA: tl.constexpr,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """All key blocks of one pass for the rows [row_lo, row_lo + BLOCK_M): the full blocks below the
@@ -282,7 +310,7 @@ def _fwd_pass(q, row_lo, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_ba
             q, start_n, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_base, offs_m, row_ok, w_rows,
             m_i, l_i, acc, kl_a, kl_b, kl_z, row_a, row_b,
             stride_kn, stride_vn, stride_mn, stride_tn, stride_wn, N, qk_scale, qk_scale2,
-            PASS, False, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_KL,
+            PASS, False, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_KL, ROWSUM_MMA,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
     # Edge blocks: the ragged last block, or the (cdiv(BLOCK_M, BLOCK_N)) blocks on the diagonal.
     for i in tl.static_range((BLOCK_M + BLOCK_N - 1) // BLOCK_N if IS_CAUSAL else 1):
@@ -292,7 +320,7 @@ def _fwd_pass(q, row_lo, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_ba
                 q, start_n, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_base, offs_m, row_ok, w_rows,
                 m_i, l_i, acc, kl_a, kl_b, kl_z, row_a, row_b,
                 stride_kn, stride_vn, stride_mn, stride_tn, stride_wn, N, qk_scale, qk_scale2,
-                PASS, True, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_KL,
+                PASS, True, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_KL, ROWSUM_MMA,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
     return m_i, l_i, acc, kl_a, kl_b, kl_z
 
@@ -362,12 +390,16 @@ def attention_fwd_kernel(
     else:
         in_window = False
     if in_window:
-        m_i, l_i, acc, kl_a, kl_b, kl_z = _fwd_pass(
+        # 16-bit inputs: the stats pass sums rows on the tensor cores (see _ones_column).
+        ROWSUM_MMA: tl.constexpr = Q.dtype.element_ty != tl.float32
+        m_i, l_i, l_acc, kl_a, kl_b, kl_z = _fwd_pass(
             q, row_lo, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_base, offs_m, row_ok, w_rows,
-            m_i, l_i, acc, kl_a, kl_b, kl_z, m_i, l_i,
+            m_i, l_i, tl.zeros([BLOCK_M, 16], dtype=tl.float32), kl_a, kl_b, kl_z, m_i, l_i,
             stride_kn, stride_vn, stride_mn, stride_tn, stride_wn, N, qk_scale, qk_scale2,
-            STATS_ONLY, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_KL,
+            STATS_ONLY, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_KL, ROWSUM_MMA,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
+        if ROWSUM_MMA:
+            l_i = tl.sum(l_acc, 1)  # column 0 holds the sums, the others exact zeros
         empty = _empty_rows(l_i, HAS_MASK)
         log2_l = tl.where(empty, float("inf"), tl.math.log2(tl.where(empty, 1.0, l_i)))
         if FLOAT_MASK:
@@ -380,7 +412,7 @@ def attention_fwd_kernel(
             q, row_lo, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_base, offs_m, row_ok, w_rows,
             m_i, l_i, acc, kl_a, kl_b, kl_z, row_a, row_b,
             stride_kn, stride_vn, stride_mn, stride_tn, stride_wn, N, qk_scale, qk_scale2,
-            MAPS, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_KL,
+            MAPS, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_KL, False,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
         if IS_CAUSAL:
             # Causal rows have no keys past the diagonal: their maps are zero there, NaN on a NaN row
@@ -397,7 +429,7 @@ def attention_fwd_kernel(
             q, row_lo, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_base, offs_m, row_ok, w_rows,
             m_i, l_i, acc, kl_a, kl_b, kl_z, m_i, l_i,
             stride_kn, stride_vn, stride_mn, stride_tn, stride_wn, N, qk_scale, qk_scale2,
-            ONLINE, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_KL,
+            ONLINE, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_KL, False,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
         out = acc * (1.0 / tl.where(_empty_rows(l_i, HAS_MASK), 1.0, l_i))[:, None]
 
@@ -634,13 +666,7 @@ def attention_bwd_dkdv_kernel(
     GROUP query heads sharing the kv head, so dK and dV need no atomics. With DQ_ATOMIC the same
     tiles also add scale * dS K into DQ_ACC (B, H, M, D) float32 (zeroed by the launcher), and the
     dQ kernel is not run."""
-    num_n_blocks = tl.cdiv(N, BLOCK_N)
-    pid = tl.program_id(0)
-    pid_n = pid % num_n_blocks
-    pid_bhk = pid // num_n_blocks
-    b = (pid_bhk // HKV).to(tl.int64)
-    hk = (pid_bhk % HKV).to(tl.int64)
-
+    pid_n, b, hk = _key_block(N, HKV, BLOCK_N)
     n_lo = pid_n * BLOCK_N
     offs_n = n_lo + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -759,6 +785,9 @@ def _dq_tile(q, do, dq, start_n, k_base, v_base, k_offs, v_offs, mask_base, g_ba
     return _dot(ds.to(k.dtype), k, dq, DOT_FP32, PRECISION)
 
 
+# The kernels' parameter lists repeat one another's (a pointer and four strides per tensor). The KL
+# kernels take one stride tuple per tensor instead (Triton specializes tuple elements as scalars);
+# these stay scalars until a change can re-verify the four kernels' SASS record by record (RESULTS.md).
 @triton.jit
 def attention_bwd_dq_kernel(
     Q, K, V, MASK, DOUT, DW, STATS, DELTA, DQ, DS, T, TNORM, GKL,

@@ -6,6 +6,8 @@ import os
 import sys
 from typing import Sequence
 
+from lfi._command import run_command
+
 
 def _console():
     from rich.console import Console
@@ -311,18 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, RuntimeError) as e:
-        print(f"lfi {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command(build_parser(), argv, errors=(ValueError, RuntimeError))
 
 
 if __name__ == "__main__":  # pragma: no cover

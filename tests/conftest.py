@@ -6,6 +6,7 @@ This file is loaded by pytest before any test module, so the variable is set her
 """
 import os
 import tempfile
+import warnings
 
 import torch
 
@@ -16,11 +17,22 @@ if not torch.cuda.is_available():
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="lfi-inductor-"))
 
 import pytest  # noqa: E402
-from helpers import BACKEND_PARAMS, BACKEND_SKIP, BACKENDS, DEVICE, HAS_CUDA  # noqa: E402
+from helpers import (  # noqa: E402
+    BACKEND_PARAMS,
+    BACKEND_SKIP,
+    BACKENDS,
+    DEVICE,
+    HAS_CUDA,
+    INTERPRETER_NOISE,
+    TINY_CLIP,
+)
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device")
+    # numpy's warnings from the Triton CPU interpreter's masked-off lanes (helpers.INTERPRETER_NOISE),
+    # for every test that reaches a Triton kernel, in one place.
+    config.addinivalue_line("filterwarnings", INTERPRETER_NOISE)
 
 
 def pytest_report_header(config):
@@ -55,3 +67,24 @@ def cuda_device() -> torch.device:
     if not HAS_CUDA:
         pytest.skip("needs a CUDA device (torch.cuda.is_available() is False)")
     return torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    """A random tiny open_clip CLIP (helpers.TINY_CLIP, seed 0), in eval mode (skipped without
+    open_clip)."""
+    open_clip = pytest.importorskip("open_clip")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # open_clip warns about the random (non-pretrained) weights
+        return open_clip.create_model("ViT-S-16", pretrained=None, **TINY_CLIP).eval()
+
+
+@pytest.fixture(scope="module")
+def clip_weights(tiny_clip, tmp_path_factory):
+    """`tiny_clip`'s weights in a safetensors file, for the teachers that load a local file."""
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("clip") / "tiny_clip.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_clip.state_dict().items()}, str(path))
+    return path

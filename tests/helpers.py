@@ -4,6 +4,10 @@ The backend matrix: every correctness, gradient, numerics and error case of the 
 parametrized over ALL_BACKENDS (``backend_params()`` / ``backend_param()`` / the ``backend`` fixture of
 conftest.py). A backend that cannot run here stays in the matrix as a skipped case whose reason says
 why (BACKEND_SKIP); BACKENDS lists the usable ones by name.
+
+The other shared (non-test) modules: reference.py (the float64 references), kl_cases.py (data and
+checks of the KL suites), integration_models.py (tiny timm / open_clip models). Test modules import
+these, never each other.
 """
 from __future__ import annotations
 
@@ -62,9 +66,18 @@ def case_params(cases):
     return [pytest.param(c, id=c["id"]) for c in cases]
 
 
-def backend_params(exclude=()):
-    """The backend axis of the matrix: one (possibly skipped) param per backend of ALL_BACKENDS."""
-    return [backend_param(b) for b in ALL_BACKENDS if b not in exclude]
+def case_id(case) -> str:
+    """The id of a case in a param list: a case dict's "id", else str(case)."""
+    return case["id"] if isinstance(case, dict) else str(case)
+
+
+def backend_params(exclude=(), cases=None):
+    """The backend axis of the matrix: one (possibly skipped) param per backend of ALL_BACKENDS; with
+    `cases`, the product backend x case as (backend, case) params with ids "backend-case"."""
+    backends = [b for b in ALL_BACKENDS if b not in exclude]
+    if cases is None:
+        return [backend_param(b) for b in backends]
+    return [backend_param(b, c, id=f"{b}-{case_id(c)}") for b in backends for c in cases]
 
 
 BACKEND_PARAMS = backend_params()
@@ -181,6 +194,27 @@ def assert_close(actual, expected, dtype, *, grad=False, name="tensor"):
     assert ok, f"{name} ({DTYPE_IDS.get(dtype, dtype)}): " + _describe_mismatch(actual, expected, atol, rtol)
 
 
+def assert_same(actual, expected, dtype, *, grad=False, name="tensor"):
+    """`actual` (any dtype) against a float64 `expected`: NaN where and only where expected is NaN,
+    +inf / -inf where and only where it is, the finite values within FWD_TOL (GRAD_TOL with atol
+    scaled by the largest finite |expected| when grad)."""
+    assert tuple(actual.shape) == tuple(expected.shape), \
+        f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    for what, fn in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        bad = fn(a) != fn(e)
+        if bad.any():
+            first = tuple(bad.nonzero()[0].tolist())
+            raise AssertionError(f"{name}: {what} at {int(bad.sum())} positions differs from eager; first at "
+                                 f"{first}: got {a[first].item()}, expected {e[first].item()}")
+    finite = torch.isfinite(e)
+    atol, rtol = (GRAD_TOL if grad else FWD_TOL)[dtype]
+    if grad and finite.any():
+        atol *= max(1.0, e[finite].abs().max().item())
+    torch.testing.assert_close(a[finite], e[finite], atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
 def run_and_compare(backend, q, k, v, attn_mask=None, *, is_causal=False, scale=None,
                     need_weights=False, average=False, rows=None, loss="both", gen=None,
                     dtype=None, check_grads=True):
@@ -244,105 +278,6 @@ def run_and_compare(backend, q, k, v, attn_mask=None, *, is_causal=False, scale=
 
 
 # --------------------------------------------------------------------------------------------------
-# The KL suites (attention_kl, attention_kl_qk, the fused KL): data and shared constants
-# --------------------------------------------------------------------------------------------------
-
-REDUCTIONS = ["none", "sum", "mean", "batchmean"]
-TARGET_KINDS = ["probs", "logits", "log_probs"]
-# The Triton CPU interpreter evaluates masked-off lanes too (numpy warns on -inf - -inf there); the
-# results are checked element by element for NaN / inf, so the warnings are noise.
-INTERPRETER_NOISE = "ignore:invalid value encountered:RuntimeWarning"
-
-
-def make_target(shape, target_is, gen, dtype=torch.float32, device=DEVICE, normalized=True):
-    """A teacher tensor of the given kind: probabilities (rows summing to 1 unless normalized=False),
-    logits or log-probabilities."""
-    if target_is == "probs":
-        t = torch.rand(*shape, generator=gen, dtype=torch.float32) + 0.01
-        if normalized:
-            t = t / t.sum(-1, keepdim=True)
-    elif target_is == "logits":
-        t = torch.randn(*shape, generator=gen, dtype=torch.float32) * 2.0
-    else:
-        t = torch.log_softmax(torch.randn(*shape, generator=gen, dtype=torch.float32) * 2.0, -1)
-    return t.to(device=device, dtype=dtype)
-
-
-def key_mask_of(kind, B, H, M, N, gen, device=DEVICE):
-    """Key masks in several broadcast shapes (True = keep)."""
-    if kind is None:
-        return None
-    shapes = {"N": (N,), "B11N": (B, 1, 1, N), "11MN": (1, 1, M, N), "BHMN": (B, H, M, N), "1H1N": (1, H, 1, N)}
-    mask = torch.rand(*shapes[kind], generator=gen) < 0.7
-    mask[..., 0] = True  # at least one kept key in (nearly) every row; fully masked rows are tested apart
-    return mask.to(device)
-
-
-def check_kl(backend, logits, target, *, target_is="probs", temperature=1.0, key_mask=None, gen,
-             dtype=None, upstream="random"):
-    """attention_kl(reduction="none") against both float64 references (same rounded inputs), and the
-    gradient of a loss with a random (or all-ones) upstream gradient against the reference autograd.
-    Returns (per-row kl, dlogits)."""
-    from reference import ref_kl_rows, ref_kl_rows_direct
-
-    from lfi.ops import attention_kl  # imported late: conftest.py sets TRITON_INTERPRET first
-
-    dtype = dtype or logits.dtype
-    kl = attention_kl(logits, target, target_is=target_is, temperature=temperature, reduction="none",
-                      key_mask=key_mask, backend=backend)
-    assert kl.shape == logits.shape[:-1]
-    assert kl.dtype == (torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    assert kl.device == logits.device
-    (lg64,) = detached64(logits)
-    want = ref_kl_rows(lg64, target, target_is, temperature, key_mask)
-    want_direct = ref_kl_rows_direct(lg64, target, target_is, temperature, key_mask)
-    torch.testing.assert_close(want, want_direct, atol=1e-9 * max(1.0, want.abs().max().item()), rtol=1e-9)
-    assert_close(kl, want, dtype, grad=True, name="kl rows")
-    assert_close(kl, want_direct, dtype, grad=True, name="kl rows (direct formula)")
-    if not logits.requires_grad:
-        return kl, None
-    r = randn(kl.shape, gen, kl.dtype, kl.device) if upstream == "random" else torch.ones_like(kl)
-    (got,) = torch.autograd.grad(kl, logits, r)
-    (exp,) = torch.autograd.grad(want, lg64, r.double())
-    assert got.dtype == logits.dtype and got.shape == logits.shape
-    assert_close(got, exp, dtype, grad=True, name="dlogits")
-    return kl, got
-
-
-def check_kl_qk(backend, q, k, target, *, gen, dtype=None, upstream="random", **kw):
-    """attention_kl_qk(reduction="none") vs both references on the same (rounded) inputs, and the
-    gradients to q and k of a loss with a random upstream gradient. Returns (kl, dq, dk)."""
-    from reference import ref_kl_qk_rows
-
-    from lfi.ops import attention_kl_qk  # imported late: conftest.py sets TRITON_INTERPRET first
-
-    dtype = dtype or q.dtype
-    kl = attention_kl_qk(q, k, target, reduction="none", backend=backend, **kw)
-    B, H, M, _ = q.shape
-    assert kl.shape == (B, H, M)
-    assert kl.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
-    q64, k64 = detached64(q, k)
-    want = ref_kl_qk_rows(q64, k64, target, **kw)
-    want_direct = ref_kl_qk_rows(q64, k64, target, direct=True, **kw)
-    torch.testing.assert_close(want.detach(), want_direct, atol=1e-9 * max(1.0, want.abs().max().item()), rtol=1e-9)
-    assert_close(kl, want, dtype, grad=True, name="kl rows")
-    assert_close(kl, want_direct, dtype, grad=True, name="kl rows (direct formula)")
-    inputs = [t for t in (q, k) if t.requires_grad]
-    if not inputs:
-        return kl, None, None
-    r = randn(kl.shape, gen, kl.dtype, kl.device) if upstream == "random" else torch.ones_like(kl)
-    got = torch.autograd.grad(kl, inputs, r)
-    exp = torch.autograd.grad(want, [t64 for t, t64 in zip((q, k), (q64, k64)) if t.requires_grad], r.double())
-    names = [n for n, t in zip("qk", (q, k)) if t.requires_grad]
-    grads = {}
-    for n, t, g, e in zip(names, inputs, got, exp):
-        assert g.dtype == t.dtype and g.shape == t.shape, f"d{n}: {g.dtype} {tuple(g.shape)}"
-        assert_close(g, e, dtype, grad=True, name=f"d{n}")
-        grads[n] = g
-    return kl, grads.get("q"), grads.get("k")
-
-
-# --------------------------------------------------------------------------------------------------
 # The custom ops (torch.ops.lfi.*)
 # --------------------------------------------------------------------------------------------------
 
@@ -366,20 +301,36 @@ def schema_args(op, named):
 # costs milliseconds there, so the few grids of long rows marked with it skip Triton in the
 # interpreter (they run on a GPU, compiled).
 INTERPRETED = not HAS_CUDA and os.environ.get("TRITON_INTERPRET") == "1"
+# The Triton CPU interpreter evaluates masked-off lanes too (numpy warns on -inf - -inf there); the
+# results are checked element by element for NaN / inf, so the warnings are noise. conftest.py
+# filters it for the whole suite.
+INTERPRETER_NOISE = "ignore:invalid value encountered:RuntimeWarning"
 
 
-def backend_dtype_params(dtypes=None, skip_interpreter=None):
+def backend_dtype_params(dtypes=None, skip_interpreter=None, cases=None):
     """(backend, dtype) params over the matrix where the backend runs the dtype on DEVICE (float64:
-    torch, and cuda on CPU), ids "backend-dtype". skip_interpreter: a reason to skip the Triton
-    params under the CPU interpreter (INTERPRETED)."""
+    torch, and cuda on CPU), ids "backend-dtype"; with `cases`, the product with them as
+    (backend, dtype, case) params, ids "backend-dtype-case". skip_interpreter: a reason to skip the
+    Triton params under the CPU interpreter (INTERPRETED)."""
     out = []
     for b in ALL_BACKENDS:
         for d in dtypes or ALL_DTYPES:
             if not backend_supports(b, d):
                 continue
-            p = backend_param(b, d, id=f"{b}-{DTYPE_IDS[d]}")
-            if skip_interpreter and b == "triton" and INTERPRETED:
-                p = pytest.param(*p.values, id=p.id, marks=[*p.marks, pytest.mark.skip(
-                    reason=f"Triton CPU interpreter: {skip_interpreter} (runs compiled on a GPU)")])
-            out.append(p)
+            for values, pid in ([((d,), f"{b}-{DTYPE_IDS[d]}")] if cases is None else
+                               [((d, c), f"{b}-{DTYPE_IDS[d]}-{case_id(c)}") for c in cases]):
+                p = backend_param(b, *values, id=pid)
+                if skip_interpreter and b == "triton" and INTERPRETED:
+                    p = pytest.param(*p.values, id=p.id, marks=[*p.marks, pytest.mark.skip(
+                        reason=f"Triton CPU interpreter: {skip_interpreter} (runs compiled on a GPU)")])
+                out.append(p)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny models
+# --------------------------------------------------------------------------------------------------
+
+# The smallest open_clip CLIP (ViT-S-16 with 2 layers of width 128, 64x64 images): builds in ~0.1 s.
+TINY_CLIP = dict(embed_dim=64, vision_cfg=dict(image_size=64, patch_size=16, layers=2, width=128, head_width=32),
+                 text_cfg=dict(context_length=77, vocab_size=49408, width=128, heads=4, layers=2))

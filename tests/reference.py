@@ -10,17 +10,19 @@ computes attention scores, masked scores, softmax maps or KL rows for comparison
 * attention KL: ``ref_kl_rows`` (F.log_softmax + F.kl_div with the key mask and the renormalisation
   of both distributions over the kept keys done by hand) and its independent closed-form twin
   ``ref_kl_rows_direct``, ``ref_reduce``; ``ref_kl_qk_rows`` on materialized q k^T logits (dense or
-  implicit q_t k_t^T teachers); ``ref_fused_kl_rows`` on the masked scores of the attention pass.
+  implicit q_t k_t^T teachers); ``ref_fused_kl_rows`` on the masked scores of the attention pass;
+* the numerics contract (README "Numerics"): ``eager_attention``, ``eager_kl_rows`` and
+  ``eager_target_probs``, in which NaN and inf propagate as in eager PyTorch.
 
 Query rows with no attended key give zeros in the output, the probabilities and the KL, and zero
-gradients.
+gradients (in the eager references too, as the contract says).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-NEG_INF = float("-inf")
+NEG_INF, INF, NAN = float("-inf"), float("inf"), float("nan")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,3 +202,65 @@ def ref_fused_kl_rows(q, k, target, attn_mask=None, is_causal=False, scale=None)
     s = masked_scores(q, k, attn_mask, is_causal, scale)
     keep = s > NEG_INF
     return ref_kl_rows(torch.where(keep, s, torch.zeros_like(s)), target, "probs", 1.0, key_mask=keep)
+
+
+# --------------------------------------------------------------------------------------------------
+# Eager references of the numerics contract (README "Numerics"): NaN and inf propagate as in eager
+# PyTorch, unlike the references above, which zero rows without a kept key or target mass by design
+# --------------------------------------------------------------------------------------------------
+
+def eager_attention(q, k, v, mask=None, is_causal=False, scale=None):
+    """float64 eager attention (differentiable): out (B, H, M, Dv), P (B, H, M, N). Bool mask and
+    causal by masked_fill(-inf), float mask added; with a mask, rows with no attended key (every
+    score -inf) are zeros in out and P (the contract; eager gives NaN there)."""
+    q, k, v = q.double(), k.double(), v.double()
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if mask is not None:
+        s = s.masked_fill(~mask, NEG_INF) if mask.dtype == torch.bool else s + mask.double()
+    if is_causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), NEG_INF)
+    # Only a mask can empty a row (top-left causal rows attend key 0); without one an all -inf row
+    # comes from infinite q / k and is NaN, as eager.
+    dead = (s == NEG_INF).all(-1, keepdim=True) & (mask is not None)
+    p = torch.softmax(s, -1).masked_fill(dead, 0.0)
+    return (p @ v).masked_fill(dead, 0.0), p
+
+
+def eager_kl_rows(logits, target, target_is="probs", temperature=1.0, key_mask=None):
+    """Per-row KL(t || softmax(logits / T)) over the kept keys, float64, via F.kl_div (differentiable
+    w.r.t. logits). t: probabilities renormalised over the kept keys (target / sum: NaN where the row
+    holds NaN or +inf), or softmax of the logits / log-probabilities. Contract rules on top of
+    F.kl_div: t = 0 terms give 0 (also against a student -inf), rows without a kept key or without
+    target mass give 0, a row whose kept keys hold target mass but whose student logits are all -inf
+    gives +inf (F.kl_div: NaN from log_softmax of an all -inf row)."""
+    s = logits.double() / temperature
+    keep = torch.ones_like(s, dtype=torch.bool) if key_mask is None else key_mask.to(s.device).expand(s.shape)
+    t = target.double().expand(s.shape)
+    if target_is == "probs":
+        t = torch.where(keep, t, 0.0)
+        mass = t.sum(-1, keepdim=True)
+        t = t / torch.where(mass == 0, 1.0, mass)
+    else:
+        u = t / temperature if target_is == "logits" else t
+        u = u.masked_fill(~keep, NEG_INF)
+        t = torch.softmax(u, -1).nan_to_num(nan=NAN)
+        t = torch.where((u == NEG_INF).all(-1, keepdim=True), 0.0, t)  # no kept key (softmax: NaN)
+    s_kept = s.masked_fill(~keep, NEG_INF)
+    student_dead = (s_kept == NEG_INF).all(-1, keepdim=True)
+    logp = F.log_softmax(torch.where(student_dead, 0.0, s_kept), -1)  # finite stand-in, fixed below
+    terms = torch.where(t == 0, 0.0, F.kl_div(logp, t, reduction="none"))
+    kl = terms.sum(-1)
+    has_mass = (t != 0).any(-1)
+    return torch.where(student_dead.squeeze(-1) & has_mass & ~kl.isnan(), INF, kl)
+
+
+def eager_target_probs(target, target_is, T, keep):
+    """The target distribution over the kept keys `keep` (float64; NaN / inf propagate, as eager)."""
+    t = target.double().expand(keep.shape)
+    if target_is == "probs":
+        t = torch.where(keep, t, 0.0)
+        return t / t.sum(-1, keepdim=True)
+    u = (t / T if target_is == "logits" else t).masked_fill(~keep, NEG_INF)
+    return torch.softmax(u, -1)

@@ -1,11 +1,6 @@
 """lfi.ops.attention_kl API: validate=True, the custom ops (opcheck, row statistics), bad input
 (ValueError / TypeError naming the argument), and a hypothesis property test on the torch backend.
-
-Every backend of the matrix (helpers.BACKEND_PARAMS) is compared, over whole tensors, against the
-float64 references of tests/reference.py computed from the same (rounded) inputs: ``ref_kl_rows``
-(F.log_softmax + F.kl_div) and its closed-form twin ``ref_kl_rows_direct``; gradients against
-torch.autograd through ``ref_kl_rows`` (helpers.check_kl). Shapes stay small: under the Triton CPU
-interpreter every tile step costs milliseconds.
+Against the float64 references of tests/reference.py (how: tests/kl_cases.py).
 """
 from __future__ import annotations
 
@@ -13,32 +8,16 @@ import math
 
 import pytest
 import torch
-from helpers import (
-    BACKEND_PARAMS,
-    DEVICE,
-    INTERPRETER_NOISE,
-    REDUCTIONS,
-    TARGET_KINDS,
-    assert_close,
-    case_params,
-    key_mask_of,
-    make_gen,
-    make_target,
-    randn,
-)
+from helpers import DEVICE, assert_close, case_params, make_gen, randn
+from kl_cases import REDUCTIONS, TARGET_KINDS, key_mask_of, key_mask_with_empty_row, make_target
 from reference import NEG_INF, ref_kl_rows, ref_reduce
 
 from lfi.ops import attention_kl
-
-pytestmark = pytest.mark.filterwarnings(INTERPRETER_NOISE)
-
-
 
 # --------------------------------------------------------------------------------------------------
 # validate=True
 # --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_validate(backend):
     gen = make_gen("kl_validate", backend)
     logits = randn((2, 2, 4, 30), gen)
@@ -71,7 +50,6 @@ OPCHECK_CASES = [
 
 
 @pytest.mark.parametrize("case", case_params(OPCHECK_CASES))
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_opcheck(backend, case):
     gen = make_gen("kl_opcheck", backend, case["id"])
     B, H, M, N = 2, 2, 5, 20
@@ -96,9 +74,7 @@ def test_op_row_statistics(backend):
     gen = make_gen("kl_op_lse", backend)
     B, H, M, N = 1, 2, 4, 21
     logits = randn((B, H, M, N), gen)
-    key_mask = torch.rand(B, 1, M, N, generator=gen) < 0.6
-    key_mask[..., 0] = True
-    key_mask[0, 0, 3] = False
+    key_mask = key_mask_with_empty_row(B, M, N, gen, 0.6, row=3)
     target = make_target((B, 1, M, N), "probs", gen)
     kl, stats, tstats = torch.ops.lfi.attention_kl_fwd.default(logits, target, key_mask, 0.5, 1.0, False, backend)
     s = (logits.double() * 0.5).masked_fill(~key_mask, NEG_INF)

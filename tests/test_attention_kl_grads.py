@@ -1,39 +1,17 @@
 """lfi.ops.attention_kl gradients and layouts: gradcheck (float64, torch), non-contiguous / broadcast
 upstream gradients, no gradient to the target, no_grad mode, 2-D / 3-D and strided logits, broadcast
-targets and masks; agreement between backends, backend="auto", the torch backend's row chunks.
-
-Every backend of the matrix (helpers.BACKEND_PARAMS) is compared, over whole tensors, against the
-float64 references of tests/reference.py computed from the same (rounded) inputs: ``ref_kl_rows``
-(F.log_softmax + F.kl_div) and its closed-form twin ``ref_kl_rows_direct``; gradients against
-torch.autograd through ``ref_kl_rows`` (helpers.check_kl). Shapes stay small: under the Triton CPU
-interpreter every tile step costs milliseconds.
+targets and masks; agreement between backends, backend="auto", the torch backend's row chunks. Against
+the float64 references of tests/reference.py (how: tests/kl_cases.py).
 """
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import (
-    BACKEND_PARAMS,
-    BACKENDS,
-    DEVICE,
-    INTERPRETER_NOISE,
-    TARGET_KINDS,
-    assert_close,
-    case_params,
-    check_kl,
-    detached64,
-    key_mask_of,
-    make_gen,
-    make_target,
-    randn,
-)
+from helpers import BACKENDS, DEVICE, assert_close, case_params, detached64, make_gen, randn
+from kl_cases import TARGET_KINDS, check_kl, key_mask_of, key_mask_with_empty_row, make_target
 from reference import ref_kl_rows
 
 from lfi.ops import attention_kl
-
-pytestmark = pytest.mark.filterwarnings(INTERPRETER_NOISE)
-
-
 
 # --------------------------------------------------------------------------------------------------
 # Gradients: gradcheck (float64, torch), non-contiguous / broadcast upstream gradients, no target grad
@@ -55,10 +33,7 @@ def test_gradcheck_torch_fp64(case):
     target = make_target((B, 1, M, N), case["target_is"], gen, dtype=torch.float64)
     key_mask = None
     if case["mask"]:
-        key_mask = torch.rand(B, 1, M, N, generator=gen) < 0.6
-        key_mask[..., 0] = True
-        key_mask[0, 0, 1] = False
-        key_mask = key_mask.to(DEVICE)
+        key_mask = key_mask_with_empty_row(B, M, N, gen, 0.6, row=1)
 
     def fn(lg):
         return attention_kl(lg, target, target_is=case["target_is"], temperature=case["T"],
@@ -68,7 +43,6 @@ def test_gradcheck_torch_fp64(case):
 
 
 @pytest.mark.parametrize("layout", ["transposed", "expanded"])
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_noncontiguous_upstream_gradient(backend, layout):
     """grad_output for reduction='none' with unusual strides (transposed, or stride 0 from expand)."""
     gen = make_gen("kl_grad_layout", backend, layout)
@@ -114,7 +88,6 @@ def test_no_grad_mode_and_detached(backend):
 # --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("ndim", [2, 3])
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_fewer_dims(backend, ndim):
     """(M, N) and (H, M, N) logits: rows over the last dim; 'none' keeps the leading dims and
     'batchmean' divides by the first dim (as F.kl_div)."""
@@ -129,7 +102,6 @@ def test_fewer_dims(backend, ndim):
 
 
 @pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded_target_mask"])
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_noncontiguous_inputs(backend, layout):
     gen = make_gen("kl_noncontig", backend, layout)
     B, H, M, N = 2, 2, 7, 33

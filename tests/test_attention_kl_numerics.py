@@ -1,38 +1,16 @@
 """lfi.ops.attention_kl numerics: |logits| ~ 1e4, rows of -1e30 / finfo.min / +3e8, zeros in the
-target, fully masked rows, zero-mass rows, -inf student logits.
-
-Every backend of the matrix (helpers.BACKEND_PARAMS) is compared, over whole tensors, against the
-float64 references of tests/reference.py computed from the same (rounded) inputs: ``ref_kl_rows``
-(F.log_softmax + F.kl_div) and its closed-form twin ``ref_kl_rows_direct``; gradients against
-torch.autograd through ``ref_kl_rows`` (helpers.check_kl). Shapes stay small: under the Triton CPU
-interpreter every tile step costs milliseconds.
+target, fully masked rows, zero-mass rows, -inf student logits. Against the float64 references of
+tests/reference.py (how: tests/kl_cases.py).
 """
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import (
-    ALL_BACKENDS,
-    BACKEND_PARAMS,
-    DEVICE,
-    INTERPRETER_NOISE,
-    REDUCTIONS,
-    TARGET_KINDS,
-    assert_close,
-    backend_param,
-    check_kl,
-    detached64,
-    make_gen,
-    make_target,
-    randn,
-)
+from helpers import DEVICE, assert_close, backend_params, detached64, make_gen, randn
+from kl_cases import REDUCTIONS, TARGET_KINDS, check_kl, make_target
 from reference import NEG_INF, ref_kl_rows
 
 from lfi.ops import attention_kl
-
-pytestmark = pytest.mark.filterwarnings(INTERPRETER_NOISE)
-
-
 
 # --------------------------------------------------------------------------------------------------
 # Numerics: huge logits, zeros in the target, fully masked rows, zero-mass rows
@@ -53,15 +31,7 @@ LARGE_CASES = [
 ]
 
 
-def _large_params():
-    out = []
-    for backend in ALL_BACKENDS:
-        for c in LARGE_CASES:
-            out.append(backend_param(backend, c, id=f"{backend}-{c['id']}"))
-    return out
-
-
-@pytest.mark.parametrize("backend,case", _large_params())
+@pytest.mark.parametrize("backend,case", backend_params(cases=LARGE_CASES))
 def test_large_logits_stable(backend, case):
     """|logits| ~ 1e4 (student and/or teacher): no overflow, no catastrophic cancellation.
 
@@ -113,7 +83,6 @@ HUGE_ROWS = [
 
 
 @pytest.mark.parametrize("where,value", HUGE_ROWS)
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_huge_magnitude_rows(backend, where, value):
     """A row whose logits are all ~value (|value| >> log N, so value + log N rounds to value): the
     saved statistics keep (row max, log l) apart, so the backward's softmax is still 1/N-exact.
@@ -143,7 +112,6 @@ def test_huge_magnitude_rows(backend, where, value):
 
 
 @pytest.mark.parametrize("target_is", TARGET_KINDS)
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_fully_masked_rows_and_zero_mass(backend, target_is):
     """Rows with no kept key give KL 0 and zero gradient; so do probability rows whose mass is zero
     (everywhere, or only on the kept keys). t = 0 terms contribute nothing."""

@@ -1,37 +1,20 @@
 """lfi.ops.attention_kl_qk API: the custom ops (opcheck) and bad input (ValueError / TypeError naming
-the argument).
-
-Every backend of the matrix (helpers.BACKEND_PARAMS) is compared against the float64 references of
-tests/reference.py, which *do* materialize the logits (``ref_kl_qk_rows``: the F.log_softmax +
-F.kl_div reference and its closed-form twin); gradients (to q and k only) against the reference
-autograd (helpers.check_kl_qk). Shapes stay small: under the Triton CPU interpreter every tile step
-costs milliseconds.
+the argument). How the KL suites test: tests/kl_cases.py.
 """
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import (
-    BACKEND_PARAMS,
-    DEVICE,
-    INTERPRETER_NOISE,
-    key_mask_of,
-    make_gen,
-    make_target,
-    randn,
-)
+from helpers import DEVICE, make_gen, randn
+from kl_cases import implicit_teacher, key_mask_of, make_target
 
 from lfi.ops import attention_kl_qk
-
-pytestmark = pytest.mark.filterwarnings(INTERPRETER_NOISE)
-
 
 # --------------------------------------------------------------------------------------------------
 # The custom ops: opcheck
 # --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("teacher", ["dense", "implicit"])
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_opcheck(backend, teacher):
     gen = make_gen("klqk_opcheck", backend, teacher)
     B, H, Hkv, M, N, D = 2, 2, 1, 5, 20, 16
@@ -41,7 +24,7 @@ def test_opcheck(backend, teacher):
     if teacher == "dense":
         tgt, q_t, k_t, is_logits = make_target((B, 1, M, N), "probs", gen), None, None, False
     else:
-        tgt, q_t, k_t, is_logits = None, randn((B, 1, M, 8), gen), randn((B, 1, N, 8), gen), True
+        (q_t, k_t), tgt, is_logits = implicit_teacher(B, M, N, 8, gen), None, True
     args = (q, k, tgt, q_t, k_t, key_mask, 0.25 / 1.5, 0.35 / 1.5, is_logits, backend)
     op = torch.ops.lfi.attention_kl_qk_fwd.default
     torch.library.opcheck(op, args)

@@ -1,12 +1,7 @@
 """lfi.ops.attention_kl_qk gradients and layouts: gradcheck (float64, torch), no gradient to the
 teacher, partial requires_grad, strided q / k and teachers, and the torch backend's row chunks (the
-full (M, N) logits map is never built).
-
-Every backend of the matrix (helpers.BACKEND_PARAMS) is compared against the float64 references of
-tests/reference.py, which *do* materialize the logits (``ref_kl_qk_rows``: the F.log_softmax +
-F.kl_div reference and its closed-form twin); gradients (to q and k only) against the reference
-autograd (helpers.check_kl_qk). Shapes stay small: under the Triton CPU interpreter every tile step
-costs milliseconds.
+full (M, N) logits map is never built). Against the float64 references of tests/reference.py (how:
+tests/kl_cases.py).
 """
 from __future__ import annotations
 
@@ -14,24 +9,11 @@ import math
 
 import pytest
 import torch
-from helpers import (
-    BACKEND_PARAMS,
-    DEVICE,
-    INTERPRETER_NOISE,
-    assert_close,
-    check_kl_qk,
-    detached64,
-    key_mask_of,
-    make_gen,
-    make_target,
-    randn,
-)
+from helpers import assert_close, detached64, make_gen, randn
+from kl_cases import check_kl_qk, implicit_teacher, key_mask_of, key_mask_with_empty_row, make_target
 from reference import ref_kl_qk_rows
 
 from lfi.ops import attention_kl_qk
-
-pytestmark = pytest.mark.filterwarnings(INTERPRETER_NOISE)
-
 
 # --------------------------------------------------------------------------------------------------
 # Gradients: gradcheck (float64, torch), no gradient to the teacher
@@ -43,13 +25,10 @@ def test_gradcheck_torch_fp64(teacher):
     B, H, Hkv, M, N, D = 1, 2, 1, 3, 6, 4
     q = randn((B, H, M, D), gen, torch.float64, requires_grad=True)
     k = randn((B, Hkv, N, D), gen, torch.float64, requires_grad=True)
-    key_mask = torch.rand(B, 1, M, N, generator=gen) < 0.7
-    key_mask[..., 0] = True
-    key_mask[0, 0, 1] = False
-    key_mask = key_mask.to(DEVICE)
+    key_mask = key_mask_with_empty_row(B, M, N, gen, 0.7, row=1)
     kw = dict(temperature=1.3, key_mask=key_mask, reduction="sum", backend="torch")
     if teacher == "implicit":
-        target = (randn((B, 1, M, 3), gen, torch.float64), randn((B, 1, N, 3), gen, torch.float64))
+        target = implicit_teacher(B, M, N, 3, gen, torch.float64)
     else:
         target = make_target((B, 1, M, N), teacher.split("_")[1], gen, dtype=torch.float64)
         kw["target_is"] = teacher.split("_")[1]
@@ -89,7 +68,6 @@ def test_partial_requires_grad(backend, which):
 # --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layout", ["packed_qkv", "expanded_batch_k"])
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_noncontiguous(backend, layout):
     gen = make_gen("klqk_noncontig", backend, layout)
     B, H, M, D = 2, 2, 9, 16
@@ -146,7 +124,7 @@ def test_torch_backend_row_chunks(monkeypatch, chunk_bytes, teacher):
     q = randn((B, H, M, D), gen, requires_grad=True)
     k = randn((B, Hkv, N, D), gen, requires_grad=True)
     target = make_target((B, 1, M, N), "probs", gen) if teacher == "dense" else \
-        (randn((B, 1, M, 8), gen), randn((B, 1, N, 8), gen))
+        implicit_teacher(B, M, N, 8, gen)
     check_kl_qk("torch", q, k, target, key_mask=key_mask_of("11MN", B, H, M, N, gen), temperature=2.0, gen=gen)
     step = chunk_rows(B, H, M, N, 4)
     assert step < M, "the test must exercise several chunks"

@@ -1,56 +1,43 @@
 """lfi.ops.attention_kl_qk (the attention KL with student logits scale * q k^T, and an optional
 implicit teacher scale_t * q_t k_t^T, never materialized): values and gradients over dense and
-implicit teachers, GQA, temperatures, scales, key masks, reductions and dtypes.
-
-Every backend of the matrix (helpers.BACKEND_PARAMS) is compared against the float64 references of
-tests/reference.py, which *do* materialize the logits (``ref_kl_qk_rows``: the F.log_softmax +
-F.kl_div reference and its closed-form twin); gradients (to q and k only) against the reference
-autograd (helpers.check_kl_qk). Shapes stay small: under the Triton CPU interpreter every tile step
-costs milliseconds.
+implicit teachers, GQA, temperatures, scales, key masks, reductions and dtypes. Against the float64
+references of tests/reference.py (how: tests/kl_cases.py).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 from helpers import (
-    ALL_BACKENDS,
-    BACKEND_PARAMS,
     DEVICE,
     DTYPE_IDS,
-    INTERPRETER_NOISE,
-    REDUCTIONS,
     assert_close,
     backend_dtype_params,
-    backend_param,
-    backend_supports,
     case_params,
-    check_kl_qk,
     detached64,
-    key_mask_of,
     make_gen,
-    make_target,
     randn,
+)
+from kl_cases import (
+    REDUCTIONS,
+    check_kl_qk,
+    check_reduced_loss,
+    implicit_teacher,
+    key_mask_of,
+    make_target,
+    target_shape,
 )
 from reference import ref_kl_qk_rows, ref_reduce, ref_student_logits, ref_teacher_logits
 
 from lfi.ops import attention_kl, attention_kl_qk
 
-pytestmark = pytest.mark.filterwarnings(INTERPRETER_NOISE)
-
-
 
 def _teacher(case, B, H, M, N, gen, dtype=torch.float32):
-    """The target of a case: ('dense', shape, kind) or ('implicit', Ht, Htk, Dt)."""
+    """The target of a case: ('dense', shape name, kind) or ('implicit', Ht, Htk, Dt)."""
     t = case["teacher"]
     if t[0] == "dense":
-        shape = {"B1MN": (B, 1, M, N), "BHMN": (B, H, M, N), "111N": (1, 1, 1, N)}[t[1]]
-        return make_target(shape, t[2], gen, dtype=dtype), t[2]
+        return make_target(target_shape(t[1], B, H, M, N), t[2], gen, dtype=dtype), t[2]
     _, Ht, Htk, Dt = t
-    Ht = H if Ht == "H" else Ht
-    Htk = H if Htk == "H" else Htk
-    q_t = randn((B, Ht, M, Dt), gen, dtype)
-    k_t = randn((B, Htk, N, Dt), gen, dtype)
-    return (q_t, k_t), "logits"
+    return implicit_teacher(B, M, N, Dt, gen, dtype, H if Ht == "H" else Ht, H if Htk == "H" else Htk), "logits"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -76,7 +63,6 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", case_params(CASES))
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_matches_reference(backend, case):
     gen = make_gen("klqk_cases", case["id"], backend)
     B, H, Hkv, M, N, D = (case[x] for x in ("B", "H", "Hkv", "M", "N", "D"))
@@ -94,14 +80,13 @@ def test_matches_reference(backend, case):
 
 
 @pytest.mark.parametrize("N", [1, 33, 70])
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_odd_key_counts(backend, N):
     gen = make_gen("klqk_oddN", backend, N)
     B, H, M, D = 1, 2, 9, 16
     q = randn((B, H, M, D), gen, requires_grad=True)
     k = randn((B, 1, N, D), gen, requires_grad=True)
     check_kl_qk(backend, q, k, make_target((B, 1, M, N), "probs", gen), temperature=2.0, gen=gen)
-    kl, _, _ = check_kl_qk(backend, q, k, (randn((B, 1, M, 8), gen), randn((B, 1, N, 8), gen)), gen=gen)
+    kl, _, _ = check_kl_qk(backend, q, k, implicit_teacher(B, M, N, 8, gen), gen=gen)
     if N == 1:
         assert (kl == 0).all()
 
@@ -120,7 +105,7 @@ def test_same_as_attention_kl_on_materialized_logits(backend):
     b = attention_kl(logits, target, target_is="logits", temperature=1.7, key_mask=key_mask, reduction="none",
                      backend=backend)
     torch.testing.assert_close(a, b, atol=5e-5, rtol=5e-5)
-    q_t, k_t = randn((B, 1, M, 8), gen), randn((B, 1, N, 8), gen)
+    q_t, k_t = implicit_teacher(B, M, N, 8, gen)
     a = attention_kl_qk(q, k, (q_t, k_t), scale=0.4, scale_t=0.6, temperature=1.7, key_mask=key_mask,
                         reduction="none", backend=backend)
     b = attention_kl(logits, ref_teacher_logits(q_t, k_t, 0.6).float(), target_is="logits", temperature=1.7,
@@ -146,43 +131,26 @@ def test_default_scales(backend):
 
 @pytest.mark.parametrize("teacher", ["dense", "implicit"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_reductions(backend, reduction, teacher):
     gen = make_gen("klqk_red", backend, reduction, teacher)
     B, H, Hkv, M, N, D = 2, 2, 1, 5, 24, 16
     q = randn((B, H, M, D), gen, requires_grad=True)
     k = randn((B, Hkv, N, D), gen, requires_grad=True)
     target = make_target((B, 1, M, N), "probs", gen) if teacher == "dense" else \
-        (randn((B, 1, M, 8), gen), randn((B, 1, N, 8), gen))
+        implicit_teacher(B, M, N, 8, gen)
     T = {"none": 1.0, "sum": 0.5, "mean": 2.0, "batchmean": 1.0}[reduction]
     loss = attention_kl_qk(q, k, target, temperature=T, reduction=reduction, backend=backend)
     q64, k64 = detached64(q, k)
     want = ref_reduce(ref_kl_qk_rows(q64, k64, target, temperature=T), reduction, B)
-    assert loss.shape == want.shape and loss.dtype == torch.float32
-    assert_close(loss, want, torch.float32, grad=True, name=f"kl {reduction}")
     weight = 2.5 if reduction != "none" else randn(loss.shape, gen)
-    got = torch.autograd.grad((loss * weight).sum(), (q, k))
-    w64 = weight if isinstance(weight, float) else weight.double()
-    exp = torch.autograd.grad((want * w64).sum(), (q64, k64))
-    for n, g, e in zip("qk", got, exp):
-        assert_close(g, e, torch.float32, grad=True, name=f"d{n}")
+    check_reduced_loss(loss, want, (q, k), (q64, k64), weight, names="qk")
 
 
 # --------------------------------------------------------------------------------------------------
 # dtypes (fp16/bf16 inputs, fp32 accumulation; fp64 on torch), mixed teacher dtype
 # --------------------------------------------------------------------------------------------------
 
-def _dtype_params():
-    out = []
-    for backend in ALL_BACKENDS:
-        for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            if backend_supports(backend, dtype):
-                for teacher in ("dense", "implicit"):
-                    out.append(backend_param(backend, dtype, teacher, id=f"{backend}-{DTYPE_IDS[dtype]}-{teacher}"))
-    return out
-
-
-@pytest.mark.parametrize("backend,dtype,teacher", _dtype_params())
+@pytest.mark.parametrize("backend,dtype,teacher", backend_dtype_params(cases=["dense", "implicit"]))
 def test_dtypes(backend, dtype, teacher):
     gen = make_gen("klqk_dtypes", backend, DTYPE_IDS[dtype], teacher)
     B, H, Hkv, M, N, D = 2, 2, 1, 9, 37, 32
@@ -193,7 +161,7 @@ def test_dtypes(backend, dtype, teacher):
         check_kl_qk(backend, q, k, make_target((B, 1, M, N), "logits", gen, dtype=dtype), target_is="logits",
                     temperature=1.5, key_mask=key_mask, gen=gen)
     else:
-        target = (randn((B, 1, M, 16), gen, dtype), randn((B, 1, N, 16), gen, dtype))
+        target = implicit_teacher(B, M, N, 16, gen, dtype)
         check_kl_qk(backend, q, k, target, temperature=1.5, key_mask=key_mask, gen=gen)
 
 
@@ -204,7 +172,7 @@ def test_low_precision_student_fp32_teacher(backend, dtype):
     B, H, M, N = 1, 2, 7, 30
     q = randn((B, H, M, 16), gen, dtype, requires_grad=True)
     k = randn((B, H, N, 16), gen, dtype, requires_grad=True)
-    check_kl_qk(backend, q, k, (randn((B, 1, M, 24), gen), randn((B, 1, N, 24), gen)), gen=gen)
+    check_kl_qk(backend, q, k, implicit_teacher(B, M, N, 24, gen), gen=gen)
 
 
 INTERPRETER_COST = ("4 teachers x 4 heads x (M, N) = (19, 70) per dtype (~10 s there); test_dtypes covers "

@@ -1,11 +1,6 @@
 """lfi.ops.attention_kl (KL(target || softmax(logits / T)) per attention row): values and gradients
-over shapes, target kinds, temperatures, broadcasting, key masks, reductions and dtypes.
-
-Every backend of the matrix (helpers.BACKEND_PARAMS) is compared, over whole tensors, against the
-float64 references of tests/reference.py computed from the same (rounded) inputs: ``ref_kl_rows``
-(F.log_softmax + F.kl_div) and its closed-form twin ``ref_kl_rows_direct``; gradients against
-torch.autograd through ``ref_kl_rows`` (helpers.check_kl). Shapes stay small: under the Triton CPU
-interpreter every tile step costs milliseconds.
+over shapes, target kinds, temperatures, broadcasting, key masks, reductions and dtypes, against the
+float64 references of tests/reference.py (how: tests/kl_cases.py).
 """
 from __future__ import annotations
 
@@ -13,32 +8,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (
-    ALL_BACKENDS,
-    BACKEND_PARAMS,
     DEVICE,
     DTYPE_IDS,
-    INTERPRETER_NOISE,
-    REDUCTIONS,
-    TARGET_KINDS,
     assert_close,
     backend_dtype_params,
-    backend_param,
-    backend_supports,
     case_params,
-    check_kl,
     detached64,
-    key_mask_of,
     make_gen,
-    make_target,
     randn,
 )
+from kl_cases import REDUCTIONS, TARGET_KINDS, check_kl, check_reduced_loss, key_mask_of, make_target, target_shape
 from reference import ref_kl_rows, ref_reduce, ref_student_log_probs, ref_target_probs
 
 from lfi.ops import attention_kl
-
-pytestmark = pytest.mark.filterwarnings(INTERPRETER_NOISE)
-
-
 
 # --------------------------------------------------------------------------------------------------
 # Per-row values and gradients: shapes, target kinds, temperatures, broadcasting, key masks
@@ -61,17 +43,13 @@ CASES = [
     dict(id="logits_M3_N70_111N", B=2, H=1, M=3, N=70, tshape="111N", target_is="logits", T=1.0, mask="B11N"),
 ]
 
-_TSHAPES = {"B1MN": lambda B, H, M, N: (B, 1, M, N), "BHMN": lambda B, H, M, N: (B, H, M, N),
-            "111N": lambda B, H, M, N: (1, 1, 1, N), "MN": lambda B, H, M, N: (M, N)}
-
 
 @pytest.mark.parametrize("case", case_params(CASES))
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_matches_reference(backend, case):
     gen = make_gen("kl_cases", case["id"], backend)
     B, H, M, N = (case[x] for x in "BHMN")
     logits = randn((B, H, M, N), gen, requires_grad=True, scale=2.0)
-    target = make_target(_TSHAPES[case["tshape"]](B, H, M, N), case["target_is"], gen,
+    target = make_target(target_shape(case["tshape"], B, H, M, N), case["target_is"], gen,
                          normalized=case.get("normalized", True))
     key_mask = key_mask_of(case["mask"], B, H, M, N, gen)
     check_kl(backend, logits, target, target_is=case["target_is"], temperature=case["T"], key_mask=key_mask,
@@ -92,7 +70,6 @@ def test_n1_gives_zero(backend):
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_reductions(backend, reduction, temperature):
     gen = make_gen("kl_red", backend, reduction, temperature)
     B, H, M, N = 2, 2, 6, 33
@@ -103,19 +80,13 @@ def test_reductions(backend, reduction, temperature):
                         backend=backend)
     (lg64,) = detached64(logits)
     rows = ref_kl_rows(lg64, target, "probs", temperature, key_mask)
-    want = ref_reduce(rows, reduction, B)
-    assert loss.shape == want.shape and loss.dtype == torch.float32
-    assert_close(loss, want, torch.float32, grad=True, name=f"kl {reduction}")
+    weight = 0.37 if reduction != "none" else randn(loss.shape, gen, loss.dtype, loss.device)
+    (got,) = check_reduced_loss(loss, ref_reduce(rows, reduction, B), (logits,), (lg64,), weight, names=["logits"])
     # reductions documented explicitly: mean = sum / (B*H*M) rows, batchmean = sum / B
     if reduction == "mean":
         torch.testing.assert_close(loss.double(), rows.sum().detach() / (B * H * M), atol=1e-5, rtol=1e-5)
     if reduction == "batchmean":
         torch.testing.assert_close(loss.double(), rows.sum().detach() / B, atol=1e-5, rtol=1e-5)
-    weight = 0.37 if reduction != "none" else randn(loss.shape, gen, loss.dtype, loss.device)
-    (got,) = torch.autograd.grad((loss * weight).sum(), logits)
-    w64 = weight if isinstance(weight, float) else weight.double()
-    (exp,) = torch.autograd.grad((want * w64).sum(), lg64)
-    assert_close(got, exp, torch.float32, grad=True, name="dlogits")
     # d/dlogits = weight * (softmax(s) - t) / T, explicitly (rows of the kept keys)
     if reduction == "sum":
         p = torch.exp(ref_student_log_probs(lg64.detach() / temperature, key_mask))
@@ -159,18 +130,7 @@ def test_default_reduction_is_batchmean(backend):
 # dtypes (fp32 accumulation from fp16/bf16 inputs; fp64 on the torch backend)
 # --------------------------------------------------------------------------------------------------
 
-def _dtype_params():
-    out = []
-    for backend in ALL_BACKENDS:
-        for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            if backend_supports(backend, dtype):
-                for target_is in TARGET_KINDS:
-                    out.append(backend_param(backend, dtype, target_is,
-                                             id=f"{backend}-{DTYPE_IDS[dtype]}-{target_is}"))
-    return out
-
-
-@pytest.mark.parametrize("backend,dtype,target_is", _dtype_params())
+@pytest.mark.parametrize("backend,dtype,target_is", backend_dtype_params(cases=TARGET_KINDS))
 def test_dtypes(backend, dtype, target_is):
     gen = make_gen("kl_dtypes", backend, DTYPE_IDS[dtype], target_is)
     B, H, M, N = 2, 2, 7, 45

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import BACKEND_PARAMS, DEVICE, INTERPRETER_NOISE, backend_supports, make_gen, make_target, randn
+from helpers import DEVICE, backend_supports, make_gen, randn
+from kl_cases import implicit_teacher, make_target
 from reference import ref_kl_qk_rows, ref_kl_rows, reference_attention, select_weights
 
 from lfi.ops import attention_kl, attention_kl_qk, interaction_attention
-
-pytestmark = pytest.mark.filterwarnings(INTERPRETER_NOISE)
 
 B, H, HKV, M, N, D = 2, 2, 1, 3, 4, 3
 
@@ -79,7 +78,6 @@ def _extra(gen, dtype):
 
 
 @pytest.mark.parametrize("case", ATTN_CASES, ids=[c[0] for c in ATTN_CASES])
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_attention_gradgradcheck(backend, case):
     name, call = case
     if not backend_supports(backend, torch.float64):
@@ -131,7 +129,6 @@ def _reference_outputs(name, q, k, v, extra):
 
 
 @pytest.mark.parametrize("case", ATTN_CASES, ids=[c[0] for c in ATTN_CASES])
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_attention_double_backward_values(backend, case):
     """Second-order gradients of a float32 call (every backend, Triton included) against the
     float64 reference's: L2 = sum(r * dL/dinputs) with dL/dinputs from create_graph=True."""
@@ -181,7 +178,6 @@ def _kl_dtype(backend):
 
 
 @pytest.mark.parametrize("target_is,mask", KL_CASES, ids=[c[0] for c in KL_CASES])
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_attention_kl_double_backward(backend, target_is, mask):
     gen = make_gen("kl_gradgrad", backend, target_is)
     dtype = _kl_dtype(backend)
@@ -208,7 +204,6 @@ def test_attention_kl_double_backward(backend, target_is, mask):
 
 
 @pytest.mark.parametrize("teacher", ["dense", "implicit"])
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_attention_kl_qk_double_backward(backend, teacher):
     gen = make_gen("klqk_gradgrad", backend, teacher)
     dtype = _kl_dtype(backend)
@@ -217,7 +212,7 @@ def test_attention_kl_qk_double_backward(backend, teacher):
     if teacher == "dense":
         target, kw = make_target((B, 1, M, N), "logits", gen, dtype=dtype), dict(target_is="logits")
     else:
-        target, kw = (randn((B, 1, M, 5), gen, dtype), randn((B, 1, N, 5), gen, dtype)), dict(scale_t=0.6)
+        target, kw = implicit_teacher(B, M, N, 5, gen, dtype), dict(scale_t=0.6)
     kw.update(temperature=0.8, key_mask=key_mask, scale=0.9)
 
     def fn(q, k):
@@ -244,7 +239,6 @@ def test_attention_kl_qk_double_backward(backend, teacher):
 # --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("maps", [False, True], ids=["out", "out+maps"])
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_func_grad_vjp_vmap_attention(backend, maps):
     gen = make_gen("func", backend, maps)
     q, k, v = _qkv(gen, torch.float32, requires_grad=False)
@@ -285,7 +279,6 @@ def test_func_grad_vjp_vmap_attention(backend, maps):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_func_transforms_kl_ops(backend):
     gen = make_gen("func_kl", backend)
     logits = randn((B, H, M, N), gen)
@@ -319,7 +312,6 @@ def test_func_transforms_kl_ops(backend):
     torch.testing.assert_close(got, torch.stack([klqk(qb[i], k) for i in range(3)]), atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_func_on_custom_ops_directly(backend):
     """torch.vmap of the custom ops themselves uses their vmap rules (lfi.ops._vmap), one call on the
     folded batch; a broadcast mask that is vmapped, and the mask gradient of the backward op."""
@@ -351,7 +343,6 @@ def test_func_on_custom_ops_directly(backend):
             torch.testing.assert_close(g[i], w, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_hessian_by_jacrev_of_jacrev(backend):
     """A full Hessian through torch.func (reverse over reverse: vmap of a differentiable backward)
     equals eager autograd's on the reference formula. Forward-mode AD (torch.func.hessian = jacfwd

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import BACKEND_PARAMS, DEVICE, INTERPRETER_NOISE, make_gen, make_target, randn
+from helpers import DEVICE, make_gen, randn
+from kl_cases import make_target
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from lfi.ops import attention_kl, attention_kl_qk, interaction_attention
-
-pytestmark = pytest.mark.filterwarnings(INTERPRETER_NOISE)
 
 # (B, M, N) per call; H = 4, Hkv = 2... would tie Hkv with B = 2, so H = 6, Hkv = 3 and B in {2, 4, 5}
 SHAPES = [(2, 5, 7), (4, 9, 11), (5, 13, 10)]
@@ -56,7 +55,6 @@ def _check_same(fn, compiled, make_inputs, grad_inputs, counter):
 
 
 @pytest.mark.parametrize("variant", ["out-scale", "maps-mask", "rows-causal-kl"])
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_compile_interaction_attention(backend, variant):
     """out only with an explicit scale (used to fail at math.isfinite(scale)); every row's maps
     with a float mask (the maps op + attention_pv); a row window, causal and the fused KL."""
@@ -79,7 +77,6 @@ def test_compile_interaction_attention(backend, variant):
     assert _check_same(fn, compiled, make_inputs, (0, 1, 2), counter) == 0, "recompiled for a new shape"
 
 
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_compile_kl_ops(backend):
     def fn(logits, q, k, target):
         return (attention_kl(logits, target, temperature=1.5, backend=backend),
@@ -103,7 +100,6 @@ def test_compile_enable_gqa_false_raises_like_sdpa():
         compiled(q, k)
 
 
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_compile_patched_timm_vit(backend):
     """A patched tiny ViT (img 32, patch 8, depth 1, dim 64; lfi's path forced by an explicit
     backend), compiled from its token sequence to its logits (blocks, norm, head) over batch sizes

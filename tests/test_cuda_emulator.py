@@ -10,12 +10,18 @@
     dK / dV, dQ and the mask gradient) under the emulator, against the float64 reference, over
     the correctness grid (odd N, M != N, N = 1, D 24/40/64/80/128 with Dv != D, strided inputs,
     GQA, bool / float masks with fully masked rows, causal with M != N, map rows and gradients
-    through them, the fused KL and its gradient), including the fast interior-tile loops.
-    The KL ops (attention_kl, attention_kl_qk) are not on tensor cores; their CUDA-core kernels
-    are tested under the emulator by tests/test_cuda_extension.py (opt-in).
+    through them, the fused KL and its gradient), including the fast interior-tile loops and the
+    backward pre-pass's map rows (rowsum(P G), P recomputed on tensor cores);
+(c) attention_kl_qk's bf16 / fp16 tensor-core forward, dq and dk (csrc/cuda/kl.cu) against the
+    float64 reference: odd N, M != N, N = 1, D 24/40/64/80/128, implicit teachers with Dt != D
+    (Ht = H or 1, GQA on both sides), strided inputs, dense probability / logit targets, key masks
+    with fully masked rows. attention_kl takes precomputed logits (no matrix product) and stays on
+    CUDA cores; it and the fp32 kernels run under the emulator in tests/test_cuda_extension.py (opt-in).
 
 Runs by default: it builds the emulator variant of the extension once (about 1.5 minutes on 2 cores,
-cached in TORCH_EXTENSIONS_DIR); the 44 tests then take ~50 s on 2 idle cores (at most ~5 s each).
+cached in TORCH_EXTENSIONS_DIR); the 66 tests then take ~45 s on 2 idle cores (at most ~2.5 s each;
+the attention_kl_qk grid ~10 s of it). The emulator runs a std::thread per CUDA thread: on cores shared
+with other builds the same run took 3-7 minutes.
 Skipped only where the build tools are missing (no C++ compiler or ninja), or with
 LFI_TEST_CUDA_EMULATOR=0.
 """
@@ -25,6 +31,7 @@ import os
 
 import pytest
 import torch
+from cuda_emu_util import attention_bwd, attention_fwd, check_kl_qk, close
 from helpers import bool_mask, float_mask, make_gen, make_qkv
 
 from lfi.backends.cuda import _ext
@@ -95,14 +102,6 @@ def test_missing_wait_on_second_tile_fails(emu, dtype):
 # (b) the tensor-core attention forward under the emulator
 # ------------------------------------------------------------------------------------------------
 
-def _close(got, want, atol, rtol, name):
-    got, want = got.double(), want.double()
-    fin = torch.isfinite(want)
-    assert torch.equal(fin, torch.isfinite(got)), f"{name}: inf / nan pattern differs"
-    torch.testing.assert_close(got[~fin], want[~fin], atol=0, rtol=0, equal_nan=True, msg=f"{name}: inf / nan differ")
-    torch.testing.assert_close(got[fin], want[fin], atol=atol, rtol=rtol, msg=name)
-
-
 # Shapes chosen for the tensor-core tiling (64 query rows per block, 64-key tiles): partial row and
 # key tiles, several key tiles (the cp.async double buffer), head dims padded to 32 / 64 / 96 / 128
 # and dims not a multiple of 8 (element-wise staging), GQA, causal with M != N.
@@ -125,18 +124,29 @@ TC_FORWARD = [
 ]
 
 
+def _strided(q, k, x):
+    """q and x with a non-contiguous last dim, k with every other element of its rows (the
+    element-wise staging paths)."""
+    return (q.transpose(2, 3).contiguous().transpose(2, 3), torch.cat([k, k], dim=-1)[..., ::2],
+            x.transpose(2, 3).contiguous().transpose(2, 3))
+
+
+def _row_mask(B, M, N, gen):
+    """A (B, 1, M, N) bool mask whose row min(2, M - 1) is fully masked."""
+    mask = bool_mask((B, 1, M, N), gen, device="cpu")
+    mask[0, 0, min(2, M - 1)] = False
+    return mask
+
+
 def _forward_case(case, dtype):
     gen = make_gen("emu-tc-fwd", case["id"], str(dtype))
     B, H, Hkv, M, N, D, Dv = (case[x] for x in ("B", "H", "Hkv", "M", "N", "D", "Dv"))
     q, k, v = make_qkv(B, H, Hkv, M, N, D, Dv, dtype=dtype, gen=gen, device="cpu")
-    if case.get("strided"):  # non-contiguous last dim: the element-wise staging path
-        q = q.transpose(2, 3).contiguous().transpose(2, 3)
-        k = torch.cat([k, k], dim=-1)[..., ::2]
-        v = v.transpose(2, 3).contiguous().transpose(2, 3)
+    if case.get("strided"):
+        q, k, v = _strided(q, k, v)
     mask = None
     if case.get("mask") == "bool":
-        mask = bool_mask((B, 1, M, N), gen, device="cpu")
-        mask[0, 0, min(2, M - 1)] = False  # a fully masked row
+        mask = _row_mask(B, M, N, gen)
     elif case.get("mask") == "float":
         mask = float_mask((1, H, M, N), gen, device="cpu")
         mask[0, 0, 0] = float("-inf")
@@ -155,17 +165,11 @@ def _forward_case(case, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", [pytest.param(c, id=c["id"]) for c in TC_FORWARD])
 def test_emulated_tc_attention_forward(emu, case, dtype):
-    from lfi.backends.torch import interaction_attention as R
-
     q, k, v, mask, target = _forward_case(case, dtype)
     rows, causal, scale = case.get("rows", (0, 0)), case.get("causal", False), case["D"] ** -0.5
-    m64 = None if mask is None else (mask if mask.dtype == torch.bool else mask.double())
-    want = R.attention_forward(q.double(), k.double(), v.double(), m64, scale, causal, *rows,
-                               None if target is None else target.double())
-    got = emu.attention_fwd(q, k, v, mask, scale, causal, *rows, target)
+    got, want = attention_fwd(emu, q, k, v, mask, target, scale, causal, rows)
     # out / weights are b16 (P enters P V rounded to b16 as on the GPU); stats and KL are fp32.
     tol = 1.5e-2 if dtype == torch.bfloat16 else 3e-3
-    got = list(got)
     if case.get("nan"):  # a NaN row's statistics: log l is NaN; its max m may be NaN or not (fmaxf)
         nan_row = want[1][..., 1].isnan()
         assert got[1][..., 1][nan_row].isnan().all()
@@ -173,7 +177,7 @@ def test_emulated_tc_attention_forward(emu, case, dtype):
         got[1][..., 0][nan_row] = want[1][..., 0][nan_row].float()
     for name, g, w, t in zip(("out", "stats", "weights", "kl", "tnorm"), got, want, (tol, 1e-4, tol, 2e-4, 1e-4)):
         if w is not None and w.numel():
-            _close(g, w, t, t, name)
+            close(g, w, t, t, name)
 
 
 # dK / dV tiles: 64 keys per block, query tiles of 64 (parts of 32 / 16 rows past D = 64); dQ as
@@ -187,33 +191,81 @@ TC_BACKWARD = [
     dict(id="D128_float_kl_causal", B=1, H=1, Hkv=1, M=80, N=75, D=128, Dv=128, mask="float", kl=True,
          causal=True),
     dict(id="D24_Dv20_strided_maps_kl", B=1, H=2, Hkv=1, M=9, N=77, D=24, Dv=20, strided=True, rows=(0, 9), kl=True),
+    # Map rows from the second 64-row block on (the pre-pass's tensor-core rowsum(P G) over a block
+    # range that starts past 0), causal.
+    dict(id="maps_rows_70_135_causal", B=1, H=1, Hkv=1, M=140, N=100, D=64, Dv=64, causal=True, rows=(70, 135)),
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", [pytest.param(c, id=c["id"]) for c in TC_BACKWARD])
 def test_emulated_tc_attention_backward(emu, case, dtype):
-    from lfi.backends.torch import interaction_attention as R
-
     q, k, v, mask, target = _forward_case(case, dtype)
     B, H, M, N, Dv = (case[x] for x in ("B", "H", "M", "N", "Dv"))
     rows, causal, scale = case.get("rows", (0, 0)), case.get("causal", False), case["D"] ** -0.5
     gen = make_gen("emu-tc-bwd", case["id"], str(dtype))
-    m64 = None if mask is None else (mask if mask.dtype == torch.bool else mask.double())
-    t64 = None if target is None else target.double()
-    q64, k64, v64 = q.double(), k.double(), v.double()
-    want = R.attention_forward(q64, k64, v64, m64, scale, causal, *rows, t64)
-    got = emu.attention_fwd(q, k, v, mask, scale, causal, *rows, target)
+    got, want = attention_fwd(emu, q, k, v, mask, target, scale, causal, rows)
     go = torch.randn(B, H, M, Dv, generator=gen).to(dtype)
     gw = torch.randn(B, H, rows[1] - rows[0], N, generator=gen).to(dtype) if rows[1] > rows[0] else None
     gkl = torch.randn(B, H, M, generator=gen) if target is not None else None
-    mask_grad = mask is not None and mask.dtype != torch.bool
-    want_g = R.attention_backward(go.double(), None if gw is None else gw.double(), q64, k64, v64, want[0], want[1],
-                                  m64, scale, causal, *rows, mask_grad, t64, want[4], gkl)
-    got_g = emu.attention_bwd(go, gw, q, k, v, got[0], got[1], mask, scale, causal, *rows, mask_grad, target,
-                              got[4] if target is not None else None, gkl)
+    got_g, want_g = attention_bwd(emu, got, want, q, k, v, mask, target, scale, causal, rows, go, gw, gkl)
     # P and dS enter the tensor-core products rounded to b16 (as on the GPU); outputs are b16.
     tol = 4e-2 if dtype == torch.bfloat16 else 8e-3
     for name, g, w in zip(("dq", "dk", "dv", "dmask"), got_g, want_g):
         if w is not None and w.numel():
-            _close(g, w, tol, tol, name)
+            close(g, w, tol, tol, name)
+
+
+# ------------------------------------------------------------------------------------------------
+# (c) attention_kl_qk on tensor cores under the emulator (csrc/cuda/kl.cu: forward, dq, dk)
+# ------------------------------------------------------------------------------------------------
+
+# 64 query rows per forward / dq block, 64-key tiles (double-buffered), dk blocks of 64 keys looping
+# over the group's heads; the padded head dim covers D and the teacher's Dt. target: "probs" / "logits"
+# (dense, float32), or "implicit" (teacher q_t, k_t of the student's dtype; Ht = H or 1, Htk | Ht).
+# mask: a (B, 1, M, N) key mask with one fully masked row, or (B, 1, 1, N) with a batch masked whole.
+# D80_implicit_gqa_keymask: the dk block's two query heads use different teacher key heads (K_t
+# restaged per head into alternating buffers).
+TC_KL_QK = [
+    dict(id="odd_D64_gqa_probs_rowmask", B=1, H=2, Hkv=1, M=70, N=45, D=64, target="probs", mask="rows"),
+    dict(id="D40_logits_3tiles", B=1, H=1, Hkv=1, M=33, N=150, D=40, target="logits"),
+    dict(id="D80_implicit_gqa_keymask", B=2, H=2, Hkv=1, M=9, N=37, D=80, target="implicit", Ht=2, Htk=2, Dt=48,
+         mask="keys"),
+    dict(id="D128_implicit_Ht1", B=1, H=2, Hkv=1, M=17, N=41, D=128, target="implicit", Ht=1, Htk=1, Dt=128),
+    dict(id="D24_Dt72_strided", B=1, H=1, Hkv=1, M=9, N=77, D=24, target="implicit", Ht=1, Htk=1, Dt=72,
+         strided=True),
+    dict(id="full_tiles_D64_logits", B=1, H=1, Hkv=1, M=128, N=128, D=64, target="logits", mask="rows"),
+    dict(id="N1_M1", B=1, H=1, Hkv=1, M=1, N=1, D=32, target="probs"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c["id"]) for c in TC_KL_QK])
+def test_emulated_tc_kl_qk(emu, case, dtype):
+    gen = make_gen("emu-tc-klqk", case["id"], str(dtype))
+    B, H, Hkv, M, N, D = (case[x] for x in ("B", "H", "Hkv", "M", "N", "D"))
+    q = (torch.randn(B, H, M, D, generator=gen) * 0.7).to(dtype)
+    k = (torch.randn(B, Hkv, N, D, generator=gen) * 0.7).to(dtype)
+    target = q_t = k_t = None
+    if case["target"] == "implicit":
+        q_t = torch.randn(B, case["Ht"], M, case["Dt"], generator=gen).to(dtype)
+        k_t = torch.randn(B, case["Htk"], N, case["Dt"], generator=gen).to(dtype)
+    elif case["target"] == "logits":
+        target = torch.randn(B, 1, M, N, generator=gen) * 2
+    else:
+        target = torch.rand(B, 1, M, N, generator=gen)
+        target[0, 0, min(1, M - 1)] = 0  # a row with no target mass
+    if case.get("strided"):
+        q, k, q_t = _strided(q, k, q_t)
+    key_mask = None
+    if case.get("mask") == "rows":
+        key_mask = _row_mask(B, M, N, gen)
+    elif case.get("mask") == "keys":
+        key_mask = torch.rand(B, 1, 1, N, generator=gen) < 0.6
+        key_mask[-1] = False  # a batch whose rows are all fully masked
+    g = torch.randn(B, H, M, generator=gen)
+    logits = case["target"] != "probs"
+    # The forward's products are exact b16 x b16 -> fp32 sums (fp32 statistics); in the backward dS
+    # enters the tensor-core products rounded to b16 (as on the GPU) and dq / dk are b16.
+    bwd_tol = 4e-2 if dtype == torch.bfloat16 else 8e-3
+    check_kl_qk(emu, q, k, target, q_t, k_t, key_mask, g, D ** -0.5, 0.8, logits, 1e-4, bwd_tol)

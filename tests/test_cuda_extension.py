@@ -20,6 +20,7 @@ import os
 
 import pytest
 import torch
+from cuda_emu_util import attention_bwd, attention_fwd, check_kl_qk, close
 from helpers import bool_mask, float_mask, make_gen, make_qkv, randn
 
 from lfi.backends.cuda import _ext
@@ -88,14 +89,6 @@ def emu():
     return _ext.load_emulator()
 
 
-def _close(got, want, atol=3e-5, rtol=3e-5, name=""):
-    got, want = got.double(), want.double()
-    fin = torch.isfinite(want)
-    assert torch.equal(fin, torch.isfinite(got)), f"{name}: inf pattern differs"
-    assert torch.equal(got[~fin], want[~fin]), f"{name}: infinities differ"
-    torch.testing.assert_close(got[fin], want[fin], atol=atol, rtol=rtol, msg=name)
-
-
 EMU_ATTENTION = [
     dict(id="tiny", B=1, H=1, Hkv=1, M=3, N=5, D=16, Dv=16, mask=None, causal=False, rows=(0, 0), kl=False),
     dict(id="gqa_bool_rows_kl", B=1, H=2, Hkv=1, M=17, N=40, D=24, Dv=20, mask="bool", causal=False, rows=(2, 9),
@@ -111,8 +104,6 @@ EMU_ATTENTION = [
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c["id"]) for c in EMU_ATTENTION])
 def test_emulated_cuda_attention(emu, case):
-    from lfi.backends.torch import interaction_attention as R
-
     gen = make_gen("emu", case["id"])
     dtype = case.get("dtype", torch.float32)
     B, H, Hkv, M, N, D, Dv = (case[x] for x in ("B", "H", "Hkv", "M", "N", "D", "Dv"))
@@ -126,33 +117,25 @@ def test_emulated_cuda_attention(emu, case):
         mask[0, 0, 0] = float("-inf")
     target = torch.rand(B, 1, M, N, generator=gen) if case["kl"] else None
     rows, causal, scale = case["rows"], case["causal"], D ** -0.5
-    m64 = None if mask is None else (mask if mask.dtype == torch.bool else mask.double())
-    t64 = None if target is None else target.double()
-    q64, k64, v64 = q.double(), k.double(), v.double()
-    want = R.attention_forward(q64, k64, v64, m64, scale, causal, *rows, t64)
-    got = emu.attention_fwd(q, k, v, mask, scale, causal, *rows, target)
+    got, want = attention_fwd(emu, q, k, v, mask, target, scale, causal, rows)
     tol = 3e-5 if dtype == torch.float32 else 2e-3
     for name, g, w in zip(("out", "stats", "weights", "kl", "tnorm"), got, want):
         if w is not None:
-            _close(g, w, tol, tol, name)
+            close(g, w, tol, tol, name)
     go = randn((B, H, M, Dv), gen, dtype, "cpu")
     gw = randn((B, H, rows[1] - rows[0], N), gen, dtype, "cpu") if rows[1] > rows[0] else None
     gkl = torch.randn(B, H, M, generator=gen) if target is not None else None
-    mask_grad = mask is not None and mask.dtype != torch.bool
-    want = R.attention_backward(go.double(), None if gw is None else gw.double(), q64, k64, v64, want[0], want[1],
-                                m64, scale, causal, *rows, mask_grad, t64, want[4], gkl)
-    got = emu.attention_bwd(go, gw, q, k, v, got[0], got[1], mask, scale, causal, *rows, mask_grad, target,
-                            got[4] if target is not None else None, gkl)
-    for name, g, w in zip(("dq", "dk", "dv", "dmask"), got, want):
+    got_g, want_g = attention_bwd(emu, got, want, q, k, v, mask, target, scale, causal, rows, go, gw, gkl)
+    for name, g, w in zip(("dq", "dk", "dv", "dmask"), got_g, want_g):
         if w is not None:
-            _close(g, w, 10 * tol, 10 * tol, name)
+            close(g, w, 10 * tol, 10 * tol, name)
 
 
 @pytest.mark.parametrize("logits_t", [False, True], ids=["probs", "logits"])
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "keymask"])
 def test_emulated_cuda_kl(emu, masked, logits_t):
+    """attention_kl and (float32: the CUDA-core kernels) attention_kl_qk under the emulator."""
     from lfi.backends.torch import attention_kl as RK
-    from lfi.backends.torch import attention_kl_qk as RQ
 
     gen = make_gen("emu-kl", masked, logits_t)
     B, H, M, N, D = 2, 2, 5, 150, 24
@@ -167,20 +150,11 @@ def test_emulated_cuda_kl(emu, masked, logits_t):
     want = RK.kl_forward(lg.double(), t.double(), km, 0.7, 1.3, logits_t)
     got = emu.kl_fwd(lg, t, km, 0.7, 1.3, logits_t)
     for name, a, b in zip(("kl", "stats", "tstats"), got, want):
-        _close(a, b, name=name)
-    _close(emu.kl_bwd(g, lg, t, km, got[1], got[2], 0.7, 1.3, logits_t),
-           RK.kl_backward(g.double(), lg.double(), t.double(), km, want[1], want[2], 0.7, 1.3, logits_t),
-           name="dlogits")
+        close(a, b, 3e-5, 3e-5, name=name)
+    close(emu.kl_bwd(g, lg, t, km, got[1], got[2], 0.7, 1.3, logits_t),
+          RK.kl_backward(g.double(), lg.double(), t.double(), km, want[1], want[2], 0.7, 1.3, logits_t),
+          3e-5, 3e-5, name="dlogits")
     q, k = torch.randn(B, H, M, D, generator=gen), torch.randn(B, 1, N, D, generator=gen)
     qt, kt = torch.randn(B, H, M, 16, generator=gen), torch.randn(B, 1, N, 16, generator=gen)
     for tgt, q_t, k_t, lt in ((t, None, None, logits_t), (None, qt, kt, True)):
-        d = lambda x: None if x is None else x.double()  # noqa: E731
-        want = RQ.kl_qk_forward(q.double(), k.double(), d(tgt), d(q_t), d(k_t), km, 0.3, 0.25, lt)
-        got = emu.kl_qk_fwd(q, k, tgt, q_t, k_t, km, 0.3, 0.25, lt)
-        for name, a, b in zip(("kl", "stats", "tstats"), got, want):
-            _close(a, b, 1e-4, 1e-4, name=name)
-        want_g = RQ.kl_qk_backward(g.double(), q.double(), k.double(), d(tgt), d(q_t), d(k_t), km, want[1], want[2],
-                                   0.3, 0.25, lt)
-        got_g = emu.kl_qk_bwd(g, q, k, tgt, q_t, k_t, km, got[1], got[2], 0.3, 0.25, lt)
-        for name, a, b in zip(("dq", "dk"), got_g, want_g):
-            _close(a, b, 1e-4, 1e-4, name=name)
+        check_kl_qk(emu, q, k, tgt, q_t, k_t, km, g, 0.3, 0.25, lt, 1e-4, 1e-4)

@@ -14,30 +14,24 @@ import warnings
 import pytest
 import torch
 from helpers import (
-    ALL_BACKENDS,
-    BACKEND_PARAMS,
     DEVICE,
     DTYPE_IDS,
-    INTERPRETER_NOISE,
-    REDUCTIONS,
     assert_close,
     backend_dtype_params,
-    backend_param,
+    backend_params,
     bool_mask,
     case_params,
     detached64,
     float_mask,
     make_gen,
     make_qkv,
-    make_target,
     randn,
     schema_args,
 )
+from kl_cases import REDUCTIONS, make_target, target_shape
 from reference import NEG_INF, ref_fused_kl_rows, ref_reduce, reference_attention, select_weights
 
 from lfi.ops import attention_kl_qk, interaction_attention
-
-pytestmark = pytest.mark.filterwarnings(INTERPRETER_NOISE)
 
 
 def run_fused(backend, q, k, v, mask=None, *, target, is_causal=False, scale=None, reduction="none",
@@ -123,9 +117,8 @@ CASES = [
 def _case_inputs(case, gen, dtype=torch.float32):
     B, H, Hkv, M, N = (case[x] for x in ("B", "H", "Hkv", "M", "N"))
     q, k, v = make_qkv(B, H, Hkv, M, N, 16, dtype=dtype, gen=gen, requires_grad=True)
-    shape = {"B1MN": (B, 1, M, N), "BHMN": (B, H, M, N), "111N": (1, 1, 1, N)}[case["tshape"]]
     zero_rows = [(1, 0, 4)] if case["tshape"] == "BHMN" else []
-    target = _target(shape, gen, zero_rows)
+    target = _target(target_shape(case["tshape"], B, H, M, N), gen, zero_rows)
     mask = None
     kind = case.get("mask")
     if kind == "bool":
@@ -148,7 +141,6 @@ def _case_inputs(case, gen, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("case", case_params(CASES))
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_matches_reference(backend, case):
     gen = make_gen("fused", case["id"], backend)
     q, k, v, mask, target = _case_inputs(case, gen)
@@ -170,7 +162,6 @@ def test_matches_reference(backend, case):
 # --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_reductions(backend, reduction):
     gen = make_gen("fused_red", backend, reduction)
     B, H, M, N = 2, 2, 6, 19
@@ -225,7 +216,6 @@ def test_long_rows_dtypes(backend, dtype, causal):
 
 
 @pytest.mark.parametrize("with_weights", [False, True], ids=["kl", "kl+weights"])
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_loss_on_kl_only(backend, with_weights):
     """Only the KL (and maybe the maps) enter the loss: out receives no gradient (None upstream)."""
     gen = make_gen("fused_kl_only", backend, with_weights)
@@ -260,11 +250,7 @@ def test_same_as_attention_kl_qk(backend):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m: f"d{n}: {m}")
 
 
-def _three_d_params():
-    return [backend_param(b, t, id=f"{b}-target{t}") for b in ALL_BACKENDS for t in ("B1MN", "BMN")]
-
-
-@pytest.mark.parametrize("backend,tshape", _three_d_params())
+@pytest.mark.parametrize("backend,tshape", backend_params(cases=["B1MN", "BMN"]))
 def test_three_d_inputs(backend, tshape):
     """(B, L, D) inputs: out (B, M, Dv), kl (B, M). The target as (B, 1, M, N) and as (B, M, N)."""
     gen = make_gen("fused_3d", backend)
@@ -322,7 +308,6 @@ def test_torch_backend_row_chunks(monkeypatch, chunk_bytes):
               rows=(4, 11), gen=gen)
 
 
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_dropout_kl_uses_maps_before_dropout(backend):
     """With dropout_p > 0 (eager fallback) the KL is computed on P before dropout: same values and
     gradients as the reference, whatever the dropout mask."""
@@ -346,7 +331,6 @@ def test_dropout_kl_uses_maps_before_dropout(backend):
 # The custom ops with a kl_target: opcheck
 # --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_opcheck(backend):
     gen = make_gen("fused_opcheck", backend)
     B, H, M, N, D = 2, 2, 5, 19, 16

@@ -48,6 +48,8 @@ def _mask(c, gen):
     return float_mask(shape, gen, neg_inf_frac=0.3 if c["mask_kind"] == "float_neginf" else 0.0)
 
 
+# The backend axis as a parametrize, not conftest's `backend` fixture: hypothesis refuses function-scoped
+# fixtures in a @given test (HealthCheck.function_scoped_fixture).
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(c=cases())

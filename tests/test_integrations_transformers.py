@@ -137,6 +137,46 @@ def test_gradients_match_eager(name):
         close(p.grad, pr.grad, GRAD_ATOL, GRAD_RTOL)
 
 
+def retained_maps_grads(model, kw, seed: int) -> list[torch.Tensor]:
+    """w.grad of every returned map (B, H, Q, KV) after a backward from a random linear loss on the
+    outputs only, never on the maps: what transformers' test_retain_grad_hidden_states_attentions and
+    attention x gradient attribution rely on. An entry is None when that map does not feed the outputs."""
+    out = model(**kw, output_attentions=True)
+    maps = attentions(out)
+    for w in maps:
+        w.retain_grad()
+    g = torch.Generator().manual_seed(seed)
+    map_ids = {id(w) for w in maps}
+    tensors = [t for t in flat(out).values() if t.is_floating_point() and t.requires_grad and id(t) not in map_ids]
+    sum((t * torch.randn(t.shape, generator=g).to(t)).sum() for t in tensors).backward()
+    return [w.grad for w in maps]
+
+
+@pytest.mark.parametrize("name", ["vit", "clip"])
+def test_retained_maps_grads_match_eager(name):
+    """out.attentions[i].retain_grad() then backward from the outputs: w.grad equals eager's (the maps
+    feed the outputs as eager's do, through lfi's attention_pv), train mode included."""
+    model, ref = pair(name)
+    model.train()
+    ref.train()  # attention dropout is 0 in these configs
+    kw = model_inputs(name)
+    got, exp = retained_maps_grads(model, kw, seed=3), retained_maps_grads(ref, kw, seed=3)
+    assert len(got) == len(exp) == (4 if name in HAS_TEXT else 2)
+    for g, e in zip(got, exp):
+        assert g is not None, "returned maps are not on the autograd path of the outputs"
+        close(g, e, GRAD_ATOL, GRAD_RTOL)
+
+
+def test_retained_maps_grads_with_attention_dropout():
+    """transformers' testers train with attention dropout 0.1: out = dropout(w) @ v depends on w, so
+    w.retain_grad() must see a gradient from a loss on the outputs, as with eager."""
+    cfg = ViTConfig(**VISION, attention_probs_dropout_prob=0.5)
+    torch.manual_seed(0)
+    model = AutoModel.from_config(cfg, attn_implementation="lfi").to(DEVICE).train()
+    grads = retained_maps_grads(model, model_inputs("vit"), seed=3)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
 @pytest.mark.parametrize("name", ["clip", "siglip"])
 def test_padding_mask_is_honoured(name):
     """The registered mask function must deliver padding masks (else they are silently dropped)."""

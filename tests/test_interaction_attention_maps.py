@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import (
-    BACKEND_PARAMS,
     backend_supports,
     bool_mask,
     case_params,
@@ -37,7 +36,6 @@ def _rows_id(r):
 
 @pytest.mark.parametrize("average", [False, True], ids=["heads", "avg"])
 @pytest.mark.parametrize("rows", ROWS, ids=_rows_id)
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_weights_options(backend, rows, average):
     gen = make_gen("weights_options", backend, rows, average)
     q, k, v = make_qkv(WB, WH, WHKV, WM, WN, 32, gen=gen, requires_grad=True)
@@ -56,7 +54,6 @@ LOSS_MAPS = [
 @pytest.mark.parametrize("loss", ["out", "weights", "both"])
 @pytest.mark.parametrize("rows,average", LOSS_MAPS,
                          ids=[_rows_id(r) + ("-avg" if a else "") for r, a in LOSS_MAPS])
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_loss_on_out_or_weights(backend, rows, average, loss):
     gen = make_gen("loss_modes", backend, rows, "avg", loss) if average else make_gen("loss_modes", backend, rows,
                                                                                       loss)
@@ -64,7 +61,6 @@ def test_loss_on_out_or_weights(backend, rows, average, loss):
     run_and_compare(backend, q, k, v, need_weights=True, average=average, rows=rows, loss=loss, gen=gen)
 
 
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_weights_options_with_masks_and_causal(backend):
     """weights_rows + averaging with a float mask, causal masking and a fully masked row."""
     gen = make_gen("weights_masks", backend)
@@ -77,7 +73,6 @@ def test_weights_options_with_masks_and_causal(backend):
                         rows=(14, 27), gen=gen)
 
 
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_weights_slice_form(backend):
     """weights_rows also accepts a slice (lfi extension), with Python's negative-index semantics."""
     gen = make_gen("slice", backend)
@@ -112,7 +107,6 @@ GRAPH_CASES = [
 
 
 @pytest.mark.parametrize("case", case_params(GRAPH_CASES))
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_full_maps_feed_out_as_in_eager(backend, case):
     """need_weights=True (all rows, per head): w.retain_grad() and a hook on w see dL/dw after a
     backward from out alone and from out + a loss on w; the grads of q, k, v, w equal eager's
@@ -152,7 +146,6 @@ def test_full_maps_feed_out_as_in_eager(backend, case):
             t.grad = None
 
 
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_full_maps_graph_3d_and_grad_of_out_wrt_w(backend):
     """3-D inputs (B, L, E) return (B, M, N) maps that feed out too; torch.autograd.grad(out, w) is
     dO V^T, as in eager."""
@@ -167,7 +160,6 @@ def test_full_maps_graph_3d_and_grad_of_out_wrt_w(backend):
     out.mul_(2)  # the output is an ordinary tensor: in-place ops are allowed, as on eager's
 
 
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_row_subset_and_averaged_maps_stay_side_outputs(backend):
     """weights_rows and average_attn_weights keep the other graph: the maps are a side output (out
     does not depend on them; eager's nn.MultiheadAttention averages after P @ V too), so gradients

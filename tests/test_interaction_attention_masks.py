@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import BACKEND_PARAMS, DEVICE, bool_mask, case_params, float_mask, make_gen, make_qkv, run_and_compare
+from helpers import DEVICE, bool_mask, case_params, float_mask, make_gen, make_qkv, run_and_compare
 
 from lfi.ops import interaction_attention
 
@@ -29,7 +29,6 @@ MASK_SHAPES = {
 
 @pytest.mark.parametrize("shape_id", list(MASK_SHAPES))
 @pytest.mark.parametrize("kind", ["bool", "float"])
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_masks(backend, kind, shape_id):
     gen = make_gen("masks", backend, kind, shape_id)
     q, k, v = make_qkv(MB, MH, 1, MM, MN, 32, gen=gen, requires_grad=True)
@@ -113,7 +112,6 @@ CAUSAL_CASES = [
 
 
 @pytest.mark.parametrize("case", case_params(CAUSAL_CASES))
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_causal(backend, case):
     gen = make_gen("causal", backend, case["id"])
     B, H, M, N = 1, 2, case["M"], case["N"]
@@ -188,7 +186,6 @@ FULLY_MASKED = ["bool_rows", "float_neginf_rows", "key_padding_whole_batch", "ca
 
 
 @pytest.mark.parametrize("name", FULLY_MASKED)
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_fully_masked_rows(backend, name):
     gen = make_gen("fully_masked", backend, name)
     B, H, M, N = 2, 2, 21, 35
@@ -207,7 +204,6 @@ def test_fully_masked_rows(backend, name):
 
 
 @pytest.mark.parametrize("loss", ["out", "weights"])
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_fully_masked_rows_single_loss(backend, loss):
     gen = make_gen("fully_masked_single", backend, loss)
     B, H, M, N = 1, 2, 18, 20
@@ -237,7 +233,6 @@ MASK_GRAD_CASES = [
 
 
 @pytest.mark.parametrize("case", case_params(MASK_GRAD_CASES))
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_float_mask_grad(backend, case):
     gen = make_gen("mask_grad", backend, case["id"])
     q, k, v = make_qkv(GB, GH, 1, GM, GN, 16, gen=gen, requires_grad=True)
@@ -253,7 +248,6 @@ def test_float_mask_grad(backend, case):
         assert (grads["attn_mask"][..., 3, :] == 0).all()
 
 
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_float_mask_grad_out_only(backend):
     gen = make_gen("mask_grad_out", backend)
     q, k, v = make_qkv(1, 2, 2, 9, 17, 16, gen=gen)  # only the mask requires grad

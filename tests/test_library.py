@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import (
-    BACKEND_PARAMS,
     DEVICE,
     assert_close,
     bool_mask,
@@ -49,14 +48,12 @@ def _op_args(case, backend, requires_grad=True):
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c["id"]) for c in OPCHECK_CASES])
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_opcheck_fwd(backend, case):
     args = _op_args(case, backend)
     torch.library.opcheck(torch.ops.lfi.interaction_attention_fwd.default, args)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "packed_qkv"])
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_opcheck_bwd(backend, layout):
     """The backward op's fake kernel must describe what the real kernels return (sizes and
     strides), also for strided inputs such as q, k, v sliced out of a packed qkv projection:
@@ -81,7 +78,6 @@ def test_opcheck_bwd(backend, layout):
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c["id"]) for c in OPCHECK_CASES
                                   if c["id"] in ("nomask_norows", "boolmask_causal_rows0-4")])
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_opcheck_bwd_cases(backend, case):
     """From the cuda backend's suite: the backward op's opcheck also without a mask and without map
     rows, and with a bool mask, causal masking and map rows; the forward's row statistics are
@@ -102,7 +98,6 @@ def test_opcheck_bwd_cases(backend, case):
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c["id"]) for c in OPCHECK_CASES[:3]])
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_op_direct_outputs(backend, case):
     """out, stats (float32 (row max, log row sum); lse = their sum is +inf on fully masked rows)
     and the weights slab from the raw op."""
@@ -175,7 +170,6 @@ def test_torch_compile_fullgraph_cpu():
         torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-4, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_torch_compile_fullgraph_backend(backend):
     """From the cuda backend's suite: interaction_attention with an explicit backend inside a
     fullgraph-compiled function (opaque custom ops, fake kernels), maps of the last rows with a float

@@ -12,6 +12,8 @@ import torch
 
 pytest.importorskip("timm")
 
+from helpers import TINY_CLIP  # noqa: E402
+
 from lfi.data.synthetic import SyntheticShapes  # noqa: E402
 from lfi.train import cli  # noqa: E402
 from lfi.train.config import (  # noqa: E402
@@ -26,8 +28,6 @@ from lfi.train.trainer import Trainer, build_teacher, synthetic_datasets  # noqa
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_FLAG = {"synthetic_concepts", "synthetic_seed", "synthetic_sigma", "map_topk"}
-TINY_CLIP = dict(embed_dim=64, vision_cfg=dict(image_size=64, patch_size=16, layers=2, width=128, head_width=32),
-                 text_cfg=dict(context_length=77, vocab_size=49408, width=128, heads=4, layers=2))
 
 
 def parse(*argv):
@@ -108,20 +108,6 @@ def test_flag_values_reach_the_config():
 # ------------------------------------------------------------------------------------------------
 # eval / maps build the training teacher
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def clip_weights(tmp_path_factory):
-    open_clip = pytest.importorskip("open_clip")
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        m = open_clip.create_model("ViT-S-16", pretrained=None, **TINY_CLIP)
-    path = tmp_path_factory.mktemp("clip") / "tiny_clip.safetensors"
-    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path))
-    return path
-
-
 def _same_clip_teacher(a, b):
     assert type(a) is type(b) and type(a).__name__ == "CLIPTeacher"
     for attr in ("templates", "temperature", "target_entropy", "select", "topk", "threshold", "concepts", "grid",

@@ -10,19 +10,10 @@ import torch.nn.functional as F
 
 open_clip = pytest.importorskip("open_clip")
 
+from helpers import TINY_CLIP  # noqa: E402
+
 from lfi.data.synthetic import SyntheticShapes  # noqa: E402
 from lfi.teachers import CLIPTeacher, SyntheticTeacher, TeacherMaps  # noqa: E402
-
-TINY_CLIP = dict(embed_dim=64, vision_cfg=dict(image_size=64, patch_size=16, layers=2, width=128, head_width=32),
-                 text_cfg=dict(context_length=77, vocab_size=49408, width=128, heads=4, layers=2))
-
-
-@pytest.fixture(scope="module")
-def tiny_clip():
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return open_clip.create_model("ViT-S-16", pretrained=None, **TINY_CLIP).eval()
 
 
 def test_tokenizer_offline():
@@ -76,12 +67,8 @@ def test_clip_teacher_missing_weights_file():
         CLIPTeacher("ViT-B-16", pretrained="/nowhere/clip.safetensors", concepts=["dog"])
 
 
-def test_clip_teacher_from_local_file(tiny_clip, tmp_path):
-    from safetensors.torch import save_file
-
-    path = tmp_path / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in tiny_clip.state_dict().items()}, str(path))
-    t = CLIPTeacher("ViT-S-16", pretrained=str(path), concepts=["dog", "cat"], model_kwargs=TINY_CLIP)
+def test_clip_teacher_from_local_file(tiny_clip, clip_weights):
+    t = CLIPTeacher("ViT-S-16", pretrained=str(clip_weights), concepts=["dog", "cat"], model_kwargs=TINY_CLIP)
     ref = CLIPTeacher(tiny_clip, concepts=["dog", "cat"])
     x = torch.rand(1, 3, 64, 64)
     torch.testing.assert_close(t(x).probs, ref(x).probs)

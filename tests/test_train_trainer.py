@@ -1,13 +1,14 @@
 """Trainer: checkpoint save/resume reproduces the run; clear errors; ImageFolder + CLIP teacher;
 `lfi eval` over domain folders; `lfi maps`."""
 import json
-import warnings
 
 import pytest
 import torch
 
 pytest.importorskip("timm")
 open_clip = pytest.importorskip("open_clip")
+
+from helpers import TINY_CLIP  # noqa: E402
 
 from lfi.data.synthetic import SyntheticShapes  # noqa: E402
 from lfi.train import checkpoint as ckpt  # noqa: E402
@@ -16,8 +17,6 @@ from lfi.train.config import TrainConfig, demo_config  # noqa: E402
 from lfi.train.trainer import Trainer  # noqa: E402
 
 TINY_STUDENT = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
-TINY_CLIP = dict(embed_dim=64, vision_cfg=dict(image_size=64, patch_size=16, layers=2, width=128, head_width=32),
-                 text_cfg=dict(context_length=77, vocab_size=49408, width=128, heads=4, layers=2))
 
 
 def tiny_synthetic(tmp_path, **kw):
@@ -52,19 +51,6 @@ def test_checkpoint_resume_reproduces_next_epoch(tmp_path):
 def write_folder(root, n=24, seed=0):
     SyntheticShapes(n, img_size=32, task="quadrant", seed=seed).save_imagefolder(root)
     return root
-
-
-@pytest.fixture(scope="module")
-def clip_weights(tmp_path_factory):
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        m = open_clip.create_model("ViT-S-16", pretrained=None, **TINY_CLIP)
-    path = tmp_path_factory.mktemp("clip") / "tiny_clip.safetensors"
-    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path))
-    return path
 
 
 def folder_args(data, out, weights, *extra):

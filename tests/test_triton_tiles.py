@@ -149,11 +149,11 @@ def test_maps_buffer_rows_are_padded():
 # Config choice (pure Python: runs anywhere)
 # --------------------------------------------------------------------------------------------------
 
-def _named(dtype=torch.bfloat16, D=64, M=1024, maps=0, precision="tf32"):
+def _named(dtype=torch.bfloat16, D=64, M=1024, maps=0, precision="tf32", N=1024, **extra):
     from lfi.backends.triton._launch import _block, bucket
 
     return {"Q": torch.empty(1, dtype=dtype, device="meta"), "BLOCK_D": _block(D), "BLOCK_DV": _block(D),
-            "M_BUCKET": bucket(M), "PRECISION": precision, "WRITE_MAPS": maps}
+            "M_BUCKET": bucket(M), "PRECISION": precision, "WRITE_MAPS": maps, "M": M, "N": N, **extra}
 
 
 def _shape(cfg):
@@ -182,6 +182,50 @@ def test_config_tables():
             resident, streamed = ("N", "M") if kernel == "dkdv" else ("M", "N")
             assert all(launcher._smem_bytes(c, named, resident, streamed) <= launcher.smem_limit(None)
                        for c in kept)
+
+
+def test_ragged_sizes_take_their_own_configs():
+    """M or N not a multiple of 16 compiles as a separate Triton variant, where some tiles spill (the
+    compiled-kernel report): the maps forward and the dK/dV with map gradients then take their own
+    lists, and the autotuner's size key tells those calls apart from the aligned ones."""
+    from lfi.backends.triton import interaction_attention as launcher
+
+    pick = launcher._candidates
+    assert _shape(pick("fwd", _named(maps=2))[0]) == (128, 128, 8, 2)
+    assert _shape(pick("fwd", _named(maps=2, N=197))[0]) == (128, 128, 8, 1)
+    assert _shape(pick("fwd", _named(N=197))[0]) == (128, 128, 8, 2)  # no maps: unchanged
+    aligned = [_shape(c) for c in pick("dkdv", _named(HAS_DW=True))]
+    for named in (_named(HAS_DW=True, M=197, N=197), _named(HAS_DW=True, M=64, N=200), _named(HAS_DW=True, GROUP=2)):
+        assert [_shape(c) for c in pick("dkdv", named)] == [(32, 128, 8, 2), (32, 64, 4, 2)] != aligned
+    assert [launcher.size_key(n) for n in (16, 197, 208, 256, 577, 1024)] == [16, 255, 256, 256, 1023, 1024]
+
+
+def test_unaligned_map_gradient_is_read_padded(monkeypatch):
+    """A dW whose rows are not 16-element aligned reaches the kernels in the maps' padded layout, with
+    its values (the gradients match those of an aligned copy)."""
+    from lfi.backends.triton import interaction_attention as launcher
+
+    seen = []
+    original = launcher._preprocess
+
+    def spy(grid, *args, **constexprs):
+        g = args[7]  # the dW (or dO) argument of the preprocess kernel
+        seen.append((g.stride(-2), g.shape[-1]))
+        return original(grid, *args, **constexprs)
+
+    monkeypatch.setattr(launcher, "_preprocess", spy)
+    gen = make_gen("unaligned_dw")
+    q, k, v = make_qkv(1, 2, 2, 9, 19, 16, gen=gen)
+    stats = launcher.attention_forward(q, k, v, None, 0.25, False, 0, 9)
+    out, st, w = stats[0], stats[1], stats[2]
+    dout = torch.randn_like(out)
+    dw = torch.randn(1, 2, 9, 19, generator=gen).to(w.dtype)
+    got = launcher.attention_backward(dout, dw, q, k, v, out, st, None, 0.25, False, 0, 9, False)
+    padded = launcher._map_buffer(1, 2, 9, 19, dw.dtype, dw.device).copy_(dw)
+    want = launcher.attention_backward(dout, padded, q, k, v, out, st, None, 0.25, False, 0, 9, False)
+    assert seen[0] == (32, 19) and seen[1] == (32, 19)
+    for a, b in zip(got[:3], want[:3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_autotune_env_and_buckets(monkeypatch):

@@ -61,7 +61,6 @@ BAD_REALS = [
     pytest.param(True, id="bool"),
     pytest.param((0, 1, 2), id="triple"),
 ])
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_weights_rows_must_be_ints(rows, backend):
     with pytest.raises((TypeError, ValueError), match="weights_rows") as info:
         interaction_attention(_x(B, H, M, D), _x(B, H, N, D), _x(B, H, N, D), need_weights=True,

@@ -71,14 +71,14 @@ void keep_row(T* keep, T* s2, const Strided& mask, int64_t b, int64_t h, int64_t
   for (int64_t j = 0; j < n; ++j) s2[j] = keep[j] != T(0) ? s2[j] : ninf;
 }
 
-template <typename T>
-void kl_forward_impl(const KLParams& p) {
-  const int64_t B = p.B, H = p.H, M = p.M, N = p.N;
-  const T s_scale2 = T(p.student_scale), t_scale2 = T(p.target_scale);
-  T* klo = static_cast<T*>(p.kl);
-  T* so = static_cast<T*>(p.stats);
-  T* tso = static_cast<T*>(p.tstats);
-  at::parallel_for(0, B * H * M, 8, [&](int64_t r0, int64_t r1) {
+// attention_kl: calls row_fn(r, b, h, i, s, tg, keep, tmp) for every row r = (b, h, i) of the
+// dense logits, in parallel, with the row's student scores (times student_scale, -inf where not
+// kept), raw target values and keep flags loaded, and a scratch row of N values.
+template <typename T, typename RowFn>
+void for_each_dense_row(const KLParams& p, RowFn row_fn) {
+  const int64_t H = p.H, M = p.M, N = p.N;
+  const T s_scale2 = T(p.student_scale);
+  at::parallel_for(0, p.B * H * M, 8, [&](int64_t r0, int64_t r1) {
     std::vector<T> s(N), tg(N), keep(N), tmp(N);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / (H * M), h = (r / M) % H, i = r % M;
@@ -86,32 +86,38 @@ void kl_forward_impl(const KLParams& p) {
       for (int64_t j = 0; j < N; ++j) s[j] *= s_scale2;
       load_row(tg.data(), p.target, off4(p.target, b, h, i, 0), p.target.s[3], N);
       keep_row(keep.data(), s.data(), p.key_mask, b, h, i, N);
-      kl_row(s.data(), tg.data(), keep.data(), N, t_scale2, p.target_is_logits, tmp.data(), klo[r], so + 2 * r,
-             tso + 2 * r);
+      row_fn(r, b, h, i, s.data(), tg.data(), keep.data(), tmp.data());
     }
+  });
+}
+
+// grad_kl at row (b, h, i) (read with broadcast strides).
+template <typename T>
+T grad_of(const KLParams& p, int64_t b, int64_t h, int64_t i) {
+  return load1<T>(p.grad_kl, b * p.grad_kl.s[0] + h * p.grad_kl.s[1] + i * p.grad_kl.s[2]);
+}
+
+template <typename T>
+void kl_forward_impl(const KLParams& p) {
+  const T t_scale2 = T(p.target_scale);
+  T* klo = static_cast<T*>(p.kl);
+  T* so = static_cast<T*>(p.stats);
+  T* tso = static_cast<T*>(p.tstats);
+  for_each_dense_row<T>(p, [&](int64_t r, int64_t, int64_t, int64_t, const T* s, const T* tg, const T* keep, T* tmp) {
+    kl_row(s, tg, keep, p.N, t_scale2, p.target_is_logits, tmp, klo[r], so + 2 * r, tso + 2 * r);
   });
 }
 
 template <typename T>
 void kl_backward_impl(const KLParams& p) {
-  const int64_t B = p.B, H = p.H, M = p.M, N = p.N;
-  const T s_scale2 = T(p.student_scale), t_scale2 = T(p.target_scale);
+  const T t_scale2 = T(p.target_scale), s_scale2 = T(p.student_scale);
   const T* stats = static_cast<const T*>(p.stats);
   const T* tstats = static_cast<const T*>(p.tstats);
-  const bool logits = p.target_is_logits;
-  at::parallel_for(0, B * H * M, 8, [&](int64_t r0, int64_t r1) {
-    std::vector<T> s(N), tg(N), keep(N), ds(N);
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / (H * M), h = (r / M) % H, i = r % M;
-      load_row(s.data(), p.logits, off4(p.logits, b, h, i, 0), p.logits.s[3], N);
-      for (int64_t j = 0; j < N; ++j) s[j] *= s_scale2;
-      load_row(tg.data(), p.target, off4(p.target, b, h, i, 0), p.target.s[3], N);
-      keep_row(keep.data(), s.data(), p.key_mask, b, h, i, N);
-      const T g = load1<T>(p.grad_kl, b * p.grad_kl.s[0] + h * p.grad_kl.s[1] + i * p.grad_kl.s[2]) *
-                  T(p.student_scale);
-      kl_row_grad(ds.data(), s.data(), tg.data(), keep.data(), N, g, stats, tstats, r, t_scale2, logits);
-      store_row(p.dlogits, off4(p.dlogits, b, h, i, 0), p.dlogits.s[3], ds.data(), N);
-    }
+  for_each_dense_row<T>(p, [&](int64_t r, int64_t b, int64_t h, int64_t i, const T* s, const T* tg, const T* keep,
+                               T* ds) {
+    kl_row_grad(ds, s, tg, keep, p.N, grad_of<T>(p, b, h, i) * s_scale2, stats, tstats, r, t_scale2,
+                p.target_is_logits);
+    store_row(p.dlogits, off4(p.dlogits, b, h, i, 0), p.dlogits.s[3], ds, p.N);
   });
 }
 
@@ -222,7 +228,7 @@ void kl_qk_backward_impl(const KLParams& p) {
           }
         }
         rows.compute(b, h, i, kt.data(), ktt.data());
-        const T gk = load1<T>(p.grad_kl, b * p.grad_kl.s[0] + h * p.grad_kl.s[1] + i * p.grad_kl.s[2]);
+        const T gk = grad_of<T>(p, b, h, i);
         kl_row_grad(ds.data(), rows.s.data(), rows.tg.data(), rows.keep.data(), N, gk, stats, tstats, r, t_scale2,
                     logits);
         std::fill(dq.begin(), dq.end(), T(0));

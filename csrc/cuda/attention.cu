@@ -1,5 +1,11 @@
 // CUDA kernels of interaction_attention (sm_80+), float32 accumulation on CUDA cores.
 //
+// The kernels' preambles (shared-memory carve-up, block indices) repeat in shape on purpose: each
+// layout reads best next to the code using it (duplicates tool: attention.cu fwd ~ dq ~ dK / dV).
+//
+// Launch bounds (128, 2) on the forward and dK / dV kernels: up to 255 registers (ptxas otherwise
+// aims at more resident blocks and spills 20-36 bytes).
+//
 // Forward / preprocess / dq: one block of 4 warps per (16 query rows, b, h); each warp owns 4
 // rows, each lane one key of the current 32-key tile. Q rows and K/V tiles sit in shared memory
 // as float (K padded to D + 1 so that lanes reading different keys hit different banks); scores
@@ -27,18 +33,13 @@ __device__ __forceinline__ void warp_scores(float (&s)[kRPW], const float* Qw, c
   const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int r = 0; r < kRPW; ++r) s[r] = 0.0f;
-  const float* kr = Ks + lane * (D + 1);
-  for (int d = 0; d < D; ++d) {
-    const float kv = kr[d];
-#pragma unroll
-    for (int r = 0; r < kRPW; ++r) s[r] += Qw[r * D + d] * kv;
-  }
+  add_row_dots(s, Qw, Ks + lane * (D + 1), D);
 #pragma unroll
   for (int r = 0; r < kRPW; ++r) s[r] = masked_score(s[r], p, b, h, i0 + r, j0 + lane);
 }
 
 template <int DL>
-__global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p, int64_t nmb) {
+__global__ void __launch_bounds__(kThreads, 2) attn_fwd_kernel(const AttnParams p, int64_t nmb) {
   LFI_DYNAMIC_SMEM(smem);
   const int D = p.D, Dv = p.Dv, ldv = kWarp * DL;
   float* Qs = smem;
@@ -56,14 +57,11 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p, 
   const float* Qw = Qs + warp * kRPW * D;
   float m[kRPW], l[kRPW], acc[kRPW][DL];
   KLSums<float> kls[kRPW];
+  init_rows(m, l, kls, false);
 #pragma unroll
-  for (int r = 0; r < kRPW; ++r) {
-    m[r] = ninf();
-    l[r] = 0.0f;
-    kls[r] = kl_init<float>(false);
+  for (int r = 0; r < kRPW; ++r)
 #pragma unroll
     for (int c = 0; c < DL; ++c) acc[r][c] = 0.0f;
-  }
 
   // Single online pass, or (maps) the statistics pass.
   for (int64_t j0 = 0; j0 < hi; j0 += kBN) {
@@ -97,15 +95,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p, 
       }
     }
     if (!maps) {
-      for (int jj = 0; jj < kBN; ++jj) {
-        const float* vr = Vs + jj * ldv + lane;
-#pragma unroll
-        for (int r = 0; r < kRPW; ++r) {
-          const float pj = __shfl_sync(kFull, s[r], jj);
-#pragma unroll
-          for (int c = 0; c < DL; ++c) acc[r][c] += pj * vr[c * kWarp];
-        }
-      }
+      add_outer(acc, s, Vs, ldv, kBN, ldv, lane);  // O += P V (V rows padded to ldv with zeros)
     }
   }
 
@@ -132,15 +122,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p, 
         if (i >= p.w_start && i < p.w_stop && i < p.M && j < p.N)
           stf(p.weights.ptr, off4(p.weights, b, h, i - p.w_start, j), p.weights.dtype, s[r]);
       }
-      for (int jj = 0; jj < kBN; ++jj) {
-        const float* vr = Vs + jj * ldv + lane;
-#pragma unroll
-        for (int r = 0; r < kRPW; ++r) {
-          const float pj = __shfl_sync(kFull, s[r], jj);
-#pragma unroll
-          for (int c = 0; c < DL; ++c) acc[r][c] += pj * vr[c * kWarp];
-        }
-      }
+      add_outer(acc, s, Vs, ldv, kBN, ldv, lane);  // O += P V (V rows padded to ldv with zeros)
     }
     // Causal rows attend no key at or past `hi`: P of a -inf score there (0, NaN on a NaN row).
     for (int64_t j0 = (hi + kBN - 1) / kBN * kBN; j0 < p.N; j0 += kBN) {
@@ -207,13 +189,10 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_pre_kernel(const AttnParams
   }
   const bool dw = p.grad_weights.ptr != nullptr && r0 < p.w_stop && r0 + kBM > p.w_start;
   if (dw) {
-    const float* stats = static_cast<const float*>(p.stats);
     float mr[kRPW], logl[kRPW];
 #pragma unroll
     for (int r = 0; r < kRPW; ++r) {
-      const bool ok = i0 + r < p.M;
-      mr[r] = ok ? stats[2 * (bh * p.M + i0 + r)] : 0.0f;
-      logl[r] = ok ? stats[2 * (bh * p.M + i0 + r) + 1] : pos_inf<float>();
+      row_stats(p.stats, bh, p.M, i0 + r, mr[r], logl[r]);
     }
     load_rows(Qs, p.q, b, h, r0, kBM, D, D, p.M, float(p.scale));
     const float* Qw = Qs + warp * kRPW * D;
@@ -244,14 +223,6 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_pre_kernel(const AttnParams
   }
 }
 
-// The per-row factors of the fused KL's gradient.
-__device__ __forceinline__ KLGradRow<float> kl_row_of(const AttnParams& p, int64_t b, int64_t h, int64_t bh,
-                                                      int64_t i) {
-  if (p.grad_kl.ptr == nullptr || i >= p.M) return KLGradRow<float>{0.0f, 0.0f, 0.0f};
-  const float g = ldf(p.grad_kl.ptr, b * p.grad_kl.s[0] + h * p.grad_kl.s[1] + i * p.grad_kl.s[2], p.grad_kl.dtype);
-  return kl_grad_row(g, 0.0f, static_cast<const float*>(p.tnorm)[bh * p.M + i], false);
-}
-
 template <int DL>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnParams p, int64_t nmb) {
   LFI_DYNAMIC_SMEM(smem);
@@ -269,17 +240,15 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnParams 
   load_rows(dOs, p.grad_out, b, h, r0, kBM, Dv, Dv, p.M, 1.0f);
   const float* Qw = Qs + warp * kRPW * D;
   const float* dOw = dOs + warp * kRPW * Dv;
-  const float* stats = static_cast<const float*>(p.stats);
   const float* dl = static_cast<const float*>(p.delta);
   float mr[kRPW], logl[kRPW], delta[kRPW], dq[kRPW][DL];
   KLGradRow<float> klr[kRPW];
 #pragma unroll
   for (int r = 0; r < kRPW; ++r) {
     const int64_t i = i0 + r;
-    mr[r] = i < p.M ? stats[2 * (bh * p.M + i)] : 0.0f;
-    logl[r] = i < p.M ? stats[2 * (bh * p.M + i) + 1] : pos_inf<float>();
+    row_stats(p.stats, bh, p.M, i, mr[r], logl[r]);
     delta[r] = i < p.M ? dl[bh * p.M + i] : 0.0f;
-    klr[r] = kl_row_of(p, b, h, bh, i);
+    klr[r] = attn_kl_row(p, b, h, bh, i);
 #pragma unroll
     for (int c = 0; c < DL; ++c) dq[r][c] = 0.0f;
   }
@@ -293,12 +262,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnParams 
     warp_scores(s, Qw, Ks, D, p, b, h, i0, j0);
 #pragma unroll
     for (int r = 0; r < kRPW; ++r) dp[r] = 0.0f;
-    const float* vr = Vs + lane * (Dv + 1);
-    for (int e = 0; e < Dv; ++e) {
-      const float vv = vr[e];
-#pragma unroll
-      for (int r = 0; r < kRPW; ++r) dp[r] += dOw[r * Dv + e] * vv;
-    }
+    add_row_dots(dp, dOw, Vs + lane * (Dv + 1), Dv);
     const int64_t j = j0 + lane;
 #pragma unroll
     for (int r = 0; r < kRPW; ++r) {
@@ -308,13 +272,13 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnParams 
       if (ds_out != nullptr && i < p.M && j < p.N) ds_out[(bh * p.M + i) * p.N + j] = ds;
       s[r] = ds;
     }
-    add_ds_k(dq, s, Ks, D, lane);
+    add_outer(dq, s, Ks, D + 1, kBN, D, lane);  // dQ += dS K
   }
   store_warp_rows(p.dq, dq, b, h, i0, p.M, D, float(p.scale), lane);
 }
 
 template <int DL>
-__global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParams p, int64_t nnb) {
+__global__ void __launch_bounds__(kThreads, 2) attn_bwd_dkdv_kernel(const AttnParams p, int64_t nnb) {
   LFI_DYNAMIC_SMEM(smem);
   const int D = p.D, Dv = p.Dv;
   float* Ks = smem;
@@ -324,14 +288,12 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParam
   float* rowm = dOs + kBMR * (Dv + 1);
   float* rowll = rowm + kBMR;
   float* deltas = rowll + kBMR;
-  float* klg = deltas + kBMR;
-  float* klz = klg + kBMR;
+  float* klrows = deltas + kBMR;  // 4 x kBMR: KLGradRow fields (put_kl_row)
   const int64_t pid = blockIdx.x, nb = pid % nnb, bhk = pid / nnb;
   const int64_t b = bhk / p.Hkv, hk = bhk % p.Hkv, G = p.H / p.Hkv;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t n0 = nb * kBNK;
   const float scale = float(p.scale);
-  const bool has_kl = p.grad_kl.ptr != nullptr;
   load_rows(Ks, p.k, b, hk, n0, kBNK, D, D, p.N, 1.0f);
   load_rows(Vs, p.v, b, hk, n0, kBNK, Dv, Dv, p.N, 1.0f);
   float dk[kKPW][DL], dv[kKPW][DL];
@@ -352,21 +314,13 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParam
       load_stats(rowm, stats, bh * p.M, i0, kBMR, p.M, 2, 0, 0.0f);
       load_stats(rowll, stats, bh * p.M, i0, kBMR, p.M, 2, 1, pos_inf<float>());
       load_stats(deltas, dlt, bh * p.M, i0, kBMR, p.M, 1, 0, 0.0f);
-      if (has_kl) {
-        for (int r = threadIdx.x; r < kBMR; r += blockDim.x) {
-          const KLGradRow<float> kr = kl_row_of(p, b, h, bh, i0 + r);
-          klg[r] = kr.g;
-          klz[r] = kr.inv_z;
-        }
-      }
+      for (int r = threadIdx.x; r < kBMR; r += blockDim.x) put_kl_row(klrows, kBMR, r, attn_kl_row(p, b, h, bh, i0 + r));
       __syncthreads();
       float s[kKPW], dp[kKPW];
-#pragma unroll
-      for (int kk = 0; kk < kKPW; ++kk) s[kk] = dp[kk] = 0.0f;
       lane_dots(s, Qs, Ks, D, lane, warp);
       lane_dots(dp, dOs, Vs, Dv, lane, warp);
       const int64_t i = i0 + lane;
-      const KLGradRow<float> klr{has_kl ? klg[lane] : 0.0f, has_kl ? klz[lane] : 0.0f, 0.0f};
+      const KLGradRow<float> klr = get_kl_row(klrows, kBMR, lane);
       float pr[kKPW], ds[kKPW];
 #pragma unroll
       for (int kk = 0; kk < kKPW; ++kk) {
@@ -375,34 +329,12 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParam
         pr[kk] = prob_of(sc, rowm[lane], rowll[lane]);
         ds[kk] = dscore(p, b, h, i, j, sc, pr[kk], dp[kk], deltas[lane], klr);
       }
-      for (int ii = 0; ii < kBMR; ++ii) {
-        const float* q_ii = Qs + ii * (D + 1);
-        const float* do_ii = dOs + ii * (Dv + 1);
-#pragma unroll
-        for (int kk = 0; kk < kKPW; ++kk) {
-          const float pv = __shfl_sync(kFull, pr[kk], ii);
-          const float dsv = __shfl_sync(kFull, ds[kk], ii);
-#pragma unroll
-          for (int c = 0; c < DL; ++c) {
-            const int e = lane + c * kWarp;
-            if (e < Dv) dv[kk][c] += pv * do_ii[e];
-            if (e < D) dk[kk][c] += dsv * q_ii[e];
-          }
-        }
-      }
+      add_outer(dv, pr, dOs, Dv + 1, kBMR, Dv, lane);  // dV += P^T dO
+      add_outer(dk, ds, Qs, D + 1, kBMR, D, lane);     // dK += dS^T Q
     }
   }
-#pragma unroll
-  for (int kk = 0; kk < kKPW; ++kk) {
-    const int64_t j = n0 + warp * kKPW + kk;
-    if (j >= p.N) continue;
-#pragma unroll
-    for (int c = 0; c < DL; ++c) {
-      const int e = lane + c * kWarp;
-      if (e < D) stf(p.dk.ptr, off4(p.dk, b, hk, j, e), p.dk.dtype, dk[kk][c] * scale);
-      if (e < Dv) stf(p.dv.ptr, off4(p.dv, b, hk, j, e), p.dv.dtype, dv[kk][c]);
-    }
-  }
+  store_warp_rows(p.dk, dk, b, hk, n0 + warp * kKPW, p.N, D, scale, lane);
+  store_warp_rows(p.dv, dv, b, hk, n0 + warp * kKPW, p.N, Dv, 1.0f, lane);
 }
 
 }  // namespace
@@ -433,21 +365,26 @@ const char* attention_backward(const AttnParams& p, void* stream_) {
   const int64_t nmb = (p.M + kBM - 1) / kBM;
   const int64_t grid_m = p.B * p.H * nmb;
   if (grid_m == 0) return nullptr;
+  // bf16 / fp16 with head dims up to 128: the map rows' rowsum(P * G) of delta (a matrix product
+  // recomputes P), dK / dV and dQ on tensor cores (attention_tc.cu); rowsum(dO * O) has no matrix
+  // product and stays in attn_bwd_pre_kernel.
+  const bool tc = attention_forward_tc_applies(p);
   {
+    AttnParams pre = p;
+    if (tc) pre.grad_weights.ptr = nullptr;
     const size_t smem = sizeof(float) * (kBM * p.D + kBN * (p.D + 1));
     LFI_CUDA_TRY(prepare(attn_bwd_pre_kernel, smem));
-    LFI_LAUNCH(attn_bwd_pre_kernel, grid_m, kThreads, smem, stream, p, nmb);
+    LFI_LAUNCH(attn_bwd_pre_kernel, grid_m, kThreads, smem, stream, pre, nmb);
     if (const char* e = check_launch()) return e;
   }
-  // bf16 / fp16 with head dims up to 128: dK / dV and dQ on tensor cores (attention_tc.cu).
-  if (attention_forward_tc_applies(p)) return attention_backward_tc(p, stream_);
+  if (tc) return attention_backward_tc(p, stream_);
   {
     const int64_t nnb = (p.N + kBNK - 1) / kBNK;
     const int64_t grid_n = p.B * p.Hkv * nnb;
     const int dl = lanes_for(p.D > p.Dv ? p.D : p.Dv);
     LFI_DISPATCH_DL(dl, DLC, {
       const size_t smem =
-          sizeof(float) * (kBNK * p.D + kBNK * p.Dv + kBMR * (p.D + 1) + kBMR * (p.Dv + 1) + 5 * kBMR);
+          sizeof(float) * (kBNK * p.D + kBNK * p.Dv + kBMR * (p.D + 1) + kBMR * (p.Dv + 1) + 7 * kBMR);
       LFI_CUDA_TRY(prepare(attn_bwd_dkdv_kernel<DLC>, smem));
       LFI_LAUNCH(attn_bwd_dkdv_kernel<DLC>, grid_n, kThreads, smem, stream, p, nnb);
     })

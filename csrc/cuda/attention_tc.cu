@@ -20,7 +20,7 @@
 #include <type_traits>
 
 #include "../lfi_kernels.h"
-#include "tc_common.cuh"
+#include "tc_tiles.cuh"
 
 namespace lfi {
 namespace tc {
@@ -28,7 +28,6 @@ namespace {
 
 using namespace ::lfi::cuda_k;
 
-constexpr int kTcThreads = 128;
 constexpr int kTcBM = 64;  // query rows per block (16 per warp)
 constexpr int kTcBN = 64;  // keys per tile
 
@@ -41,92 +40,11 @@ struct FwdShape {
   static constexpr size_t smem = sizeof(T) * LD * (kTcBM + 4 * kTcBN);  // Q, K x 2, V x 2
 };
 
-// Base pointer of t at (b, head) and whether its rows can be copied in 16-byte chunks (contiguous
-// last dim, rows and base 16-byte aligned).
-template <typename T>
-struct RowSource {
-  const T* base;
-  int64_t rs, es;  // row and element strides
-  bool vec;
-};
 
-template <typename T>
-__device__ __forceinline__ RowSource<T> row_source(const Strided& t, int64_t b, int64_t head) {
-  RowSource<T> r;
-  r.base = static_cast<const T*>(t.ptr) + b * t.s[0] + head * t.s[1];
-  r.rs = t.s[2];
-  r.es = t.s[3];
-  r.vec = t.s[3] == 1 && t.s[2] % 8 == 0 && reinterpret_cast<uintptr_t>(r.base) % 16 == 0;
-  return r;
-}
-
-// Staging grid: CHP 16-byte chunk columns per row (a power of two >= DP / 8), so that each
-// thread keeps one column and walks rows threadIdx.x / CHP + k * (kTcThreads / CHP).
-template <int DP>
-constexpr int staging_columns() { return DP / 8 <= 4 ? 4 : (DP / 8 <= 8 ? 8 : 16); }
-
-// Stages rows [row0, row0 + ROWS) x dims [0, DP) of `src` into dst (row stride LD): cp.async for
-// whole in-range 16-byte chunks, element copies for a partial chunk (D % 8 != 0) or a strided
-// source, zeros past `limit` rows and past D (the padding must be 0, not garbage: 0 * NaN = NaN).
-template <typename T, int ROWS, int DP, int LD>
-__device__ __forceinline__ void stage_rows(T* dst, const RowSource<T> src, int64_t row0, int64_t limit, int D) {
-  constexpr int CHP = staging_columns<DP>(), RSTEP = kTcThreads / CHP;
-  const int d0 = static_cast<int>(threadIdx.x % CHP) * 8;
-  if (d0 >= DP) return;
-  for (int r = static_cast<int>(threadIdx.x / CHP); r < ROWS; r += RSTEP) {
-    T* d = dst + r * LD + d0;
-    const int64_t row = row0 + r;
-    if (row < limit && d0 < D) {
-      const T* s = src.base + row * src.rs;
-      if (src.vec && d0 + 8 <= D) {
-        cp_async16(d, s + d0, 16);
-      } else {
-        uint16_t* d16 = reinterpret_cast<uint16_t*>(d);
-        const uint16_t* s16 = reinterpret_cast<const uint16_t*>(s);
-        for (int e = 0; e < 8; ++e) d16[e] = d0 + e < D ? s16[(d0 + e) * src.es] : uint16_t(0);
-      }
-    } else {
-      uint64_t* d64 = reinterpret_cast<uint64_t*>(d);
-      d64[0] = 0;
-      d64[1] = 0;
-    }
-  }
-}
-
-// The common case: all ROWS rows in range, a 16-byte aligned contiguous source and D % 8 == 0:
-// one cp.async per chunk of dims < D, a 64-bit pointer step per row group. The padding dims
-// [D, DP) are zeroed once at the start of the kernel (zero_padding).
-template <typename T, int ROWS, int DP, int LD>
-__device__ __forceinline__ void stage_rows_full(T* dst, const RowSource<T>& src, int64_t row0, int D) {
-  constexpr int CHP = staging_columns<DP>(), RSTEP = kTcThreads / CHP;
-  const int d0 = static_cast<int>(threadIdx.x % CHP) * 8, r = static_cast<int>(threadIdx.x / CHP);
-  if (d0 >= D) return;
-  const T* s = src.base + (row0 + r) * src.rs + d0;
-  T* d = dst + r * LD + d0;
-  const int64_t step = RSTEP * src.rs;
-#pragma unroll
-  for (int k = 0; k < ROWS / RSTEP; ++k) {
-    cp_async16(d + k * RSTEP * LD, s, 16);
-    s += step;
-  }
-}
-
-// Zeroes the dims [D, DP) (whole chunks past D) of `rows` rows of a tile buffer.
-template <typename T, int DP, int LD>
-__device__ __forceinline__ void zero_padding(T* dst, int rows, int D) {
-  constexpr int CH = DP / 8;
-  for (int idx = static_cast<int>(threadIdx.x); idx < rows * CH; idx += kTcThreads) {
-    const int r = idx / CH, d0 = (idx - r * CH) * 8;
-    if (d0 >= D) {
-      uint64_t* d64 = reinterpret_cast<uint64_t*>(dst + r * LD + d0);
-      d64[0] = 0;
-      d64[1] = 0;
-    }
-  }
-}
-
+// Launch bounds (128 threads, 2 blocks per SM): ptxas may then use up to 255 registers; left to
+// itself it squeezed DP = 32 into 168 registers (3 blocks) at the price of a 56-byte spill.
 template <typename T, int DP>
-__global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParams p, int64_t nmb) {
+__global__ void __launch_bounds__(kTcThreads, 2) attn_fwd_tc_kernel(const AttnParams p, int64_t nmb) {
   using S = FwdShape<T, DP>;
   constexpr int LD = S::LD, KS = S::KS, NT = S::NT, OT = S::OT;
   LFI_DYNAMIC_SMEM(smem_f);
@@ -158,16 +76,8 @@ __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParam
 
   float m[2], l[2], o[OT][4];
   KLSums<float> kls[2];
-#pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    m[rr] = neg_inf<float>();
-    l[rr] = 0.0f;
-    kls[rr] = kl_init<float>(false);
-  }
-#pragma unroll
-  for (int ot = 0; ot < OT; ++ot)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) o[ot][e] = 0.0f;
+  init_rows(m, l, kls, false);
+  zero_acc(o);
   float mf[2] = {0.0f, 0.0f}, logl[2] = {0.0f, 0.0f};  // final statistics (maps pass)
 
   zero_padding<T, DP, LD>(Ks, 2 * kTcBN, p.D);
@@ -193,18 +103,8 @@ __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParam
   // mode 0: the single online pass; 1: statistics pass (maps); 2: exact-P pass (maps).
   auto run_pass = [&](int mode) {
     const bool with_v = mode != 1;
-    auto stage = [&](int tile) {
-      const int64_t j0 = static_cast<int64_t>(tile) * kTcBN;
-      T* kd = Ks + (tile & 1) * kTcBN * LD;
-      T* vd = Vs + (tile & 1) * kTcBN * LD;
-      if (tile < nfull) {
-        stage_rows_full<T, kTcBN, DP, LD>(kd, ksrc, j0, p.D);
-        if (with_v) stage_rows_full<T, kTcBN, DP, LD>(vd, vsrc, j0, p.Dv);
-      } else {
-        stage_rows<T, kTcBN, DP, LD>(kd, ksrc, j0, p.N, p.D);
-        if (with_v) stage_rows<T, kTcBN, DP, LD>(vd, vsrc, j0, p.N, p.Dv);
-      }
-      cp_async_commit();
+    auto stage = [&](int64_t tile, bool full, bool v) {
+      stage_kv<T, DP, LD>(Ks, v ? Vs : nullptr, ksrc, vsrc, tile, full, p.N, p.D, p.Dv);
     };
     // Tiles [0, nfast) need no per-element work in the online pass: no mask or KL, every key
     // in range and at or below every row's diagonal (a causal block's row r0 sees keys <= r0).
@@ -217,32 +117,20 @@ __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParam
       if (nfast > nfull - 1) nfast = nfull - 1;
       if (nfast < 0) nfast = 0;
     }
-    if (ntiles > 0) stage(0);
+    if (ntiles > 0) stage(0, nfull > 0, with_v);
     // One tile; FAST: compiled without any masking (its own loop in the SASS).
     auto step = [&](int it, auto fast_tag) {
       constexpr bool FAST = decltype(fast_tag)::value;
-      if constexpr (FAST) {
-        stage_rows_full<T, kTcBN, DP, LD>(Ks + ((it + 1) & 1) * kTcBN * LD, ksrc, (it + 1) * int64_t(kTcBN), p.D);
-        stage_rows_full<T, kTcBN, DP, LD>(Vs + ((it + 1) & 1) * kTcBN * LD, vsrc, (it + 1) * int64_t(kTcBN), p.Dv);
-        cp_async_commit();
-        cp_async_wait<1>();
-      } else if (it + 1 < ntiles) {
-        stage(it + 1);
-        cp_async_wait<1>();  // everything but the tile just issued has landed (this thread's copies)
-      } else {
-        cp_async_wait<0>();
-      }
-      __syncthreads();  // ... and every thread's copies are visible
+      // FAST tiles' successors are staged in full (nfast < nfull): no edge-tile code in that loop.
+      // (FAST runs in the single online pass only: with V.)
+      pipeline_advance<FAST>([&](int64_t t) { stage(t, FAST || t < nfull, FAST || with_v); }, it, ntiles);
       const T* Kt = Ks + (it & 1) * kTcBN * LD;
       const T* Vt = Vs + (it & 1) * kTcBN * LD;
       const int64_t j0 = static_cast<int64_t>(it) * kTcBN;
 
       // S = Q K^T (unscaled) in NT accumulator tiles.
       float s[NT][4];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[nt][e] = 0.0f;
+      zero_acc(s);
 #pragma unroll
       for (int ks = 0; ks < KS; ++ks) {
         const int kq = kQRegs ? ks : 0;
@@ -260,57 +148,36 @@ __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParam
       if constexpr (FAST) {
         // Raw scores: the max of scale * s is scale * max s (scale > 0), and exp(scale s - sh) is
         // exp2(s * scale log2 e - sh log2 e): one FMA and one MUFU.EX2 per score.
-        float tmax[2] = {neg_inf<float>(), neg_inf<float>()};
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          tmax[0] = fmaxf(tmax[0], fmaxf(s[nt][0], s[nt][1]));
-          tmax[1] = fmaxf(tmax[1], fmaxf(s[nt][2], s[nt][3]));
-        }
-        float alpha[2], shl2[2];
+        float tmax[2], alpha[2], shl2[2];
+        acc_row_max(tmax, s);
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr) {
-          tmax[rr] = fmaxf(tmax[rr], __shfl_xor_sync(kFull, tmax[rr], 1));
-          tmax[rr] = fmaxf(tmax[rr], __shfl_xor_sync(kFull, tmax[rr], 2));
           alpha[rr] = softmax_rescale(m[rr], l[rr], tmax[rr] * scale);
           shl2[rr] = shift_of(m[rr]) * l2e;
         }
         const float scale_l2 = scale * l2e;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int rr = e >> 1;
-            const float pr = ex2(softmax_exp2_arg_scaled(s[nt][e], scale_l2, shl2[rr]));
-            l[rr] += pr;
-            s[nt][e] = pr;
-          }
-#pragma unroll
-        for (int ot = 0; ot < OT; ++ot) {
-          o[ot][0] *= alpha[0];
-          o[ot][1] *= alpha[0];
-          o[ot][2] *= alpha[1];
-          o[ot][3] *= alpha[1];
-        }
+        for_each_acc<NT>(lane, [&](int nt, int e, int rr, int) {
+          const float pr = ex2(softmax_exp2_arg_scaled(s[nt][e], scale_l2, shl2[rr]));
+          l[rr] += pr;
+          s[nt][e] = pr;
+        });
+        scale_acc_rows(o, alpha);
       } else {
       // Scores in natural units; element (nt, e) is row g + 8 (e / 2), key j0 + nt * 8 + 2 t4 + e % 2.
       const bool per_element =
           has_mask || has_kl || mode == 2 || j0 + kTcBN > p.N || (p.causal && j0 + kTcBN - 1 > r0);
       if (per_element) {
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int rr = e >> 1;
-            const int64_t i = row[rr], j = j0 + nt * 8 + 2 * t4 + (e & 1);
-            float sv = s[nt][e] * scale;
-            bool valid = i < p.M && j < p.N && (!p.causal || j <= i);
-            if (valid && has_mask) {
-              const float mv = ldf(p.mask.ptr, mrow[rr] + j * p.mask.s[3], p.mask.dtype);
-              if (p.mask_bool) valid = mv != 0.0f;
-              else sv += mv;
-            }
-            s[nt][e] = valid ? sv : neg_inf<float>();
+        for_each_acc<NT>(lane, [&](int nt, int e, int rr, int c) {
+          const int64_t i = row[rr], j = j0 + c;
+          float sv = s[nt][e] * scale;
+          bool valid = i < p.M && j < p.N && (!p.causal || j <= i);
+          if (valid && has_mask) {
+            const float mv = ldf(p.mask.ptr, mrow[rr] + j * p.mask.s[3], p.mask.dtype);
+            if (p.mask_bool) valid = mv != 0.0f;
+            else sv += mv;
           }
+          s[nt][e] = valid ? sv : neg_inf<float>();
+        });
       } else {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
@@ -319,30 +186,19 @@ __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParam
       }
 
       if (mode == 2) {  // exact probabilities from the final statistics; map rows written
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int rr = e >> 1;
-            const int64_t i = row[rr], j = j0 + nt * 8 + 2 * t4 + (e & 1);
-            const float pr = prob_of(s[nt][e], mf[rr], logl[rr]);
-            s[nt][e] = pr;
-            if (i >= p.w_start && i < p.w_stop && i < p.M && j < p.N)
-              stf(p.weights.ptr, off4(p.weights, b, h, i - p.w_start, j), p.weights.dtype, pr);
-          }
+        for_each_acc<NT>(lane, [&](int nt, int e, int rr, int c) {
+          const int64_t i = row[rr], j = j0 + c;
+          const float pr = prob_of(s[nt][e], mf[rr], logl[rr]);
+          s[nt][e] = pr;
+          if (i >= p.w_start && i < p.w_stop && i < p.M && j < p.N)
+            stf(p.weights.ptr, off4(p.weights, b, h, i - p.w_start, j), p.weights.dtype, pr);
+        });
       } else {
         // Online softmax: the quad of lanes sharing a row reduces the tile max.
-        float tmax[2] = {neg_inf<float>(), neg_inf<float>()};
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          tmax[0] = fmaxf(tmax[0], fmaxf(s[nt][0], s[nt][1]));
-          tmax[1] = fmaxf(tmax[1], fmaxf(s[nt][2], s[nt][3]));
-        }
-        float alpha[2], shl2[2];
+        float tmax[2], alpha[2], shl2[2];
+        acc_row_max(tmax, s);
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr) {
-          tmax[rr] = fmaxf(tmax[rr], __shfl_xor_sync(kFull, tmax[rr], 1));
-          tmax[rr] = fmaxf(tmax[rr], __shfl_xor_sync(kFull, tmax[rr], 2));
           const float sh_old = shift_of(m[rr]);
           alpha[rr] = softmax_rescale(m[rr], l[rr], tmax[rr]);
           const float sh = shift_of(m[rr]);
@@ -350,56 +206,24 @@ __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParam
           if (has_kl) kl_rescale(kls[rr], sh_old, sh, 0.0f, false);
         }
         if (has_kl) {
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int rr = e >> 1;
-              const int64_t i = row[rr], j = j0 + nt * 8 + 2 * t4 + (e & 1);
-              const float tv = (i < p.M && j < p.N)
-                                   ? ldf(p.kl_target.ptr, trow[rr] + j * p.kl_target.s[3], p.kl_target.dtype)
-                                   : 0.0f;
-              kl_add(kls[rr], s[nt][e], tv, s[nt][e] > neg_inf<float>(), shift_of(m[rr]), 0.0f, 0.0f, false);
-            }
+          for_each_acc<NT>(lane, [&](int nt, int e, int rr, int c) {
+            const int64_t i = row[rr], j = j0 + c;
+            const float tv =
+                (i < p.M && j < p.N) ? ldf(p.kl_target.ptr, trow[rr] + j * p.kl_target.s[3], p.kl_target.dtype) : 0.0f;
+            kl_add(kls[rr], s[nt][e], tv, s[nt][e] > neg_inf<float>(), shift_of(m[rr]), 0.0f, 0.0f, false);
+          });
         }
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int rr = e >> 1;
-            const float pr = ex2(softmax_exp2_arg(s[nt][e], shl2[rr]));
-            l[rr] += pr;
-            s[nt][e] = pr;
-          }
-        if (mode == 0) {
-#pragma unroll
-          for (int ot = 0; ot < OT; ++ot) {
-            o[ot][0] *= alpha[0];
-            o[ot][1] *= alpha[0];
-            o[ot][2] *= alpha[1];
-            o[ot][3] *= alpha[1];
-          }
-        }
+        for_each_acc<NT>(lane, [&](int nt, int e, int rr, int) {
+          const float pr = ex2(softmax_exp2_arg(s[nt][e], shl2[rr]));
+          l[rr] += pr;
+          s[nt][e] = pr;
+        });
+        if (mode == 0) scale_acc_rows(o, alpha);
       }
 
       }  // FAST / general
 
-      if (with_v) {  // O += P V, P as b16 A fragments straight from the S registers
-#pragma unroll
-        for (int kk = 0; kk < kTcBN / 16; ++kk) {
-          const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                                  pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                  pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-          for (int dp = 0; dp < DP / 16; ++dp) {
-            uint32_t vb[4];
-            ldsm_x4_t(vb, Vt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dp * 16 + (lane >> 4) * 8);
-            const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
-            mma16816<T>(o[2 * dp], pa, b0);
-            mma16816<T>(o[2 * dp + 1], pa, b1);
-          }
-        }
-      }
+      if (with_v) mma_xb<T, DP, LD, NT>(o, s, Vt, lane);  // O += P V, P as b16 A fragments from the S registers
       __syncthreads();  // every warp is done with this buffer before the next stage overwrites it
     };
     for (int it = 0; it < nfast; ++it) step(it, std::true_type{});
@@ -410,16 +234,8 @@ __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParam
   // Row sums over the quad; final statistics.
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
-    l[rr] += __shfl_xor_sync(kFull, l[rr], 1);
-    l[rr] += __shfl_xor_sync(kFull, l[rr], 2);
-    if (has_kl) {
-#pragma unroll
-      for (int x = 1; x <= 2; x <<= 1) {
-        kls[rr].x += __shfl_xor_sync(kFull, kls[rr].x, x);
-        kls[rr].y += __shfl_xor_sync(kFull, kls[rr].y, x);
-        kls[rr].c += __shfl_xor_sync(kFull, kls[rr].c, x);
-      }
-    }
+    l[rr] = quad_sum(l[rr]);
+    if (has_kl) kls[rr] = lanes_sum<4>(kls[rr]);
     mf[rr] = shift_of(m[rr]);
     logl[rr] = log_l_of(l[rr], has_mask);  // l == 0 without a mask: infinite q / k, a NaN row (lfi_math.h)
   }
@@ -501,53 +317,6 @@ struct BwdShape {
   static constexpr size_t smem = sizeof(T) * LD * 64 * 6 + sizeof(float) * 2 * kRowVals * 64;
 };
 
-// The KL gradient's row factors of row i (zeros without a fused KL or past M).
-__device__ __forceinline__ KLGradRow<float> kl_row_tc(const AttnParams& p, int64_t b, int64_t h, int64_t bh,
-                                                      int64_t i) {
-  if (p.grad_kl.ptr == nullptr || i >= p.M) return KLGradRow<float>{0.0f, 0.0f, 0.0f, 0.0f};
-  const float g = ldf(p.grad_kl.ptr, b * p.grad_kl.s[0] + h * p.grad_kl.s[1] + i * p.grad_kl.s[2], p.grad_kl.dtype);
-  return kl_grad_row(g, 0.0f, static_cast<const float*>(p.tnorm)[bh * p.M + i], false);
-}
-
-// acc[nt] += A (16 x DP, rows of `a` at row stride LD, the warp's 16 rows) x B^T, B = 8 NT rows of
-// `bt` (row stride LD): 16 x 8 NT in NT accumulator tiles. Both operands from shared memory.
-template <typename T, int DP, int LD, int NT>
-__device__ __forceinline__ void mma_abt(float (&acc)[NT][4], const T* a, const T* bt, int lane) {
-#pragma unroll
-  for (int ks = 0; ks < DP / 16; ++ks) {
-    uint32_t af[4];
-    ldsm_x4(af, a + (lane & 15) * LD + ks * 16 + (lane >> 4) * 8);
-#pragma unroll
-    for (int np = 0; np < NT / 2; ++np) {
-      uint32_t kb[4];
-      ldsm_x4(kb, bt + (np * 16 + (lane & 7) + (lane >> 4) * 8) * LD + ks * 16 + ((lane >> 3) & 1) * 8);
-      const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
-      mma16816<T>(acc[2 * np], af, b0);
-      mma16816<T>(acc[2 * np + 1], af, b1);
-    }
-  }
-}
-
-// out[ot] += X (16 x 8 NT, in accumulator-tile registers x) times B (8 NT rows of `bm`, row stride
-// LD): 16 x DP. X is packed to b16 A fragments (two accumulator tiles = one k16 fragment).
-template <typename T, int DP, int LD, int NT>
-__device__ __forceinline__ void mma_xb(float (&out)[DP / 8][4], const float (&x)[NT][4], const T* bm, int lane) {
-#pragma unroll
-  for (int kk = 0; kk < NT / 2; ++kk) {
-    const uint32_t xa[4] = {pack2<T>(x[2 * kk][0], x[2 * kk][1]), pack2<T>(x[2 * kk][2], x[2 * kk][3]),
-                            pack2<T>(x[2 * kk + 1][0], x[2 * kk + 1][1]),
-                            pack2<T>(x[2 * kk + 1][2], x[2 * kk + 1][3])};
-#pragma unroll
-    for (int dp = 0; dp < DP / 16; ++dp) {
-      uint32_t vb[4];
-      ldsm_x4_t(vb, bm + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dp * 16 + (lane >> 4) * 8);
-      const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
-      mma16816<T>(out[2 * dp], xa, b0);
-      mma16816<T>(out[2 * dp + 1], xa, b1);
-    }
-  }
-}
-
 // DO_DK / DO_DV: which of dK, dV this launch computes (both up to DP = 96; at DP = 128 the 2 x 64
 // accumulators per lane of both would spill, so dV and dK are two launches, the dV one without dP).
 template <typename T, int DP, bool DO_DK, bool DO_DV>
@@ -576,15 +345,12 @@ __global__ void __launch_bounds__(kTcThreads, 1) attn_bwd_dkdv_tc_kernel(const A
   cp_async_commit();
 
   float dk[OT][4], dv[OT][4];
-#pragma unroll
-  for (int ot = 0; ot < OT; ++ot)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dk[ot][e] = dv[ot][e] = 0.0f;
+  zero_acc(dk);
+  zero_acc(dv);
   int64_t jrow[2];
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) jrow[rr] = n0 + warp * 16 + g4 + 8 * rr;
 
-  const float* stats = static_cast<const float*>(p.stats);
   const float* dlt = static_cast<const float*>(p.delta);
   const int64_t row_lo = p.causal ? n0 : 0;  // causal: rows above the block's first key see none of it
   const int64_t nq = p.M > row_lo ? (p.M - row_lo + 63) / 64 : 0;
@@ -595,27 +361,22 @@ __global__ void __launch_bounds__(kTcThreads, 1) attn_bwd_dkdv_tc_kernel(const A
 
   // Tile `it` (head hk * G + it / nq, rows row_lo + (it % nq) * 64) into buffer it & 1; FULL: known
   // to be a whole in-range tile of a 16-byte aligned source (the fast loop's successors).
-  auto stage = [&](int64_t it, auto full_tag) {
-    constexpr bool FULL = decltype(full_tag)::value;
+  auto stage = [&](int64_t it, bool full) {
     const int64_t gg = it / nq, qt = it - gg * nq, h = hk * G + gg, i0 = row_lo + qt * 64, bh = b * p.H + h;
     const int buf = static_cast<int>(it & 1);
     const RowSource<T> qsrc = row_source<T>(p.q, b, h), dsrc = row_source<T>(p.grad_out, b, h);
-    if (FULL || (vec && qt < nq_full)) {
-      stage_rows_full<T, 64, DP, LD>(Qs + buf * 64 * LD, qsrc, i0, p.D);
-      stage_rows_full<T, 64, DP, LD>(dOs + buf * 64 * LD, dsrc, i0, p.Dv);
-    } else {
-      stage_rows<T, 64, DP, LD>(Qs + buf * 64 * LD, qsrc, i0, p.M, p.D);
-      stage_rows<T, 64, DP, LD>(dOs + buf * 64 * LD, dsrc, i0, p.M, p.Dv);
-    }
+    full = full || (vec && qt < nq_full);
+    stage_tile<T, 64, DP, LD>(Qs + buf * 64 * LD, qsrc, i0, p.M, p.D, full);
+    stage_tile<T, 64, DP, LD>(dOs + buf * 64 * LD, dsrc, i0, p.M, p.Dv, full);
     cp_async_commit();
     if (threadIdx.x < 64) {  // plain loads: visible after the barrier that precedes their use
       const int r = threadIdx.x;
       const int64_t i = i0 + r;
       float* rv = rowv + buf * kRowVals * 64;
       const bool in = i < p.M;
-      const float m = in ? stats[2 * (bh * p.M + i)] : 0.0f;
-      const float ll = in ? stats[2 * (bh * p.M + i) + 1] : pos_inf<float>();
-      const KLGradRow<float> klr = kl_row_tc(p, b, h, bh, i);
+      float m, ll;
+      row_stats(p.stats, bh, p.M, i, m, ll);
+      const KLGradRow<float> klr = attn_kl_row(p, b, h, bh, i);
       rv[0 * 64 + r] = m;
       rv[1 * 64 + r] = ll;
       rv[2 * 64 + r] = (m + ll) * l2e;
@@ -625,17 +386,10 @@ __global__ void __launch_bounds__(kTcThreads, 1) attn_bwd_dkdv_tc_kernel(const A
     }
   };
 
-  if (ntot > 0) stage(0, std::false_type{});
+  if (ntot > 0) stage(0, false);
   auto step = [&](int64_t it, auto fast_tag) {
     constexpr bool FAST = decltype(fast_tag)::value;
-    if (it + 1 < ntot) {
-      if constexpr (FAST) stage(it + 1, std::true_type{});
-      else stage(it + 1, std::false_type{});
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    pipeline_advance([&](int64_t t) { stage(t, FAST); }, it, ntot);
     const int buf = static_cast<int>(it & 1);
     const T* Qt = Qs + buf * 64 * LD;
     const T* dOt = dOs + buf * 64 * LD;
@@ -648,10 +402,8 @@ __global__ void __launch_bounds__(kTcThreads, 1) attn_bwd_dkdv_tc_kernel(const A
       const T* Qh = Qt + half * QH * LD;
       const T* dOh = dOt + half * QH * LD;
       float s[NH][4], dp[NH][4];
-#pragma unroll
-      for (int nt = 0; nt < NH; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.0f;
+      zero_acc(s);
+      zero_acc(dp);
       mma_abt<T, DP, LD, NH>(s, Ks + warp * 16 * LD, Qh, lane);                  // S^T: keys x queries
       if constexpr (DO_DK) mma_abt<T, DP, LD, NH>(dp, Vs + warp * 16 * LD, dOh, lane);  // dP^T
       // Element (nt, e): key jrow[e / 2], query i0 + c with c = half * QH + nt * 8 + 2 t4 + e % 2.
@@ -702,21 +454,8 @@ __global__ void __launch_bounds__(kTcThreads, 1) attn_bwd_dkdv_tc_kernel(const A
   }
   cp_async_wait<0>();  // the K / V group when no query tile ran
 
-#pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    const int64_t j = jrow[rr];
-    if (j >= p.N) continue;
-    const int64_t kb = b * p.dk.s[0] + hk * p.dk.s[1] + j * p.dk.s[2];
-    const int64_t vbo = b * p.dv.s[0] + hk * p.dv.s[1] + j * p.dv.s[2];
-#pragma unroll
-    for (int ot = 0; ot < OT; ++ot)
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int e = ot * 8 + 2 * t4 + c;
-        if (DO_DK && e < p.D) stf(p.dk.ptr, kb + e * p.dk.s[3], p.dk.dtype, dk[ot][2 * rr + c] * scale);
-        if (DO_DV && e < p.Dv) stf(p.dv.ptr, vbo + e * p.dv.s[3], p.dv.dtype, dv[ot][2 * rr + c]);
-      }
-  }
+  if constexpr (DO_DK) store_acc_rows(p.dk, dk, b, hk, n0 + warp * 16, p.N, p.D, scale, lane);
+  if constexpr (DO_DV) store_acc_rows(p.dv, dv, b, hk, n0 + warp * 16, p.N, p.Dv, 1.0f, lane);
 }
 
 template <typename T, int DP>
@@ -731,7 +470,7 @@ __global__ void __launch_bounds__(kTcThreads, 1) attn_bwd_dq_tc_kernel(const Att
 
   const int64_t pid = blockIdx.x, mb = pid % nmb, bh = pid / nmb;
   const int64_t b = bh / p.H, h = bh % p.H, hk = h / (p.H / p.Hkv);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g4 = lane >> 2, t4 = lane & 3;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g4 = lane >> 2;
   const int64_t r0 = mb * 64;
   const int64_t hi = p.causal ? (p.N < r0 + 64 ? p.N : r0 + 64) : p.N;
   const int64_t ntiles = (hi + 63) / 64;
@@ -744,7 +483,6 @@ __global__ void __launch_bounds__(kTcThreads, 1) attn_bwd_dq_tc_kernel(const Att
   stage_rows<T, 64, DP, LD>(dOs, row_source<T>(p.grad_out, b, h), r0, p.M, p.Dv);
   cp_async_commit();
 
-  const float* stats = static_cast<const float*>(p.stats);
   const float* dl = static_cast<const float*>(p.delta);
   int64_t row[2];
   float mr[2], logl[2], cq[2], delta[2];
@@ -753,17 +491,13 @@ __global__ void __launch_bounds__(kTcThreads, 1) attn_bwd_dq_tc_kernel(const Att
   for (int rr = 0; rr < 2; ++rr) {
     const int64_t i = r0 + warp * 16 + g4 + 8 * rr;
     row[rr] = i;
-    mr[rr] = i < p.M ? stats[2 * (bh * p.M + i)] : 0.0f;
-    logl[rr] = i < p.M ? stats[2 * (bh * p.M + i) + 1] : pos_inf<float>();
+    row_stats(p.stats, bh, p.M, i, mr[rr], logl[rr]);
     cq[rr] = (mr[rr] + logl[rr]) * l2e;
     delta[rr] = i < p.M ? dl[bh * p.M + i] : 0.0f;
-    klr[rr] = kl_row_tc(p, b, h, bh, i);
+    klr[rr] = attn_kl_row(p, b, h, bh, i);
   }
   float dq[OT][4];
-#pragma unroll
-  for (int ot = 0; ot < OT; ++ot)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dq[ot][e] = 0.0f;
+  zero_acc(dq);
   float* ds_out = static_cast<float*>(p.ds);
 
   const bool full_ok = ksrc.vec && vsrc.vec && p.D % 8 == 0 && p.Dv % 8 == 0;
@@ -774,61 +508,34 @@ __global__ void __launch_bounds__(kTcThreads, 1) attn_bwd_dq_tc_kernel(const Att
     nfast = p.causal && (r0 + 1) / 64 < nfull - 1 ? (r0 + 1) / 64 : nfull - 1;
     if (nfast < 0) nfast = 0;
   }
-  auto stage = [&](int64_t tile) {
-    const int64_t j0 = tile * 64;
-    T* kd = Ks + (tile & 1) * 64 * LD;
-    T* vd = Vs + (tile & 1) * 64 * LD;
-    if (tile < nfull) {
-      stage_rows_full<T, 64, DP, LD>(kd, ksrc, j0, p.D);
-      stage_rows_full<T, 64, DP, LD>(vd, vsrc, j0, p.Dv);
-    } else {
-      stage_rows<T, 64, DP, LD>(kd, ksrc, j0, p.N, p.D);
-      stage_rows<T, 64, DP, LD>(vd, vsrc, j0, p.N, p.Dv);
-    }
-    cp_async_commit();
+  auto stage = [&](int64_t tile, bool full) {
+    stage_kv<T, DP, LD>(Ks, Vs, ksrc, vsrc, tile, full, p.N, p.D, p.Dv);
   };
-  if (ntiles > 0) stage(0);
+  if (ntiles > 0) stage(0, nfull > 0);
   auto step = [&](int64_t it, auto fast_tag) {
     constexpr bool FAST = decltype(fast_tag)::value;
-    if constexpr (FAST) {
-      stage_rows_full<T, 64, DP, LD>(Ks + ((it + 1) & 1) * 64 * LD, ksrc, (it + 1) * 64, p.D);
-      stage_rows_full<T, 64, DP, LD>(Vs + ((it + 1) & 1) * 64 * LD, vsrc, (it + 1) * 64, p.Dv);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else if (it + 1 < ntiles) {
-      stage(it + 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    pipeline_advance<FAST>([&](int64_t t) { stage(t, FAST || t < nfull); }, it, ntiles);
     const T* Kt = Ks + (it & 1) * 64 * LD;
     const T* Vt = Vs + (it & 1) * 64 * LD;
     const int64_t j0 = it * 64;
     float s[NT][4], dp[NT][4];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.0f;
+    zero_acc(s);
+    zero_acc(dp);
     mma_abt<T, DP, LD, NT>(s, Qs + warp * 16 * LD, Kt, lane);    // S = Q K^T
     mma_abt<T, DP, LD, NT>(dp, dOs + warp * 16 * LD, Vt, lane);  // dP = dO V^T
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int rr = e >> 1;
-        if constexpr (FAST) {
-          const float pr = ex2(softmax_exp2_arg_scaled(s[nt][e], scale * l2e, cq[rr]));
-          dp[nt][e] = attn_dscore(pr, dp[nt][e], delta[rr]);
-        } else {
-          const int64_t i = row[rr], j = j0 + nt * 8 + 2 * t4 + (e & 1);
-          const float sc = masked_score(s[nt][e] * scale, p, b, h, i, j);
-          const float pr = prob_of(sc, mr[rr], logl[rr]);
-          const float ds = dscore(p, b, h, i, j, sc, pr, dp[nt][e], delta[rr], klr[rr]);
-          if (ds_out != nullptr && i < p.M && j < p.N) ds_out[(bh * p.M + i) * p.N + j] = ds;
-          dp[nt][e] = ds;
-        }
+    for_each_acc<NT>(lane, [&](int nt, int e, int rr, int c) {
+      if constexpr (FAST) {
+        const float pr = ex2(softmax_exp2_arg_scaled(s[nt][e], scale * l2e, cq[rr]));
+        dp[nt][e] = attn_dscore(pr, dp[nt][e], delta[rr]);
+      } else {
+        const int64_t i = row[rr], j = j0 + c;
+        const float sc = masked_score(s[nt][e] * scale, p, b, h, i, j);
+        const float pr = prob_of(sc, mr[rr], logl[rr]);
+        const float ds = dscore(p, b, h, i, j, sc, pr, dp[nt][e], delta[rr], klr[rr]);
+        if (ds_out != nullptr && i < p.M && j < p.N) ds_out[(bh * p.M + i) * p.N + j] = ds;
+        dp[nt][e] = ds;
       }
+    });
     mma_xb<T, DP, LD, NT>(dq, dp, Kt, lane);  // dQ += dS K
     __syncthreads();
   };
@@ -836,23 +543,82 @@ __global__ void __launch_bounds__(kTcThreads, 1) attn_bwd_dq_tc_kernel(const Att
   for (int64_t it = nfast; it < ntiles; ++it) step(it, std::false_type{});
   cp_async_wait<0>();
 
+  store_acc_rows(p.dq, dq, b, h, r0 + warp * 16, p.M, p.D, scale, lane);
+}
+
+// The map rows' part of the backward pre-pass: delta[i] += sum_j P(i, j) G(i, j) for rows
+// i in [w_start, w_stop), after attn_bwd_pre_kernel (attention.cu) has written rowsum(dO * O).
+// One block per (64 rows of the map range, b, h): S = Q K^T per 64-key tile (K double-buffered),
+// P = exp((s - m) - log l) from the saved statistics, the products with G summed per lane and
+// over the quad at the end.
+template <typename T, int DP>
+__global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_pre_maps_tc_kernel(const AttnParams p, int64_t nmb,
+                                                                          int64_t mb0) {
+  constexpr int LD = DP + 8, NT = 8;
+  LFI_DYNAMIC_SMEM(smem_f);
+  T* Qs = reinterpret_cast<T*>(smem_f);
+  T* Ks = Qs + 64 * LD;  // two buffers
+  const int64_t pid = blockIdx.x, mb = mb0 + pid % nmb, bh = pid / nmb;
+  const int64_t b = bh / p.H, h = bh % p.H, hk = h / (p.H / p.Hkv);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g4 = lane >> 2, t4 = lane & 3;
+  const int64_t r0 = mb * 64;
+  const int64_t hi = p.causal ? (p.N < r0 + 64 ? p.N : r0 + 64) : p.N;
+  const int64_t ntiles = (hi + 63) / 64;
+  const float scale = static_cast<float>(p.scale);
+  const RowSource<T> ksrc = row_source<T>(p.k, b, hk);
+  const int64_t nfull = ksrc.vec && p.D % 8 == 0 ? (p.N / 64 < ntiles ? p.N / 64 : ntiles) : 0;
+
+  zero_padding<T, DP, LD>(Ks, 128, p.D);
+  stage_rows<T, 64, DP, LD>(Qs, row_source<T>(p.q, b, h), r0, p.M, p.D);
+  cp_async_commit();
+  auto stage = [&](int64_t tile) {
+    stage_kv<T, DP, LD>(Ks, static_cast<T*>(nullptr), ksrc, ksrc, tile, tile < nfull, p.N, p.D, 0);
+  };
+  int64_t row[2], grow[2];
+  bool in[2];
+  float mr[2], logl[2], acc[2] = {0.0f, 0.0f};
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
-    const int64_t i = row[rr];
-    if (i >= p.M) continue;
-    const int64_t base = b * p.dq.s[0] + h * p.dq.s[1] + i * p.dq.s[2];
-#pragma unroll
-    for (int ot = 0; ot < OT; ++ot)
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int e = ot * 8 + 2 * t4 + c;
-        if (e < p.D) stf(p.dq.ptr, base + e * p.dq.s[3], p.dq.dtype, dq[ot][2 * rr + c] * scale);
+    const int64_t i = r0 + warp * 16 + g4 + 8 * rr;
+    row[rr] = i;
+    in[rr] = i >= p.w_start && i < p.w_stop && i < p.M;
+    row_stats(p.stats, bh, p.M, i, mr[rr], logl[rr]);  // only rows in[rr] are used
+    grow[rr] = b * p.grad_weights.s[0] + h * p.grad_weights.s[1] + (i - p.w_start) * p.grad_weights.s[2];
+  }
+  if (ntiles > 0) stage(0);
+  for (int64_t it = 0; it < ntiles; ++it) {
+    pipeline_advance(stage, it, ntiles);
+    float s[NT][4];
+    zero_acc(s);
+    mma_abt<T, DP, LD, NT>(s, Qs + warp * 16 * LD, Ks + (it & 1) * 64 * LD, lane);  // S = Q K^T
+    for_each_acc<NT>(lane, [&](int nt, int e, int rr, int c) {
+      const int64_t j = it * 64 + c;
+      if (in[rr] && j < p.N) {
+        const float pr = prob_of(masked_score(s[nt][e] * scale, p, b, h, row[rr], j), mr[rr], logl[rr]);
+        acc[rr] += pr * ldf(p.grad_weights.ptr, grow[rr] + j * p.grad_weights.s[3], p.grad_weights.dtype);
       }
+    });
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+  float* delta = static_cast<float*>(p.delta);
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const float sum = quad_sum(acc[rr]);
+    if (t4 == 0 && in[rr]) delta[bh * p.M + row[rr]] += sum;
   }
 }
 
 template <typename T, int DP>
 const char* launch_bwd(const AttnParams& p, cudaStream_t stream) {
+  if (p.grad_weights.ptr != nullptr && p.w_stop > p.w_start) {  // the map rows' part of delta first
+    const int64_t mb0 = p.w_start / 64, nmb = (p.w_stop + 63) / 64 - mb0;
+    const size_t smem = sizeof(T) * (DP + 8) * 64 * 3;
+    void (*kernel)(const AttnParams, int64_t, int64_t) = attn_bwd_pre_maps_tc_kernel<T, DP>;
+    LFI_CUDA_TRY(cuda_k::prepare(kernel, smem));
+    LFI_LAUNCH(kernel, p.B * p.H * nmb, kTcThreads, smem, stream, p, nmb, mb0);
+    if (const char* e = cuda_k::check_launch()) return e;
+  }
   const size_t smem = BwdShape<T, DP>::smem;
   {
     const int64_t nnb = (p.N + 63) / 64;
@@ -894,17 +660,6 @@ const char* launch_fwd(const AttnParams& p, cudaStream_t stream) {
   return cuda_k::check_launch();
 }
 
-// Calls launch(std::integral_constant<int, DP>) with the head dim padded to DP in {32, 64, 96, 128}
-// (the larger of D and Dv; the callers route larger dims to the CUDA-core kernels).
-template <typename Launch>
-const char* with_padded_head_dim(const AttnParams& p, Launch launch) {
-  const int64_t d = p.D > p.Dv ? p.D : p.Dv;
-  if (d <= 32) return launch(std::integral_constant<int, 32>{});
-  if (d <= 64) return launch(std::integral_constant<int, 64>{});
-  if (d <= 96) return launch(std::integral_constant<int, 96>{});
-  return launch(std::integral_constant<int, 128>{});
-}
-
 }  // namespace
 }  // namespace tc
 
@@ -917,17 +672,15 @@ bool attention_forward_tc_applies(const AttnParams& p) {
 
 const char* attention_forward_tc(const AttnParams& p, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return tc::with_padded_head_dim(p, [&](auto dp) {
-    return p.q.dtype == kBF16 ? tc::launch_fwd<__nv_bfloat16, decltype(dp)::value>(p, s)
-                              : tc::launch_fwd<__half, decltype(dp)::value>(p, s);
+  return tc::with_b16_and_head_dim(p.q.dtype, p.D > p.Dv ? p.D : p.Dv, [&](auto t, auto dp) {
+    return tc::launch_fwd<typename decltype(t)::type, decltype(dp)::value>(p, s);
   });
 }
 
 const char* attention_backward_tc(const AttnParams& p, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return tc::with_padded_head_dim(p, [&](auto dp) {
-    return p.q.dtype == kBF16 ? tc::launch_bwd<__nv_bfloat16, decltype(dp)::value>(p, s)
-                              : tc::launch_bwd<__half, decltype(dp)::value>(p, s);
+  return tc::with_b16_and_head_dim(p.q.dtype, p.D > p.Dv ? p.D : p.Dv, [&](auto t, auto dp) {
+    return tc::launch_bwd<typename decltype(t)::type, decltype(dp)::value>(p, s);
   });
 }
 

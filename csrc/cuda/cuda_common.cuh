@@ -63,24 +63,33 @@ __device__ __forceinline__ int64_t off4(const Strided& t, int64_t a, int64_t b, 
   return a * t.s[0] + b * t.s[1] + c * t.s[2] + d * t.s[3];
 }
 
-__device__ __forceinline__ float warp_max(float v) {
+// Max / sum over groups of LANES consecutive lanes (a power of two <= 32; every lane of the warp
+// calls it): 32 = the whole warp, 4 = the quad sharing a tensor-core accumulator row.
+template <int LANES>
+__device__ __forceinline__ float lanes_max(float v) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
+  for (int o = LANES / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
   return v;
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
+template <int LANES>
+__device__ __forceinline__ float lanes_sum(float v) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  for (int o = LANES / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
   return v;
 }
 
-__device__ __forceinline__ KLSums<float> warp_sum(KLSums<float> s) {
-  s.x = warp_sum(s.x);
-  s.y = warp_sum(s.y);
-  s.c = warp_sum(s.c);
+template <int LANES>
+__device__ __forceinline__ KLSums<float> lanes_sum(KLSums<float> s) {
+  s.x = lanes_sum<LANES>(s.x);
+  s.y = lanes_sum<LANES>(s.y);
+  s.c = lanes_sum<LANES>(s.c);
   return s;
 }
+
+__device__ __forceinline__ float warp_max(float v) { return lanes_max<kWarp>(v); }
+__device__ __forceinline__ float warp_sum(float v) { return lanes_sum<kWarp>(v); }
+__device__ __forceinline__ KLSums<float> warp_sum(KLSums<float> s) { return lanes_sum<kWarp>(s); }
 
 // dst[r * ld + d] = t(b, head, row0 + r, d) * mul for r < rows, d < D (0 past `limit` rows and in
 // the padding d in [D, ld)). All threads of the block take part; call __syncthreads() after.
@@ -102,31 +111,63 @@ __device__ __forceinline__ void load_stats(float* dst, const float* src, int64_t
     dst[r] = row0 + r < M ? src[(base + row0 + r) * stride + comp] : fill;
 }
 
-// dq[r] += sum over one key tile of dS(r, jj) K(jj), for the warp's kRPW rows: lane jj holds
-// dS(r, jj) in ds[r], Ks is the kBN x (D + 1) shared key tile, the lane owns dims lane + c * kWarp.
-template <int DL>
-__device__ __forceinline__ void add_ds_k(float (&dq)[kRPW][DL], const float (&ds)[kRPW], const float* Ks, int D,
-                                         int lane) {
-  for (int jj = 0; jj < kBN; ++jj) {
-    const float* kr = Ks + jj * (D + 1);
+// The saved statistics (shift m, log l) of row i of head bh; past M (0, +inf): P = 0 there.
+__device__ __forceinline__ void row_stats(const void* stats, int64_t bh, int64_t M, int64_t i, float& m,
+                                          float& log_l) {
+  const float* st = static_cast<const float*>(stats);
+  m = i < M ? st[2 * (bh * M + i)] : 0.0f;
+  log_l = i < M ? st[2 * (bh * M + i) + 1] : pos_inf<float>();
+}
+
+// The starting state of R rows: online softmax (m = -inf, l = 0) and KL sums (kl_init).
+template <int R>
+__device__ __forceinline__ void init_rows(float (&m)[R], float (&l)[R], KLSums<float> (&st)[R], bool logits) {
 #pragma unroll
-    for (int r = 0; r < kRPW; ++r) {
-      const float dsj = __shfl_sync(kFull, ds[r], jj);
+  for (int r = 0; r < R; ++r) {
+    m[r] = neg_inf<float>();
+    l[r] = 0.0f;
+    st[r] = kl_init<float>(logits);
+  }
+}
+
+// acc[r] += sum over jj < n of x(r, jj) rows[jj] for the warp's R rows (or keys): lane jj holds
+// x(r, jj) in x[r] (broadcast by shuffles), rows is a shared tile of n rows at stride ld, the lane
+// owns dims lane + c * kWarp < D. dQ += dS K, dK += dS^T Q, dV += P^T dO, O += P V.
+template <int R, int DL>
+__device__ __forceinline__ void add_outer(float (&acc)[R][DL], const float (&x)[R], const float* rows, int ld, int n,
+                                          int D, int lane) {
+  for (int jj = 0; jj < n; ++jj) {
+    const float* row = rows + jj * ld;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float xj = __shfl_sync(kFull, x[r], jj);
 #pragma unroll
       for (int c = 0; c < DL; ++c) {
         const int e = lane + c * kWarp;
-        if (e < D) dq[r][c] += dsj * kr[e];
+        if (e < D) acc[r][c] += xj * row[e];
       }
     }
   }
 }
 
-// acc[kk] += <row `lane` of A, row warp * kKPW + kk of B> over `len` columns: the lane's dot products
+// acc[r] += <rows[r], col> over `len` dims for the warp's kRPW rows of a shared tile (row stride
+// len) and the lane's column `col` (a row of another shared tile): scores Q K^T, dP = dO V^T.
+__device__ __forceinline__ void add_row_dots(float (&acc)[kRPW], const float* rows, const float* col, int len) {
+  for (int d = 0; d < len; ++d) {
+    const float cv = col[d];
+#pragma unroll
+    for (int r = 0; r < kRPW; ++r) acc[r] += rows[r * len + d] * cv;
+  }
+}
+
+// acc[kk] = <row `lane` of A, row warp * kKPW + kk of B> over `len` columns: the lane's dot products
 // with its warp's kKPW rows of B, from shared tiles A (rows padded to len + 1) and B (rows of len).
 __device__ __forceinline__ void lane_dots(float (&acc)[kKPW], const float* A, const float* B, int len, int lane,
                                           int warp) {
   const float* ar = A + lane * (len + 1);
   const float* bw = B + warp * kKPW * len;
+#pragma unroll
+  for (int kk = 0; kk < kKPW; ++kk) acc[kk] = 0.0f;
   for (int d = 0; d < len; ++d) {
     const float av = ar[d];
 #pragma unroll
@@ -134,12 +175,25 @@ __device__ __forceinline__ void lane_dots(float (&acc)[kKPW], const float* A, co
   }
 }
 
-// Stores scale * dq[r] into the rows i0 + r (those < M) of the (B, H, M, D) tensor `out` at (b, h).
-template <int DL>
-__device__ __forceinline__ void store_warp_rows(const Strided& out, const float (&dq)[kRPW][DL], int64_t b,
-                                                int64_t h, int64_t i0, int64_t M, int D, float scale, int lane) {
+// The KLGradRow of row r of a staged query tile kept in shared memory: field f at rows[f * stride + r]
+// (g, 1 / Z, t_shift, t_log_z).
+__device__ __forceinline__ void put_kl_row(float* rows, int stride, int r, const KLGradRow<float>& k) {
+  rows[r] = k.g;
+  rows[stride + r] = k.inv_z;
+  rows[2 * stride + r] = k.t_shift;
+  rows[3 * stride + r] = k.t_log_z;
+}
+__device__ __forceinline__ KLGradRow<float> get_kl_row(const float* rows, int stride, int r) {
+  return KLGradRow<float>{rows[r], rows[stride + r], rows[2 * stride + r], rows[3 * stride + r]};
+}
+
+// Stores scale * dq[r] into the rows i0 + r (those < M) of the (B, H, M, D) tensor `out` at (b, h)
+// (also dK / dV: R = kKPW keys from i0, M = N).
+template <int R, int DL>
+__device__ __forceinline__ void store_warp_rows(const Strided& out, const float (&dq)[R][DL], int64_t b, int64_t h,
+                                                int64_t i0, int64_t M, int D, float scale, int lane) {
 #pragma unroll
-  for (int r = 0; r < kRPW; ++r) {
+  for (int r = 0; r < R; ++r) {
     const int64_t i = i0 + r;
     if (i >= M) continue;
 #pragma unroll
@@ -189,6 +243,15 @@ __device__ __forceinline__ float masked_score(float s, const AttnParams& p, int6
     else s += mv;
   }
   return valid ? s : neg_inf<float>();
+}
+
+// The fused KL gradient's factors of row i of head (b, h), bh = b * H + h (zeros without a fused
+// KL or past M).
+__device__ __forceinline__ KLGradRow<float> attn_kl_row(const AttnParams& p, int64_t b, int64_t h, int64_t bh,
+                                                        int64_t i) {
+  if (p.grad_kl.ptr == nullptr || i >= p.M) return KLGradRow<float>{0.0f, 0.0f, 0.0f, 0.0f};
+  const float g = ldf(p.grad_kl.ptr, b * p.grad_kl.s[0] + h * p.grad_kl.s[1] + i * p.grad_kl.s[2], p.grad_kl.dtype);
+  return kl_grad_row(g, 0.0f, static_cast<const float*>(p.tnorm)[bh * p.M + i], false);
 }
 
 // dS of row i, key j from its probability, dP (without G) and the row's delta / KL factors.

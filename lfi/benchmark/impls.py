@@ -61,12 +61,16 @@ def _sdpa_uses_flash(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
-def sdpa(q, k, v, need_weights=False):
+def _fused_kwargs(name: str, q, k, need_weights: bool) -> dict:
+    """Keyword arguments of a fused attention function (SDPA, flex) for q, k: enable_gqa when the
+    heads are grouped. These functions cannot return the weights: NotImplementedError naming it."""
     if need_weights:
-        raise NotImplementedError("scaled_dot_product_attention cannot return attention weights")
-    kwargs = {}
-    if q.shape[1] != k.shape[1]:
-        kwargs["enable_gqa"] = True
+        raise NotImplementedError(f"{name} cannot return attention weights")
+    return {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+
+
+def sdpa(q, k, v, need_weights=False):
+    kwargs = _fused_kwargs("scaled_dot_product_attention", q, k, need_weights)
     if _sdpa_uses_flash(q):
         from torch.nn.attention import SDPBackend, sdpa_kernel
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
@@ -91,12 +95,7 @@ def _flex_fn():
 
 
 def flex(q, k, v, need_weights=False):
-    if need_weights:
-        raise NotImplementedError("flex_attention cannot return attention weights")
-    kwargs = {}
-    if q.shape[1] != k.shape[1]:
-        kwargs["enable_gqa"] = True
-    return _flex_fn()(q, k, v, **kwargs)
+    return _flex_fn()(q, k, v, **_fused_kwargs("flex_attention", q, k, need_weights))
 
 
 def lfi_torch(q, k, v, need_weights=False):

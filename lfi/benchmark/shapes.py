@@ -35,7 +35,8 @@ class Shape:
         return self.B * self.H * self.M * self.N * torch.empty((), dtype=dtype).element_size()
 
 
-# N = 1 + (img / 16)^2: 197 (224 px), 577 (384 px), 1025 (512 px), 4097 (1024 px).
+# N = 1 + (img / 16)^2: 197 (224 px), 577 (384 px), 1025 (512 px), 4097 (1024 px). Both sets are data
+# tables, one Shape per row: rows alike by design (not code to fold into a function).
 SHAPES_FULL: list[Shape] = [
     Shape("vit_s_n197", 64, 6, 197, 197),
     Shape("vit_b_n197", 64, 12, 197, 197),

@@ -19,7 +19,7 @@ import inspect
 import types
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -92,7 +92,8 @@ def set_backend(m: nn.Module, backend: str) -> None:
         m.__dict__[_BACKEND] = backend
 
 
-def warn_skipped(report: PatchReport, what: str) -> None:
+def warn_skipped(report: PatchReport, what: str, stacklevel: int = 3) -> None:
+    """Warns (UserWarning, at `stacklevel`) about the attention modules `report` lists as skipped."""
     if report.skipped:
         listed = ", ".join(f"{n} ({c})" for n, c, _ in report.skipped[:10])
         more = f" and {len(report.skipped) - 10} more" if len(report.skipped) > 10 else ""
@@ -100,8 +101,52 @@ def warn_skipped(report: PatchReport, what: str) -> None:
             f"{what}: {len(report.skipped)} attention module(s) were not converted to lfi and keep their own "
             f"attention (capture_attention does not see them): {listed}{more}. See the returned PatchReport.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
+
+
+def convert_modules(model: nn.Module, backend: str, choose: Callable[[nn.Module], tuple[Optional[type], str]],
+                    unconverted_reason: Callable[[nn.Module], str], warn: bool, what: str) -> PatchReport:
+    """The conversion loop of the integrations' ``patch``: every module of `model` (the model itself
+    included) that is already an lfi module gets `backend` (``report.already``); otherwise
+    ``choose(m)`` -> (lfi class, "") converts it (``report.patched``) or (None, reason) with a
+    non-empty reason lists it as skipped ((None, "") leaves it alone). Attention-like modules left
+    unconverted and not listed yet are listed with ``unconverted_reason(m)``; `warn` warns about the
+    skipped ones, naming `what` (e.g. "lfi.integrations.timm.patch")."""
+    check_backend(backend)
+    report = PatchReport()
+    converted: set[int] = set()
+    for name, m in model.named_modules():
+        if getattr(type(m), "_lfi_attention", False):
+            set_backend(m, backend)
+            report.already.append(name)
+            continue
+        new_cls, reason = choose(m)
+        if new_cls is not None:
+            swap(m, new_cls, backend)
+            report.patched.append(name)
+            converted.add(id(m))
+        elif reason:
+            report.skipped.append((name, type(m).__name__, reason))
+    listed = {n for n, _, _ in report.skipped}
+    for name, cls_name in unconverted_attention(model, converted):
+        if name not in listed:
+            report.skipped.append((name, cls_name, unconverted_reason(model.get_submodule(name))))
+    if warn:
+        warn_skipped(report, what, stacklevel=4)
+    return report
+
+
+def restore_modules(model: nn.Module, originals) -> PatchReport:
+    """The integrations' ``unpatch``: restores the class every converted module of `model` had
+    (``swap`` remembers it), else the original class paired with its lfi class in `originals`
+    ((lfi class, original class) pairs, the first match wins: modules built as lfi classes)."""
+    report = PatchReport()
+    for name, m in model.named_modules():
+        original = next((orig for lfi_cls, orig in originals if isinstance(m, lfi_cls)), None)
+        if original is not None and unswap(m, original):
+            report.patched.append(name)
+    return report
 
 
 # --------------------------------------------------------------------------------------------

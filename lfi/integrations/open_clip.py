@@ -37,17 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lfi.capture import attend
-from lfi.integrations._common import (
-    PatchReport,
-    check_backend,
-    runs_original,
-    script_copy,
-    set_backend,
-    swap,
-    unconverted_attention,
-    unswap,
-    warn_skipped,
-)
+from lfi.integrations._common import PatchReport, convert_modules, restore_modules, runs_original, script_copy
 from lfi.nn.multihead_attention import MultiheadAttention, mha_supported
 
 try:
@@ -169,53 +159,24 @@ def patch(model: nn.Module, backend: str = "auto", all_mha: bool = False, warn: 
             ``ResidualAttentionBlock`` / ``AttentionalPooler``.
         warn: warn when attention modules were left unconverted.
     """
-    check_backend(backend)
-    report = PatchReport()
     timm_conv = _timm_conversions()
     owned = {id(m.attn) for m in model.modules() if isinstance(m, (_OCBlock, _OCPooler))}
-    converted: set[int] = set()
-    for name, m in model.named_modules():
-        cls = type(m)
-        new_cls = None
-        if getattr(cls, "_lfi_attention", False):
-            set_backend(m, backend)
-            report.already.append(name)
-        elif cls is nn.MultiheadAttention:
+    classes = {_OCAttention: OpenCLIPAttention, _OCAttentionPool2d: LfiAttentionPool2d, **timm_conv}
+
+    def choose(m: nn.Module):
+        if type(m) is nn.MultiheadAttention:
             reason = mha_supported(m)
-            if reason is not None:
-                report.skipped.append((name, cls.__name__, reason))
-            elif id(m) in owned or all_mha:
-                new_cls = MultiheadAttention
-            else:
-                report.skipped.append((name, cls.__name__, "not in a ResidualAttentionBlock or AttentionalPooler "
-                                                           "(patch with all_mha=True)"))
-        elif cls is _OCAttention:
-            new_cls = OpenCLIPAttention
-        elif cls is _OCAttentionPool2d:
-            new_cls = LfiAttentionPool2d
-        elif cls in timm_conv:  # timm vision trunk (TimmModel)
-            new_cls = timm_conv[cls]
-        if new_cls is not None:
-            swap(m, new_cls, backend)
-            report.patched.append(name)
-            converted.add(id(m))
-    listed = {n for n, _, _ in report.skipped}
-    for name, cls_name in unconverted_attention(model, converted):
-        if name not in listed:
-            report.skipped.append((name, cls_name, "attention class with its own forward"))
-    if warn:
-        warn_skipped(report, "lfi.integrations.open_clip.patch")
-    return report
+            if reason is None and not (id(m) in owned or all_mha):
+                reason = "not in a ResidualAttentionBlock or AttentionalPooler (patch with all_mha=True)"
+            return (None, reason) if reason is not None else (MultiheadAttention, "")
+        return classes.get(type(m)), ""  # timm_conv: timm vision trunks (TimmModel)
+
+    return convert_modules(model, backend, choose, lambda m: "attention class with its own forward", warn,
+                           "lfi.integrations.open_clip.patch")
 
 
 def unpatch(model: nn.Module) -> PatchReport:
     """Restores the classes ``patch`` replaced."""
-    report = PatchReport()
     originals = [(MultiheadAttention, nn.MultiheadAttention), (OpenCLIPAttention, _OCAttention),
                  (LfiAttentionPool2d, _OCAttentionPool2d)]
-    originals += [(lfi_cls, cls) for cls, lfi_cls in _timm_conversions().items()]
-    for name, m in model.named_modules():
-        original = next((orig for lfi_cls, orig in originals if isinstance(m, lfi_cls)), None)
-        if original is not None and unswap(m, original):
-            report.patched.append(name)
-    return report
+    return restore_modules(model, originals + [(lfi_cls, cls) for cls, lfi_cls in _timm_conversions().items()])

@@ -33,15 +33,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lfi.integrations._common import (
-    PatchReport,
-    check_backend,
-    set_backend,
-    swap,
-    unconverted_attention,
-    unswap,
-    warn_skipped,
-)
+from lfi.integrations._common import PatchReport, convert_modules, restore_modules
 
 try:
     import timm  # noqa: F401
@@ -87,34 +79,16 @@ def patch(model: nn.Module, backend: str = "auto", warn: bool = True) -> PatchRe
         converted: subclasses of the converted classes with their own forward, other variants)
         module names.
     """
-    check_backend(backend)
-    report = PatchReport()
-    converted: set[int] = set()
-    for name, m in model.named_modules():
-        cls = type(m)
-        if cls in CONVERSIONS:
-            swap(m, CONVERSIONS[cls], backend)
-            report.patched.append(name)
-            converted.add(id(m))
-        elif getattr(cls, "_lfi_attention", False):
-            set_backend(m, backend)
-            report.already.append(name)
-    for name, cls_name in unconverted_attention(model, converted):
-        m = model.get_submodule(name)
-        reason = ("subclass of a converted timm class, with its own forward"
-                  if isinstance(m, tuple(CONVERSIONS)) else "attention variant with its own forward")
-        report.skipped.append((name, cls_name, reason))
-    if warn:
-        warn_skipped(report, "lfi.integrations.timm.patch")
-    return report
+    def unconverted_reason(m: nn.Module) -> str:
+        if isinstance(m, tuple(CONVERSIONS)):
+            return "subclass of a converted timm class, with its own forward"
+        return "attention variant with its own forward"
+
+    return convert_modules(model, backend, lambda m: (CONVERSIONS.get(type(m)), ""), unconverted_reason, warn,
+                           "lfi.integrations.timm.patch")
 
 
 def unpatch(model: nn.Module) -> PatchReport:
     """Restores the original class of every module ``patch`` converted (and of modules built with
     ``attn_layer=InteractionAttention``, which become ``timm.layers.Attention``)."""
-    report = PatchReport()
-    for name, m in model.named_modules():
-        original = next((orig for lfi_cls, orig in _ORIGINAL.items() if isinstance(m, lfi_cls)), None)
-        if original is not None and unswap(m, original):
-            report.patched.append(name)
-    return report
+    return restore_modules(model, _ORIGINAL.items())

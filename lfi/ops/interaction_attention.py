@@ -402,13 +402,15 @@ def interaction_attention(
             "auto"). An explicit backend always runs our kernels.
 
     Autograd graphs:
+        * every row's per-head maps with dropout_p > 0 (the eager dropout path): out =
+          dropout(w) @ v from the returned w itself, as in eager.
         * every row's per-head maps (need_weights=True without weights_rows, average_attn_weights
           or dropout), with grad mode on: as eager's, w = softmax(s) and out = w @ v. The fused op
           returns (out_fused, w); out = attention_pv(w, v, out_fused) returns out_fused's values
           and has the backward of w @ v (dW = dO V^T, dV = W^T dO); the fused op's backward then
           takes dW plus the gradient of any loss on w and runs one dS pass for dq, dk. So
           w.retain_grad(), hooks on w and torch.autograd.grad(out, w) behave as in eager.
-        * anything else (no maps, a row window, head-averaged maps, dropout): the maps are a side
+        * anything else (no maps, a row window, head-averaged maps): the maps are a side
           output; out does not depend on them, and they receive gradients only from losses on
           them (flowing into the same fused backward as out's).
         A backward run with grad mode on (create_graph=True, torch.func.grad / vjp) uses

@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 from typing import Optional, Sequence
 
+from lfi._command import run_command
 from lfi.train.config import TrainConfig, demo_config
 
 __all__ = ["add_subcommands", "main", "config_from_args"]
@@ -254,18 +255,17 @@ def cmd_maps(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------
 def add_subcommands(subparsers) -> None:
     """Adds demo, train, eval and maps to an argparse subparsers object (each sets func=...)."""
-    p = subparsers.add_parser("demo", help="built-in experiment: baseline vs LFI on a synthetic task (CPU, minutes)")
-    _add_demo_args(p)
-    p.set_defaults(func=cmd_demo)
-    p = subparsers.add_parser("train", help="train a ViT student with interaction supervision (DDP via torchrun)")
-    _add_train_args(p)
-    p.set_defaults(func=cmd_train)
-    p = subparsers.add_parser("eval", help="accuracy per domain and map consistency of a checkpoint")
-    _add_eval_args(p)
-    p.set_defaults(func=cmd_eval)
-    p = subparsers.add_parser("maps", help="PNG of teacher vs student interaction maps per layer")
-    _add_maps_args(p)
-    p.set_defaults(func=cmd_maps)
+    specs = {  # name: (help, adds the subcommand's arguments, runs it)
+        "demo": ("built-in experiment: baseline vs LFI on a synthetic task (CPU, minutes)", _add_demo_args, cmd_demo),
+        "train": ("train a ViT student with interaction supervision (DDP via torchrun)", _add_train_args, cmd_train),
+        "eval": ("accuracy per domain and map consistency of a checkpoint", _add_eval_args, cmd_eval),
+        "maps": ("PNG of teacher vs student interaction maps per layer", _add_maps_args, cmd_maps),
+    }
+    for name in SUBCOMMANDS:
+        help_text, add_args, func = specs[name]
+        p = subparsers.add_parser(name, help=help_text)
+        add_args(p)
+        p.set_defaults(func=func)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,12 +279,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["train"] + argv  # `python -m lfi.train --data ...` (torchrun) means train
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        return 130
+    # the subcommands report their own user errors (_err); anything else is a bug: traceback
+    return run_command(build_parser(), argv)

@@ -18,6 +18,18 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path, dpi: int) -> Path:
+    """Writes `fig` to `path` atomically (the format from its suffix, PNG without one), creating the
+    folder, and closes it; returns the path."""
+    from lfi.train.checkpoint import atomic_write
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda p: fig.savefig(p, dpi=dpi, format=path.suffix[1:] or "png"))
+    plt.close(fig)
+    return path
+
+
 def denormalize(image, mean, std) -> np.ndarray:
     """(3, H, W) normalised tensor -> (H, W, 3) float array in [0, 1]."""
     import torch
@@ -45,13 +57,7 @@ def plot_curves(curves: dict, path, *, target: Optional[float] = None, title: st
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from lfi.train.checkpoint import atomic_write
-
-    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format=Path(path).suffix[1:] or "png"))
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=120)
 
 
 def plot_maps(images: Sequence, rows: Sequence[tuple], path, *, col_titles: Optional[Sequence[str]] = None,
@@ -93,10 +99,4 @@ def plot_maps(images: Sequence, rows: Sequence[tuple], path, *, col_titles: Opti
         fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / max(n_rows, 1)))
     else:
         fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from lfi.train.checkpoint import atomic_write
-
-    atomic_write(path, lambda p: fig.savefig(p, dpi=110, format=Path(path).suffix[1:] or "png"))
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=110)

@@ -259,7 +259,8 @@ def attention_with_dropout(q, k, v, mask, scale: float, is_causal: bool, dropout
     """Differentiable eager attention with dropout on P (weights and KL use P before dropout).
 
     Holds the full (B, H, M, N) probabilities for autograd: dropout is not fused anywhere.
-    Returns out, weights rows w_start:w_stop, and per-row KL(kl_target || P) or None.
+    Returns out, weights rows w_start:w_stop, and per-row KL(kl_target || P) or None. With the
+    weights of every row, out is computed from the returned weights (rounded to q's dtype first).
     """
     hkv = k.shape[1]
     dt = compute_dtype(q.dtype)
@@ -268,7 +269,11 @@ def attention_with_dropout(q, k, v, mask, scale: float, is_causal: bool, dropout
     if mask is None:  # only a mask empties a row: an all -inf row comes from infinite q / k and is NaN
         log_l = torch.where(log_l == float("inf"), float("-inf"), log_l)
     p = torch.exp((s - m) - log_l)  # not _softmax_rows: autograd must see this formula
-    p_drop = torch.nn.functional.dropout(p, dropout_p, training=True)
+    # Maps of every row: the returned tensor itself (in q's dtype, as eager rounds it) feeds
+    # dropout(W) @ V, so that out depends on it as in eager (w.retain_grad(), hooks on w).
+    every_row = (w_start, w_stop) == (0, q.shape[2])
+    w = (p if every_row else p[:, :, w_start:w_stop]).to(q.dtype)
+    p_drop = torch.nn.functional.dropout(w.to(dt) if every_row else p, dropout_p, training=True)
     o = _mm(p_drop, _as(v, dt), hkv)
     if mask is not None:  # 0 on rows without an attended key, even with NaN in V (log l = +inf there)
         o = torch.where(log_l == float("inf"), 0.0, o)
@@ -276,4 +281,4 @@ def attention_with_dropout(q, k, v, mask, scale: float, is_causal: bool, dropout
     kl = None
     if kl_target is not None:
         kl = kl_rows(s, _kl_log_target(kl_target, s > float("-inf"), 0, q.shape[2], dt)[0], differentiable=True)[0]
-    return out, p[:, :, w_start:w_stop].to(q.dtype), kl
+    return out, w, kl

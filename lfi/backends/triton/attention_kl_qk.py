@@ -50,6 +50,7 @@ _FEATURES = ["M_BUCKET", "N_BUCKET", "HEAD_DIM", "HEAD_DIM_T", "HAS_MASK", "KEY_
 # tile spills (a kernel matter, not a config one). The order follows the SASS instructions per
 # score element. 3xTF32 needs about twice the registers of TF32: small tiles, the only ones that do
 # not spill. dk tiles are BLOCK_M queries x BLOCK_N keys.
+# A data table, one row per key: rows alike by design (not code to fold into a function).
 _TABLE = {
     ("fwd", 64, "16", False): configs_from("128x64x8x3 64x64x4x3 128x64x8x2 64x32x4x3"),
     ("fwd", 128, "16", False): configs_from("128x64x8x3 64x64x4x3 128x64x8x2 64x32x4x3"),
@@ -152,7 +153,8 @@ _dk = TunedKernel.from_table(K.kl_qk_bwd_dk_kernel, _TABLE, "dk", _FEATURES, par
 
 
 def _args(q, k, target, q_t, k_t, key_mask, student_scale, target_scale, target_is_logits):
-    """(pointer args, stride args, head args, scales, constexprs) shared by the three kernels."""
+    """(pointer args, stride tuples (target, q_t, k_t, mask), head args, scales, constexprs) shared by
+    the three kernels."""
     _check_dtype("q", q)
     _check_dtype("k", k)
     B, H, M, D = q.shape
@@ -200,7 +202,7 @@ def _args(q, k, target, q_t, k_t, key_mask, student_scale, target_scale, target_
         DOT_FP32=INTERPRET and bf16, PRECISION=_precision(q.dtype), T_PRECISION=_precision(t_dtype),
     )
     pointers = (target_arg, qt_arg, kt_arg, mask_arg)
-    strides = (*t_strides, *qt_strides, *kt_strides, *m_strides)
+    strides = (t_strides, qt_strides, kt_strides, m_strides)
     scales = (float(student_scale), float(target_scale))
     return pointers, strides, heads, scales, constexprs
 
@@ -217,11 +219,9 @@ def kl_qk_forward(q, k, target, q_t, k_t, key_mask, student_scale: float, target
     if kl.numel() == 0:
         return kl, stats, tstats
     target_arg, qt_arg, kt_arg, mask_arg = pointers
-    t_strides, qt_strides, kt_strides, m_strides = strides[:4], strides[4:8], strides[8:12], strides[12:]
     _fwd(
         lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
-        q, k, target_arg, qt_arg, kt_arg, mask_arg, kl, stats, tstats,
-        *q.stride(), *k.stride(), *t_strides, *qt_strides, *kt_strides, *m_strides,
+        q, k, target_arg, qt_arg, kt_arg, mask_arg, kl, stats, tstats, q.stride(), k.stride(), *strides,
         H, H // Hkv, *heads, M, N, *scales, bucket(M), bucket(N),
         **constexprs,
     )
@@ -246,14 +246,14 @@ def kl_qk_backward(grad_kl, q, k, target, q_t, k_t, key_mask, stats, tstats, stu
     _dq(
         lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
         grad_kl, q, k, target_arg, qt_arg, kt_arg, mask_arg, stats, tstats, dq,
-        *g_strides, *q.stride(), *k.stride(), *strides, *dq.stride(),
+        g_strides, q.stride(), k.stride(), *strides, dq.stride(),
         H, H // Hkv, *heads, M, N, *scales, bucket(M), bucket(N),
         **constexprs,
     )
     _dk(
         lambda meta: triton.cdiv(N, meta["BLOCK_N"]) * B * Hkv,
         grad_kl, q, k, target_arg, qt_arg, kt_arg, mask_arg, stats, tstats, dk,
-        *g_strides, *q.stride(), *k.stride(), *strides, *dk.stride(),
+        g_strides, q.stride(), k.stride(), *strides, dk.stride(),
         H, Hkv, H // Hkv, *heads, M, N, *scales, bucket(M), bucket(N),
         **constexprs,
     )

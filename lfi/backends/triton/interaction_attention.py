@@ -51,34 +51,46 @@ _FEATURES = ["M_BUCKET", "N_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS
 # "16" (float16/bfloat16), "tf32" and "tf32x3" (float32, see _launch._precision). maps: the forward
 # writes maps (None: either). Feature class: the feature that needs the most registers ("kl": fused
 # KL; "mask": a 2-D mask tile or a mask gradient; "gqa": several query heads per kv head in dK/dV;
-# "": none of those). dK/dV tiles are BLOCK_M queries x BLOCK_N keys.
+# "ragged": a maps forward whose N is not a multiple of 16 (Triton compiles such calls apart, integer
+# arguments being specialized on divisibility by 16, and there the pipelined 128x128 tile spills 24 B:
+# N = 197, 577, 1000 measured), or a dK/dV with map gradients and M or N not a multiple of 16, or
+# with several query heads per kv head (its 64-row tiles spill 12-120 B there); "": none of those).
+# dK/dV tiles are BLOCK_M queries x BLOCK_N keys. Float32 without TF32 (3xTF32 products): every dK/dV and
+# dQ tile measured spills (at least 668 B and 92 B, 8 tiles each), so their lists hold the fastest.
+# A data table, one row per key: rows alike by design (not code to fold into a function).
 _TABLE = {
-    ("fwd", 64, "16", False, ""): configs_from("128x128x8x2 128x64x4x3 128x64x8x3 64x64x4x3"),
-    ("fwd", 64, "16", True, ""): configs_from("128x128x8x2 128x64x8x3 64x64x4x3"),
-    ("fwd", 64, "16", True, "mask"): configs_from("128x64x8x3 64x64x4x3"),
-    ("fwd", 64, "16", None, "kl"): configs_from("128x64x8x3 64x64x4x3"),
-    ("fwd", 128, "16", False, ""): configs_from("128x128x8x2 128x64x8x3 64x64x4x3"),
-    ("fwd", 128, "16", False, "mask"): configs_from("128x64x8x2 128x64x8x3 64x64x4x3"),
+    ("fwd", 64, "16", False, ""): configs_from("128x128x8x2 128x64x8x3 64x64x4x2"),
+    ("fwd", 64, "16", True, ""): configs_from("128x128x8x2 128x64x8x3 64x64x4x2"),
+    ("fwd", 64, "16", True, "ragged"): configs_from("128x128x8x1 128x64x8x3 64x64x4x2"),
+    ("fwd", 64, "16", True, "mask"): configs_from("128x64x8x3 64x64x4x2"),
+    ("fwd", 64, "16", None, "kl"): configs_from("128x64x8x3 64x64x4x2"),
+    ("fwd", 128, "16", False, ""): configs_from("128x128x8x2 128x64x8x3 64x64x4x2"),
+    ("fwd", 128, "16", False, "mask"): configs_from("128x64x8x2 128x64x8x3 64x64x4x2"),
     ("fwd", 128, "16", True, ""): configs_from("64x64x4x2 128x64x8x2"),
     ("fwd", 128, "16", None, "kl"): configs_from("128x64x8x2 64x32x4x2"),
     ("fwd", 256, "16", None, ""): configs_from("128x32x8x2 64x32x4x2"),
-    ("fwd", 64, "tf32", None, ""): configs_from("128x64x8x2 64x64x4x2 64x32x4x2"),
-    ("fwd", None, None, None, ""): configs_from("128x32x8x2 64x32x4x2"),
+    ("fwd", 64, "tf32", False, ""): configs_from("128x64x8x2 64x64x4x2"),
+    ("fwd", 64, "tf32", True, ""): configs_from("128x64x8x2 64x32x4x2"),
+    ("fwd", None, None, None, ""): configs_from("128x32x8x2 64x16x4x2"),
     ("preprocess", None, None, None, ""): configs_from("64x64x4x2 128x64x8x2"),
     ("dkdv", 64, "16", None, ""): configs_from("64x64x4x2 64x128x8x2 64x128x8x3"),
     ("dkdv", 64, "16", None, "kl"): configs_from("32x128x8x2 32x64x4x2"),
+    ("dkdv", 64, "16", None, "ragged"): configs_from("32x128x8x2 32x64x4x2"),
+    ("dkdv", 64, "16", None, "gqa"): configs_from("64x128x8x2 32x128x8x2"),
     ("dkdv", 128, "16", None, ""): configs_from("32x128x8x2 32x128x8x1"),
-    ("dkdv", 128, "16", None, "gqa"): configs_from("32x128x8x1 16x128x8x2"),
+    ("dkdv", 128, "16", None, "gqa"): configs_from("16x128x8x2"),
+    ("dkdv", 128, "16", None, "ragged"): configs_from("16x128x8x2"),
     ("dkdv", 128, "16", None, "kl"): configs_from("32x128x8x2 16x128x8x2"),
-    ("dkdv", 64, "tf32", None, ""): configs_from("64x128x8x2 32x64x4x2"),
-    ("dkdv", None, None, None, ""): configs_from("32x64x8x2 32x64x4x2"),
-    ("dq", 64, "16", None, ""): configs_from("64x64x4x3 128x64x8x2 128x32x4x3"),
+    ("dkdv", 64, "tf32", None, ""): configs_from("32x128x8x2 32x64x4x2"),
+    ("dkdv", None, None, None, ""): configs_from("32x64x8x2"),
+    ("dkdv", 64, "tf32x3", None, ""): configs_from("32x128x8x2 32x64x4x2"),
+    ("dq", 64, "16", None, ""): configs_from("64x64x4x3 128x64x8x2"),
     ("dq", 128, "16", None, ""): configs_from("128x64x8x2 64x64x4x2"),
     ("dq", 64, "16", None, "mask"): configs_from("64x64x4x3 128x64x8x2"),
     ("dq", 128, "16", None, "mask"): configs_from("128x32x8x2"),
     ("dq", 128, "16", None, "kl"): configs_from("128x64x8x2"),
     ("dq", 64, "tf32", None, ""): configs_from("128x64x8x2 64x64x4x2"),
-    ("dq", None, None, None, ""): configs_from("128x32x8x2 64x32x4x2"),
+    ("dq", None, None, None, ""): configs_from("128x32x8x2 64x16x4x2"),
 }
 
 
@@ -87,8 +99,13 @@ def _feature_class(kernel: str, named) -> str:
         return "kl"
     if named.get("HAS_MASK") and not named.get("KEY_MASK") or named.get("WRITE_DS"):
         return "mask"
+    ragged = named.get("M", 0) % 16 or named.get("N", 0) % 16
+    if kernel == "dkdv" and named.get("HAS_DW") and (ragged or named.get("GROUP", 1) > 1):
+        return "ragged"
     if kernel == "dkdv" and named.get("GROUP", 1) > 1:
         return "gqa"
+    if kernel == "fwd" and named.get("WRITE_MAPS") and named.get("N", 0) % 16:
+        return "ragged"
     return ""
 
 
@@ -106,6 +123,12 @@ def _lookup(kernel: str, named):
         if key in _TABLE:
             return _TABLE[key]
     raise KeyError(kernel)
+
+
+def size_key(n: int) -> int:
+    """M_BUCKET / N_BUCKET: bucket(n), minus one when n is not a multiple of 16, so that the
+    autotuner keys those calls apart (their candidates can differ: feature class "ragged")."""
+    return bucket(n) - (1 if n % 16 else 0)
 
 
 def _smem_bytes(cfg, named, resident: str, streamed: str) -> int:
@@ -205,7 +228,7 @@ def attention_forward(q, k, v, mask, scale: float, is_causal: bool, w_start: int
         kl_target if has_kl else out, kl if has_kl else stats, tnorm if has_kl else stats,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
         *_strides(weights if write_maps else None), *_broadcast_strides(kl_target, (B, H, M, N)),
-        H, H // Hkv, M, N, *scales, w_start, w_stop, bucket(M), bucket(N),
+        H, H // Hkv, M, N, *scales, w_start, w_stop, size_key(M), size_key(N),
         HAS_KL=has_kl, WRITE_MAPS=maps_mode, **constexprs,
     )
     return out, stats, weights, kl, tnorm
@@ -233,12 +256,16 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale:
     B, H, M, _ = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     has_dw = grad_weights is not None and grad_weights.numel() > 0
+    if has_dw and (grad_weights.stride(-1) != 1 or grad_weights.stride(-2) % MAP_ROW_ALIGN):
+        # dW read with the maps' padded rows: with N not a multiple of 16 the kernels' dW tile loads
+        # cannot vectorize, and the dK/dV and dQ tiles spilled (sm_90 report, N = 197, 200).
+        grad_weights = _map_buffer(B, H, w_stop - w_start, N, grad_weights.dtype, q.device).copy_(grad_weights)
     g_arg = grad_weights if has_dw else grad_out
     g_strides = _strides(grad_weights if has_dw else None)
     has_kl = grad_kl is not None
     kl_args = (kl_target, tnorm, grad_kl) if has_kl else (q, stats, stats)
     kl_strides = (*_broadcast_strides(kl_target, (B, H, M, N)), *(grad_kl.stride() if has_kl else (0, 0, 0)))
-    sizes = (M, N, qk_scale, qk_scale2, w_start, w_stop, bucket(M), bucket(N))
+    sizes = (M, N, qk_scale, qk_scale2, w_start, w_stop, size_key(M), size_key(N))
 
     delta = torch.empty(B, H, M, dtype=torch.float32, device=q.device)
     _preprocess(
