@@ -808,8 +808,9 @@ def attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (row block, b, h): dQ = scale * dS K (dS including the fused KL's
-    grad_kl * (P - T / Z) when HAS_KL). With WRITE_DS, also stores dS into the
-    contiguous float32 buffer DS (B, H, M, N) (the gradient of an additive mask)."""
+    grad_kl * (P - T / Z) when HAS_KL). With WRITE_DS, also stores dS into the float32 buffer DS
+    (B, H, M, cdiv(N, 16) * 16), contiguous, columns past N unwritten (the gradient of an additive
+    mask: an N-element row stride made the dS stores scalar and the tile spill at N = 197)."""
     pid_m, pid_bh, b, h, offs_m, row_ok = _row_block(M, H, BLOCK_M)
     hk = h // GROUP
     row_lo = pid_m * BLOCK_M
@@ -845,7 +846,7 @@ def attention_bwd_dq_kernel(
     w_rows = (offs_m >= w_start) & (offs_m < w_stop)
     g_base = DW + b * stride_gb + h * stride_gh + (offs_m - w_start)[:, None] * stride_gm
     t_base = T + b * stride_tb + h * stride_th + offs_m[:, None] * stride_tm
-    ds_base = DS + rows[:, None] * N
+    ds_base = DS + rows[:, None] * (tl.cdiv(N, 16) * 16)  # rows padded to 16 elements: vector stores
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     if IS_CAUSAL:

@@ -169,12 +169,12 @@ def test_config_tables():
     # at most 64 rows: no 128-row blocks
     assert all(c.kwargs["BLOCK_M"] <= 64 for c in pick("fwd", _named(M=16)))
     # maps at D = 128: the no-spill list
-    assert [_shape(c) for c in pick("fwd", _named(D=128, maps=2))] == [(64, 64, 4, 2), (128, 64, 8, 2)]
+    assert [_shape(c) for c in pick("fwd", _named(D=128, maps=2))] == [(64, 64, 4, 2), (128, 64, 8, 3)]
     # exact float32 (3xTF32) falls back to the generic small tiles
     assert all(c.kwargs["BLOCK_N"] <= 32 for c in pick("fwd", _named(torch.float32, precision="tf32x3")))
     for kernel in ("fwd", "preprocess", "dkdv", "dq"):
         configs = table_configs(launcher._TABLE, kernel)
-        assert 1 <= len(configs) <= 8
+        assert 1 <= len(configs) <= 7
         assert len({_shape(c) for c in configs}) == len(configs)
         for named in (_named(), _named(torch.float16, 128), _named(torch.float32, 64), _named(D=256)):
             kept = pick(kernel, dict(named))

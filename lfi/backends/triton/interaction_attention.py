@@ -65,15 +65,16 @@ _TABLE = {
     ("fwd", 64, "16", True, "mask"): configs_from("128x64x8x3 64x64x4x2"),
     ("fwd", 64, "16", None, "kl"): configs_from("128x64x8x3 64x64x4x2"),
     ("fwd", 128, "16", False, ""): configs_from("128x128x8x2 128x64x8x3 64x64x4x2"),
-    ("fwd", 128, "16", False, "mask"): configs_from("128x64x8x2 128x64x8x3 64x64x4x2"),
-    ("fwd", 128, "16", True, ""): configs_from("64x64x4x2 128x64x8x2"),
-    ("fwd", 128, "16", None, "kl"): configs_from("128x64x8x2 64x32x4x2"),
-    ("fwd", 256, "16", None, ""): configs_from("128x32x8x2 64x32x4x2"),
-    ("fwd", 64, "tf32", False, ""): configs_from("128x64x8x2 64x64x4x2"),
-    ("fwd", 64, "tf32", True, ""): configs_from("128x64x8x2 64x32x4x2"),
+    ("fwd", 128, "16", False, "mask"): configs_from("128x64x8x3 64x64x4x2"),
+    ("fwd", 128, "16", True, ""): configs_from("64x64x4x2 128x64x8x3"),
+    ("fwd", 128, "16", None, "kl"): configs_from("128x64x8x3"),
+    ("fwd", 256, "16", None, ""): configs_from("128x32x8x2 64x16x4x2"),
+    ("fwd", 64, "tf32", False, ""): configs_from("128x64x8x3 64x64x4x2"),
+    ("fwd", 64, "tf32", True, ""): configs_from("128x64x8x3 64x16x4x2"),
+    ("fwd", 64, "tf32", True, "ragged"): configs_from("128x32x8x2 64x16x4x2"),
     ("fwd", None, None, None, ""): configs_from("128x32x8x2 64x16x4x2"),
     ("preprocess", None, None, None, ""): configs_from("64x64x4x2 128x64x8x2"),
-    ("dkdv", 64, "16", None, ""): configs_from("64x64x4x2 64x128x8x2 64x128x8x3"),
+    ("dkdv", 64, "16", None, ""): configs_from("64x64x4x2 64x128x8x2"),
     ("dkdv", 64, "16", None, "kl"): configs_from("32x128x8x2 32x64x4x2"),
     ("dkdv", 64, "16", None, "ragged"): configs_from("32x128x8x2 32x64x4x2"),
     ("dkdv", 64, "16", None, "gqa"): configs_from("64x128x8x2 32x128x8x2"),
@@ -95,13 +96,13 @@ _TABLE = {
 
 
 def _feature_class(kernel: str, named) -> str:
+    ragged = named.get("M", 0) % 16 or named.get("N", 0) % 16
+    if kernel == "dkdv" and named.get("HAS_DW") and (ragged or named.get("GROUP", 1) > 1):
+        return "ragged"
     if named.get("HAS_KL"):
         return "kl"
     if named.get("HAS_MASK") and not named.get("KEY_MASK") or named.get("WRITE_DS"):
         return "mask"
-    ragged = named.get("M", 0) % 16 or named.get("N", 0) % 16
-    if kernel == "dkdv" and named.get("HAS_DW") and (ragged or named.get("GROUP", 1) > 1):
-        return "ragged"
     if kernel == "dkdv" and named.get("GROUP", 1) > 1:
         return "gqa"
     if kernel == "fwd" and named.get("WRITE_MAPS") and named.get("N", 0) % 16:
@@ -291,7 +292,9 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale:
         return dq_acc.to(q.dtype), dk, dv, None
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     # dS is written only when an additive mask needs its gradient (it is as large as the maps).
-    ds = torch.zeros(B, H, M, N, dtype=torch.float32, device=q.device) if mask_grad else delta
+    # Rows padded to 16 elements (the kernel's dS row stride); the view drops the padding.
+    ds = (torch.zeros(B, H, M, triton.cdiv(N, 16) * 16, dtype=torch.float32, device=q.device)[..., :N]
+          if mask_grad else delta)
     _dq(
         lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
         q, k, v, mask_arg, grad_out, g_arg, stats, delta, dq, ds, *kl_args,
@@ -303,5 +306,5 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale:
     dmask = None
     if mask_grad:
         dims = [i for i, size in enumerate(mask.shape) if size == 1]
-        dmask = (ds.sum(dims, keepdim=True) if dims else ds).to(mask.dtype)
+        dmask = (ds.sum(dims, keepdim=True) if dims else ds).to(mask.dtype).contiguous()
     return dq, dk, dv, dmask
