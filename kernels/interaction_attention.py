@@ -846,7 +846,8 @@ def attention_bwd_dq_kernel(
     w_rows = (offs_m >= w_start) & (offs_m < w_stop)
     g_base = DW + b * stride_gb + h * stride_gh + (offs_m - w_start)[:, None] * stride_gm
     t_base = T + b * stride_tb + h * stride_th + offs_m[:, None] * stride_tm
-    ds_base = DS + rows[:, None] * (tl.cdiv(N, 16) * 16)  # rows padded to 16 elements: vector stores
+    # Rows padded to 16 elements (the launcher's MAP_ROW_ALIGN): vectorized dS stores.
+    ds_base = DS + rows[:, None] * (tl.cdiv(N, 16) * 16)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     if IS_CAUSAL:

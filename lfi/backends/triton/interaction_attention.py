@@ -292,9 +292,8 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale:
         return dq_acc.to(q.dtype), dk, dv, None
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     # dS is written only when an additive mask needs its gradient (it is as large as the maps).
-    # Rows padded to 16 elements (the kernel's dS row stride); the view drops the padding.
-    ds = (torch.zeros(B, H, M, triton.cdiv(N, 16) * 16, dtype=torch.float32, device=q.device)[..., :N]
-          if mask_grad else delta)
+    # In the maps' padded layout: the kernel's dS row stride is cdiv(N, MAP_ROW_ALIGN) * MAP_ROW_ALIGN.
+    ds = _map_buffer(B, H, M, N, torch.float32, q.device).zero_() if mask_grad else delta
     _dq(
         lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
         q, k, v, mask_arg, grad_out, g_arg, stats, delta, dq, ds, *kl_args,
