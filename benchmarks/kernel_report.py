@@ -128,9 +128,9 @@ def stage_of(kernel: str) -> str:
 class Case:
     """One representative call of an op. features: causal, bool_mask (B, H, M, N), key_padding
     (bool (B, 1, 1, N)), float_mask, mask_grad (the float mask receives a gradient), gqa (H = 4,
-    Hkv = 2), kl (kl_target (B, 1, M, N)), rows (maps of 4 rows only), vit197 (M = N = 197), n200 (N = 200),
-    cross (M = 16, N = 197), tf32_off (fp32 with allow_tf32 = False); KL ops: dense / implicit
-    teacher, key_mask, logits target."""
+    Hkv = 2), kl (kl_target (B, 1, M, N)), fp32_target (that target in float32), rows (maps of 4
+    rows only), vit197 (M = N = 197), n200 (N = 200), cross (M = 16, N = 197), tf32_off (fp32 with
+    allow_tf32 = False); KL ops: dense / implicit teacher, key_mask, logits target."""
     op: str
     dtype: str
     head_dim: int | None
@@ -196,11 +196,11 @@ def ragged_cases():
 
 
 def full_attention_cases():
-    """The full report's interaction_attention grid (52 cases): bf16, fp16, fp32 (tf32) x D = 64 /
-    128 / 80 x maps off/on; fp32 with allow_tf32 = False (an FMA path is slow to compile) at D = 64;
+    """The full report's interaction_attention grid (61 cases): bf16, fp16, fp32 (tf32) x D = 64 /
+    128 / 80 x maps off/on; the float32 cases (allow_tf32 = False, fused KL, float32 KL target);
     every feature (and feature with maps) at bf16 D = 64 and D = 128; the features alone at fp16
     D = 64; the ViT and cross-attention shapes."""
-    return (base_cases(("bf16", "fp16", "fp32"), (64, 128, 80)) + base_cases(("fp32/no_tf32",), (64,))
+    return (base_cases(("bf16", "fp16", "fp32"), (64, 128, 80)) + fp32_cases()
             + feature_cases("bf16", 64) + feature_cases("bf16", 128) + feature_cases("fp16", 64, with_maps=False)
             + shape_cases() + ragged_cases()[1:])
 
@@ -218,12 +218,21 @@ def kl_cases(dtypes=("bf16", "fp16", "fp32"), dims=(64, 128)):
     return cases
 
 
+def fp32_cases():
+    """float32 at D = 64: without TF32 (3xTF32 products), maps off and on; the fused KL (TF32), maps
+    off and on; and a bf16 call whose KL target is float32 (the usual CLIP teacher). The KL forward
+    did not compile before with a float32 target (Triton's thread-locality pass)."""
+    return (base_cases(("fp32/no_tf32",), (64,))
+            + [_attention_case("fp32", 64, m, ("kl",)) for m in (False, True)]
+            + [_attention_case("bf16", 64, True, ("kl", "fp32_target"))])
+
+
 def ci_cases():
     """The CI test's grid: bf16/fp16 x D = 64/128 with maps off and on; every feature (alone, and
-    with maps where LFI uses it) at bf16 D = 64 and at fp16 D = 128; the ragged shapes; one
-    attention_kl case and a dense and an implicit attention_kl_qk case."""
+    with maps where LFI uses it) at bf16 D = 64 and at fp16 D = 128; the ragged shapes; the float32
+    cases; one attention_kl case and a dense and an implicit attention_kl_qk case."""
     return (base_cases(("bf16", "fp16"), (64, 128)) + feature_cases("bf16", 64) + feature_cases("fp16", 128)
-            + ragged_cases()
+            + ragged_cases() + fp32_cases()
             + [Case("attention_kl", "bf16", None, features=("dense", "key_mask")),
                Case("attention_kl_qk", "bf16", 64, features=("dense",)),
                Case("attention_kl_qk", "fp16", 128, features=("implicit",))])
@@ -342,7 +351,7 @@ def _attention_calls(case: Case):
         mask = torch.empty(B, 1, 1, N, dtype=torch.bool)
     elif "float_mask" in f:
         mask = torch.empty(B, H, M, N, dtype=dt)
-    kl_target = torch.empty(B, 1, M, N, dtype=dt) if "kl" in f else None
+    kl_target = torch.empty(B, 1, M, N, dtype=torch.float32 if "fp32_target" in f else dt) if "kl" in f else None
     causal = "causal" in f
     w_start, w_stop = ((0, 4) if "rows" in f else (0, M)) if case.maps else (0, 0)
     scale = D ** -0.5
@@ -1253,9 +1262,11 @@ CUDA_FILES = ("cuda/attention_tc.cu", "cuda/attention.cu", "cuda/kl.cu")
 # Triton kernels of lfi (this report's Triton section, bf16, D = 64, sm_90, default configs):
 # warp-level SASS instructions per score element of the main loops.
 TRITON_REFERENCE = {"fwd": 0.224, "bwd_dkdv": 0.331, "bwd_dq": 0.239}
-# The same for attention_kl_qk (bf16, D = 64, dense target; forward from RESULTS.md's KL-ops note,
-# backward dq / dk from `kernel_report.py --ci --filter kl_qk`).
-TRITON_KL_QK_REFERENCE = {"kl_qk_fwd": 0.984}
+# The same for attention_kl_qk (bf16, D = 64, default configs; `kernel_report.py --targets sm_90
+# --configs default --filter 'kl_qk.*bf16 D64'`, 2026-12-03): a dense bf16 probability target (the
+# report's "dense" case; our kernels' "dense b16" instantiation) and an implicit teacher.
+TRITON_KL_QK_REFERENCE = {"dense b16": {"kl_qk_fwd": 0.984, "kl_qk_dq": 0.556, "kl_qk_dk": 0.608},
+                          "implicit": {"kl_qk_fwd": 0.718, "kl_qk_dq": 0.661, "kl_qk_dk": 0.714}}
 TC_TILE = (64, 64, 4)  # the tensor-core kernels: query rows, keys per tile, warps
 
 
@@ -1333,24 +1344,30 @@ def _demangle(names) -> dict:
 def _tc_kernel_info(pretty: str):
     """(stage, dtype, DP, variant) of a tensor-core kernel instantiation (attention_tc.cu, kl.cu), else
     None. stage: fwd / bwd_dq / bwd_dkdv / bwd_pre_maps (attention), kl_qk_fwd / kl_qk_dq / kl_qk_dk;
-    variant: "dk+dv", "dk" or "dv" for attention dK/dV kernels, else ""."""
+    variant: "dk+dv", "dk" or "dv" for attention dK/dV kernels; for kl_qk the target kind of the
+    instantiation ("implicit" teacher, "dense b16" target of q's dtype, "dense f32"); else ""."""
     m = re.search(r"(?:attn_(fwd|bwd_dq|bwd_dkdv|bwd_pre_maps)|(kl_qk_(?:fwd|dq|dk)))_tc_kernel<(\w+), (\d+)"
-                  r"(?:, (true|false), (true|false))?>", pretty)
+                  r"(?:, (true|false), (true|false)|, (\w+))?>", pretty)
     if not m:
         return None
     stage = m.group(1) or m.group(2)
     variant = ""
     if stage == "bwd_dkdv":
         variant = "+".join(x for x, on in (("dk", m.group(5)), ("dv", m.group(6))) if on == "true")
+    elif m.group(7):
+        variant = {"void": "implicit", "float": "dense f32"}.get(m.group(7), "dense b16")
     return stage, ("bf16" if "bfloat16" in m.group(3) else "fp16"), int(m.group(4)), variant
 
 
-def _tc_smem(stage: str, dp: int) -> int:
+def _tc_smem(stage: str, dp: int, variant: str = "") -> int:
     """Dynamic shared memory (bytes) of a tensor-core kernel: b16 tiles of 64 rows x (DP + 8) and
-    float row values; for kl_qk the implicit-teacher layout (the largest)."""
+    float row values (kl.cu's qk_tc_smem, attention_tc.cu's shapes); kl_qk's implicit teacher adds
+    its Q_t / K_t tiles."""
     tile, rowv = 2 * (dp + 8) * 64, 4 * 2 * 6 * 64
-    return {"fwd": 5 * tile, "bwd_pre_maps": 3 * tile, "kl_qk_fwd": 6 * tile, "kl_qk_dq": 6 * tile,
-            "kl_qk_dk": 7 * tile + rowv}.get(stage, 6 * tile + rowv)
+    if stage.startswith("kl_qk"):
+        extra = 3 if variant == "implicit" else 0
+        return (3 + extra) * tile if stage != "kl_qk_dk" else (3 + extra + (1 if extra else 0)) * tile + 4 * 2 * 4 * 64
+    return {"fwd": 5 * tile, "bwd_pre_maps": 3 * tile}.get(stage, 6 * tile + rowv)
 
 
 def annotate_cuda_record(rec: dict) -> dict:
@@ -1360,7 +1377,7 @@ def annotate_cuda_record(rec: dict) -> dict:
         return rec
     stage, dtype, dp, variant = tc
     bm, bn, warps = TC_TILE
-    rec.update(stage=stage, dtype=dtype, head_dim_padded=dp, variant=variant, smem_bytes=_tc_smem(stage, dp),
+    rec.update(stage=stage, dtype=dtype, head_dim_padded=dp, variant=variant, smem_bytes=_tc_smem(stage, dp, variant),
                tile=f"{bm}x{bn} w{warps}")
     for loop in rec["loops"]:
         loop["per_score"] = round(loop["instructions"] * warps / (bm * bn), 4)
@@ -1433,21 +1450,22 @@ def cuda_markdown(records, timings, meta) -> str:
         lines.append(f"| {target} | {dtype} | {dp} | {fwd} | {tf or ''} | {_ratio(fwd, tf)} | "
                      f"{round(dkdv, 4) if dkdv else None} | {dq} | {bwd} | {tb or ''} | {_ratio(bwd, tb)} |")
     lines += ["", "### attention_kl_qk against the Triton kernels (warp-level SASS instructions per score element)", "",
-              "| target | dtype | DP | forward | Triton fwd | ratio | dQ | dK | backward | Triton bwd | ratio |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for target, dtype, dp in sorted({(k[0], k[2], k[3]) for k in by if k[1].startswith("kl_qk")}):
-        fwd, dq, dk = ((by.get((target, st, dtype, dp, "")) or {}).get("sass_per_score_element")
-                       for st in ("kl_qk_fwd", "kl_qk_dq", "kl_qk_dk"))
-        bwd = round(dq + dk, 4) if dq and dk else None
-        ref = target == "sm_90" and dtype == "bf16" and dp == 64
-        tf = TRITON_KL_QK_REFERENCE.get("kl_qk_fwd") if ref else None
-        tb = (round(TRITON_KL_QK_REFERENCE["kl_qk_bwd_dq"] + TRITON_KL_QK_REFERENCE["kl_qk_bwd_dk"], 3)
-              if ref and "kl_qk_bwd_dq" in TRITON_KL_QK_REFERENCE else None)
-        lines.append(f"| {target} | {dtype} | {dp} | {fwd} | {tf or ''} | {_ratio(fwd, tf)} | {dq} | {dk} | {bwd} | "
-                     f"{tb or ''} | {_ratio(bwd, tb)} |")
-    lines += ["", "The kl_qk loops are the static loop bodies: each holds the dense-target and the implicit-teacher "
-              "(second Q_t K_t^T product) paths and the key-mask branch, of which one call runs one; attention_kl "
-              "reads precomputed logits (no matrix product) and stays on CUDA cores.", ""]
+              "Per target kind (kl.cu instantiates each kernel for an implicit teacher, a dense target of q's dtype "
+              "and a dense float32 target): the fast loop (interior tiles, no key mask; for dense targets the "
+              "shorter of the probability / logit loops, both in the per-kernel table) and the ratio to the Triton "
+              "kernel of the same case (bf16, D = 64, sm_90).", "",
+              "| target | dtype | DP | kind | forward | Triton | ratio | dQ | Triton | ratio | dK | Triton | ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for target, dtype, dp, kind in sorted({(k[0], k[2], k[3], k[4]) for k in by if k[1].startswith("kl_qk")}):
+        ref = TRITON_KL_QK_REFERENCE.get(kind, {}) if (target, dtype, dp) == ("sm_90", "bf16", 64) else {}
+        cells = []
+        for st in ("kl_qk_fwd", "kl_qk_dq", "kl_qk_dk"):
+            x = (by.get((target, st, dtype, dp, kind)) or {}).get("sass_per_score_element")
+            cells += [str(x), str(ref.get(st, "")), _ratio(x, ref.get(st))]
+        lines.append(f"| {target} | {dtype} | {dp} | {kind} | " + " | ".join(cells) + " |")
+    lines += ["", "The kl_qk kernels' other loops (per-kernel table) are the CHECKED bodies of edge tiles and of calls "
+              "with a key mask (bounds and the mask per element). attention_kl reads precomputed logits (no matrix "
+              "product) and stays on CUDA cores.", ""]
     lines += ["### CUDA-core kernels (fp32, head dims > 128, rowsum(dO O) of the backward's pre-pass, "
               "attention_kl)", "",
               "| target | file | kernel | regs | spills (B) | tensor cores | main loops (kind: instructions) |",

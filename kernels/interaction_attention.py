@@ -47,6 +47,11 @@ MAPS_SOME_ROWS = tl.constexpr(1)
 MAPS_ALL_ROWS = tl.constexpr(2)
 # lg2.approx (inline PTX) when compiled; the interpreter cannot run inline assembly.
 FAST_LOG2 = tl.constexpr(not INTERPRET)
+# Float32 without TF32 (PRECISION "3xtf32", see _dot): the backward kernels reload their resident
+# tiles (K, V in dK/dV; Q, dO in dQ) for every tile instead of keeping them across the loop. Each
+# tensor-core product needs a high and a low TF32 part of its operand in the mma operand layout, where
+# a warp holds every row of its warp-row: kept across the loop, the four split tiles alone took ~256
+# registers per thread and every tile spilled (>= 668 B dK/dV, >= 92 B dQ); reloaded, they are L1/L2 hits.
 
 
 @triton.jit
@@ -87,12 +92,37 @@ def _key_block(N, HKV, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _tf32_round(x):
+    """float32 x rounded to the nearest TF32 value (10 mantissa bits, ties away from zero; inf and NaN
+    kept): the low 13 mantissa bits cleared after adding half of their unit."""
+    return ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _tf32_parts(x):
+    """(hi, lo), both exact in TF32, x = hi + lo within 2^-22 |x|: a tensor core that reads TF32
+    operands (ignoring the low 13 bits) multiplies them exactly, as the CPU interpreter does."""
+    hi = _tf32_round(x)
+    return hi, _tf32_round(x - hi)
+
+
+@triton.jit
 def _dot(a, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     # The CPU interpreter multiplies raw bf16 bits in tl.dot, so it gets float32 operands.
     if DOT_FP32:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
+    if PRECISION == "3xtf32":
+        # 3xTF32 by hand (the launchers' "3xtf32"): in the attention kernels Triton's own "tf32x3" costs
+        # more SASS per score (dK/dV 32x128 w8 2.69 vs 1.71, dQ 128x64 w8 1.45 vs 0.99, both then spilling).
+        a_hi, a_lo = _tf32_parts(a)
+        b_hi, b_lo = _tf32_parts(b)
+        acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
+        acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32")
+        acc = tl.dot(a_hi, b_hi, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit
@@ -195,7 +225,9 @@ def _empty_rows(l_i, HAS_MASK: tl.constexpr):
 def _kl_target(t_ptrs, row_ok, key_ok, s, EDGE: tl.constexpr, HAS_MASK: tl.constexpr):
     """Target tile (float32), zero on the keys the student does not attend (s = -inf)."""
     t = _load_tile(t_ptrs, row_ok, key_ok, True, EDGE).to(tl.float32)
-    if EDGE or HAS_MASK:
+    # A float32 target always goes through the select: Triton 3.8's thread-locality pass rewrites a
+    # loop sum of a loaded tile (tl.sum(t, 1) into kl_z) and aborts the compile, kl_z being read twice.
+    if EDGE or HAS_MASK or t_ptrs.dtype.element_ty == tl.float32:
         t = tl.where(s > float("-inf"), t, 0.0)
     return t
 
@@ -561,8 +593,8 @@ def attention_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_tile(k, v, dk, dv, start_m, q_base, q_offs, do_base, do_offs, dq_base, dq_offs, mask_base, g_base,
-               t_base, STATS, DELTA, TNORM, gkl_base, row_stats, offs_n, key_ok, key_mask_vals,
+def _dkdv_tile(k, v, dk, dv, start_m, k_ptrs, v_ptrs, q_base, q_offs, do_base, do_offs, dq_base, dq_offs, mask_base,
+               g_base, t_base, STATS, DELTA, TNORM, gkl_base, row_stats, offs_n, key_ok, key_mask_vals,
                stride_qm, stride_dom, stride_dqm, stride_mm, stride_gm, stride_tm, stride_gklm,
                M, scale, qk_scale, qk_scale2, w_start, w_stop,
                EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
@@ -572,11 +604,15 @@ def _dkdv_tile(k, v, dk, dv, start_m, q_base, q_offs, do_base, do_offs, dq_base,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One query block of the dK/dV loop, computed transposed (keys along rows) so that no
     computed tile is transposed: S^T = K Q^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q. With
-    DQ_ATOMIC, also dQ += scale dS K, added atomically into the float32 accumulator at dq_base."""
+    DQ_ATOMIC, also dQ += scale dS K, added atomically into the float32 accumulator at dq_base.
+    k, v: the key block's tiles, or with PRECISION "3xtf32" reloaded here from k_ptrs, v_ptrs."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < M
+    if PRECISION == "3xtf32":
+        k = _load_tile(k_ptrs, key_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+        v = _load_tile(v_ptrs, key_ok, offs_dv < HEAD_DIM_V, True, BLOCK_DV != HEAD_DIM_V)
     q_t = _load_tile(q_base + start_m * stride_qm + q_offs, offs_d < HEAD_DIM, row_ok,
                      BLOCK_D != HEAD_DIM, EDGE)
     q_t = _signed(q_t, Q_SIGN)
@@ -672,10 +708,10 @@ def attention_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     key_ok = offs_n < N
-    k = _load_tile(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                   key_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM)
-    v = _load_tile(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                   key_ok, offs_dv < HEAD_DIM_V, True, BLOCK_DV != HEAD_DIM_V)
+    k_ptrs = K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    k = _load_tile(k_ptrs, key_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+    v = _load_tile(v_ptrs, key_ok, offs_dv < HEAD_DIM_V, True, BLOCK_DV != HEAD_DIM_V)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
@@ -712,8 +748,8 @@ def attention_bwd_dkdv_kernel(
                 start_m = diag_lo + i * BLOCK_M
                 if start_m < M:
                     dk, dv = _dkdv_tile(
-                        k, v, dk, dv, start_m, q_base, q_offs, do_base, do_offs, dq_base, dq_offs, mask_base, g_base,
-                        t_base, STATS, DELTA, TNORM,
+                        k, v, dk, dv, start_m, k_ptrs, v_ptrs, q_base, q_offs, do_base, do_offs, dq_base, dq_offs,
+                        mask_base, g_base, t_base, STATS, DELTA, TNORM,
                         gkl_base, row_stats, offs_n, key_ok, key_mask_vals,
                         stride_qm, stride_dom, stride_dqm, stride_mm, stride_gm, stride_tm, stride_gklm,
                         M, scale, qk_scale, qk_scale2, w_start, w_stop,
@@ -721,8 +757,8 @@ def attention_bwd_dkdv_kernel(
                         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
         for start_m in range(main_lo, main_hi, BLOCK_M):
             dk, dv = _dkdv_tile(
-                k, v, dk, dv, start_m, q_base, q_offs, do_base, do_offs, dq_base, dq_offs, mask_base, g_base, t_base,
-                STATS, DELTA, TNORM,
+                k, v, dk, dv, start_m, k_ptrs, v_ptrs, q_base, q_offs, do_base, do_offs, dq_base, dq_offs, mask_base,
+                g_base, t_base, STATS, DELTA, TNORM,
                 gkl_base, row_stats, offs_n, key_ok, key_mask_vals,
                 stride_qm, stride_dom, stride_dqm, stride_mm, stride_gm, stride_tm, stride_gklm,
                 M, scale, qk_scale, qk_scale2, w_start, w_stop,
@@ -730,8 +766,8 @@ def attention_bwd_dkdv_kernel(
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
         if main_hi < M:  # the ragged last query block
             dk, dv = _dkdv_tile(
-                k, v, dk, dv, main_hi, q_base, q_offs, do_base, do_offs, dq_base, dq_offs, mask_base, g_base, t_base,
-                STATS, DELTA, TNORM,
+                k, v, dk, dv, main_hi, k_ptrs, v_ptrs, q_base, q_offs, do_base, do_offs, dq_base, dq_offs, mask_base,
+                g_base, t_base, STATS, DELTA, TNORM,
                 gkl_base, row_stats, offs_n, key_ok, key_mask_vals,
                 stride_qm, stride_dom, stride_dqm, stride_mm, stride_gm, stride_tm, stride_gklm,
                 M, scale, qk_scale, qk_scale2, w_start, w_stop,
@@ -744,19 +780,23 @@ def attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tile(q, do, dq, start_n, k_base, v_base, k_offs, v_offs, mask_base, g_base, t_base, ds_base, offs_m, row_ok,
-             w_rows, row_a, row_b, delta, inv_z, grad_kl, stride_kn, stride_vn, stride_mn, stride_gn, stride_tn,
-             N, qk_scale, qk_scale2,
+def _dq_tile(q, do, dq, start_n, q_ptrs, do_ptrs, k_base, v_base, k_offs, v_offs, mask_base, g_base, t_base, ds_base,
+             offs_m, row_ok, w_rows, row_a, row_b, delta, inv_z, grad_kl, stride_kn, stride_vn, stride_mn, stride_gn,
+             stride_tn, N, qk_scale, qk_scale2,
              EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
              KEY_MASK: tl.constexpr, FLOAT_MASK: tl.constexpr, HAS_DW: tl.constexpr, HAS_KL: tl.constexpr,
-             WRITE_DS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-             BLOCK_DV: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+             WRITE_DS: tl.constexpr, Q_SIGN: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+             BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One key block of the dQ loop: each K tile is loaded once and read both ways."""
+    """One key block of the dQ loop: each K tile is loaded once and read both ways. q (signed), do:
+    the row block's tiles, or with PRECISION "3xtf32" reloaded here from q_ptrs, do_ptrs."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     key_ok = offs_n < N
+    if PRECISION == "3xtf32":
+        q = _signed(_load_tile(q_ptrs, row_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM), Q_SIGN)
+        do = _load_tile(do_ptrs, row_ok, offs_dv < HEAD_DIM_V, True, BLOCK_DV != HEAD_DIM_V)
     k = _load_tile(k_base + start_n * stride_kn + k_offs, key_ok, offs_d < HEAD_DIM,
                    EDGE, BLOCK_D != HEAD_DIM)
     v = _load_tile(v_base + start_n * stride_vn + v_offs,
@@ -816,11 +856,10 @@ def attention_bwd_dq_kernel(
     row_lo = pid_m * BLOCK_M
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                   row_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM)
-    q = _signed(q, Q_SIGN)
-    do = _load_tile(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-                    + offs_dv[None, :] * stride_dod, row_ok, offs_dv < HEAD_DIM_V, True, BLOCK_DV != HEAD_DIM_V)
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    do_ptrs = DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod
+    q = _signed(_load_tile(q_ptrs, row_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM), Q_SIGN)
+    do = _load_tile(do_ptrs, row_ok, offs_dv < HEAD_DIM_V, True, BLOCK_DV != HEAD_DIM_V)
     rows = pid_bh.to(tl.int64) * M + offs_m
     row_a, row_b = _row_offsets(STATS, rows, row_ok, FLOAT_MASK)
     delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
@@ -857,19 +896,18 @@ def attention_bwd_dq_kernel(
         hi = N
         main_end = (N // BLOCK_N) * BLOCK_N
     for start_n in range(0, main_end, BLOCK_N):
-        dq = _dq_tile(q, do, dq, start_n, k_base, v_base, k_offs, v_offs, mask_base, g_base, t_base, ds_base, offs_m,
-                      row_ok, w_rows, row_a, row_b, delta, inv_z, grad_kl, stride_kn, stride_vn, stride_mn, stride_gn,
-                      stride_tn,
-                      N, qk_scale, qk_scale2,
-                      False, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_DW, HAS_KL, WRITE_DS,
+        dq = _dq_tile(q, do, dq, start_n, q_ptrs, do_ptrs, k_base, v_base, k_offs, v_offs, mask_base, g_base, t_base,
+                      ds_base, offs_m, row_ok, w_rows, row_a, row_b, delta, inv_z, grad_kl, stride_kn, stride_vn,
+                      stride_mn, stride_gn, stride_tn, N, qk_scale, qk_scale2,
+                      False, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_DW, HAS_KL, WRITE_DS, Q_SIGN,
                       HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
     for i in tl.static_range((BLOCK_M + BLOCK_N - 1) // BLOCK_N if IS_CAUSAL else 1):
         start_n = main_end + i * BLOCK_N
         if start_n < hi:
-            dq = _dq_tile(q, do, dq, start_n, k_base, v_base, k_offs, v_offs, mask_base, g_base, t_base, ds_base,
-                          offs_m, row_ok, w_rows, row_a, row_b, delta, inv_z, grad_kl, stride_kn, stride_vn, stride_mn,
-                          stride_gn, stride_tn, N, qk_scale, qk_scale2,
-                          True, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_DW, HAS_KL, WRITE_DS,
+            dq = _dq_tile(q, do, dq, start_n, q_ptrs, do_ptrs, k_base, v_base, k_offs, v_offs, mask_base, g_base,
+                          t_base, ds_base, offs_m, row_ok, w_rows, row_a, row_b, delta, inv_z, grad_kl, stride_kn,
+                          stride_vn, stride_mn, stride_gn, stride_tn, N, qk_scale, qk_scale2,
+                          True, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_DW, HAS_KL, WRITE_DS, Q_SIGN,
                           HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])

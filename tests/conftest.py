@@ -17,15 +17,14 @@ if not torch.cuda.is_available():
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="lfi-inductor-"))
 
 import pytest  # noqa: E402
-from helpers import (  # noqa: E402
-    BACKEND_PARAMS,
-    BACKEND_SKIP,
-    BACKENDS,
-    DEVICE,
-    HAS_CUDA,
-    INTERPRETER_NOISE,
-    TINY_CLIP,
-)
+
+from helpers import BACKEND_PARAMS  # noqa: E402
+from helpers import BACKEND_SKIP  # noqa: E402
+from helpers import BACKENDS  # noqa: E402
+from helpers import DEVICE  # noqa: E402
+from helpers import HAS_CUDA  # noqa: E402
+from helpers import INTERPRETER_NOISE  # noqa: E402
+from helpers import TINY_CLIP  # noqa: E402
 
 
 def pytest_configure(config):

@@ -221,9 +221,9 @@ def run_and_compare(backend, q, k, v, attn_mask=None, *, is_causal=False, scale=
     """Runs interaction_attention and the float64 reference on the same inputs and compares the
     output, the maps and (for every input that requires grad) the gradients of a random linear
     loss on `loss` in {"out", "weights", "both", None}. Returns (out, weights, grads dict)."""
-    from reference import reference_attention, select_weights
-
     from lfi.ops import interaction_attention  # imported late: conftest.py sets TRITON_INTERPRET first
+    from reference import reference_attention
+    from reference import select_weights
 
     dtype = dtype or q.dtype
     gen = gen or make_gen("run_and_compare")

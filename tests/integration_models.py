@@ -7,6 +7,7 @@ pytest.importorskip) where they are missing.
 from __future__ import annotations
 
 import torch
+
 from helpers import DEVICE
 
 

@@ -14,7 +14,11 @@ interpreter every tile step costs milliseconds.
 from __future__ import annotations
 
 import torch
-from helpers import DEVICE, assert_close, detached64, randn
+
+from helpers import DEVICE
+from helpers import assert_close
+from helpers import detached64
+from helpers import randn
 
 REDUCTIONS = ["none", "sum", "mean", "batchmean"]
 TARGET_KINDS = ["probs", "logits", "log_probs"]
@@ -69,9 +73,9 @@ def check_kl(backend, logits, target, *, target_is="probs", temperature=1.0, key
     """attention_kl(reduction="none") against both float64 references (same rounded inputs), and the
     gradient of a loss with a random (or all-ones) upstream gradient against the reference autograd.
     Returns (per-row kl, dlogits)."""
-    from reference import ref_kl_rows, ref_kl_rows_direct
-
     from lfi.ops import attention_kl  # imported late: conftest.py sets TRITON_INTERPRET first
+    from reference import ref_kl_rows
+    from reference import ref_kl_rows_direct
 
     dtype = dtype or logits.dtype
     kl = attention_kl(logits, target, target_is=target_is, temperature=temperature, reduction="none",
@@ -98,9 +102,8 @@ def check_kl(backend, logits, target, *, target_is="probs", temperature=1.0, key
 def check_kl_qk(backend, q, k, target, *, gen, dtype=None, upstream="random", **kw):
     """attention_kl_qk(reduction="none") vs both references on the same (rounded) inputs, and the
     gradients to q and k of a loss with a random upstream gradient. Returns (kl, dq, dk)."""
-    from reference import ref_kl_qk_rows
-
     from lfi.ops import attention_kl_qk  # imported late: conftest.py sets TRITON_INTERPRET first
+    from reference import ref_kl_qk_rows
 
     dtype = dtype or q.dtype
     kl = attention_kl_qk(q, k, target, reduction="none", backend=backend, **kw)

@@ -8,11 +8,21 @@ import math
 
 import pytest
 import torch
-from helpers import DEVICE, assert_close, case_params, make_gen, randn
-from kl_cases import REDUCTIONS, TARGET_KINDS, key_mask_of, key_mask_with_empty_row, make_target
-from reference import NEG_INF, ref_kl_rows, ref_reduce
 
+from helpers import DEVICE
+from helpers import assert_close
+from helpers import case_params
+from helpers import make_gen
+from helpers import randn
+from kl_cases import REDUCTIONS
+from kl_cases import TARGET_KINDS
+from kl_cases import key_mask_of
+from kl_cases import key_mask_with_empty_row
+from kl_cases import make_target
 from lfi.ops import attention_kl
+from reference import NEG_INF
+from reference import ref_kl_rows
+from reference import ref_reduce
 
 # --------------------------------------------------------------------------------------------------
 # validate=True
@@ -161,7 +171,9 @@ def test_negative_values_allowed_for_logit_targets():
 # --------------------------------------------------------------------------------------------------
 
 try:
-    from hypothesis import HealthCheck, given, settings
+    from hypothesis import HealthCheck
+    from hypothesis import given
+    from hypothesis import settings
     from hypothesis import strategies as st
 except ImportError:  # pragma: no cover
     given = None

@@ -7,11 +7,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import BACKENDS, DEVICE, assert_close, case_params, detached64, make_gen, randn
-from kl_cases import TARGET_KINDS, check_kl, key_mask_of, key_mask_with_empty_row, make_target
-from reference import ref_kl_rows
 
+from helpers import BACKENDS
+from helpers import DEVICE
+from helpers import assert_close
+from helpers import case_params
+from helpers import detached64
+from helpers import make_gen
+from helpers import randn
+from kl_cases import TARGET_KINDS
+from kl_cases import check_kl
+from kl_cases import key_mask_of
+from kl_cases import key_mask_with_empty_row
+from kl_cases import make_target
 from lfi.ops import attention_kl
+from reference import ref_kl_rows
 
 # --------------------------------------------------------------------------------------------------
 # Gradients: gradcheck (float64, torch), non-contiguous / broadcast upstream gradients, no target grad

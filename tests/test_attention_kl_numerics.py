@@ -6,11 +6,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, assert_close, backend_params, detached64, make_gen, randn
-from kl_cases import REDUCTIONS, TARGET_KINDS, check_kl, make_target
-from reference import NEG_INF, ref_kl_rows
 
+from helpers import DEVICE
+from helpers import assert_close
+from helpers import backend_params
+from helpers import detached64
+from helpers import make_gen
+from helpers import randn
+from kl_cases import REDUCTIONS
+from kl_cases import TARGET_KINDS
+from kl_cases import check_kl
+from kl_cases import make_target
 from lfi.ops import attention_kl
+from reference import NEG_INF
+from reference import ref_kl_rows
 
 # --------------------------------------------------------------------------------------------------
 # Numerics: huge logits, zeros in the target, fully masked rows, zero-mass rows

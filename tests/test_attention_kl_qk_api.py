@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, make_gen, randn
-from kl_cases import implicit_teacher, key_mask_of, make_target
 
+from helpers import DEVICE
+from helpers import make_gen
+from helpers import randn
+from kl_cases import implicit_teacher
+from kl_cases import key_mask_of
+from kl_cases import make_target
 from lfi.ops import attention_kl_qk
 
 # --------------------------------------------------------------------------------------------------

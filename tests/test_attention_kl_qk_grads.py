@@ -9,11 +9,18 @@ import math
 
 import pytest
 import torch
-from helpers import assert_close, detached64, make_gen, randn
-from kl_cases import check_kl_qk, implicit_teacher, key_mask_of, key_mask_with_empty_row, make_target
-from reference import ref_kl_qk_rows
 
+from helpers import assert_close
+from helpers import detached64
+from helpers import make_gen
+from helpers import randn
+from kl_cases import check_kl_qk
+from kl_cases import implicit_teacher
+from kl_cases import key_mask_of
+from kl_cases import key_mask_with_empty_row
+from kl_cases import make_target
 from lfi.ops import attention_kl_qk
+from reference import ref_kl_qk_rows
 
 # --------------------------------------------------------------------------------------------------
 # Gradients: gradcheck (float64, torch), no gradient to the teacher

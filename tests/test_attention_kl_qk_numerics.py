@@ -8,11 +8,19 @@ import math
 
 import pytest
 import torch
-from helpers import DEVICE, case_params, detached64, make_gen, randn
-from kl_cases import check_kl_qk, implicit_teacher, make_target
-from reference import ref_kl_qk_rows, ref_student_logits, ref_teacher_logits
 
+from helpers import DEVICE
+from helpers import case_params
+from helpers import detached64
+from helpers import make_gen
+from helpers import randn
+from kl_cases import check_kl_qk
+from kl_cases import implicit_teacher
+from kl_cases import make_target
 from lfi.ops import attention_kl_qk
+from reference import ref_kl_qk_rows
+from reference import ref_student_logits
+from reference import ref_teacher_logits
 
 # --------------------------------------------------------------------------------------------------
 # Numerics: huge logits, zeros in the target, fully masked rows

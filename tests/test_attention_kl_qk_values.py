@@ -7,28 +7,28 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import (
-    DEVICE,
-    DTYPE_IDS,
-    assert_close,
-    backend_dtype_params,
-    case_params,
-    detached64,
-    make_gen,
-    randn,
-)
-from kl_cases import (
-    REDUCTIONS,
-    check_kl_qk,
-    check_reduced_loss,
-    implicit_teacher,
-    key_mask_of,
-    make_target,
-    target_shape,
-)
-from reference import ref_kl_qk_rows, ref_reduce, ref_student_logits, ref_teacher_logits
 
-from lfi.ops import attention_kl, attention_kl_qk
+from helpers import DEVICE
+from helpers import DTYPE_IDS
+from helpers import assert_close
+from helpers import backend_dtype_params
+from helpers import case_params
+from helpers import detached64
+from helpers import make_gen
+from helpers import randn
+from kl_cases import REDUCTIONS
+from kl_cases import check_kl_qk
+from kl_cases import check_reduced_loss
+from kl_cases import implicit_teacher
+from kl_cases import key_mask_of
+from kl_cases import make_target
+from kl_cases import target_shape
+from lfi.ops import attention_kl
+from lfi.ops import attention_kl_qk
+from reference import ref_kl_qk_rows
+from reference import ref_reduce
+from reference import ref_student_logits
+from reference import ref_teacher_logits
 
 
 def _teacher(case, B, H, M, N, gen, dtype=torch.float32):

@@ -7,20 +7,27 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import (
-    DEVICE,
-    DTYPE_IDS,
-    assert_close,
-    backend_dtype_params,
-    case_params,
-    detached64,
-    make_gen,
-    randn,
-)
-from kl_cases import REDUCTIONS, TARGET_KINDS, check_kl, check_reduced_loss, key_mask_of, make_target, target_shape
-from reference import ref_kl_rows, ref_reduce, ref_student_log_probs, ref_target_probs
 
+from helpers import DEVICE
+from helpers import DTYPE_IDS
+from helpers import assert_close
+from helpers import backend_dtype_params
+from helpers import case_params
+from helpers import detached64
+from helpers import make_gen
+from helpers import randn
+from kl_cases import REDUCTIONS
+from kl_cases import TARGET_KINDS
+from kl_cases import check_kl
+from kl_cases import check_reduced_loss
+from kl_cases import key_mask_of
+from kl_cases import make_target
+from kl_cases import target_shape
 from lfi.ops import attention_kl
+from reference import ref_kl_rows
+from reference import ref_reduce
+from reference import ref_student_log_probs
+from reference import ref_target_probs
 
 # --------------------------------------------------------------------------------------------------
 # Per-row values and gradients: shapes, target kinds, temperatures, broadcasting, key masks

@@ -17,11 +17,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, backend_supports, make_gen, randn
-from kl_cases import implicit_teacher, make_target
-from reference import ref_kl_qk_rows, ref_kl_rows, reference_attention, select_weights
 
-from lfi.ops import attention_kl, attention_kl_qk, interaction_attention
+from helpers import DEVICE
+from helpers import backend_supports
+from helpers import make_gen
+from helpers import randn
+from kl_cases import implicit_teacher
+from kl_cases import make_target
+from lfi.ops import attention_kl
+from lfi.ops import attention_kl_qk
+from lfi.ops import interaction_attention
+from reference import ref_kl_qk_rows
+from reference import ref_kl_rows
+from reference import reference_attention
+from reference import select_weights
 
 B, H, HKV, M, N, D = 2, 2, 1, 3, 4, 3
 

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, make_gen, randn
-from kl_cases import make_target
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from lfi.ops import attention_kl, attention_kl_qk, interaction_attention
+from helpers import DEVICE
+from helpers import make_gen
+from helpers import randn
+from kl_cases import make_target
+from lfi.ops import attention_kl
+from lfi.ops import attention_kl_qk
+from lfi.ops import interaction_attention
 
 # (B, M, N) per call; H = 4, Hkv = 2... would tie Hkv with B = 2, so H = 6, Hkv = 3 and B in {2, 4, 5}
 SHAPES = [(2, 5, 7), (4, 9, 11), (5, 13, 10)]

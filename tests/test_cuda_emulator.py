@@ -14,13 +14,15 @@
     backward pre-pass's map rows (rowsum(P G), P recomputed on tensor cores);
 (c) attention_kl_qk's bf16 / fp16 tensor-core forward, dq and dk (csrc/cuda/kl.cu) against the
     float64 reference: odd N, M != N, N = 1, D 24/40/64/80/128, implicit teachers with Dt != D
-    (Ht = H or 1, GQA on both sides), strided inputs, dense probability / logit targets, key masks
-    with fully masked rows. attention_kl takes precomputed logits (no matrix product) and stays on
-    CUDA cores; it and the fp32 kernels run under the emulator in tests/test_cuda_extension.py (opt-in).
+    (Ht = H or 1, GQA on both sides), strided inputs, dense probability / logit targets (float32 and
+    q's dtype, one with non-contiguous keys), key masks with fully masked rows, and the kernels'
+    FAST interior-tile loops next to their CHECKED edge tiles. attention_kl takes precomputed logits
+    (no matrix product) and stays on CUDA cores; it and the fp32 kernels run under the emulator in
+    tests/test_cuda_extension.py (opt-in).
 
 Runs by default: it builds the emulator variant of the extension once (about 1.5 minutes on 2 cores,
-cached in TORCH_EXTENSIONS_DIR); the 66 tests then take ~45 s on 2 idle cores (at most ~2.5 s each;
-the attention_kl_qk grid ~10 s of it). The emulator runs a std::thread per CUDA thread: on cores shared
+cached in TORCH_EXTENSIONS_DIR); the 74 tests then take ~50 s on 2 idle cores (at most ~2.5 s each;
+the attention_kl_qk grid ~14 s of it). The emulator runs a std::thread per CUDA thread: on cores shared
 with other builds the same run took 3-7 minutes.
 Skipped only where the build tools are missing (no C++ compiler or ninja), or with
 LFI_TEST_CUDA_EMULATOR=0.
@@ -31,9 +33,15 @@ import os
 
 import pytest
 import torch
-from cuda_emu_util import attention_bwd, attention_fwd, check_kl_qk, close
-from helpers import bool_mask, float_mask, make_gen, make_qkv
 
+from cuda_emu_util import attention_bwd
+from cuda_emu_util import attention_fwd
+from cuda_emu_util import check_kl_qk
+from cuda_emu_util import close
+from helpers import bool_mask
+from helpers import float_mask
+from helpers import make_gen
+from helpers import make_qkv
 from lfi.backends.cuda import _ext
 
 
@@ -225,7 +233,11 @@ def test_emulated_tc_attention_backward(emu, case, dtype):
 # (dense, float32), or "implicit" (teacher q_t, k_t of the student's dtype; Ht = H or 1, Htk | Ht).
 # mask: a (B, 1, M, N) key mask with one fully masked row, or (B, 1, 1, N) with a batch masked whole.
 # D80_implicit_gqa_keymask: the dk block's two query heads use different teacher key heads (K_t
-# restaged per head into alternating buffers).
+# restaged per head into alternating buffers). Each kernel is compiled per target kind (implicit;
+# dense of q's dtype, tdtype="b16"; dense float32) with FAST loops over interior tiles: the fast_*
+# cases (N >= 128 without a mask; M >= 64 for dk's full query tiles) run them next to edge tiles,
+# D40_logits_3tiles the float32 one (odd N: the FAST loops read the target element-wise);
+# strided_target_probs reads a target whose keys are not at unit stride (the CHECKED loops only).
 TC_KL_QK = [
     dict(id="odd_D64_gqa_probs_rowmask", B=1, H=2, Hkv=1, M=70, N=45, D=64, target="probs", mask="rows"),
     dict(id="D40_logits_3tiles", B=1, H=1, Hkv=1, M=33, N=150, D=40, target="logits"),
@@ -236,6 +248,10 @@ TC_KL_QK = [
          strided=True),
     dict(id="full_tiles_D64_logits", B=1, H=1, Hkv=1, M=128, N=128, D=64, target="logits", mask="rows"),
     dict(id="N1_M1", B=1, H=1, Hkv=1, M=1, N=1, D=32, target="probs"),
+    dict(id="fast_D64_probs_b16_gqa", B=1, H=2, Hkv=1, M=70, N=200, D=64, target="probs", tdtype="b16"),
+    dict(id="fast_D64_logits_b16", B=1, H=1, Hkv=1, M=65, N=131, D=64, target="logits", tdtype="b16"),
+    dict(id="fast_D48_implicit", B=1, H=2, Hkv=2, M=66, N=130, D=48, target="implicit", Ht=2, Htk=1, Dt=64),
+    dict(id="strided_target_probs", B=1, H=1, Hkv=1, M=20, N=140, D=32, target="probs", tstrided=True),
 ]
 
 
@@ -255,6 +271,11 @@ def test_emulated_tc_kl_qk(emu, case, dtype):
     else:
         target = torch.rand(B, 1, M, N, generator=gen)
         target[0, 0, min(1, M - 1)] = 0  # a row with no target mass
+    if case.get("tdtype") == "b16":
+        target = target.to(dtype)
+    if case.get("tstrided"):
+        target = target.transpose(-1, -2).contiguous().transpose(-1, -2)
+    # The same case-to-input steps as _forward_case's, on kl_qk's inputs (q_t, key masks): alike in shape only.
     if case.get("strided"):
         q, k, q_t = _strided(q, k, q_t)
     key_mask = None

@@ -20,9 +20,16 @@ import os
 
 import pytest
 import torch
-from cuda_emu_util import attention_bwd, attention_fwd, check_kl_qk, close
-from helpers import bool_mask, float_mask, make_gen, make_qkv, randn
 
+from cuda_emu_util import attention_bwd
+from cuda_emu_util import attention_fwd
+from cuda_emu_util import check_kl_qk
+from cuda_emu_util import close
+from helpers import bool_mask
+from helpers import float_mask
+from helpers import make_gen
+from helpers import make_qkv
+from helpers import randn
 from lfi.backends.cuda import _ext
 
 HAS_GPU = torch.cuda.is_available()

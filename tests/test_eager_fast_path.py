@@ -9,8 +9,11 @@ import sys
 
 import pytest
 import torch
-from helpers import DEVICE, make_gen, make_qkv, randn
 
+from helpers import DEVICE
+from helpers import make_gen
+from helpers import make_qkv
+from helpers import randn
 from lfi.ops import interaction_attention
 
 OPS_MODULE = sys.modules["lfi.ops.interaction_attention"]

@@ -10,8 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BACKEND_PARAMS, make_gen, make_qkv
 
+from helpers import BACKEND_PARAMS
+from helpers import make_gen
+from helpers import make_qkv
 from lfi.ops import interaction_attention
 from lfi.ops._validation import ArgumentTypeError
 

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import (
-    DEVICE,
-    HAS_CUDA,
-    assert_close,
-    backend_param,
-    backend_supports,
-    detached64,
-    make_gen,
-    make_qkv,
-)
-from reference import reference_attention
 
+from helpers import DEVICE
+from helpers import HAS_CUDA
+from helpers import assert_close
+from helpers import backend_param
+from helpers import backend_supports
+from helpers import detached64
+from helpers import make_gen
+from helpers import make_qkv
 from lfi.ops import interaction_attention
+from reference import reference_attention
 
 B, H, M, N, D = 2, 2, 5, 7, 16
 

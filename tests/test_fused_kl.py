@@ -13,25 +13,30 @@ import warnings
 
 import pytest
 import torch
-from helpers import (
-    DEVICE,
-    DTYPE_IDS,
-    assert_close,
-    backend_dtype_params,
-    backend_params,
-    bool_mask,
-    case_params,
-    detached64,
-    float_mask,
-    make_gen,
-    make_qkv,
-    randn,
-    schema_args,
-)
-from kl_cases import REDUCTIONS, make_target, target_shape
-from reference import NEG_INF, ref_fused_kl_rows, ref_reduce, reference_attention, select_weights
 
-from lfi.ops import attention_kl_qk, interaction_attention
+from helpers import DEVICE
+from helpers import DTYPE_IDS
+from helpers import assert_close
+from helpers import backend_dtype_params
+from helpers import backend_params
+from helpers import bool_mask
+from helpers import case_params
+from helpers import detached64
+from helpers import float_mask
+from helpers import make_gen
+from helpers import make_qkv
+from helpers import randn
+from helpers import schema_args
+from kl_cases import REDUCTIONS
+from kl_cases import make_target
+from kl_cases import target_shape
+from lfi.ops import attention_kl_qk
+from lfi.ops import interaction_attention
+from reference import NEG_INF
+from reference import ref_fused_kl_rows
+from reference import ref_reduce
+from reference import reference_attention
+from reference import select_weights
 
 
 def run_fused(backend, q, k, v, mask=None, *, target, is_causal=False, scale=None, reduction="none",

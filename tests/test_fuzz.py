@@ -3,9 +3,17 @@ every backend against the float64 reference (outputs, maps, and gradients for so
 from __future__ import annotations
 
 import pytest
-from helpers import BACKEND_PARAMS, bool_mask, float_mask, make_gen, make_qkv, run_and_compare
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck
+from hypothesis import given
+from hypothesis import settings
 from hypothesis import strategies as st
+
+from helpers import BACKEND_PARAMS
+from helpers import bool_mask
+from helpers import float_mask
+from helpers import make_gen
+from helpers import make_qkv
+from helpers import run_and_compare
 
 MASK_KINDS = ["none", "bool", "float", "float_neginf"]
 MASK_SHAPES = ["MN", "B11N", "1HMN", "BHMN", "B1M1"]

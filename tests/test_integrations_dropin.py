@@ -20,9 +20,16 @@ import sys
 
 import pytest
 import torch
-from helpers import DEVICE
-from integration_models import TIMM_CONVERTED, TIMM_MODELS, assert_equal, clip_model, grads, image, timm_model
 from torch import nn
+
+from helpers import DEVICE
+from integration_models import TIMM_CONVERTED
+from integration_models import TIMM_MODELS
+from integration_models import assert_equal
+from integration_models import clip_model
+from integration_models import grads
+from integration_models import image
+from integration_models import timm_model
 
 timm = pytest.importorskip("timm")
 open_clip = pytest.importorskip("open_clip")

@@ -17,17 +17,21 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICE
-from integration_models import assert_equal, timm_model
-from reference import reference_attention
 from torch import nn
+
+from helpers import DEVICE
+from integration_models import assert_equal
+from integration_models import timm_model
+from reference import reference_attention
 
 timm = pytest.importorskip("timm")
 open_clip = pytest.importorskip("open_clip")
 from open_clip.modified_resnet import AttentionPool2d as OCAttentionPool2d  # noqa: E402
 from open_clip.transformer import AttentionalPooler  # noqa: E402
 from timm.layers import AttentionPool2d as TimmAttentionPool2d  # noqa: E402
-from timm.layers import AttentionPoolLatent, AttentionRope, RotAttentionPool2d  # noqa: E402
+from timm.layers import AttentionPoolLatent  # noqa: E402
+from timm.layers import AttentionRope  # noqa: E402
+from timm.layers import RotAttentionPool2d  # noqa: E402
 from timm.models.eva import EvaAttention  # noqa: E402
 from timm.models.vision_transformer_relpos import RelPosAttention  # noqa: E402
 

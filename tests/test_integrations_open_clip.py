@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 open_clip = pytest.importorskip("open_clip")
-from helpers import DEVICE  # noqa: E402
 from open_clip.transformer import Attention as OCAttention  # noqa: E402
 
 import lfi  # noqa: E402
 import lfi.integrations.open_clip as lfi_oc  # noqa: E402
+from helpers import DEVICE  # noqa: E402
 from lfi.nn import MultiheadAttention  # noqa: E402
 
 ATOL = RTOL = 1e-5

@@ -15,12 +15,13 @@ import torch
 from torch import nn
 
 timm = pytest.importorskip("timm")
-from helpers import BACKENDS, DEVICE  # noqa: E402
 from timm.layers import Attention  # noqa: E402
 from timm.utils import AttentionExtract  # noqa: E402
 
 import lfi  # noqa: E402
 import lfi.integrations.timm as lfi_timm  # noqa: E402
+from helpers import BACKENDS  # noqa: E402
+from helpers import DEVICE  # noqa: E402
 from lfi.nn import InteractionAttention  # noqa: E402
 
 ATOL = RTOL = 1e-5
@@ -287,7 +288,8 @@ def test_attn_drop_hooks_in_training_with_dropout():
 def test_report_lists_unconverted_variants():
     """Converted classes are converted; attention-like modules of other classes (found by their
     projections / class name / SDPA call, not a list of names) are listed and left as they were."""
-    from timm.layers import AttentionRope, DiffAttention
+    from timm.layers import AttentionRope
+    from timm.layers import DiffAttention
 
     class Mixer(nn.Module):  # no attention in its name: found by its q/k/v projections
         def __init__(self):

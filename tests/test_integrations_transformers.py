@@ -14,18 +14,16 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from helpers import DEVICE  # noqa: E402
-from transformers import (  # noqa: E402
-    AutoModel,
-    CLIPConfig,
-    Dinov2Config,
-    LlamaConfig,
-    SiglipConfig,
-    ViTConfig,
-)
+from transformers import AutoModel  # noqa: E402
+from transformers import CLIPConfig  # noqa: E402
+from transformers import Dinov2Config  # noqa: E402
+from transformers import LlamaConfig  # noqa: E402
+from transformers import SiglipConfig  # noqa: E402
+from transformers import ViTConfig  # noqa: E402
 
 import lfi  # noqa: E402
 import lfi.integrations.transformers as lfi_hf  # noqa: E402
+from helpers import DEVICE  # noqa: E402
 
 ATOL = RTOL = 1e-5
 GRAD_ATOL = GRAD_RTOL = 1e-4

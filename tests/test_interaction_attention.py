@@ -14,22 +14,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import (
-    DTYPE_IDS,
-    assert_close,
-    backend_dtype_params,
-    bool_mask,
-    case_params,
-    detached64,
-    float_mask,
-    make_gen,
-    make_qkv,
-    randn,
-    run_and_compare,
-)
-from reference import reference_attention
 
+from helpers import DTYPE_IDS
+from helpers import assert_close
+from helpers import backend_dtype_params
+from helpers import bool_mask
+from helpers import case_params
+from helpers import detached64
+from helpers import float_mask
+from helpers import make_gen
+from helpers import make_qkv
+from helpers import randn
+from helpers import run_and_compare
 from lfi.ops import interaction_attention
+from reference import reference_attention
 
 # --------------------------------------------------------------------------------------------------
 # Shape grid (float32): M != N, ragged N, N = 1, M = 1, head dims, Dv != D, grouped-query heads

@@ -11,22 +11,20 @@ import textwrap
 
 import pytest
 import torch
-from helpers import (
-    BACKEND_PARAMS,
-    DTYPE_IDS,
-    HAS_CUDA,
-    assert_close,
-    backend_params,
-    bool_mask,
-    detached64,
-    float_mask,
-    make_gen,
-    make_qkv,
-    run_and_compare,
-)
-from reference import reference_attention
 
+from helpers import BACKEND_PARAMS
+from helpers import DTYPE_IDS
+from helpers import HAS_CUDA
+from helpers import assert_close
+from helpers import backend_params
+from helpers import bool_mask
+from helpers import detached64
+from helpers import float_mask
+from helpers import make_gen
+from helpers import make_qkv
+from helpers import run_and_compare
 from lfi.ops import interaction_attention
+from reference import reference_attention
 
 # --------------------------------------------------------------------------------------------------
 # backend="auto", LFI_BACKEND, agreement between backends, the torch backend's row chunks

@@ -7,20 +7,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import (
-    backend_supports,
-    bool_mask,
-    case_params,
-    detached64,
-    float_mask,
-    make_gen,
-    make_qkv,
-    randn,
-    run_and_compare,
-)
-from reference import reference_attention
 
+from helpers import backend_supports
+from helpers import bool_mask
+from helpers import case_params
+from helpers import detached64
+from helpers import float_mask
+from helpers import make_gen
+from helpers import make_qkv
+from helpers import randn
+from helpers import run_and_compare
 from lfi.ops import interaction_attention
+from reference import reference_attention
 
 # --------------------------------------------------------------------------------------------------
 # need_weights / average_attn_weights / weights_rows, losses on out, weights or both

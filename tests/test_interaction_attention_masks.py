@@ -7,8 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, bool_mask, case_params, float_mask, make_gen, make_qkv, run_and_compare
 
+from helpers import DEVICE
+from helpers import bool_mask
+from helpers import case_params
+from helpers import float_mask
+from helpers import make_gen
+from helpers import make_qkv
+from helpers import run_and_compare
 from lfi.ops import interaction_attention
 
 # --------------------------------------------------------------------------------------------------

@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import (
-    DEVICE,
-    assert_close,
-    bool_mask,
-    detached64,
-    float_mask,
-    make_gen,
-    make_qkv,
-    schema_args,
-)
-from reference import reference_attention, reference_lse
 
 import lfi.ops  # noqa: F401  (registers torch.ops.lfi.*)
+from helpers import DEVICE
+from helpers import assert_close
+from helpers import bool_mask
+from helpers import detached64
+from helpers import float_mask
+from helpers import make_gen
+from helpers import make_qkv
+from helpers import schema_args
 from lfi.ops import interaction_attention
+from reference import reference_attention
+from reference import reference_lse
 
 OB, OH, OHKV, OM, ON, OD = 2, 2, 1, 9, 21, 16
 

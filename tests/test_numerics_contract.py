@@ -24,10 +24,14 @@ import warnings
 
 import pytest
 import torch
-from helpers import DEVICE, assert_same, backend_dtype_params, make_gen, randn
-from reference import eager_attention
 
+from helpers import DEVICE
+from helpers import assert_same
+from helpers import backend_dtype_params
+from helpers import make_gen
+from helpers import randn
 from lfi.ops import interaction_attention
+from reference import eager_attention
 
 # The Triton CPU interpreter evaluates with numpy, which warns on the non-finite values these cases are about
 # (beyond helpers.INTERPRETER_NOISE, which conftest.py filters everywhere).

@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, assert_same, backend_dtype_params, make_gen, randn
-from kl_cases import implicit_teacher, make_target
-from reference import eager_attention, eager_kl_rows, eager_target_probs
 
-from lfi.ops import attention_kl, attention_kl_qk, interaction_attention
+from helpers import DEVICE
+from helpers import assert_same
+from helpers import backend_dtype_params
+from helpers import make_gen
+from helpers import randn
+from kl_cases import implicit_teacher
+from kl_cases import make_target
+from lfi.ops import attention_kl
+from lfi.ops import attention_kl_qk
+from lfi.ops import interaction_attention
+from reference import eager_attention
+from reference import eager_kl_rows
+from reference import eager_target_probs
 
 # The Triton CPU interpreter evaluates with numpy, which warns on the non-finite values these cases are about
 # (beyond helpers.INTERPRETER_NOISE, which conftest.py filters everywhere).

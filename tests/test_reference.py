@@ -3,8 +3,14 @@ and gives zeros (not NaN) on fully masked rows: the other suites rely on it as g
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import bool_mask, float_mask, make_gen, make_qkv
-from reference import reference_attention, reference_lse, select_weights
+
+from helpers import bool_mask
+from helpers import float_mask
+from helpers import make_gen
+from helpers import make_qkv
+from reference import reference_attention
+from reference import reference_lse
+from reference import select_weights
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])

@@ -17,8 +17,15 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BACKEND_PARAMS, DEVICE, GRAD_TOL, backend_params, make_gen, make_qkv, randn, run_and_compare
 
+from helpers import BACKEND_PARAMS
+from helpers import DEVICE
+from helpers import GRAD_TOL
+from helpers import backend_params
+from helpers import make_gen
+from helpers import make_qkv
+from helpers import randn
+from helpers import run_and_compare
 from lfi import _dispatch
 from lfi.ops import interaction_attention
 

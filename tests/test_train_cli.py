@@ -13,18 +13,20 @@ import torch
 pytest.importorskip("timm")
 
 from helpers import TINY_CLIP  # noqa: E402
-
 from lfi.data.synthetic import SyntheticShapes  # noqa: E402
 from lfi.train import cli  # noqa: E402
-from lfi.train.config import (  # noqa: E402
-    DEMO_STUDENT,
-    SHIFT_SEED_OFFSET,
-    VAL_SEED_OFFSET,
-    TrainConfig,
-    demo_config,
-)
-from lfi.train.evaluation import LoadedCheckpoint, checkpoint_teacher, eval_domains, load_for_eval  # noqa: E402
-from lfi.train.trainer import Trainer, build_teacher, synthetic_datasets  # noqa: E402
+from lfi.train.config import DEMO_STUDENT  # noqa: E402
+from lfi.train.config import SHIFT_SEED_OFFSET  # noqa: E402
+from lfi.train.config import VAL_SEED_OFFSET  # noqa: E402
+from lfi.train.config import TrainConfig  # noqa: E402
+from lfi.train.config import demo_config  # noqa: E402
+from lfi.train.evaluation import LoadedCheckpoint  # noqa: E402
+from lfi.train.evaluation import checkpoint_teacher  # noqa: E402
+from lfi.train.evaluation import eval_domains  # noqa: E402
+from lfi.train.evaluation import load_for_eval  # noqa: E402
+from lfi.train.trainer import Trainer  # noqa: E402
+from lfi.train.trainer import build_teacher  # noqa: E402
+from lfi.train.trainer import synthetic_datasets  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_FLAG = {"synthetic_concepts", "synthetic_seed", "synthetic_sigma", "map_topk"}

@@ -9,10 +9,15 @@ pytest.importorskip("timm")
 from torch.utils.data import DataLoader  # noqa: E402
 
 from lfi.data.synthetic import SyntheticShapes  # noqa: E402
-from lfi.teachers import SyntheticTeacher, TeacherMaps  # noqa: E402
+from lfi.teachers import SyntheticTeacher  # noqa: E402
+from lfi.teachers import TeacherMaps  # noqa: E402
 from lfi.train.config import demo_config  # noqa: E402
-from lfi.train.controls import MapHead, distill_loss, leak_check, teacher_features  # noqa: E402
-from lfi.train.trainer import Trainer, shuffled  # noqa: E402
+from lfi.train.controls import MapHead  # noqa: E402
+from lfi.train.controls import distill_loss  # noqa: E402
+from lfi.train.controls import leak_check  # noqa: E402
+from lfi.train.controls import teacher_features  # noqa: E402
+from lfi.train.trainer import Trainer  # noqa: E402
+from lfi.train.trainer import shuffled  # noqa: E402
 
 TINY = dict(synthetic_train=64, synthetic_val=32, epochs=1, batch_size=16, max_steps_per_epoch=2,
             student_kwargs=dict(patch_size=4, embed_dim=32, depth=2, num_heads=2))

@@ -8,7 +8,11 @@ pytest.importorskip("timm")
 pytest.importorskip("matplotlib")
 
 from lfi.train.cli import main  # noqa: E402
-from lfi.train.demo import ARMS, cls_attention, curve_auc, epochs_to_target, summarize  # noqa: E402
+from lfi.train.demo import ARMS  # noqa: E402
+from lfi.train.demo import cls_attention  # noqa: E402
+from lfi.train.demo import curve_auc  # noqa: E402
+from lfi.train.demo import epochs_to_target  # noqa: E402
+from lfi.train.demo import summarize  # noqa: E402
 
 
 def test_demo_quick(tmp_path, capsys):

@@ -12,11 +12,14 @@ pytest.importorskip("timm")
 
 from lfi import cli as lfi_cli  # noqa: E402
 from lfi.benchmark import write_json_atomic  # noqa: E402
-from lfi.data.folders import load_imagefolder, reset_skipped, skipped_images  # noqa: E402
+from lfi.data.folders import load_imagefolder  # noqa: E402
+from lfi.data.folders import reset_skipped  # noqa: E402
+from lfi.data.folders import skipped_images  # noqa: E402
 from lfi.data.synthetic import SyntheticShapes  # noqa: E402
 from lfi.train import checkpoint as ckpt  # noqa: E402
 from lfi.train.cli import main  # noqa: E402
-from lfi.train.config import TrainConfig, demo_config  # noqa: E402
+from lfi.train.config import TrainConfig  # noqa: E402
+from lfi.train.config import demo_config  # noqa: E402
 from lfi.train.trainer import Trainer  # noqa: E402
 
 TINY_STUDENT = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
@@ -340,7 +343,8 @@ def test_demo_ctrl_c_then_resume_matches_an_uninterrupted_demo(tmp_path, monkeyp
     import signal
 
     import lfi.train.trainer as trainer_mod
-    from lfi.train.demo import RESULT_FILE, run_demo
+    from lfi.train.demo import RESULT_FILE
+    from lfi.train.demo import run_demo
 
     small = dict(synthetic_train=64, synthetic_val=32, epochs=2, batch_size=32)  # 2 steps per epoch, 4 per run
     clean = run_demo(tmp_path / "clean", quick=True, jobs=1, threads=1, **small)

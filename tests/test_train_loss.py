@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 
-from lfi.nn.interaction_loss import InteractionLoss, assign_concepts
-from lfi.nn.interaction_queries import LayerMaps, QueryMaps
+from lfi.nn.interaction_loss import InteractionLoss
+from lfi.nn.interaction_loss import assign_concepts
+from lfi.nn.interaction_queries import LayerMaps
+from lfi.nn.interaction_queries import QueryMaps
 from lfi.teachers.base import TeacherMaps
 
 B, H, K, N, D = 3, 2, 4, 12, 8

@@ -4,7 +4,8 @@ import torch
 
 pytest.importorskip("timm")
 
-from lfi.models import InteractionViT, resolve_layers  # noqa: E402
+from lfi.models import InteractionViT  # noqa: E402
+from lfi.models import resolve_layers  # noqa: E402
 from lfi.nn.interaction_queries import QueryMaps  # noqa: E402
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=4)

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 open_clip = pytest.importorskip("open_clip")
 
 from helpers import TINY_CLIP  # noqa: E402
-
 from lfi.data.synthetic import SyntheticShapes  # noqa: E402
-from lfi.teachers import CLIPTeacher, SyntheticTeacher, TeacherMaps  # noqa: E402
+from lfi.teachers import CLIPTeacher  # noqa: E402
+from lfi.teachers import SyntheticTeacher  # noqa: E402
+from lfi.teachers import TeacherMaps  # noqa: E402
 
 
 def test_tokenizer_offline():
@@ -161,7 +162,8 @@ def _teacher(clip, **kw):
 
 
 def _student_maps(B, K, grid, seed=0, H=2, D=8, layers=2):
-    from lfi.nn.interaction_queries import LayerMaps, QueryMaps
+    from lfi.nn.interaction_queries import LayerMaps
+    from lfi.nn.interaction_queries import QueryMaps
 
     g = torch.Generator().manual_seed(seed)
     N = grid[0] * grid[1]

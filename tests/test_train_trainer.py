@@ -9,11 +9,11 @@ pytest.importorskip("timm")
 open_clip = pytest.importorskip("open_clip")
 
 from helpers import TINY_CLIP  # noqa: E402
-
 from lfi.data.synthetic import SyntheticShapes  # noqa: E402
 from lfi.train import checkpoint as ckpt  # noqa: E402
 from lfi.train.cli import main  # noqa: E402
-from lfi.train.config import TrainConfig, demo_config  # noqa: E402
+from lfi.train.config import TrainConfig  # noqa: E402
+from lfi.train.config import demo_config  # noqa: E402
 from lfi.train.trainer import Trainer  # noqa: E402
 
 TINY_STUDENT = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)

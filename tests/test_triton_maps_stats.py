@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import BACKENDS, make_gen, make_qkv
+
+from helpers import BACKENDS
+from helpers import make_gen
+from helpers import make_qkv
 from reference import reference_lse
 
 pytestmark = pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton backend is not usable here")

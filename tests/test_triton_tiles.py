@@ -13,7 +13,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import BACKENDS, DEVICE, bool_mask, float_mask, make_gen, make_qkv, run_and_compare
+import triton
+import triton.language as tl
+
+from helpers import BACKENDS
+from helpers import DEVICE
+from helpers import bool_mask
+from helpers import float_mask
+from helpers import make_gen
+from helpers import make_qkv
+from helpers import run_and_compare
+from lfi.kernels.interaction_attention import _tf32_parts
 
 pytestmark = pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton backend is not usable here")
 
@@ -124,6 +134,52 @@ def test_atomic_dq(case, tile, monkeypatch):
     _run_case(case, tile)
 
 
+@triton.jit
+def _tf32_parts_kernel(X, HI, LO, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    hi, lo = _tf32_parts(tl.load(X + offs))
+    tl.store(HI + offs, hi)
+    tl.store(LO + offs, lo)
+
+
+SPLIT_TF32_CASES = [c for c in CASES if c["id"] in ("causal_tall", "ragged_maps_window", "key_padding_float_rows",
+                                                 "float_mask_dead_rows", "gqa_causal", "negative_scale")]
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="interpreter tile shapes are a CPU (TRITON_INTERPRET) test")
+def test_tf32_parts():
+    """_tf32_parts: both parts exact in TF32 (low 13 mantissa bits clear), rounded to nearest, their sum
+    within 2^-22 of x; inf and NaN kept."""
+    gen = make_gen("tf32_parts")
+    x = torch.randn(4096, generator=gen) * torch.exp2(torch.randint(-60, 60, (4096,), generator=gen).float())
+    x[:4] = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0])
+    x[4:6] = torch.tensor([1.0 + 2.0**-11, -(1.0 + 3 * 2.0**-11)])  # ties: away from zero
+    hi, lo = torch.empty_like(x), torch.empty_like(x)
+    _tf32_parts_kernel[(1,)](x, hi, lo, BLOCK=x.numel())
+    for part in (hi, lo):
+        assert not (part[6:].view(torch.int32) & 0x1FFF).any()
+    assert hi[0] == float("inf") and hi[1] == -float("inf") and hi[2].isnan() and hi[3] == 0
+    assert hi[4] == 1.0 + 2.0**-10 and hi[5] == -(1.0 + 2 * 2.0**-10)
+    x64, hi64 = x[6:].double(), hi[6:].double()
+    assert ((x64 - hi64).abs() <= x64.abs() * 2.0**-11).all()  # hi: nearest TF32 value
+    assert ((hi64 + lo[6:].double() - x64).abs() <= x64.abs() * 2.0**-22).all()
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="interpreter tile shapes are a CPU (TRITON_INTERPRET) test")
+@pytest.mark.parametrize("case", [pytest.param(c, id=c["id"]) for c in SPLIT_TF32_CASES])
+def test_3xtf32_path(case, monkeypatch, poisoned_empty):
+    """Float32 with allow_tf32 off compiles to 3xTF32 products split by the kernels (PRECISION
+    "3xtf32"), whose backward reloads its resident tiles per tile; the interpreter multiplies the TF32
+    parts exactly, as tensor cores do, so this runs that code against the float64 reference at
+    float32 tolerances (a missing product or a wrong reload fails it)."""
+    from lfi.backends.triton import _launch
+    from lfi.backends.triton import interaction_attention as launcher
+
+    monkeypatch.setattr(launcher, "_precision", lambda dtype, split_by_hand=False: "3xtf32")
+    monkeypatch.setattr(_launch, "INTERPRETER_BLOCKS", {"BLOCK_M": 16, "BLOCK_N": 32})
+    _run_case(case, (16, 32))
+
+
 def _run_case(case, tile):
     gen = make_gen("tiles", case["id"], tile)
     B, H, Hkv, M, N = 2, case.get("H", 2), case.get("Hkv", 2), case["M"], case["N"]
@@ -150,7 +206,8 @@ def test_maps_buffer_rows_are_padded():
 # --------------------------------------------------------------------------------------------------
 
 def _named(dtype=torch.bfloat16, D=64, M=1024, maps=0, precision="tf32", N=1024, **extra):
-    from lfi.backends.triton._launch import _block, bucket
+    from lfi.backends.triton._launch import _block
+    from lfi.backends.triton._launch import bucket
 
     return {"Q": torch.empty(1, dtype=dtype, device="meta"), "BLOCK_D": _block(D), "BLOCK_DV": _block(D),
             "M_BUCKET": bucket(M), "PRECISION": precision, "WRITE_MAPS": maps, "M": M, "N": N, **extra}
@@ -170,11 +227,16 @@ def test_config_tables():
     assert all(c.kwargs["BLOCK_M"] <= 64 for c in pick("fwd", _named(M=16)))
     # maps at D = 128: the no-spill list
     assert [_shape(c) for c in pick("fwd", _named(D=128, maps=2))] == [(64, 64, 4, 2), (128, 64, 8, 3)]
-    # exact float32 (3xTF32) falls back to the generic small tiles
-    assert all(c.kwargs["BLOCK_N"] <= 32 for c in pick("fwd", _named(torch.float32, precision="tf32x3")))
+    # exact float32 (3xTF32) falls back to the generic small tiles in the forward; its dK/dV with map
+    # gradients takes 16-row tiles (the 32-row one spills there, not without maps)
+    exact = dict(dtype=torch.float32, precision="3xtf32")
+    assert all(c.kwargs["BLOCK_N"] <= 32 for c in pick("fwd", _named(**exact)))
+    assert [_shape(c) for c in pick("dkdv", _named(**exact))] == [(32, 128, 8, 2)]
+    assert [_shape(c) for c in pick("dkdv", _named(**exact, HAS_DW=True, M=197, N=197))] == [(16, 128, 8, 1)]
+    assert [_shape(c) for c in pick("dkdv", _named(HAS_DW=True, M=197, N=197))] == [(32, 128, 8, 2), (32, 64, 4, 2)]
     for kernel in ("fwd", "preprocess", "dkdv", "dq"):
         configs = table_configs(launcher._TABLE, kernel)
-        assert 1 <= len(configs) <= 7
+        assert 1 <= len(configs) <= 8  # distinct configs per kernel: fwd 6, dK/dV 8, dQ 6, preprocess 2
         assert len({_shape(c) for c in configs}) == len(configs)
         for named in (_named(), _named(torch.float16, 128), _named(torch.float32, 64), _named(D=256)):
             kept = pick(kernel, dict(named))
@@ -229,7 +291,8 @@ def test_unaligned_map_gradient_is_read_padded(monkeypatch):
 
 
 def test_autotune_env_and_buckets(monkeypatch):
-    from lfi.backends.triton._launch import autotune_enabled, bucket
+    from lfi.backends.triton._launch import autotune_enabled
+    from lfi.backends.triton._launch import bucket
 
     assert [bucket(n) for n in (1, 16, 17, 197, 256, 257)] == [16, 16, 32, 256, 256, 512]
     monkeypatch.setenv("LFI_AUTOTUNE", "0")

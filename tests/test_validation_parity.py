@@ -5,10 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BACKEND_PARAMS, DEVICE
 
 import lfi
-from lfi.ops import attention_kl, attention_kl_qk, interaction_attention
+from helpers import BACKEND_PARAMS
+from helpers import DEVICE
+from lfi.ops import attention_kl
+from lfi.ops import attention_kl_qk
+from lfi.ops import interaction_attention
 
 B, H, M, N, D = 2, 2, 3, 5, 8
 

@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(kTcThreads, 2) attn_fwd_tc_kernel(const AttnPa
   auto run_pass = [&](int mode) {
     const bool with_v = mode != 1;
     auto stage = [&](int64_t tile, bool full, bool v) {
-      stage_kv<T, DP, LD>(Ks, v ? Vs : nullptr, ksrc, vsrc, tile, full, p.N, p.D, p.Dv);
+      stage_kv<T, DP, LD>(Ks, Vs, ksrc, vsrc, tile, full, v, p.N, p.D, p.Dv);
     };
     // Tiles [0, nfast) need no per-element work in the online pass: no mask or KL, every key
     // in range and at or below every row's diagonal (a causal block's row r0 sees keys <= r0).
@@ -359,11 +359,11 @@ __global__ void __launch_bounds__(kTcThreads, 1) attn_bwd_dkdv_tc_kernel(const A
   const bool vec = row_source<T>(p.q, b, hk * G).vec && row_source<T>(p.grad_out, b, hk * G).vec &&
                    p.D % 8 == 0 && p.Dv % 8 == 0 && p.q.s[1] % 8 == 0 && p.grad_out.s[1] % 8 == 0;
 
-  // Tile `it` (head hk * G + it / nq, rows row_lo + (it % nq) * 64) into buffer it & 1; FULL: known
-  // to be a whole in-range tile of a 16-byte aligned source (the fast loop's successors).
-  auto stage = [&](int64_t it, bool full) {
-    const int64_t gg = it / nq, qt = it - gg * nq, h = hk * G + gg, i0 = row_lo + qt * 64, bh = b * p.H + h;
-    const int buf = static_cast<int>(it & 1);
+  // Tile it = gg * nq + qt (head hk * G + gg, rows row_lo + qt * 64) into buffer it & 1; FULL: known
+  // to be a whole in-range tile of a 16-byte aligned source (the fast loop's successors). The loops
+  // pass gg and qt: no 64-bit division per tile.
+  auto stage = [&](int64_t gg, int64_t qt, int buf, bool full) {
+    const int64_t h = hk * G + gg, i0 = row_lo + qt * 64, bh = b * p.H + h;
     const RowSource<T> qsrc = row_source<T>(p.q, b, h), dsrc = row_source<T>(p.grad_out, b, h);
     full = full || (vec && qt < nq_full);
     stage_tile<T, 64, DP, LD>(Qs + buf * 64 * LD, qsrc, i0, p.M, p.D, full);
@@ -386,15 +386,19 @@ __global__ void __launch_bounds__(kTcThreads, 1) attn_bwd_dkdv_tc_kernel(const A
     }
   };
 
-  if (ntot > 0) stage(0, false);
-  auto step = [&](int64_t it, auto fast_tag) {
+  if (ntot > 0) stage(0, 0, 0, false);
+  auto step = [&](int64_t gg, int64_t qt, auto fast_tag) {
     constexpr bool FAST = decltype(fast_tag)::value;
-    pipeline_advance([&](int64_t t) { stage(t, FAST); }, it, ntot);
+    const int64_t it = gg * nq + qt;
+    pipeline_advance([&](int64_t t) {
+      const bool next_head = qt + 1 == nq;
+      stage(next_head ? gg + 1 : gg, next_head ? 0 : qt + 1, static_cast<int>(t & 1), FAST);
+    }, it, ntot);
     const int buf = static_cast<int>(it & 1);
     const T* Qt = Qs + buf * 64 * LD;
     const T* dOt = dOs + buf * 64 * LD;
     const float* rv = rowv + buf * kRowVals * 64;
-    const int64_t gg = it / nq, qt = it - gg * nq, h = hk * G + gg, i0 = row_lo + qt * 64;
+    const int64_t h = hk * G + gg, i0 = row_lo + qt * 64;
 
     constexpr int QH = S::QH, NH = QH / 8;
 #pragma unroll
@@ -448,9 +452,9 @@ __global__ void __launch_bounds__(kTcThreads, 1) attn_bwd_dkdv_tc_kernel(const A
     if (qb < qa) qb = qa;
     if (qb > nq) qb = nq;
     int64_t qt = 0;
-    for (; qt < qa && qt < nq; ++qt) step(gg * nq + qt, std::false_type{});
-    for (; qt < qb; ++qt) step(gg * nq + qt, std::true_type{});
-    for (; qt < nq; ++qt) step(gg * nq + qt, std::false_type{});
+    for (; qt < qa && qt < nq; ++qt) step(gg, qt, std::false_type{});
+    for (; qt < qb; ++qt) step(gg, qt, std::true_type{});
+    for (; qt < nq; ++qt) step(gg, qt, std::false_type{});
   }
   cp_async_wait<0>();  // the K / V group when no query tile ran
 
@@ -509,7 +513,7 @@ __global__ void __launch_bounds__(kTcThreads, 1) attn_bwd_dq_tc_kernel(const Att
     if (nfast < 0) nfast = 0;
   }
   auto stage = [&](int64_t tile, bool full) {
-    stage_kv<T, DP, LD>(Ks, Vs, ksrc, vsrc, tile, full, p.N, p.D, p.Dv);
+    stage_kv<T, DP, LD>(Ks, Vs, ksrc, vsrc, tile, full, true, p.N, p.D, p.Dv);
   };
   if (ntiles > 0) stage(0, nfull > 0);
   auto step = [&](int64_t it, auto fast_tag) {
@@ -572,7 +576,7 @@ __global__ void __launch_bounds__(kTcThreads, 2) attn_bwd_pre_maps_tc_kernel(con
   stage_rows<T, 64, DP, LD>(Qs, row_source<T>(p.q, b, h), r0, p.M, p.D);
   cp_async_commit();
   auto stage = [&](int64_t tile) {
-    stage_kv<T, DP, LD>(Ks, static_cast<T*>(nullptr), ksrc, ksrc, tile, tile < nfull, p.N, p.D, 0);
+    stage_kv<T, DP, LD>(Ks, Ks, ksrc, ksrc, tile, tile < nfull, false, p.N, p.D, 0);
   };
   int64_t row[2], grow[2];
   bool in[2];

@@ -337,18 +337,27 @@ __global__ void __launch_bounds__(kThreads, 2) kl_qk_dk_kernel(const KLParams p,
 // covers D and Dt. Forward and dq: one block of 4 warps per (64 query rows, b, h), each warp owning
 // 16 rows; Q (and Q_t) staged once, K (and K_t) tiles of 64 keys double-buffered with cp.async.
 // Per tile and warp: S = Q K^T (and U = Q_t K_t^T) in accumulator registers, then the row state
-// of kl_tile_step over the quad of lanes sharing a row (forward), or dS = kl_dscore and
-// dQ += dS K with dS packed to b16 in place (dq). dk: one block per (64 keys, b, kv head) looping
-// over the group's heads and 64-row query tiles (Q, Q_t and the rows' statistics double-buffered,
-// K_t restaged per head into a buffer of its own), S^T = K Q^T, dS^T, dK += dS^T Q: no atomics.
-// The element-wise math is the CUDA-core kernels' (qk_element, kl_tile_step, kl_dscore).
+// over the quad of lanes sharing a row (forward), or dS and dQ += dS K with dS packed to b16 in
+// place (dq). dk: one block per (64 keys, b, kv head) looping over the group's heads and 64-row
+// query tiles (Q, Q_t and the rows' values double-buffered, K_t restaged per head into a buffer of
+// its own), S^T = K Q^T, dS^T, dK += dS^T Q: no atomics.
+//
+// Each kernel is compiled per target kind TT (template parameter): void = the implicit teacher,
+// else the element type of a dense target (q's b16 type or float: loads without a dtype switch),
+// and runs separately compiled loop bodies per logit / probability target: FAST over interior
+// tiles (no key mask, every key and, in dk, every query in range: no per-element test; the dense
+// target read from 64-bit row pointers formed once per row or tile), CHECKED over the others
+// (bounds and the key mask per element; ~2 SASS per score against ~0.3-1.1 for FAST, sm_90). The element math is lfi_math.h's (softmax_rescale, kl_rescale,
+// kl_finish, the KLSums / KLGradRow conventions) in base 2: scores enter the exponentials as
+// x * scale log2 e - shift log2 e (one FFMA and one MUFU.EX2), the probability target's t ln t as
+// t lg2 t (MUFU.LG2) times ln 2 per tile.
 namespace tc {
 namespace {
 
 using namespace ::lfi::cuda_k;
 
-// Per query row of a staged dk tile: m, log l and the KLGradRow fields g, 1 / Z, t_shift, t_log_z.
-constexpr int kQKRowVals = 6;
+// Floats per query row of a staged dk tile (QKRow).
+constexpr int kQKRowVals = 4;
 
 template <int DP>
 struct QKTcShape {
@@ -360,10 +369,107 @@ struct QKTcShape {
   static constexpr int QH = DP <= 64 ? 64 : 32;
 };
 
+constexpr float kL2e = static_cast<float>(kLog2e);
+constexpr float kLn2f = static_cast<float>(kLn2);
+// Exponents are clamped to this where a -inf would meet a 0 weight (0 * inf = NaN).
+constexpr float kFinite = -1e30f;
+
+// The row values of the backward (dq: registers; dk: staged per query row, one 16-byte load):
+// (m + log l) log2 e, the KLGradRow's g, and 1 / Z (probabilities) or (t_shift + t_log_z) log2 e
+// (logits).
+struct alignas(16) QKRow {
+  float pexp, g, tz, unused;
+};
+
+__device__ __forceinline__ QKRow qk_bwd_row(const KLParams& p, int64_t b, int64_t h, int64_t bh, int64_t i,
+                                            bool logits) {
+  float m, log_l;
+  row_stats(p.stats, bh, p.M, i, m, log_l);
+  const KLGradRow<float> k = qk_grad_row(p, b, h, i, logits);
+  return QKRow{(m + log_l) * kL2e, k.g, logits ? (k.t_shift + k.t_log_z) * kL2e : k.inv_z, 0.0f};
+}
+
+// dS = g (p - t) of one element (kl_dscore in base 2) from the raw products s (and u) and the row
+// values r: p = exp2(s scale log2 e - (m + log l) log2 e), t = exp2(u t_scale log2 e - (t_shift +
+// t_log_z) log2 e) (logits) or tg / Z (probabilities).
+template <bool LOGITS>
+__device__ __forceinline__ float qk_dscore(float s, float tg, const QKRow& r, float as, float au) {
+  const float pr = ex2(fmaf(s, as, -r.pexp));
+  const float t = LOGITS ? ex2(fmaf(tg, au, -r.tz)) : tg * r.tz;
+  return r.g * (pr - t);
+}
+
+// Folds one 16 x 64 tile of a warp into the online KL state of the lane's rows g, g + 8 (rr):
+// softmax_rescale / kl_rescale per row, then the tile's sums. s: raw products q.k; tg: the raw
+// target (dense values, or the teacher's raw products q_t.k_t). FAST: every key kept, scale (and
+// t_scale for logits) > 0, so the row max of scale * s is scale * max s. CHECKED: keep(nt, e, rr, c)
+// per element (bounds, key mask). l, st.x, st.c (and st.y for probabilities) are this lane's partial
+// sums, summed over the quad at the end; m (and st.y, the logits' running max) are the quad's.
+template <bool LOGITS, bool CHECKED, int NT, typename Keep>
+__device__ __forceinline__ void qk_fwd_tile(float (&m)[2], float (&l)[2], KLSums<float> (&st)[2], float (&s)[NT][4],
+                                            float (&tg)[NT][4], float s_scale, float t_scale, int lane, Keep&& keep) {
+  if constexpr (CHECKED) {  // natural units, -inf (logits) / 0 (probabilities) where not kept
+    for_each_acc<NT>(lane, [&](int nt, int e, int rr, int c) {
+      const bool k = keep(nt, e, rr, c);
+      s[nt][e] = k ? s[nt][e] * s_scale : neg_inf<float>();
+      tg[nt][e] = LOGITS ? kl_u(tg[nt][e], k, t_scale) : (k ? tg[nt][e] : 0.0f);
+    });
+  }
+  const float ms = CHECKED ? 1.0f : s_scale, mu = CHECKED ? 1.0f : t_scale;
+  float smax[2], umax[2], shl[2], shul[2] = {0.0f, 0.0f};
+  acc_row_max(smax, s);
+  if constexpr (LOGITS) acc_row_max(umax, tg);
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const float sh_old = shift_of(m[rr]);
+    softmax_rescale(m[rr], l[rr], smax[rr] * ms);
+    const float sh = shift_of(m[rr]);
+    shl[rr] = sh * kL2e;
+    kl_rescale(st[rr], sh_old, sh, LOGITS ? fmaxf(st[rr].y, umax[rr] * mu) : 0.0f, LOGITS);
+    if constexpr (LOGITS) shul[rr] = shift_of(st[rr].y) * kL2e;
+  }
+  const float as = ms * kL2e, au = mu * kL2e;
+  float ps[2] = {0.0f, 0.0f}, xs[2] = {0.0f, 0.0f}, ys[2] = {0.0f, 0.0f}, cs[2] = {0.0f, 0.0f};
+  for_each_acc<NT>(lane, [&](int nt, int e, int rr, int) {
+    const float d2 = fmaf(s[nt][e], as, -shl[rr]);  // (s - sh) log2 e; -inf where not kept
+    const float dc = CHECKED ? fmaxf(d2, kFinite) : d2;
+    ps[rr] += ex2(d2);
+    if constexpr (LOGITS) {  // x += e, c += e ((u - shu) - (s - sh)); e = 0 where not kept or u = -inf
+      const float du2 = fmaf(tg[nt][e], au, -shul[rr]);
+      const float ev = ex2(du2);
+      xs[rr] += ev;
+      cs[rr] = fmaf(ev, fmaxf(du2, kFinite) - dc, cs[rr]);
+    } else {  // x += t, y += t lg2 t, c += t (s - sh) over t > 0 (tp = 0 otherwise, NaN t stays in x)
+      const float t = tg[nt][e], tp = fmaxf(t, 0.0f);
+      xs[rr] += t;
+      ys[rr] = fmaf(tp, lg2(fmaxf(t, 1.17549435e-38f)), ys[rr]);
+      cs[rr] = fmaf(tp, dc, cs[rr]);
+    }
+  });
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    l[rr] += ps[rr];
+    st[rr].x += xs[rr];
+    st[rr].c = fmaf(cs[rr], kLn2f, st[rr].c);
+    if constexpr (!LOGITS) st[rr].y = fmaf(ys[rr], kLn2f, st[rr].y);
+  }
+}
+
+template <typename TT>
+using TargetElem = std::conditional_t<std::is_void<TT>::value, float, TT>;
+
+// Whether the key mask keeps (b, h, i, j), given the mask's offset of (b, h, i). The mask is bool
+// (ops.cpp's fill_kl_common turns other dtypes into mask != 0): one byte, no dtype switch.
+__device__ __forceinline__ bool mask_keeps(const KLParams& p, int64_t row_off, int64_t j) {
+  return p.key_mask.ptr == nullptr || static_cast<const uint8_t*>(p.key_mask.ptr)[row_off + j * p.key_mask.s[3]] != 0;
+}
+
 // Forward and dq of one (64 query rows, b, h) block. DQ: the dq kernel, else the forward.
-template <typename T, int DP, bool DQ>
+template <typename T, int DP, typename TT, bool DQ>
 __device__ __forceinline__ void kl_qk_rows_tc(const KLParams& p, int64_t nmb) {
   using S = QKTcShape<DP>;
+  using TE = TargetElem<TT>;
+  constexpr bool IMPL = std::is_void<TT>::value;
   constexpr int LD = S::LD, NT = S::NT, OT = S::OT;
   LFI_DYNAMIC_SMEM(smem_f);
   T* Qs = reinterpret_cast<T*>(smem_f);
@@ -375,118 +481,160 @@ __device__ __forceinline__ void kl_qk_rows_tc(const KLParams& p, int64_t nmb) {
   const QKHeads x = heads_of(p, bh / p.H, bh % p.H);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
   const int64_t r0 = mb * 64;
-  const bool logits = p.target_is_logits || p.implicit;
+  const bool logits = IMPL || p.target_is_logits;
   const float s_scale = static_cast<float>(p.student_scale), t_scale = static_cast<float>(p.target_scale);
   const RowSource<T> ksrc = row_source<T>(p.k, x.b, x.hk);
-  const RowSource<T> ktsrc = p.implicit ? row_source<T>(p.k_t, x.b, x.htk) : ksrc;
+  const RowSource<T> ktsrc = IMPL ? row_source<T>(p.k_t, x.b, x.htk) : ksrc;
   const int64_t ntiles = (p.N + 63) / 64;
-  const bool full_ok = ksrc.vec && p.D % 8 == 0 && (!p.implicit || (ktsrc.vec && p.Dt % 8 == 0));
+  const bool full_ok = ksrc.vec && p.D % 8 == 0 && (!IMPL || (ktsrc.vec && p.Dt % 8 == 0));
   const int64_t nfull = full_ok ? p.N / 64 : 0;
+  const bool has_mask = p.key_mask.ptr != nullptr;
+  // The FAST loops read the dense target with unit key stride (element loads: no alignment
+  // needed, so an odd N such as 197 keeps them).
+  const TE* tbase = IMPL ? nullptr : static_cast<const TE*>(p.target.ptr) + x.b * p.target.s[0] + x.h * p.target.s[1];
+  const bool tunit = IMPL || p.target.s[3] == 1;
+  // Tiles [0, nfast): no key mask, every key in range, the next tile staged in full (no edge code in
+  // that loop); the forward's max needs positive scales there.
+  int64_t nfast = 0;
+  if (!has_mask && tunit && (DQ || (s_scale > 0.0f && (!logits || t_scale > 0.0f)))) {
+    nfast = nfull - 1;
+    if (nfast < 0) nfast = 0;
+  }
 
   zero_padding<T, DP, LD>(Ks, 128, p.D);
-  if (p.implicit) zero_padding<T, DP, LD>(Kts, 128, p.Dt);
+  if constexpr (IMPL) zero_padding<T, DP, LD>(Kts, 128, p.Dt);
   stage_rows<T, 64, DP, LD>(Qs, row_source<T>(p.q, x.b, x.h), r0, p.M, p.D);
-  if (p.implicit) stage_rows<T, 64, DP, LD>(Qts, row_source<T>(p.q_t, x.b, x.ht), r0, p.M, p.Dt);
+  if constexpr (IMPL) stage_rows<T, 64, DP, LD>(Qts, row_source<T>(p.q_t, x.b, x.ht), r0, p.M, p.Dt);
   cp_async_commit();
-  auto stage = [&](int64_t tile) {
-    stage_kv<T, DP, LD>(Ks, p.implicit ? Kts : nullptr, ksrc, ktsrc, tile, tile < nfull, p.N, p.D, p.Dt);
+  auto stage = [&](int64_t tile, bool full) {
+    stage_kv<T, DP, LD>(Ks, Kts, ksrc, ktsrc, tile, full, IMPL, p.N, p.D, p.Dt);
   };
 
-  // The lane's rows g and g + 8 of the warp's 16: forward state, or (dq) statistics and KL factors.
-  int64_t row[2];
+  // The lane's rows g and g + 8 of the warp's 16: forward state, or (dq) the row values; the
+  // 64-bit offsets of the target (rows past M read row M - 1: never stored, g = 0) and the mask.
+  int64_t row[2], mrow[2] = {0, 0};
+  const TE* trow[2] = {nullptr, nullptr};
   float m[2], l[2];
   KLSums<float> st[2];
-  KLGradRow<float> klr[2];
+  QKRow rv[2];
   init_rows(m, l, st, logits);
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     const int64_t i = r0 + warp * 16 + g + 8 * rr;
     row[rr] = i;
-    if constexpr (DQ) {  // m = shift, l = log l of the saved statistics
-      row_stats(p.stats, bh, p.M, i, m[rr], l[rr]);
-      klr[rr] = qk_grad_row(p, x.b, x.h, i, logits);
-    }
+    if (has_mask) mrow[rr] = x.b * p.key_mask.s[0] + x.h * p.key_mask.s[1] + i * p.key_mask.s[2];
+    if constexpr (!IMPL) trow[rr] = tbase + (i < p.M ? i : p.M - 1) * p.target.s[2];
+    if constexpr (DQ) rv[rr] = qk_bwd_row(p, x.b, x.h, bh, i, logits);
   }
   float dq[DQ ? OT : 1][4];
   zero_acc(dq);
+  const float as = s_scale * kL2e, au = t_scale * kL2e;
 
-  if (ntiles > 0) stage(0);
-  for (int64_t it = 0; it < ntiles; ++it) {
-    pipeline_advance(stage, it, ntiles);
+  // One tile; FAST / LOGITS compile-time (each combination its own loop in the SASS).
+  auto step = [&](int64_t it, auto fast_tag, auto logits_tag) {
+    constexpr bool FAST = decltype(fast_tag)::value, LOGITS = decltype(logits_tag)::value;
+    pipeline_advance<FAST>([&](int64_t t) { stage(t, FAST || t < nfull); }, it, ntiles);
     const int buf = static_cast<int>(it & 1);
     const T* Kt = Ks + buf * 64 * LD;
-    float s[NT][4], u[NT][4];
-    zero_acc(s);
-    zero_acc(u);
-    mma_abt<T, DP, LD, NT>(s, Qs + warp * 16 * LD, Kt, lane);  // Q K^T
-    if (p.implicit) mma_abt<T, DP, LD, NT>(u, Qts + warp * 16 * LD, Kts + buf * 64 * LD, lane);  // Q_t K_t^T
-    // Element (nt, e): row row[e / 2], key j0 + nt * 8 + 2 t4 + e % 2.
     const int64_t j0 = it * 64;
+    // Element (nt, e): row row[e / 2], key j0 + nt * 8 + 2 t4 + e % 2.
+    float s[NT][4], u[NT][4];
+    if constexpr (!IMPL) {  // the dense target first: its loads overlap the products
+      if constexpr (FAST) {
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      float s2[2 * NT], tg[2 * NT];
-      bool keep[2 * NT];
+        for (int rr = 0; rr < 2; ++rr) {
+          const TE* tp = trow[rr] + j0 + 2 * t4;
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int e = 2 * rr + c;
-          const QKElem el = qk_element(p, x.b, x.h, row[rr], j0 + nt * 8 + 2 * t4 + c, s[nt][e] * s_scale, u[nt][e]);
-          if constexpr (DQ) {
-            s[nt][e] = kl_dscore(prob_of(el.s2, m[rr], l[rr]), el.tg, el.keep, klr[rr], t_scale, logits);
-          } else {
-            s2[2 * nt + c] = el.s2;
-            tg[2 * nt + c] = el.tg;
-            keep[2 * nt + c] = el.keep;
+          for (int nt = 0; nt < NT; ++nt) {
+            u[nt][2 * rr] = to_float(tp[nt * 8]);
+            u[nt][2 * rr + 1] = to_float(tp[nt * 8 + 1]);
           }
         }
-      if constexpr (!DQ) kl_tile_step<2 * NT, 4>(m[rr], l[rr], st[rr], s2, tg, keep, t_scale, logits);
+      } else {
+        for_each_acc<NT>(lane, [&](int nt, int e, int rr, int c) {
+          const int64_t j = j0 + c;
+          u[nt][e] = row[rr] < p.M && j < p.N ? to_float(trow[rr][j * p.target.s[3]]) : 0.0f;
+        });
+      }
     }
-    if constexpr (DQ) mma_xb<T, DP, LD, NT>(dq, s, Kt, lane);  // dQ += dS K
+    zero_acc(s);
+    mma_abt<T, DP, LD, NT>(s, Qs + warp * 16 * LD, Kt, lane);  // Q K^T
+    if constexpr (IMPL) {
+      zero_acc(u);
+      mma_abt<T, DP, LD, NT>(u, Qts + warp * 16 * LD, Kts + buf * 64 * LD, lane);  // Q_t K_t^T
+    }
+    auto keep = [&](int, int, int rr, int c) {
+      const int64_t j = j0 + c;
+      return row[rr] < p.M && j < p.N && (!has_mask || mask_keeps(p, mrow[rr], j));
+    };
+    if constexpr (DQ) {
+      for_each_acc<NT>(lane, [&](int nt, int e, int rr, int c) {
+        const float ds = qk_dscore<LOGITS>(s[nt][e], u[nt][e], rv[rr], as, au);
+        s[nt][e] = FAST || keep(nt, e, rr, c) ? ds : 0.0f;
+      });
+      mma_xb<T, DP, LD, NT>(dq, s, Kt, lane);  // dQ += dS K
+    } else {
+      qk_fwd_tile<LOGITS, !FAST>(m, l, st, s, u, s_scale, t_scale, lane, keep);
+    }
     __syncthreads();  // every warp is done with this buffer before it is staged again
-  }
+  };
+  auto run = [&](auto logits_tag) {
+    if (ntiles > 0) stage(0, nfull > 0);
+    for (int64_t it = 0; it < nfast; ++it) step(it, std::true_type{}, logits_tag);
+    for (int64_t it = nfast; it < ntiles; ++it) step(it, std::false_type{}, logits_tag);
+  };
+  if (logits) run(std::true_type{});
+  else if constexpr (!IMPL) run(std::false_type{});
   cp_async_wait<0>();  // the Q group when there is no key tile
 
   if constexpr (DQ) {
     store_acc_rows(p.dq, dq, x.b, x.h, r0 + warp * 16, p.M, p.D, s_scale, lane);
   } else {
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr)
+    for (int rr = 0; rr < 2; ++rr) {  // the quad's partial sums; m and the logits' running max are the quad's
+      l[rr] = quad_sum(l[rr]);
+      st[rr].x = quad_sum(st[rr].x);
+      st[rr].c = quad_sum(st[rr].c);
+      if (!logits) st[rr].y = quad_sum(st[rr].y);
       if (t4 == 0 && row[rr] < p.M) store_row_stats(p, bh * p.M + row[rr], m[rr], l[rr], st[rr], logits);
+    }
   }
 }
 
 // (128, 2) / (128, 1): up to 255 registers, no spills (ptxas's own choice may aim at more blocks).
-template <typename T, int DP>
+template <typename T, int DP, typename TT>
 __global__ void __launch_bounds__(kTcThreads, 2) kl_qk_fwd_tc_kernel(const KLParams p, int64_t nmb) {
-  kl_qk_rows_tc<T, DP, false>(p, nmb);
+  kl_qk_rows_tc<T, DP, TT, false>(p, nmb);
 }
 
-template <typename T, int DP>
+template <typename T, int DP, typename TT>
 __global__ void __launch_bounds__(kTcThreads, 1) kl_qk_dq_tc_kernel(const KLParams p, int64_t nmb) {
-  kl_qk_rows_tc<T, DP, true>(p, nmb);
+  kl_qk_rows_tc<T, DP, TT, true>(p, nmb);
 }
 
-template <typename T, int DP>
+template <typename T, int DP, typename TT>
 __global__ void __launch_bounds__(kTcThreads, 1) kl_qk_dk_tc_kernel(const KLParams p, int64_t nnb) {
   using S = QKTcShape<DP>;
+  using TE = TargetElem<TT>;
+  constexpr bool IMPL = std::is_void<TT>::value;
   constexpr int LD = S::LD, OT = S::OT, QH = S::QH, NH = QH / 8;
   LFI_DYNAMIC_SMEM(smem_f);
-  float* rowv = smem_f;                                              // [2][kQKRowVals][64]
-  T* Ks = reinterpret_cast<T*>(rowv + 2 * kQKRowVals * 64);
+  QKRow* rowv = reinterpret_cast<QKRow*>(smem_f);  // [2][64]
+  T* Ks = reinterpret_cast<T*>(rowv + 2 * 64);
   T* Qs = Ks + 64 * LD;    // two buffers
   T* Qts = Qs + 128 * LD;  // implicit teacher only: Q_t (two buffers), K_t (two buffers, by head parity)
   T* Kts = Qts + 128 * LD;
 
   const int64_t pid = blockIdx.x, nb = pid % nnb, bhk = pid / nnb;
   const int64_t b = bhk / p.Hkv, hk = bhk % p.Hkv, G = p.H / p.Hkv;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g4 = lane >> 2;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g4 = lane >> 2, t4 = lane & 3;
   const int64_t n0 = nb * 64;
-  const bool logits = p.target_is_logits || p.implicit;
+  const bool logits = IMPL || p.target_is_logits;
   const float s_scale = static_cast<float>(p.student_scale), t_scale = static_cast<float>(p.target_scale);
+  const bool has_mask = p.key_mask.ptr != nullptr;
 
   zero_padding<T, DP, LD>(Qs, 128, p.D);
-  if (p.implicit) {
+  if constexpr (IMPL) {
     zero_padding<T, DP, LD>(Qts, 128, p.Dt);
     zero_padding<T, DP, LD>(Kts, 128, p.Dt);
   }
@@ -495,27 +643,25 @@ __global__ void __launch_bounds__(kTcThreads, 1) kl_qk_dk_tc_kernel(const KLPara
 
   const int64_t nq = (p.M + 63) / 64, nq_full = p.M / 64, ntot = G * nq;
   const bool vec = row_source<T>(p.q, b, hk * G).vec && p.D % 8 == 0 && p.q.s[1] % 8 == 0 &&
-                   (!p.implicit || (row_source<T>(p.q_t, b, 0).vec && p.Dt % 8 == 0 && p.q_t.s[1] % 8 == 0));
-  // Tile `it`: head hk * G + it / nq, rows (it % nq) * 64, into buffer it & 1 (K_t of the head, at its
-  // first tile, into buffer (it / nq) & 1: the previous head's K_t stays in use until its last tile).
-  auto stage = [&](int64_t it) {
-    const int64_t gg = it / nq, qt = it - gg * nq, h = hk * G + gg, i0 = qt * 64, bh = b * p.H + h;
-    const int buf = static_cast<int>(it & 1);
-    const QKHeads x = heads_of(p, b, h);
+                   (!IMPL || (row_source<T>(p.q_t, b, 0).vec && p.Dt % 8 == 0 && p.q_t.s[1] % 8 == 0));
+  // Tile `it` = (head hk * G + gg, query tile qt), it = gg * nq + qt: into buffer it & 1 (K_t of the
+  // head, at its first tile, into buffer gg & 1: the previous head's K_t stays in use until its last
+  // tile). The loops below pass gg and qt: no 64-bit division per tile.
+  auto stage = [&](int64_t gg, int64_t qt, int buf) {
+    const int64_t h = hk * G + gg, i0 = qt * 64, bh = b * p.H + h;
     const bool full = vec && qt < nq_full;
     stage_tile<T, 64, DP, LD>(Qs + buf * 64 * LD, row_source<T>(p.q, b, h), i0, p.M, p.D, full);
-    if (p.implicit) {
-      stage_tile<T, 64, DP, LD>(Qts + buf * 64 * LD, row_source<T>(p.q_t, b, x.ht), i0, p.M, p.Dt, full);
-      if (qt == 0) stage_rows<T, 64, DP, LD>(Kts + (gg & 1) * 64 * LD, row_source<T>(p.k_t, b, x.htk), n0, p.N, p.Dt);
+    if constexpr (IMPL) {
+      stage_tile<T, 64, DP, LD>(Qts + buf * 64 * LD, row_source<T>(p.q_t, b, p.Ht == p.H ? h : 0), i0, p.M, p.Dt,
+                                full);
+      if (qt == 0) {
+        const QKHeads x = heads_of(p, b, h);
+        stage_rows<T, 64, DP, LD>(Kts + (gg & 1) * 64 * LD, row_source<T>(p.k_t, b, x.htk), n0, p.N, p.Dt);
+      }
     }
     cp_async_commit();
-    if (threadIdx.x < 64) {  // plain stores: visible after the barrier that precedes their use
-      const int r = static_cast<int>(threadIdx.x);
-      const int64_t i = i0 + r;
-      float* rv = rowv + buf * kQKRowVals * 64;
-      row_stats(p.stats, bh, p.M, i, rv[r], rv[64 + r]);
-      put_kl_row(rv + 2 * 64, 64, r, qk_grad_row(p, b, h, i, logits));
-    }
+    if (threadIdx.x < 64)  // plain stores: visible after the barrier that precedes their use
+      rowv[buf * 64 + threadIdx.x] = qk_bwd_row(p, b, h, bh, i0 + threadIdx.x, logits);
   };
 
   float dk[OT][4];
@@ -523,34 +669,73 @@ __global__ void __launch_bounds__(kTcThreads, 1) kl_qk_dk_tc_kernel(const KLPara
   int64_t jrow[2];
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) jrow[rr] = n0 + warp * 16 + g4 + 8 * rr;
+  // FAST query tiles: the whole key block and every query row in range, no key mask.
+  const bool fast_block = !has_mask && n0 + 64 <= p.N;
+  const float as = s_scale * kL2e, au = t_scale * kL2e;
+  const int64_t ts2 = IMPL ? 0 : p.target.s[2];
 
-  if (ntot > 0) stage(0);
-  for (int64_t it = 0; it < ntot; ++it) {
-    pipeline_advance(stage, it, ntot);
+  auto step = [&](int64_t gg, int64_t qt, auto fast_tag, auto logits_tag) {
+    constexpr bool FAST = decltype(fast_tag)::value, LOGITS = decltype(logits_tag)::value;
+    const int64_t it = gg * nq + qt, h = hk * G + gg, i0 = qt * 64;
+    pipeline_advance([&](int64_t t) {
+      const bool next_head = qt + 1 == nq;
+      stage(next_head ? gg + 1 : gg, next_head ? 0 : qt + 1, static_cast<int>(t & 1));
+    }, it, ntot);
     const int buf = static_cast<int>(it & 1);
-    const int64_t gg = it / nq, qt = it - gg * nq, h = hk * G + gg, i0 = qt * 64;
     const T* Qt = Qs + buf * 64 * LD;
     const T* Qtt = Qts + buf * 64 * LD;
     const T* Ktt = Kts + (gg & 1) * 64 * LD + warp * 16 * LD;
-    const float* rv = rowv + buf * kQKRowVals * 64;
+    const QKRow* rv = rowv + buf * 64;
+    // Dense target at (query i0 + 2 t4, key jrow[rr]) of head h (keys past N: never read).
+    const TE* tq[2] = {nullptr, nullptr};
+    if constexpr (!IMPL) {
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr)
+        tq[rr] = static_cast<const TE*>(p.target.ptr) + b * p.target.s[0] + h * p.target.s[1] +
+                 (i0 + 2 * t4) * ts2 + (jrow[rr] < p.N ? jrow[rr] : 0) * p.target.s[3];
+    }
 #pragma unroll
     for (int half = 0; half < 64 / QH; ++half) {
-      float s[NH][4], u[NH][4];
-      zero_acc(s);
-      zero_acc(u);
-      mma_abt<T, DP, LD, NH>(s, Ks + warp * 16 * LD, Qt + half * QH * LD, lane);         // S^T: keys x queries
-      if (p.implicit) mma_abt<T, DP, LD, NH>(u, Ktt, Qtt + half * QH * LD, lane);         // U^T
       // Element (nt, e): key jrow[e / 2], query i0 + c with c = half * QH + nt * 8 + 2 t4 + e % 2.
+      float s[NH][4], u[NH][4];
+      if constexpr (!IMPL) {
+        for_each_acc<NH>(lane, [&](int nt, int e, int rr, int cc) {
+          const bool in = FAST || (i0 + half * QH + cc < p.M && jrow[rr] < p.N);
+          u[nt][e] = in ? to_float(tq[rr][(half * QH + nt * 8 + (e & 1)) * ts2]) : 0.0f;
+        });
+      }
+      zero_acc(s);
+      mma_abt<T, DP, LD, NH>(s, Ks + warp * 16 * LD, Qt + half * QH * LD, lane);  // S^T: keys x queries
+      if constexpr (IMPL) {
+        zero_acc(u);
+        mma_abt<T, DP, LD, NH>(u, Ktt, Qtt + half * QH * LD, lane);  // U^T
+      }
       for_each_acc<NH>(lane, [&](int nt, int e, int rr, int cc) {
         const int c = half * QH + cc;
-        const QKElem el = qk_element(p, b, h, i0 + c, jrow[rr], s[nt][e] * s_scale, u[nt][e]);
-        s[nt][e] = kl_dscore(prob_of(el.s2, rv[c], rv[64 + c]), el.tg, el.keep, get_kl_row(rv + 2 * 64, 64, c),
-                             t_scale, logits);
+        const float ds = qk_dscore<LOGITS>(s[nt][e], u[nt][e], rv[c], as, au);
+        bool keep = true;
+        if constexpr (!FAST) {
+          const int64_t i = i0 + c, j = jrow[rr];
+          keep = i < p.M && j < p.N &&
+                 (!has_mask || mask_keeps(p, b * p.key_mask.s[0] + h * p.key_mask.s[1] + i * p.key_mask.s[2], j));
+        }
+        s[nt][e] = keep ? ds : 0.0f;
       });
       mma_xb<T, DP, LD, NH>(dk, s, Qt + half * QH * LD, lane);  // dK += dS^T Q
     }
     __syncthreads();  // the buffers are free for the stage two tiles ahead
-  }
+  };
+  // Per head: its full query tiles (FAST when the block is) and the rest; each loop its own SASS loop.
+  auto run = [&](auto logits_tag) {
+    if (ntot > 0) stage(0, 0, 0);
+    const int64_t nqf = fast_block ? nq_full : 0;
+    for (int64_t gg = 0; gg < G; ++gg) {
+      for (int64_t qt = 0; qt < nqf; ++qt) step(gg, qt, std::true_type{}, logits_tag);
+      for (int64_t qt = nqf; qt < nq; ++qt) step(gg, qt, std::false_type{}, logits_tag);
+    }
+  };
+  if (logits) run(std::true_type{});
+  else if constexpr (!IMPL) run(std::false_type{});
   cp_async_wait<0>();  // the K group when no query tile ran
   store_acc_rows(p.dk, dk, b, hk, n0 + warp * 16, p.N, p.D, s_scale, lane);
 }
@@ -571,20 +756,20 @@ const char* launch_qk_tc(Kernel kernel, int64_t grid, size_t smem, cudaStream_t 
   return check_launch();
 }
 
-template <typename T, int DP>
+template <typename T, int DP, typename TT>
 const char* kl_qk_forward_tc(const KLParams& p, cudaStream_t stream) {
   const int64_t nmb = (p.M + 63) / 64;
-  return launch_qk_tc(kl_qk_fwd_tc_kernel<T, DP>, p.B * p.H * nmb, qk_tc_smem<DP>(false, p.implicit, sizeof(T)),
+  return launch_qk_tc(kl_qk_fwd_tc_kernel<T, DP, TT>, p.B * p.H * nmb, qk_tc_smem<DP>(false, p.implicit, sizeof(T)),
                       stream, p, nmb);
 }
 
-template <typename T, int DP>
+template <typename T, int DP, typename TT>
 const char* kl_qk_backward_tc(const KLParams& p, cudaStream_t stream) {
   const int64_t nmb = (p.M + 63) / 64, nnb = (p.N + 63) / 64;
-  if (const char* e = launch_qk_tc(kl_qk_dq_tc_kernel<T, DP>, p.B * p.H * nmb,
+  if (const char* e = launch_qk_tc(kl_qk_dq_tc_kernel<T, DP, TT>, p.B * p.H * nmb,
                                    qk_tc_smem<DP>(false, p.implicit, sizeof(T)), stream, p, nmb))
     return e;
-  return launch_qk_tc(kl_qk_dk_tc_kernel<T, DP>, p.B * p.Hkv * nnb, qk_tc_smem<DP>(true, p.implicit, sizeof(T)),
+  return launch_qk_tc(kl_qk_dk_tc_kernel<T, DP, TT>, p.B * p.Hkv * nnb, qk_tc_smem<DP>(true, p.implicit, sizeof(T)),
                       stream, p, nnb);
 }
 
@@ -613,22 +798,33 @@ static size_t qk_smem_bytes(const KLParams& p) {
   return sizeof(float) * (kBM * p.D + kBN * (p.D + 1) + (p.implicit ? kBM * p.Dt + kBN * (p.Dt + 1) : 0));
 }
 
+// The tensor-core kernels take an implicit teacher of q's dtype, or a dense target of q's dtype or
+// float32 (one kernel per target type: no dtype switch per element); other targets (float64, the
+// other b16 type) stay on the CUDA-core kernels.
 bool kl_qk_tc_applies(const KLParams& p) {
   const int32_t dt = p.q.dtype;
   return (dt == kBF16 || dt == kF16) && p.k.dtype == dt && p.D <= 128 &&
-         (!p.implicit || (p.q_t.dtype == dt && p.k_t.dtype == dt && p.Dt <= 128));
+         (p.key_mask.ptr == nullptr || p.key_mask.dtype == kBool) &&
+         (p.implicit ? (p.q_t.dtype == dt && p.k_t.dtype == dt && p.Dt <= 128)
+                     : (p.target.dtype == dt || p.target.dtype == kF32));
 }
 
-// Runs tc_launch(TypeTag<T>, DP) for the tensor-core kernels (kl_qk_tc_applies).
+// Runs tc_launch(TypeTag<T>, DP, TypeTag<TT>) for the tensor-core kernels (kl_qk_tc_applies); TT:
+// void for an implicit teacher, else the dense target's element type.
 template <typename Launch>
 static const char* with_qk_tc_config(const KLParams& p, Launch tc_launch) {
-  return tc::with_b16_and_head_dim(p.q.dtype, p.implicit && p.Dt > p.D ? p.Dt : p.D, tc_launch);
+  return tc::with_b16_and_head_dim(p.q.dtype, p.implicit && p.Dt > p.D ? p.Dt : p.D, [&](auto t, auto dp) {
+    if (p.implicit) return tc_launch(t, dp, tc::TypeTag<void>{});
+    if (p.target.dtype == kF32) return tc_launch(t, dp, tc::TypeTag<float>{});
+    return tc_launch(t, dp, t);
+  });
 }
 
 const char* kl_qk_forward(const KLParams& p, void* stream_) {
   if (kl_qk_tc_applies(p)) {  // bf16 / fp16, head dims up to 128: tensor cores
-    return with_qk_tc_config(p, [&](auto t, auto dp) {
-      return tc::kl_qk_forward_tc<typename decltype(t)::type, decltype(dp)::value>(p, static_cast<cudaStream_t>(stream_));
+    return with_qk_tc_config(p, [&](auto t, auto dp, auto tt) {
+      return tc::kl_qk_forward_tc<typename decltype(t)::type, decltype(dp)::value, typename decltype(tt)::type>(
+          p, static_cast<cudaStream_t>(stream_));
     });
   }
   const int64_t nmb = (p.M + kBM - 1) / kBM;
@@ -643,8 +839,9 @@ const char* kl_qk_forward(const KLParams& p, void* stream_) {
 const char* kl_qk_backward(const KLParams& p, void* stream_) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_);
   if (kl_qk_tc_applies(p)) {
-    return with_qk_tc_config(p, [&](auto t, auto dp) {
-      return tc::kl_qk_backward_tc<typename decltype(t)::type, decltype(dp)::value>(p, stream);
+    return with_qk_tc_config(p, [&](auto t, auto dp, auto tt) {
+      return tc::kl_qk_backward_tc<typename decltype(t)::type, decltype(dp)::value, typename decltype(tt)::type>(
+          p, stream);
     });
   }
   const int64_t nmb = (p.M + kBM - 1) / kBM;

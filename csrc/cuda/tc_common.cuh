@@ -33,6 +33,11 @@ struct B16<__half> {
   static constexpr int32_t code = kF16;
 };
 
+// One element as float, the conversion fixed by the type.
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
 #ifdef LFI_CUDA_EMULATE
 
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) { ::lfi_emu::ldmatrix_x4(r, p, false); }
@@ -59,6 +64,8 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 
 // ex2.approx.ftz.f32 on the device; the host's polynomial here (relative error < 2e-7).
 __device__ __forceinline__ float ex2(float x) { return fast_exp2(x); }
+// lg2.approx.ftz.f32 on the device.
+__device__ __forceinline__ float lg2(float x) { return std::log2(x); }
 
 #else  // CUDA
 
@@ -126,6 +133,13 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
 __device__ __forceinline__ float ex2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Base-2 logarithm, one MUFU.LG2 (absolute error ~2^-22 near 1; subnormal inputs flush to 0: -inf).
+__device__ __forceinline__ float lg2(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
 

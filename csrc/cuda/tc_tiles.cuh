@@ -110,15 +110,17 @@ __device__ __forceinline__ void stage_tile(T* dst, const RowSource<T>& src, int6
   else stage_rows<T, ROWS, DP, LD>(dst, src, row0, limit, D);
 }
 
-// Stages key tile `tile` (rows 64 tile ..) of K and, when Vs is not null, V into buffer tile & 1
-// of the double buffers Ks / Vs (64 x LD each), and commits the group.
+// Stages key tile `tile` (rows 64 tile ..) of K and, when with_v, V into buffer tile & 1 of the
+// double buffers Ks / Vs (64 x LD each), and commits the group. (A flag, not a null Vs: the
+// compiler cannot prove a shared-memory pointer non-null, and the test cost the fast loops a
+// 64-bit compare and a branch per tile.)
 template <typename T, int DP, int LD>
 __device__ __forceinline__ void stage_kv(T* Ks, T* Vs, const RowSource<T>& ksrc, const RowSource<T>& vsrc,
-                                         int64_t tile, bool full, int64_t N, int D, int Dv) {
+                                         int64_t tile, bool full, bool with_v, int64_t N, int D, int Dv) {
   const int64_t j0 = tile * 64;
   const int off = static_cast<int>(tile & 1) * 64 * LD;  // 32-bit: no 64-bit multiply per stage
   stage_tile<T, 64, DP, LD>(Ks + off, ksrc, j0, N, D, full);
-  if (Vs != nullptr) stage_tile<T, 64, DP, LD>(Vs + off, vsrc, j0, N, Dv, full);
+  if (with_v) stage_tile<T, 64, DP, LD>(Vs + off, vsrc, j0, N, Dv, full);
   cp_async_commit();
 }
 

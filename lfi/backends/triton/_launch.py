@@ -84,15 +84,17 @@ def _broadcast_strides(t, shape):
     return tuple(t.expand(shape).stride()) if t is not None else (0,) * len(shape)
 
 
-def _precision(dtype: torch.dtype) -> str:
+def _precision(dtype: torch.dtype, split_by_hand: bool = False) -> str:
     """tl.dot input precision of float32 inputs (16-bit inputs ignore it): TF32 tensor cores when
     torch.backends.cuda.matmul.allow_tf32, else 3xTF32 (each operand split into two TF32 parts,
     three tensor-core products: error within a few float32 ulps, where CUDA-core FMA tiles spill
-    registers at every tile size worth running); plain float32 under the CPU interpreter."""
+    registers at every tile size worth running): Triton's "tf32x3", or with split_by_hand "3xtf32",
+    the kernels' own split (kernels/interaction_attention.py `_dot`, fewer instructions in the
+    attention kernels); plain float32 under the CPU interpreter."""
     if INTERPRET:
         return "ieee"
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "tf32x3"
+        return "3xtf32" if split_by_hand else "tf32x3"
     return "tf32"
 
 

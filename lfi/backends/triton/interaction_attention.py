@@ -48,15 +48,20 @@ _FEATURES = ["M_BUCKET", "N_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS
 # (benchmarks/kernel_report.py, sm_90): none of the 16-bit configs at head dims <= 128 spills
 # registers, all use wgmma, and the order follows the SASS instructions per score element.
 # Head-dim class: the larger of the q/k and v head-dim blocks (64: <= 64, 128, 256). dtype class:
-# "16" (float16/bfloat16), "tf32" and "tf32x3" (float32, see _launch._precision). maps: the forward
+# "16" (float16/bfloat16), "tf32" and "3xtf32" (float32, see _launch._precision). maps: the forward
 # writes maps (None: either). Feature class: the feature that needs the most registers ("kl": fused
 # KL; "mask": a 2-D mask tile or a mask gradient; "gqa": several query heads per kv head in dK/dV;
 # "ragged": a maps forward whose N is not a multiple of 16 (Triton compiles such calls apart, integer
 # arguments being specialized on divisibility by 16, and there the pipelined 128x128 tile spills 24 B:
 # N = 197, 577, 1000 measured), or a dK/dV with map gradients and M or N not a multiple of 16, or
 # with several query heads per kv head (its 64-row tiles spill 12-120 B there); "": none of those).
-# dK/dV tiles are BLOCK_M queries x BLOCK_N keys. Float32 without TF32 (3xTF32 products): every dK/dV and
-# dQ tile measured spills (at least 668 B and 92 B, 8 tiles each), so their lists hold the fastest.
+# dK/dV tiles are BLOCK_M queries x BLOCK_N keys. Float32 without TF32 (3xTF32 products, resident tiles
+# reloaded per tile, see the kernels): at D <= 64 no candidate spills without features, with maps, a
+# key-padding mask or the ViT shape ("dw": a dK/dV with map gradients, whose 32-row tile spills 24-80 B;
+# "causal": a causal dQ, 4-24 B at 128x32); dK/dV with causal / GQA / fused KL, and dQ with a float
+# mask's gradient, spill at every tile measured (4-528 B); at D = 128 every tile spills (>= 368 B), so
+# the generic lists stand there. TF32 with the fused KL: 128x64 and 64x64 forward tiles spill 16-88 B
+# without maps, the dQ 64x64 w4 tile 108 B.
 # A data table, one row per key: rows alike by design (not code to fold into a function).
 _TABLE = {
     ("fwd", 64, "16", False, ""): configs_from("128x128x8x2 128x64x8x3 64x64x4x2"),
@@ -72,6 +77,7 @@ _TABLE = {
     ("fwd", 64, "tf32", False, ""): configs_from("128x64x8x3 64x64x4x2"),
     ("fwd", 64, "tf32", True, ""): configs_from("128x64x8x3 64x16x4x2"),
     ("fwd", 64, "tf32", True, "ragged"): configs_from("128x32x8x2 64x16x4x2"),
+    ("fwd", 64, "tf32", None, "kl"): configs_from("128x32x8x2 64x16x4x2"),
     ("fwd", None, None, None, ""): configs_from("128x32x8x2 64x16x4x2"),
     ("preprocess", None, None, None, ""): configs_from("64x64x4x2 128x64x8x2"),
     ("dkdv", 64, "16", None, ""): configs_from("64x64x4x2 64x128x8x2"),
@@ -84,18 +90,26 @@ _TABLE = {
     ("dkdv", 128, "16", None, "kl"): configs_from("32x128x8x2 16x128x8x2"),
     ("dkdv", 64, "tf32", None, ""): configs_from("32x128x8x2 32x64x4x2"),
     ("dkdv", None, None, None, ""): configs_from("32x64x8x2"),
-    ("dkdv", 64, "tf32x3", None, ""): configs_from("32x128x8x2 32x64x4x2"),
+    ("dkdv", 64, "3xtf32", None, ""): configs_from("32x128x8x2"),
+    ("dkdv", 64, "3xtf32", None, "dw"): configs_from("16x128x8x1"),
+    ("dq", 64, "3xtf32", None, ""): configs_from("128x32x8x1 128x32x8x2"),
+    ("dq", 64, "3xtf32", None, "causal"): configs_from("64x16x4x2"),
     ("dq", 64, "16", None, ""): configs_from("64x64x4x3 128x64x8x2"),
     ("dq", 128, "16", None, ""): configs_from("128x64x8x2 64x64x4x2"),
     ("dq", 64, "16", None, "mask"): configs_from("64x64x4x3 128x64x8x2"),
     ("dq", 128, "16", None, "mask"): configs_from("128x32x8x2"),
     ("dq", 128, "16", None, "kl"): configs_from("128x64x8x2"),
     ("dq", 64, "tf32", None, ""): configs_from("128x64x8x2 64x64x4x2"),
+    ("dq", 64, "tf32", None, "kl"): configs_from("128x64x8x2"),
     ("dq", None, None, None, ""): configs_from("128x32x8x2 64x16x4x2"),
 }
 
 
 def _feature_class(kernel: str, named) -> str:
+    if kernel == "dkdv" and named.get("HAS_DW") and named.get("PRECISION") == "3xtf32":
+        return "dw"
+    if kernel == "dq" and named.get("IS_CAUSAL") and named.get("PRECISION") == "3xtf32":
+        return "causal"
     ragged = named.get("M", 0) % 16 or named.get("N", 0) % 16
     if kernel == "dkdv" and named.get("HAS_DW") and (ragged or named.get("GROUP", 1) > 1):
         return "ragged"
@@ -189,7 +203,7 @@ def _common(q, k, v, mask, scale, is_causal):
         # a mask that does not vary along the query rows (key padding) is read as one vector per block
         KEY_MASK=mask is not None and mask_strides[2] == 0,
         FLOAT_MASK=mask is not None and not mask_bool, Q_SIGN=q_sign,
-        DOT_FP32=INTERPRET and q.dtype == torch.bfloat16, PRECISION=_precision(q.dtype),
+        DOT_FP32=INTERPRET and q.dtype == torch.bfloat16, PRECISION=_precision(q.dtype, split_by_hand=True),
     )
     return mask_arg, mask_strides, (qk_scale, qk_scale * LOG2E), constexprs
 
