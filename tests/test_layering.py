@@ -208,3 +208,35 @@ def test_lazy_names_report_unknown_attributes():
     for pkg in (lfi, lfi.train):
         with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
             pkg.no_such_name
+
+
+def _import_kernels_from_root(extra_path: Path | None) -> str:
+    """`import kernels` in a Python started in the repository root (root on sys.path, as `python -m`
+    puts it), with extra_path on PYTHONPATH; returns what it imported."""
+    import os
+
+    env = dict(os.environ, PYTHONPATH=str(extra_path) if extra_path else "")
+    code = "import kernels; print(kernels.__file__, getattr(kernels, 'INTERPRET', None) is not None)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip()
+
+
+def test_the_kernels_folder_does_not_shadow_an_installed_kernels_package(tmp_path):
+    """kernels/ is importable as the top-level `kernels` from the repository root, a name PyPI's
+    `kernels` (Hugging Face's, imported by transformers >= 5.25) also has: when such a package is
+    installed, `import kernels` there gets it, not the Triton kernels (transformers failed to import
+    under `python -m pytest` otherwise); without one, the folder imports as before."""
+    other = tmp_path / "site"
+    (other / "kernels").mkdir(parents=True)
+    (other / "kernels" / "__init__.py").write_text("CUDAProperties = object\n")
+    got = _import_kernels_from_root(other)
+    assert got == f"{other / 'kernels' / '__init__.py'} False", got
+    alone = tmp_path / "empty"
+    alone.mkdir()
+    own = _import_kernels_from_root(alone)
+    if not own.startswith(str(ROOT / "kernels")):  # a `kernels` distribution is installed in this environment
+        assert "/site-packages/" in own and own.endswith(" False"), own
+    else:
+        assert own == f"{ROOT / 'kernels' / '__init__.py'} True", own
