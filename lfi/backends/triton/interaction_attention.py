@@ -58,8 +58,9 @@ _FEATURES = ["M_BUCKET", "N_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS
 # dK/dV tiles are BLOCK_M queries x BLOCK_N keys. Float32 without TF32 (3xTF32 products, resident tiles
 # reloaded per tile, see the kernels): at D <= 64 no candidate spills without features, with maps, a
 # key-padding mask or the ViT shape ("dw": a dK/dV with map gradients, whose 32-row tile spills 24-80 B;
-# "causal": a causal dQ, 4-24 B at 128x32); dK/dV with causal / GQA / fused KL, and dQ with a float
-# mask's gradient, spill at every tile measured (4-528 B); at D = 128 every tile spills (>= 368 B), so
+# "causal": a causal dQ, 4-24 B at 128x32; the fused KL's dK/dV at 16x128 s1, 76 B at 32x128); dK/dV
+# with causal / GQA (or maps and the KL), and dQ with a float mask's gradient, spill at every tile
+# measured (8-528 B); at D = 128 every tile spills (>= 368 B), so
 # the generic lists stand there. TF32 with the fused KL: 128x64 and 64x64 forward tiles spill 16-88 B
 # without maps, the dQ 64x64 w4 tile 108 B.
 # A data table, one row per key: rows alike by design (not code to fold into a function).
@@ -92,6 +93,7 @@ _TABLE = {
     ("dkdv", None, None, None, ""): configs_from("32x64x8x2"),
     ("dkdv", 64, "3xtf32", None, ""): configs_from("32x128x8x2"),
     ("dkdv", 64, "3xtf32", None, "dw"): configs_from("16x128x8x1"),
+    ("dkdv", 64, "3xtf32", None, "kl"): configs_from("16x128x8x1"),
     ("dq", 64, "3xtf32", None, ""): configs_from("128x32x8x1 128x32x8x2"),
     ("dq", 64, "3xtf32", None, "causal"): configs_from("64x16x4x2"),
     ("dq", 64, "16", None, ""): configs_from("64x64x4x3 128x64x8x2"),
