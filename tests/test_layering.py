@@ -13,6 +13,7 @@ layer are checked the same way against the console script (and each other where 
 from __future__ import annotations
 
 import ast
+import os
 import re
 import subprocess
 import sys
@@ -213,8 +214,6 @@ def test_lazy_names_report_unknown_attributes():
 def _import_kernels_from_root(extra_path: Path | None) -> str:
     """`import kernels` in a Python started in the repository root (root on sys.path, as `python -m`
     puts it), with extra_path on PYTHONPATH; returns what it imported."""
-    import os
-
     env = dict(os.environ, PYTHONPATH=str(extra_path) if extra_path else "")
     code = "import kernels; print(kernels.__file__, getattr(kernels, 'INTERPRET', None) is not None)"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,

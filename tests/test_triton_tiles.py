@@ -240,7 +240,7 @@ def test_config_tables():
         assert len({_shape(c) for c in configs}) == len(configs)
         for named in (_named(), _named(torch.float16, 128), _named(torch.float32, 64), _named(D=256)):
             kept = pick(kernel, dict(named))
-            assert 1 <= len(kept) <= 6
+            assert 1 <= len(kept) <= 3  # candidates compiled per call (RESULTS.md: at most 3)
             resident, streamed = ("N", "M") if kernel == "dkdv" else ("M", "N")
             assert all(launcher._smem_bytes(c, named, resident, streamed) <= launcher.smem_limit(None)
                        for c in kept)
