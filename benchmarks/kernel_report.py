@@ -196,11 +196,11 @@ def ragged_cases():
 
 
 def full_attention_cases():
-    """The full report's interaction_attention grid (61 cases): bf16, fp16, fp32 (tf32) x D = 64 /
-    128 / 80 x maps off/on; the float32 cases (allow_tf32 = False, fused KL, float32 KL target);
-    every feature (and feature with maps) at bf16 D = 64 and D = 128; the features alone at fp16
-    D = 64; the ViT and cross-attention shapes."""
-    return (base_cases(("bf16", "fp16", "fp32"), (64, 128, 80)) + fp32_cases()
+    """The full report's interaction_attention grid (89 cases): bf16, fp16, fp32 (tf32) x D = 64 /
+    128 / 80 x maps off/on; the float32 cases (fused KL, float32 KL target); float32 without TF32 with
+    every feature at D = 64 and 128 (exact_fp32_cases); every feature (and feature with maps) at bf16
+    D = 64 and D = 128; the features alone at fp16 D = 64; the ViT and cross-attention shapes."""
+    return (base_cases(("bf16", "fp16", "fp32"), (64, 128, 80)) + fp32_cases()[6:] + exact_fp32_cases()
             + feature_cases("bf16", 64) + feature_cases("bf16", 128) + feature_cases("fp16", 64, with_maps=False)
             + shape_cases() + ragged_cases()[1:])
 
@@ -219,12 +219,28 @@ def kl_cases(dtypes=("bf16", "fp16", "fp32"), dims=(64, 128)):
 
 
 def fp32_cases():
-    """float32 at D = 64: without TF32 (3xTF32 products), maps off and on; the fused KL (TF32), maps
-    off and on; and a bf16 call whose KL target is float32 (the usual CLIP teacher). The KL forward
-    did not compile before with a float32 target (Triton's thread-locality pass)."""
+    """float32 at D = 64: without TF32 (3xTF32 products), maps off and on, and with one feature each
+    (maps with causal, GQA, a float mask's gradient; the fused KL without maps); the fused KL (TF32),
+    maps off and on; and a bf16 call whose KL target is float32 (the usual CLIP teacher). The KL
+    forward did not compile before with a float32 target (Triton's thread-locality pass)."""
     return (base_cases(("fp32/no_tf32",), (64,))
+            + [_attention_case("fp32", 64, maps, f + ("tf32_off",))
+               for f, maps in ((("causal",), True), (("gqa",), True), (("float_mask", "mask_grad"), True),
+                               (("kl",), False))]
             + [_attention_case("fp32", 64, m, ("kl",)) for m in (False, True)]
             + [_attention_case("bf16", 64, True, ("kl", "fp32_target"))])
+
+
+def exact_fp32_cases():
+    """Float32 without TF32 (the 3xTF32 kernels) at D = 64 and 128: maps off and on, each feature
+    alone, and with maps where LFI uses it, at the ViT shape with maps, and the ragged-size case."""
+    cases = []
+    for d in (64, 128):
+        cases += base_cases(("fp32/no_tf32",), (d,))
+        cases += [_attention_case("fp32", d, False, f + ("tf32_off",)) for f in FEATURES]
+        cases += [_attention_case("fp32", d, True, f + ("tf32_off",)) for f in FEATURES_WITH_MAPS]
+        cases.append(_attention_case("fp32", d, True, ("vit197", "tf32_off"), M=197, N=197))
+    return cases
 
 
 def ci_cases():
@@ -1203,6 +1219,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="bf16/fp16, D = 64/128, sm_90, the attention op's stages")
     p.add_argument("--ci", action="store_true", help="the CI test's set: sm_90, one config per kernel and case, "
                                                      "plus a spill-detection probe")
+    p.add_argument("--exact", action="store_true", help="float32 without TF32 (3xTF32) with every feature, D = 64 "
+                                                        "and 128, sm_90, candidates")
     p.add_argument("--json", help="write the records to this file")
     p.add_argument("--md", help="write the markdown here (default: stdout)")
     p.add_argument("--targets", default=None, help="comma list of sm_80, sm_90 (default both; sm_90 with --quick/--ci)")
@@ -1233,6 +1251,8 @@ def main(argv=None):
         cases, targets, configs, grid = ci_cases(), ["sm_90"], "default", [ci_cases]
     elif args.quick:
         cases, targets, configs, grid = quick_cases(), ["sm_90"], "all", [quick_cases]
+    elif args.exact:
+        cases, targets, configs, grid = exact_fp32_cases(), ["sm_90"], "candidates", [exact_fp32_cases]
     else:
         cases, targets, configs = full_attention_cases() + kl_cases(), ["sm_80", "sm_90"], "all"
         grid = [full_attention_cases, kl_cases]

@@ -47,11 +47,13 @@ MAPS_SOME_ROWS = tl.constexpr(1)
 MAPS_ALL_ROWS = tl.constexpr(2)
 # lg2.approx (inline PTX) when compiled; the interpreter cannot run inline assembly.
 FAST_LOG2 = tl.constexpr(not INTERPRET)
-# Float32 without TF32 (PRECISION "3xtf32", see _dot): the backward kernels reload their resident
-# tiles (K, V in dK/dV; Q, dO in dQ) for every tile instead of keeping them across the loop. Each
-# tensor-core product needs a high and a low TF32 part of its operand in the mma operand layout, where
-# a warp holds every row of its warp-row: kept across the loop, the four split tiles alone took ~256
-# registers per thread and every tile spilled (>= 668 B dK/dV, >= 92 B dQ); reloaded, they are L1/L2 hits.
+# Float32 without TF32 (PRECISION "3xtf32", see _dot_parts): every product is three TF32 products of
+# high and low parts. The parts of Q, K, V and dO are split once by tf32_split_kernel (the launcher
+# puts each tensor's low part LO elements after its high part, so `ptrs + LO` reads it); only the
+# computed P and dS are split in the kernels (_parts). Split operands straight from a load are what lets sm_90 read
+# the resident tiles (K, V in dK/dV; Q, dO in dQ; Q forward) from shared memory in its warpgroup
+# products: split in registers, a warp held every row of its warp-row in both parts (~256 registers
+# for dK/dV's four, spilling at every tile once causal, GQA or D = 128).
 
 
 @triton.jit
@@ -107,22 +109,48 @@ def _tf32_parts(x):
 
 
 @triton.jit
+def tf32_split_kernel(X, PARTS, n, LO, BLOCK: tl.constexpr):
+    """PARTS[i] = hi and PARTS[i + LO] = lo of X[i] (_tf32_parts) for i < n; X contiguous float32."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    hi, lo = _tf32_parts(tl.load(X + offs, mask=ok))
+    tl.store(PARTS + offs, hi, mask=ok)
+    tl.store(PARTS + LO + offs, lo, mask=ok)
+
+
+@triton.jit
 def _dot(a, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b with tl.dot's input precision PRECISION (float32 operands; 16-bit ones ignore it)."""
     # The CPU interpreter multiplies raw bf16 bits in tl.dot, so it gets float32 operands.
     if DOT_FP32:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _dot_parts(a, a_lo, b, b_lo, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b. With PRECISION "3xtf32", a and b are exact TF32 high parts and a_lo, b_lo their
+    low parts (from _parts or tf32_split_kernel): hi*lo + lo*hi + hi*hi on TF32 tensor cores, each
+    product exact, within a few float32 ulps of a @ b. Otherwise a_lo and b_lo are not read."""
     if PRECISION == "3xtf32":
-        # 3xTF32 by hand (the launchers' "3xtf32"): in the attention kernels Triton's own "tf32x3" costs
-        # more SASS per score (dK/dV 32x128 w8 2.69 vs 1.71, dQ 128x64 w8 1.45 vs 0.99, both then spilling).
-        a_hi, a_lo = _tf32_parts(a)
-        b_hi, b_lo = _tf32_parts(b)
-        acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
-        acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32")
-        acc = tl.dot(a_hi, b_hi, acc, input_precision="tf32")
+        # In the attention kernels Triton's own "tf32x3" costs more SASS per score (dK/dV 32x128 w8
+        # 2.69 vs 1.71, dQ 128x64 w8 1.45 vs 0.99, measured with the parts split in registers).
+        acc = tl.dot(a, b_lo, acc, input_precision="tf32")
+        acc = tl.dot(a_lo, b, acc, input_precision="tf32")
+        acc = tl.dot(a, b, acc, input_precision="tf32")
     else:
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = _dot(a, b, acc, DOT_FP32, PRECISION)
     return acc
+
+
+@triton.jit
+def _parts(x, PRECISION: tl.constexpr):
+    """(hi, lo) of a computed float32 operand with PRECISION "3xtf32" (see _tf32_parts), else (x, x)."""
+    if PRECISION == "3xtf32":
+        return _tf32_parts(x)
+    else:
+        return x, x
 
 
 @triton.jit
@@ -139,6 +167,18 @@ def _load_tile(ptrs, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.co
         else:
             x = tl.load(ptrs)
     return x
+
+
+@triton.jit
+def _load_operand(ptrs, LO, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """(x, x_lo): a product's operand tile (_load_tile) and, with PRECISION "3xtf32", its low part LO
+    elements further on (see tf32_split_kernel); else (x, x)."""
+    x = _load_tile(ptrs, row_ok, col_ok, CHECK_ROWS, CHECK_COLS)
+    if PRECISION == "3xtf32":
+        return x, _load_tile(ptrs + LO, row_ok, col_ok, CHECK_ROWS, CHECK_COLS)
+    else:
+        return x, x
 
 
 @triton.jit
@@ -244,7 +284,7 @@ def _ones_column(BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tile(q, start_n, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_base, offs_m, row_ok, w_rows,
+def _fwd_tile(q, q_lo, LO, start_n, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_base, offs_m, row_ok, w_rows,
               m_i, l_i, acc, kl_a, kl_b, kl_z, row_a, row_b,
               stride_kn, stride_vn, stride_mn, stride_tn, stride_wn, N, qk_scale, qk_scale2,
               PASS: tl.constexpr, EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -260,13 +300,13 @@ def _fwd_tile(q, start_n, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_b
     offs_d = tl.arange(0, BLOCK_D)
     key_ok = offs_n < N
     # Block base (scalar) + loop-invariant tile offsets: the addresses cost one add per iteration.
-    k_t = _load_tile(k_base + start_n * stride_kn + k_offs,
-                     offs_d < HEAD_DIM, key_ok, BLOCK_D != HEAD_DIM, EDGE)
+    k_t, k_t_lo = _load_operand(k_base + start_n * stride_kn + k_offs, LO,
+                                offs_d < HEAD_DIM, key_ok, BLOCK_D != HEAD_DIM, EDGE, PRECISION)
     if KEY_MASK:
         mask_ptrs = mask_base + offs_n * stride_mn
     else:
         mask_ptrs = mask_base + offs_n[None, :] * stride_mn
-    s = _dot(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION)
+    s = _dot_parts(q, q_lo, k_t, k_t_lo, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION)
     s = _mask_scores(s, mask_ptrs, offs_m, offs_n, row_ok, key_ok, qk_scale,
                      EDGE, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK)
     if PASS == MAPS:
@@ -276,10 +316,10 @@ def _fwd_tile(q, start_n, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_b
         else:
             tl.store(w_base + offs_n[None, :] * stride_wn, p, mask=w_rows[:, None])
         offs_dv = tl.arange(0, BLOCK_DV)
-        v = _load_tile(v_base + start_n * stride_vn + v_offs,
-                       key_ok, offs_dv < HEAD_DIM_V,
-                       EDGE, BLOCK_DV != HEAD_DIM_V)
-        acc = _dot(p.to(v.dtype), v, acc, DOT_FP32, PRECISION)
+        v, v_lo = _load_operand(v_base + start_n * stride_vn + v_offs, LO,
+                                key_ok, offs_dv < HEAD_DIM_V, EDGE, BLOCK_DV != HEAD_DIM_V, PRECISION)
+        p_hi, p_lo = _parts(p.to(v.dtype), PRECISION)
+        acc = _dot_parts(p_hi, p_lo, v, v_lo, acc, DOT_FP32, PRECISION)
     else:
         if FLOAT_MASK:
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -312,17 +352,17 @@ def _fwd_tile(q, start_n, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_b
             kl_z = kl_z + tl.sum(t, 1)
         if PASS == ONLINE:
             offs_dv = tl.arange(0, BLOCK_DV)
-            v = _load_tile(v_base + start_n * stride_vn + v_offs,
-                       key_ok, offs_dv < HEAD_DIM_V,
-                           EDGE, BLOCK_DV != HEAD_DIM_V)
+            v, v_lo = _load_operand(v_base + start_n * stride_vn + v_offs, LO,
+                                    key_ok, offs_dv < HEAD_DIM_V, EDGE, BLOCK_DV != HEAD_DIM_V, PRECISION)
             acc = acc * alpha[:, None]
-            acc = _dot(p.to(v.dtype), v, acc, DOT_FP32, PRECISION)
+            p_hi, p_lo = _parts(p.to(v.dtype), PRECISION)
+            acc = _dot_parts(p_hi, p_lo, v, v_lo, acc, DOT_FP32, PRECISION)
         m_i = m_new
     return m_i, l_i, acc, kl_a, kl_b, kl_z
 
 
 @triton.jit
-def _fwd_pass(q, row_lo, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_base, offs_m, row_ok, w_rows,
+def _fwd_pass(q, q_lo, LO, row_lo, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_base, offs_m, row_ok, w_rows,
               m_i, l_i, acc, kl_a, kl_b, kl_z, row_a, row_b,
               stride_kn, stride_vn, stride_mn, stride_tn, stride_wn, N, qk_scale, qk_scale2,
               PASS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
@@ -339,7 +379,7 @@ def _fwd_pass(q, row_lo, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_ba
         main_end = (N // BLOCK_N) * BLOCK_N
     for start_n in range(0, main_end, BLOCK_N):
         m_i, l_i, acc, kl_a, kl_b, kl_z = _fwd_tile(
-            q, start_n, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_base, offs_m, row_ok, w_rows,
+            q, q_lo, LO, start_n, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_base, offs_m, row_ok, w_rows,
             m_i, l_i, acc, kl_a, kl_b, kl_z, row_a, row_b,
             stride_kn, stride_vn, stride_mn, stride_tn, stride_wn, N, qk_scale, qk_scale2,
             PASS, False, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_KL, ROWSUM_MMA,
@@ -349,7 +389,7 @@ def _fwd_pass(q, row_lo, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_ba
         start_n = main_end + i * BLOCK_N
         if start_n < hi:
             m_i, l_i, acc, kl_a, kl_b, kl_z = _fwd_tile(
-                q, start_n, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_base, offs_m, row_ok, w_rows,
+                q, q_lo, LO, start_n, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_base, offs_m, row_ok, w_rows,
                 m_i, l_i, acc, kl_a, kl_b, kl_z, row_a, row_b,
                 stride_kn, stride_vn, stride_mn, stride_tn, stride_wn, N, qk_scale, qk_scale2,
                 PASS, True, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_KL, ROWSUM_MMA,
@@ -367,7 +407,7 @@ def attention_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_wb, stride_wh, stride_wm, stride_wn,
     stride_tb, stride_th, stride_tm, stride_tn,
-    H, GROUP, M, N, qk_scale, qk_scale2, w_start, w_stop, M_BUCKET, N_BUCKET,
+    H, GROUP, M, N, qk_scale, qk_scale2, w_start, w_stop, M_BUCKET, N_BUCKET, LO,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, KEY_MASK: tl.constexpr,
     FLOAT_MASK: tl.constexpr, HAS_KL: tl.constexpr, WRITE_MAPS: tl.constexpr, Q_SIGN: tl.constexpr,
@@ -385,7 +425,8 @@ def attention_fwd_kernel(
     the target mass into TNORM (B, H, M), T (B, H, M, N) being target probabilities read through
     strides (restricted to the attended keys and renormalised there).
     The last dim of Q, K, V, OUT and the key dim of T are contiguous (the launcher ensures it).
-    M_BUCKET and N_BUCKET only key the autotuner.
+    M_BUCKET and N_BUCKET only key the autotuner. LO: with PRECISION "3xtf32", Q, K and V are TF32
+    high parts whose low parts lie LO elements further on (see _dot_parts).
     """
     pid_m, pid_bh, b, h, offs_m, row_ok = _row_block(M, H, BLOCK_M)
     hk = h // GROUP
@@ -393,9 +434,11 @@ def attention_fwd_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     row_lo = pid_m * BLOCK_M
 
-    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                   row_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+    q, q_lo = _load_operand(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+                            + offs_d[None, :] * stride_qd, LO, row_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM,
+                            PRECISION)
     q = _signed(q, Q_SIGN)
+    q_lo = _signed(q_lo, Q_SIGN)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     arange_n = tl.arange(0, BLOCK_N)
@@ -425,7 +468,7 @@ def attention_fwd_kernel(
         # 16-bit inputs: the stats pass sums rows on the tensor cores (see _ones_column).
         ROWSUM_MMA: tl.constexpr = Q.dtype.element_ty != tl.float32
         m_i, l_i, l_acc, kl_a, kl_b, kl_z = _fwd_pass(
-            q, row_lo, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_base, offs_m, row_ok, w_rows,
+            q, q_lo, LO, row_lo, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_base, offs_m, row_ok, w_rows,
             m_i, l_i, tl.zeros([BLOCK_M, 16], dtype=tl.float32), kl_a, kl_b, kl_z, m_i, l_i,
             stride_kn, stride_vn, stride_mn, stride_tn, stride_wn, N, qk_scale, qk_scale2,
             STATS_ONLY, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_KL, ROWSUM_MMA,
@@ -441,7 +484,7 @@ def attention_fwd_kernel(
             row_a = tl.where(empty, 0.0, m_i) + log2_l
             row_b = log2_l
         m_i, l_i, acc, kl_a, kl_b, kl_z = _fwd_pass(
-            q, row_lo, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_base, offs_m, row_ok, w_rows,
+            q, q_lo, LO, row_lo, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_base, offs_m, row_ok, w_rows,
             m_i, l_i, acc, kl_a, kl_b, kl_z, row_a, row_b,
             stride_kn, stride_vn, stride_mn, stride_tn, stride_wn, N, qk_scale, qk_scale2,
             MAPS, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_KL, False,
@@ -458,7 +501,7 @@ def attention_fwd_kernel(
         out = acc
     else:
         m_i, l_i, acc, kl_a, kl_b, kl_z = _fwd_pass(
-            q, row_lo, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_base, offs_m, row_ok, w_rows,
+            q, q_lo, LO, row_lo, k_base, v_base, k_offs, v_offs, mask_base, t_base, w_base, offs_m, row_ok, w_rows,
             m_i, l_i, acc, kl_a, kl_b, kl_z, m_i, l_i,
             stride_kn, stride_vn, stride_mn, stride_tn, stride_wn, N, qk_scale, qk_scale2,
             ONLINE, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_KL, False,
@@ -505,7 +548,7 @@ def attention_fwd_kernel(
 
 
 @triton.jit
-def _delta_tile(q, start_n, k_base, k_offs, mask_base, g_base, offs_m, row_ok, w_rows, row_a, row_b, delta,
+def _delta_tile(q, q_lo, LO, start_n, k_base, k_offs, mask_base, g_base, offs_m, row_ok, w_rows, row_a, row_b, delta,
                 stride_kn, stride_mn, stride_gn, N, qk_scale, qk_scale2,
                 EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
                 KEY_MASK: tl.constexpr, FLOAT_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -514,13 +557,13 @@ def _delta_tile(q, start_n, k_base, k_offs, mask_base, g_base, offs_m, row_ok, w
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     key_ok = offs_n < N
-    k_t = _load_tile(k_base + start_n * stride_kn + k_offs, offs_d < HEAD_DIM, key_ok,
-                     BLOCK_D != HEAD_DIM, EDGE)
+    k_t, k_t_lo = _load_operand(k_base + start_n * stride_kn + k_offs, LO, offs_d < HEAD_DIM, key_ok,
+                                BLOCK_D != HEAD_DIM, EDGE, PRECISION)
     if KEY_MASK:
         mask_ptrs = mask_base + offs_n * stride_mn
     else:
         mask_ptrs = mask_base + offs_n[None, :] * stride_mn
-    s = _dot(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION)
+    s = _dot_parts(q, q_lo, k_t, k_t_lo, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION)
     s = _mask_scores(s, mask_ptrs, offs_m, offs_n, row_ok, key_ok, qk_scale,
                      EDGE, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK)
     p = _probs(s, row_a[:, None], row_b[:, None], qk_scale2, FLOAT_MASK)
@@ -537,14 +580,15 @@ def attention_bwd_preprocess_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_gb, stride_gh, stride_gm, stride_gn,
-    H, GROUP, M, N, qk_scale, qk_scale2, w_start, w_stop, M_BUCKET, N_BUCKET,
+    H, GROUP, M, N, qk_scale, qk_scale2, w_start, w_stop, M_BUCKET, N_BUCKET, LO,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, KEY_MASK: tl.constexpr,
     FLOAT_MASK: tl.constexpr, HAS_DW: tl.constexpr, Q_SIGN: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """DELTA (B, H, M) float32 = rowsum(dO * O) + rowsum(P * G), G = dL/dW on the map rows."""
+    """DELTA (B, H, M) float32 = rowsum(dO * O) + rowsum(P * G), G = dL/dW on the map rows. LO: see
+    attention_fwd_kernel (Q and K only; DOUT is read as given)."""
     pid_m, pid_bh, b, h, offs_m, row_ok = _row_block(M, H, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < HEAD_DIM_V
@@ -559,9 +603,11 @@ def attention_bwd_preprocess_kernel(
         if (row_lo < w_stop) & (row_lo + BLOCK_M > w_start):
             hk = h // GROUP
             offs_d = tl.arange(0, BLOCK_D)
-            q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
-                           + offs_d[None, :] * stride_qd, row_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+            q, q_lo = _load_operand(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+                                    + offs_d[None, :] * stride_qd, LO, row_ok, offs_d < HEAD_DIM, True,
+                                    BLOCK_D != HEAD_DIM, PRECISION)
             q = _signed(q, Q_SIGN)
+            q_lo = _signed(q_lo, Q_SIGN)
             row_a, row_b = _row_offsets(STATS, rows, row_ok, FLOAT_MASK)
             k_base = K + b * stride_kb + hk * stride_kh
             k_offs = offs_d[:, None] * stride_kd + tl.arange(0, BLOCK_N)[None, :] * stride_kn
@@ -578,22 +624,22 @@ def attention_bwd_preprocess_kernel(
                 hi = N
                 main_end = (N // BLOCK_N) * BLOCK_N
             for start_n in range(0, main_end, BLOCK_N):
-                delta = _delta_tile(q, start_n, k_base, k_offs, mask_base, g_base, offs_m, row_ok, w_rows, row_a, row_b,
-                                    delta, stride_kn, stride_mn, stride_gn, N, qk_scale, qk_scale2,
+                delta = _delta_tile(q, q_lo, LO, start_n, k_base, k_offs, mask_base, g_base, offs_m, row_ok, w_rows,
+                                    row_a, row_b, delta, stride_kn, stride_mn, stride_gn, N, qk_scale, qk_scale2,
                                     False, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HEAD_DIM, BLOCK_D,
                                     DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
             for i in tl.static_range((BLOCK_M + BLOCK_N - 1) // BLOCK_N if IS_CAUSAL else 1):
                 start_n = main_end + i * BLOCK_N
                 if start_n < hi:
-                    delta = _delta_tile(q, start_n, k_base, k_offs, mask_base, g_base, offs_m, row_ok, w_rows, row_a,
-                                        row_b, delta, stride_kn, stride_mn, stride_gn, N, qk_scale, qk_scale2,
-                                        True, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HEAD_DIM,
-                                        BLOCK_D, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
+                    delta = _delta_tile(q, q_lo, LO, start_n, k_base, k_offs, mask_base, g_base, offs_m, row_ok,
+                                        w_rows, row_a, row_b, delta, stride_kn, stride_mn, stride_gn, N, qk_scale,
+                                        qk_scale2, True, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK,
+                                        HEAD_DIM, BLOCK_D, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
     tl.store(DELTA + rows, delta, mask=row_ok)
 
 
 @triton.jit
-def _dkdv_tile(k, v, dk, dv, start_m, k_ptrs, v_ptrs, q_base, q_offs, do_base, do_offs, dq_base, dq_offs, mask_base,
+def _dkdv_tile(k, k_lo, v, v_lo, LO, dk, dv, start_m, q_base, q_offs, do_base, do_offs, dq_base, dq_offs, mask_base,
                g_base, t_base, STATS, DELTA, TNORM, gkl_base, row_stats, offs_n, key_ok, key_mask_vals,
                stride_qm, stride_dom, stride_dqm, stride_mm, stride_gm, stride_tm, stride_gklm,
                M, scale, qk_scale, qk_scale2, w_start, w_stop,
@@ -605,18 +651,16 @@ def _dkdv_tile(k, v, dk, dv, start_m, k_ptrs, v_ptrs, q_base, q_offs, do_base, d
     """One query block of the dK/dV loop, computed transposed (keys along rows) so that no
     computed tile is transposed: S^T = K Q^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q. With
     DQ_ATOMIC, also dQ += scale dS K, added atomically into the float32 accumulator at dq_base.
-    k, v: the key block's tiles, or with PRECISION "3xtf32" reloaded here from k_ptrs, v_ptrs."""
+    k, v (k_lo, v_lo): the key block's tiles (and low parts, see _dot_parts)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < M
-    if PRECISION == "3xtf32":
-        k = _load_tile(k_ptrs, key_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM)
-        v = _load_tile(v_ptrs, key_ok, offs_dv < HEAD_DIM_V, True, BLOCK_DV != HEAD_DIM_V)
-    q_t = _load_tile(q_base + start_m * stride_qm + q_offs, offs_d < HEAD_DIM, row_ok,
-                     BLOCK_D != HEAD_DIM, EDGE)
+    q_t, q_t_lo = _load_operand(q_base + start_m * stride_qm + q_offs, LO, offs_d < HEAD_DIM, row_ok,
+                                BLOCK_D != HEAD_DIM, EDGE, PRECISION)
     q_t = _signed(q_t, Q_SIGN)
-    s_t = _dot(k, q_t, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_FP32, PRECISION)
+    q_t_lo = _signed(q_t_lo, Q_SIGN)
+    s_t = _dot_parts(k, k_lo, q_t, q_t_lo, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_FP32, PRECISION)
     if HAS_MASK:
         if KEY_MASK:
             s_t = _apply_mask(s_t, key_mask_vals[:, None], qk_scale, MASK_BOOL)
@@ -645,10 +689,12 @@ def _dkdv_tile(k, v, dk, dv, start_m, k_ptrs, v_ptrs, q_base, q_offs, do_base, d
         p_t = _probs(s_t, m[None, :], (log_l * LOG2E)[None, :], qk_scale2, FLOAT_MASK)
     else:
         p_t = _probs(s_t, ((m + log_l) * LOG2E)[None, :], m[None, :], qk_scale2, FLOAT_MASK)
-    do = _load_tile(do_base + start_m * stride_dom + do_offs, row_ok, offs_dv < HEAD_DIM_V,
-                    EDGE, BLOCK_DV != HEAD_DIM_V)
-    dv = _dot(p_t.to(do.dtype), do, dv, DOT_FP32, PRECISION)
-    dp_t = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_FP32, PRECISION)
+    do, do_lo = _load_operand(do_base + start_m * stride_dom + do_offs, LO, row_ok, offs_dv < HEAD_DIM_V,
+                              EDGE, BLOCK_DV != HEAD_DIM_V, PRECISION)
+    p_hi, p_lo = _parts(p_t.to(do.dtype), PRECISION)
+    dv = _dot_parts(p_hi, p_lo, do, do_lo, dv, DOT_FP32, PRECISION)
+    dp_t = _dot_parts(v, v_lo, tl.trans(do), tl.trans(do_lo), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32),
+                      DOT_FP32, PRECISION)
     if HAS_DW:
         w_rows = (offs_m >= w_start) & (offs_m < w_stop)
         g_t = tl.load(g_base + (offs_m - w_start)[None, :] * stride_gm,
@@ -665,10 +711,11 @@ def _dkdv_tile(k, v, dk, dv, start_m, k_ptrs, v_ptrs, q_base, q_offs, do_base, d
         inv_z = tl.where(has_mass, tl.exp(-tl.where(has_mass, tnorm, 0.0)), 0.0)
         grad_kl = tl.where(has_mass, grad_kl, 0.0)
         ds_t += grad_kl[None, :] * (p_t - t_t * inv_z[None, :])
-    ds_lo = ds_t.to(q_t.dtype)
-    dk = _dot(ds_lo, tl.trans(q_t), dk, DOT_FP32, PRECISION)
+    ds_hi, ds_lo = _parts(ds_t.to(q_t.dtype), PRECISION)
+    dk = _dot_parts(ds_hi, ds_lo, tl.trans(q_t), tl.trans(q_t_lo), dk, DOT_FP32, PRECISION)
     if DQ_ATOMIC:
-        dq = _dot(tl.trans(ds_lo), k, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), DOT_FP32, PRECISION)
+        dq = _dot_parts(tl.trans(ds_hi), tl.trans(ds_lo), k, k_lo, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32),
+                        DOT_FP32, PRECISION)
         dq_ptrs = dq_base + start_m * stride_dqm + dq_offs
         if EDGE:
             tl.atomic_add(dq_ptrs, dq * scale, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], sem="relaxed")
@@ -691,7 +738,7 @@ def attention_bwd_dkdv_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_tb, stride_th, stride_tm, stride_tn,
     stride_gklb, stride_gklh, stride_gklm,
-    H, HKV, GROUP, M, N, scale, qk_scale, qk_scale2, w_start, w_stop, M_BUCKET, N_BUCKET,
+    H, HKV, GROUP, M, N, scale, qk_scale, qk_scale2, w_start, w_stop, M_BUCKET, N_BUCKET, LO,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, KEY_MASK: tl.constexpr,
     FLOAT_MASK: tl.constexpr, HAS_DW: tl.constexpr, HAS_KL: tl.constexpr, DQ_ATOMIC: tl.constexpr,
@@ -701,17 +748,19 @@ def attention_bwd_dkdv_kernel(
     """One program per (key block, b, kv head): dV = sum P^T dO and dK = |scale| sum dS^T Q over the
     GROUP query heads sharing the kv head, so dK and dV need no atomics. With DQ_ATOMIC the same
     tiles also add scale * dS K into DQ_ACC (B, H, M, D) float32 (zeroed by the launcher), and the
-    dQ kernel is not run."""
+    dQ kernel is not run. LO: see attention_fwd_kernel (Q, K, V and DOUT)."""
     pid_n, b, hk = _key_block(N, HKV, BLOCK_N)
     n_lo = pid_n * BLOCK_N
     offs_n = n_lo + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     key_ok = offs_n < N
-    k_ptrs = K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-    k = _load_tile(k_ptrs, key_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM)
-    v = _load_tile(v_ptrs, key_ok, offs_dv < HEAD_DIM_V, True, BLOCK_DV != HEAD_DIM_V)
+    k, k_lo = _load_operand(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn
+                            + offs_d[None, :] * stride_kd, LO, key_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM,
+                            PRECISION)
+    v, v_lo = _load_operand(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn
+                            + offs_dv[None, :] * stride_vd, LO, key_ok, offs_dv < HEAD_DIM_V, True,
+                            BLOCK_DV != HEAD_DIM_V, PRECISION)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
@@ -748,7 +797,7 @@ def attention_bwd_dkdv_kernel(
                 start_m = diag_lo + i * BLOCK_M
                 if start_m < M:
                     dk, dv = _dkdv_tile(
-                        k, v, dk, dv, start_m, k_ptrs, v_ptrs, q_base, q_offs, do_base, do_offs, dq_base, dq_offs,
+                        k, k_lo, v, v_lo, LO, dk, dv, start_m, q_base, q_offs, do_base, do_offs, dq_base, dq_offs,
                         mask_base, g_base, t_base, STATS, DELTA, TNORM,
                         gkl_base, row_stats, offs_n, key_ok, key_mask_vals,
                         stride_qm, stride_dom, stride_dqm, stride_mm, stride_gm, stride_tm, stride_gklm,
@@ -757,7 +806,7 @@ def attention_bwd_dkdv_kernel(
                         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
         for start_m in range(main_lo, main_hi, BLOCK_M):
             dk, dv = _dkdv_tile(
-                k, v, dk, dv, start_m, k_ptrs, v_ptrs, q_base, q_offs, do_base, do_offs, dq_base, dq_offs, mask_base,
+                k, k_lo, v, v_lo, LO, dk, dv, start_m, q_base, q_offs, do_base, do_offs, dq_base, dq_offs, mask_base,
                 g_base, t_base, STATS, DELTA, TNORM,
                 gkl_base, row_stats, offs_n, key_ok, key_mask_vals,
                 stride_qm, stride_dom, stride_dqm, stride_mm, stride_gm, stride_tm, stride_gklm,
@@ -766,7 +815,7 @@ def attention_bwd_dkdv_kernel(
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
         if main_hi < M:  # the ragged last query block
             dk, dv = _dkdv_tile(
-                k, v, dk, dv, main_hi, k_ptrs, v_ptrs, q_base, q_offs, do_base, do_offs, dq_base, dq_offs, mask_base,
+                k, k_lo, v, v_lo, LO, dk, dv, main_hi, q_base, q_offs, do_base, do_offs, dq_base, dq_offs, mask_base,
                 g_base, t_base, STATS, DELTA, TNORM,
                 gkl_base, row_stats, offs_n, key_ok, key_mask_vals,
                 stride_qm, stride_dom, stride_dqm, stride_mm, stride_gm, stride_tm, stride_gklm,
@@ -780,7 +829,7 @@ def attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tile(q, do, dq, start_n, q_ptrs, do_ptrs, k_base, v_base, k_offs, v_offs, mask_base, g_base, t_base, ds_base,
+def _dq_tile(q, q_lo, do, do_lo, LO, dq, start_n, k_base, v_base, k_offs, v_offs, mask_base, g_base, t_base, ds_base,
              offs_m, row_ok, w_rows, row_a, row_b, delta, inv_z, grad_kl, stride_kn, stride_vn, stride_mn, stride_gn,
              stride_tn, N, qk_scale, qk_scale2,
              EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
@@ -788,29 +837,27 @@ def _dq_tile(q, do, dq, start_n, q_ptrs, do_ptrs, k_base, v_base, k_offs, v_offs
              WRITE_DS: tl.constexpr, Q_SIGN: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One key block of the dQ loop: each K tile is loaded once and read both ways. q (signed), do:
-    the row block's tiles, or with PRECISION "3xtf32" reloaded here from q_ptrs, do_ptrs."""
+    """One key block of the dQ loop: each K tile is loaded once and read both ways. q (signed), do
+    (q_lo, do_lo): the row block's tiles (and low parts, see _dot_parts)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     key_ok = offs_n < N
-    if PRECISION == "3xtf32":
-        q = _signed(_load_tile(q_ptrs, row_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM), Q_SIGN)
-        do = _load_tile(do_ptrs, row_ok, offs_dv < HEAD_DIM_V, True, BLOCK_DV != HEAD_DIM_V)
-    k = _load_tile(k_base + start_n * stride_kn + k_offs, key_ok, offs_d < HEAD_DIM,
-                   EDGE, BLOCK_D != HEAD_DIM)
-    v = _load_tile(v_base + start_n * stride_vn + v_offs,
-                       key_ok, offs_dv < HEAD_DIM_V,
-                   EDGE, BLOCK_DV != HEAD_DIM_V)
+    k, k_lo = _load_operand(k_base + start_n * stride_kn + k_offs, LO, key_ok, offs_d < HEAD_DIM,
+                            EDGE, BLOCK_D != HEAD_DIM, PRECISION)
+    v, v_lo = _load_operand(v_base + start_n * stride_vn + v_offs, LO, key_ok, offs_dv < HEAD_DIM_V,
+                            EDGE, BLOCK_DV != HEAD_DIM_V, PRECISION)
     if KEY_MASK:
         mask_ptrs = mask_base + offs_n * stride_mn
     else:
         mask_ptrs = mask_base + offs_n[None, :] * stride_mn
-    s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION)
+    s = _dot_parts(q, q_lo, tl.trans(k), tl.trans(k_lo), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
+                   DOT_FP32, PRECISION)
     s = _mask_scores(s, mask_ptrs, offs_m, offs_n, row_ok, key_ok, qk_scale,
                      EDGE, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK)
     p = _probs(s, row_a[:, None], row_b[:, None], qk_scale2, FLOAT_MASK)
-    dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION)
+    dp = _dot_parts(do, do_lo, tl.trans(v), tl.trans(v_lo), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
+                    DOT_FP32, PRECISION)
     if HAS_DW:
         dp += _load_tile(g_base + offs_n[None, :] * stride_gn, w_rows, key_ok, True, EDGE).to(tl.float32)
     ds = p * (dp - delta[:, None])
@@ -822,7 +869,8 @@ def _dq_tile(q, do, dq, start_n, q_ptrs, do_ptrs, k_base, v_base, k_offs, v_offs
             tl.store(ds_base + offs_n[None, :], ds, mask=row_ok[:, None] & key_ok[None, :])
         else:
             tl.store(ds_base + offs_n[None, :], ds, mask=row_ok[:, None])
-    return _dot(ds.to(k.dtype), k, dq, DOT_FP32, PRECISION)
+    ds_hi, ds_lo = _parts(ds.to(k.dtype), PRECISION)
+    return _dot_parts(ds_hi, ds_lo, k, k_lo, dq, DOT_FP32, PRECISION)
 
 
 # The kernels' parameter lists repeat one another's (a pointer and four strides per tensor). The KL
@@ -840,7 +888,7 @@ def attention_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_tb, stride_th, stride_tm, stride_tn,
     stride_gklb, stride_gklh, stride_gklm,
-    H, GROUP, M, N, scale, qk_scale, qk_scale2, w_start, w_stop, M_BUCKET, N_BUCKET,
+    H, GROUP, M, N, scale, qk_scale, qk_scale2, w_start, w_stop, M_BUCKET, N_BUCKET, LO,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, KEY_MASK: tl.constexpr,
     FLOAT_MASK: tl.constexpr, HAS_DW: tl.constexpr, HAS_KL: tl.constexpr, WRITE_DS: tl.constexpr,
@@ -850,16 +898,21 @@ def attention_bwd_dq_kernel(
     """One program per (row block, b, h): dQ = scale * dS K (dS including the fused KL's
     grad_kl * (P - T / Z) when HAS_KL). With WRITE_DS, also stores dS into the float32 buffer DS
     (B, H, M, cdiv(N, 16) * 16), contiguous, columns past N unwritten (the gradient of an additive
-    mask: an N-element row stride made the dS stores scalar and the tile spill at N = 197)."""
+    mask: an N-element row stride made the dS stores scalar and the tile spill at N = 197). LO: see
+    attention_fwd_kernel (Q, K, V and DOUT)."""
     pid_m, pid_bh, b, h, offs_m, row_ok = _row_block(M, H, BLOCK_M)
     hk = h // GROUP
     row_lo = pid_m * BLOCK_M
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    do_ptrs = DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod
-    q = _signed(_load_tile(q_ptrs, row_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM), Q_SIGN)
-    do = _load_tile(do_ptrs, row_ok, offs_dv < HEAD_DIM_V, True, BLOCK_DV != HEAD_DIM_V)
+    q, q_lo = _load_operand(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+                            + offs_d[None, :] * stride_qd, LO, row_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM,
+                            PRECISION)
+    q = _signed(q, Q_SIGN)
+    q_lo = _signed(q_lo, Q_SIGN)
+    do, do_lo = _load_operand(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                              + offs_dv[None, :] * stride_dod, LO, row_ok, offs_dv < HEAD_DIM_V, True,
+                              BLOCK_DV != HEAD_DIM_V, PRECISION)
     rows = pid_bh.to(tl.int64) * M + offs_m
     row_a, row_b = _row_offsets(STATS, rows, row_ok, FLOAT_MASK)
     delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
@@ -896,7 +949,7 @@ def attention_bwd_dq_kernel(
         hi = N
         main_end = (N // BLOCK_N) * BLOCK_N
     for start_n in range(0, main_end, BLOCK_N):
-        dq = _dq_tile(q, do, dq, start_n, q_ptrs, do_ptrs, k_base, v_base, k_offs, v_offs, mask_base, g_base, t_base,
+        dq = _dq_tile(q, q_lo, do, do_lo, LO, dq, start_n, k_base, v_base, k_offs, v_offs, mask_base, g_base, t_base,
                       ds_base, offs_m, row_ok, w_rows, row_a, row_b, delta, inv_z, grad_kl, stride_kn, stride_vn,
                       stride_mn, stride_gn, stride_tn, N, qk_scale, qk_scale2,
                       False, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_DW, HAS_KL, WRITE_DS, Q_SIGN,
@@ -904,7 +957,7 @@ def attention_bwd_dq_kernel(
     for i in tl.static_range((BLOCK_M + BLOCK_N - 1) // BLOCK_N if IS_CAUSAL else 1):
         start_n = main_end + i * BLOCK_N
         if start_n < hi:
-            dq = _dq_tile(q, do, dq, start_n, q_ptrs, do_ptrs, k_base, v_base, k_offs, v_offs, mask_base, g_base,
+            dq = _dq_tile(q, q_lo, do, do_lo, LO, dq, start_n, k_base, v_base, k_offs, v_offs, mask_base, g_base,
                           t_base, ds_base, offs_m, row_ok, w_rows, row_a, row_b, delta, inv_z, grad_kl, stride_kn,
                           stride_vn, stride_mn, stride_gn, stride_tn, N, qk_scale, qk_scale2,
                           True, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_DW, HAS_KL, WRITE_DS, Q_SIGN,

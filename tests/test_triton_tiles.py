@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 from helpers import BACKENDS
 from helpers import DEVICE
@@ -23,7 +21,6 @@ from helpers import float_mask
 from helpers import make_gen
 from helpers import make_qkv
 from helpers import run_and_compare
-from lfi.kernels.interaction_attention import _tf32_parts
 
 pytestmark = pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton backend is not usable here")
 
@@ -134,28 +131,35 @@ def test_atomic_dq(case, tile, monkeypatch):
     _run_case(case, tile)
 
 
-@triton.jit
-def _tf32_parts_kernel(X, HI, LO, BLOCK: tl.constexpr):
-    offs = tl.arange(0, BLOCK)
-    hi, lo = _tf32_parts(tl.load(X + offs))
-    tl.store(HI + offs, hi)
-    tl.store(LO + offs, lo)
-
-
 SPLIT_TF32_CASES = [c for c in CASES if c["id"] in ("causal_tall", "ragged_maps_window", "key_padding_float_rows",
                                                  "float_mask_dead_rows", "gqa_causal", "negative_scale")]
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="interpreter tile shapes are a CPU (TRITON_INTERPRET) test")
 def test_tf32_parts():
-    """_tf32_parts: both parts exact in TF32 (low 13 mantissa bits clear), rounded to nearest, their sum
-    within 2^-22 of x; inf and NaN kept."""
+    """The launcher's split of exact-float32 operands (_operands -> tf32_split_kernel -> _tf32_parts):
+    both parts exact in TF32 (low 13 mantissa bits clear), rounded to nearest, their sum within 2^-22
+    of x; inf and NaN kept; each tensor's high part a contiguous view, its low part LO elements on,
+    64-byte aligned."""
+    from lfi.backends.triton import interaction_attention as launcher
+
     gen = make_gen("tf32_parts")
     x = torch.randn(4096, generator=gen) * torch.exp2(torch.randint(-60, 60, (4096,), generator=gen).float())
     x[:4] = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0])
     x[4:6] = torch.tensor([1.0 + 2.0**-11, -(1.0 + 3 * 2.0**-11)])  # ties: away from zero
-    hi, lo = torch.empty_like(x), torch.empty_like(x)
-    _tf32_parts_kernel[(1,)](x, hi, lo, BLOCK=x.numel())
+    other = torch.randn(3, 5, 7, generator=gen).transpose(0, 2)  # strided, 105 elements: a ragged block
+    highs = launcher._operands({"PRECISION": "3xtf32"}, other, x)
+    lo_offset = highs[-1]
+    assert lo_offset == 112 + 4096 and all(h.is_contiguous() for h in highs[:2])
+    parts = highs[0].untyped_storage()
+    assert highs[1].data_ptr() - highs[0].data_ptr() == 112 * 4 and highs[0].data_ptr() % 64 == 0
+
+    def low(high):
+        return torch.empty(0).set_(parts, high.storage_offset() + lo_offset, high.shape, high.stride())
+
+    hi, lo = highs[1], low(highs[1])
+    torch.testing.assert_close(highs[0] + low(highs[0]), other, atol=0, rtol=2.0**-22)
+    assert highs[0].shape == other.shape
     for part in (hi, lo):
         assert not (part[6:].view(torch.int32) & 0x1FFF).any()
     assert hi[0] == float("inf") and hi[1] == -float("inf") and hi[2].isnan() and hi[3] == 0
@@ -168,10 +172,10 @@ def test_tf32_parts():
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="interpreter tile shapes are a CPU (TRITON_INTERPRET) test")
 @pytest.mark.parametrize("case", [pytest.param(c, id=c["id"]) for c in SPLIT_TF32_CASES])
 def test_3xtf32_path(case, monkeypatch, poisoned_empty):
-    """Float32 with allow_tf32 off compiles to 3xTF32 products split by the kernels (PRECISION
-    "3xtf32"), whose backward reloads its resident tiles per tile; the interpreter multiplies the TF32
+    """Float32 with allow_tf32 off compiles to 3xTF32 products (PRECISION "3xtf32"): Q, K, V and dO
+    split into TF32 parts by the launcher, P and dS by the kernels; the interpreter multiplies the TF32
     parts exactly, as tensor cores do, so this runs that code against the float64 reference at
-    float32 tolerances (a missing product or a wrong reload fails it)."""
+    float32 tolerances (a missing product or a low part read from the wrong place fails it)."""
     from lfi.backends.triton import _launch
     from lfi.backends.triton import interaction_attention as launcher
 
@@ -227,23 +231,43 @@ def test_config_tables():
     assert all(c.kwargs["BLOCK_M"] <= 64 for c in pick("fwd", _named(M=16)))
     # maps at D = 128: the no-spill list
     assert [_shape(c) for c in pick("fwd", _named(D=128, maps=2))] == [(64, 64, 4, 2), (128, 64, 8, 3)]
-    # exact float32 (3xTF32) falls back to the generic small tiles in the forward; its dK/dV with map
-    # gradients takes 16-row tiles (the 32-row one spills there, not without maps)
+    # exact float32 (3xTF32, both parts of each tile in shared memory): the no-spill lists of the report;
+    # dK/dV with causal, GQA, the fused KL, a 2-D mask or a mask with map gradients takes 16-row tiles
+    # (its 32-row tile spills there), with maps at the ViT shape the plain list
     exact = dict(dtype=torch.float32, precision="3xtf32")
-    assert all(c.kwargs["BLOCK_N"] <= 32 for c in pick("fwd", _named(**exact)))
-    assert [_shape(c) for c in pick("dkdv", _named(**exact))] == [(32, 128, 8, 2)]
-    assert [_shape(c) for c in pick("dkdv", _named(**exact, HAS_DW=True, M=197, N=197))] == [(16, 128, 8, 1)]
-    assert [_shape(c) for c in pick("dkdv", _named(HAS_DW=True, M=197, N=197))] == [(32, 128, 8, 2), (32, 64, 4, 2)]
+    assert [_shape(c) for c in pick("fwd", _named(**exact))] == [(128, 64, 8, 2), (128, 32, 8, 2)]
+    assert [_shape(c) for c in pick("fwd", _named(**exact, HAS_KL=True))] == [(64, 16, 4, 2)]
+    assert [_shape(c) for c in pick("dkdv", _named(**exact))] == [(32, 128, 8, 2), (16, 128, 8, 1)]
+    assert [_shape(c) for c in pick("dkdv", _named(**exact, HAS_DW=True, M=197, N=197))] == [(32, 128, 8, 2),
+                                                                                            (16, 128, 8, 1)]
+    for heavy in (dict(IS_CAUSAL=True), dict(GROUP=2, HAS_DW=True), dict(HAS_KL=True),
+                  dict(HAS_MASK=True, KEY_MASK=False), dict(HAS_MASK=True, KEY_MASK=True, HAS_DW=True)):
+        assert [_shape(c) for c in pick("dkdv", _named(**exact, **heavy))] == [(16, 128, 8, 1)], heavy
+    assert [_shape(c) for c in pick("dkdv", _named(**exact, HAS_MASK=True, KEY_MASK=True))][0] == (32, 128, 8, 2)
+    assert [_shape(c) for c in pick("dq", _named(**exact, IS_CAUSAL=True))] == [(128, 32, 8, 2)]
+    # at D = 128 one list per kernel, within sm_90's shared memory with both parts
+    assert [[_shape(c) for c in pick(kernel, _named(D=128, **exact))] for kernel in ("fwd", "dkdv", "dq")] == [
+        [(64, 16, 4, 2)], [(32, 64, 4, 1)], [(64, 16, 4, 1)]]
     for kernel in ("fwd", "preprocess", "dkdv", "dq"):
         configs = table_configs(launcher._TABLE, kernel)
-        assert 1 <= len(configs) <= 8  # distinct configs per kernel: fwd 6, dK/dV 8, dQ 6, preprocess 2
+        assert 1 <= len(configs) <= 9  # distinct configs per kernel: fwd 7, dK/dV 9, dQ 6, preprocess 2
         assert len({_shape(c) for c in configs}) == len(configs)
         for named in (_named(), _named(torch.float16, 128), _named(torch.float32, 64), _named(D=256)):
             kept = pick(kernel, dict(named))
             assert 1 <= len(kept) <= 3  # candidates compiled per call (RESULTS.md: at most 3)
-            resident, streamed = ("N", "M") if kernel == "dkdv" else ("M", "N")
-            assert all(launcher._smem_bytes(c, named, resident, streamed) <= launcher.smem_limit(None)
-                       for c in kept)
+            assert all(launcher._smem_bytes(kernel, c, named) <= launcher.smem_limit(None) for c in kept)
+
+
+def test_exact_float32_split_fits_shared_memory(monkeypatch):
+    """The launcher's own TF32 split keeps both parts of the resident tiles in shared memory: taken with
+    sm_90's shared memory up to head dim 128; otherwise Triton's in-register "tf32x3"."""
+    from lfi.backends.triton import interaction_attention as launcher
+
+    q = torch.empty(1, dtype=torch.float32, device="meta")
+    assert launcher._split_fits(q, 64, 64) and launcher._split_fits(q, 80, 128)
+    assert not launcher._split_fits(q, 256, 64) and not launcher._split_fits(q, 64, 160)
+    monkeypatch.setattr(launcher, "smem_limit", lambda device: 166912)
+    assert not launcher._split_fits(q, 64, 40)
 
 
 def test_ragged_sizes_take_their_own_configs():

@@ -89,8 +89,8 @@ def _precision(dtype: torch.dtype, split_by_hand: bool = False) -> str:
     torch.backends.cuda.matmul.allow_tf32, else 3xTF32 (each operand split into two TF32 parts,
     three tensor-core products: error within a few float32 ulps, where CUDA-core FMA tiles spill
     registers at every tile size worth running): Triton's "tf32x3", or with split_by_hand "3xtf32",
-    the kernels' own split (kernels/interaction_attention.py `_dot`, fewer instructions in the
-    attention kernels); plain float32 under the CPU interpreter."""
+    the attention op's own split (the launcher splits Q, K, V and dO once, the kernels P and dS; see
+    kernels/interaction_attention.py `_dot_parts`); plain float32 under the CPU interpreter."""
     if INTERPRET:
         return "ieee"
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:

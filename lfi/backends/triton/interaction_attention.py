@@ -22,6 +22,7 @@ import torch
 import triton
 
 from lfi.backends.triton._launch import (
+    SMEM_LIMIT_SM90,
     TunedKernel,
     _block,
     _broadcast_strides,
@@ -38,6 +39,9 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = math.log2(math.e)
 # Map rows are allocated with a row stride that is a multiple of this many elements.
 MAP_ROW_ALIGN = 16
+# Exact float32 (_operands): elements per program of the TF32 split, and the alignment of each part.
+SPLIT_BLOCK = 1024
+SPLIT_ALIGN = 16
 
 _FEATURES = ["M_BUCKET", "N_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS_MASK", "MASK_BOOL", "KEY_MASK",
              "PRECISION"]
@@ -55,14 +59,15 @@ _FEATURES = ["M_BUCKET", "N_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS
 # arguments being specialized on divisibility by 16, and there the pipelined 128x128 tile spills 24 B:
 # N = 197, 577, 1000 measured), or a dK/dV with map gradients and M or N not a multiple of 16, or
 # with several query heads per kv head (its 64-row tiles spill 12-120 B there); "": none of those).
-# dK/dV tiles are BLOCK_M queries x BLOCK_N keys. Float32 without TF32 (3xTF32 products, resident tiles
-# reloaded per tile, see the kernels): at D <= 64 no candidate spills without features, with maps, a
-# key-padding mask or the ViT shape ("dw": a dK/dV with map gradients, whose 32-row tile spills 24-80 B;
-# "causal": a causal dQ, 4-24 B at 128x32; the fused KL's dK/dV at 16x128 s1, 76 B at 32x128); dK/dV
-# with causal / GQA (or maps and the KL), and dQ with a float mask's gradient, spill at every tile
-# measured (8-528 B); at D = 128 every tile spills (>= 368 B), so
-# the generic lists stand there. TF32 with the fused KL: 128x64 and 64x64 forward tiles spill 16-88 B
-# without maps, the dQ 64x64 w4 tile 108 B.
+# dK/dV tiles are BLOCK_M queries x BLOCK_N keys. Float32 without TF32 on sm_90 ("3xtf32": split
+# operands, both parts of the resident tiles in shared memory, see the kernels): at D <= 64 no
+# candidate spills, with or without maps, for every feature ("heavy": a dK/dV with causal, GQA, the
+# fused KL, a 2-D mask or a mask with map gradients, whose 32-row tile spills 4-352 B and, with maps
+# and causal or GQA, the pipelined 16-row one 32-204 B; the fused KL's forward spills 20-240 B at
+# 128-row tiles). At D = 128 the lists hold the tiles that fit the shared memory with the fewest
+# spills: none in the forward and dQ without maps, 28-424 B with maps, and 700-2100 B in dK/dV, at
+# every tile measured (RESULTS.md). TF32 with the fused KL: 128x64 and 64x64
+# forward tiles spill 16-88 B without maps, the dQ 64x64 w4 tile 108 B.
 # A data table, one row per key: rows alike by design (not code to fold into a function).
 _TABLE = {
     ("fwd", 64, "16", False, ""): configs_from("128x128x8x2 128x64x8x3 64x64x4x2"),
@@ -79,6 +84,10 @@ _TABLE = {
     ("fwd", 64, "tf32", True, ""): configs_from("128x64x8x3 64x16x4x2"),
     ("fwd", 64, "tf32", True, "ragged"): configs_from("128x32x8x2 64x16x4x2"),
     ("fwd", 64, "tf32", None, "kl"): configs_from("128x32x8x2 64x16x4x2"),
+    ("fwd", 64, "3xtf32", None, ""): configs_from("128x64x8x2 128x32x8x2"),
+    ("fwd", 64, "3xtf32", None, "kl"): configs_from("64x16x4x2"),
+    ("fwd", 64, "3xtf32", None, "mask"): configs_from("128x32x8x2"),
+    ("fwd", 128, "3xtf32", None, ""): configs_from("64x16x4x2"),
     ("fwd", None, None, None, ""): configs_from("128x32x8x2 64x16x4x2"),
     ("preprocess", None, None, None, ""): configs_from("64x64x4x2 128x64x8x2"),
     ("dkdv", 64, "16", None, ""): configs_from("64x64x4x2 64x128x8x2"),
@@ -91,11 +100,11 @@ _TABLE = {
     ("dkdv", 128, "16", None, "kl"): configs_from("32x128x8x2 16x128x8x2"),
     ("dkdv", 64, "tf32", None, ""): configs_from("32x128x8x2 32x64x4x2"),
     ("dkdv", None, None, None, ""): configs_from("32x64x8x2"),
-    ("dkdv", 64, "3xtf32", None, ""): configs_from("32x128x8x2"),
-    ("dkdv", 64, "3xtf32", None, "dw"): configs_from("16x128x8x1"),
-    ("dkdv", 64, "3xtf32", None, "kl"): configs_from("16x128x8x1"),
-    ("dq", 64, "3xtf32", None, ""): configs_from("128x32x8x1 128x32x8x2"),
-    ("dq", 64, "3xtf32", None, "causal"): configs_from("64x16x4x2"),
+    ("dkdv", 64, "3xtf32", None, ""): configs_from("32x128x8x2 16x128x8x1"),
+    ("dkdv", 64, "3xtf32", None, "heavy"): configs_from("16x128x8x1"),
+    ("dkdv", 128, "3xtf32", None, ""): configs_from("32x64x4x1"),
+    ("dq", 64, "3xtf32", None, ""): configs_from("128x32x8x2"),
+    ("dq", 128, "3xtf32", None, ""): configs_from("64x16x4x1"),
     ("dq", 64, "16", None, ""): configs_from("64x64x4x3 128x64x8x2"),
     ("dq", 128, "16", None, ""): configs_from("128x64x8x2 64x64x4x2"),
     ("dq", 64, "16", None, "mask"): configs_from("64x64x4x3 128x64x8x2"),
@@ -108,10 +117,10 @@ _TABLE = {
 
 
 def _feature_class(kernel: str, named) -> str:
-    if kernel == "dkdv" and named.get("HAS_DW") and named.get("PRECISION") == "3xtf32":
-        return "dw"
-    if kernel == "dq" and named.get("IS_CAUSAL") and named.get("PRECISION") == "3xtf32":
-        return "causal"
+    if (kernel == "dkdv" and named.get("PRECISION") == "3xtf32"
+            and (named.get("IS_CAUSAL") or named.get("GROUP", 1) > 1 or named.get("HAS_KL")
+                 or named.get("HAS_MASK") and (not named.get("KEY_MASK") or named.get("HAS_DW")))):
+        return "heavy"
     ragged = named.get("M", 0) % 16 or named.get("N", 0) % 16
     if kernel == "dkdv" and named.get("HAS_DW") and (ragged or named.get("GROUP", 1) > 1):
         return "ragged"
@@ -148,38 +157,41 @@ def size_key(n: int) -> int:
     return bucket(n) - (1 if n % 16 else 0)
 
 
-def _smem_bytes(cfg, named, resident: str, streamed: str) -> int:
-    """Shared memory the kernel's pipelined tiles need (measured to match the report within a few
-    KB): the tiles kept for the whole program, num_stages copies of the streamed ones, and for the
-    maps forward the tile staged for the coalesced map stores."""
+def _smem_bytes(kernel: str, cfg, named) -> int:
+    """Shared memory the kernel's pipelined tiles need (the forward's exactly as the report measures,
+    the backward's within a few KB): the tiles kept for the whole program (the forward's Q; K and V
+    in dK/dV; Q and dO in dQ), num_stages copies of the streamed ones (K and V; Q and dO), and for the
+    maps forward the tile staged for the coalesced map stores. Exact float32 keeps both TF32 parts."""
     rows = {"M": cfg.kwargs["BLOCK_M"], "N": cfg.kwargs["BLOCK_N"]}
+    resident, streamed = ("N", "M") if kernel == "dkdv" else ("M", "N")
     width = named["BLOCK_D"] + named["BLOCK_DV"]
+    resident_width = named["BLOCK_D"] if kernel == "fwd" else width
     size = named["Q"].element_size()
-    smem = (rows[resident] * width + cfg.num_stages * rows[streamed] * width) * size
+    parts = 2 if named.get("PRECISION") == "3xtf32" else 1
+    smem = (rows[resident] * resident_width + cfg.num_stages * rows[streamed] * width) * size * parts
     if named.get("WRITE_MAPS", 0):
         smem += rows["M"] * rows["N"] * size
     return smem
 
 
-def _candidates(kernel: str, named, resident="M", streamed="N"):
+def _candidates(kernel: str, named):
     """The table's list for the call, without configs over the device's shared memory and, when
     there are at most 64 rows, without 128-row blocks (the M loop of row-block kernels)."""
     configs = _lookup(kernel, named)
     limit = smem_limit(named["Q"].device)
-    kept = [c for c in configs if _smem_bytes(c, named, resident, streamed) <= limit]
-    if resident == "M" and named["M_BUCKET"] <= 64:
+    kept = [c for c in configs if _smem_bytes(kernel, c, named) <= limit]
+    if kernel != "dkdv" and named["M_BUCKET"] <= 64:
         kept = [c for c in kept if c.kwargs["BLOCK_M"] <= 64] or kept
-    return kept or [min(configs, key=lambda c: _smem_bytes(c, named, resident, streamed))]
+    return kept or [min(configs, key=lambda c: _smem_bytes(kernel, c, named))]
 
 
-def _tuned(kernel_fn, kernel: str, key, resident="M", streamed="N"):
-    return TunedKernel.from_table(kernel_fn, _TABLE, kernel, _FEATURES + key,
-                                  partial(_candidates, kernel, resident=resident, streamed=streamed))
+def _tuned(kernel_fn, kernel: str, key):
+    return TunedKernel.from_table(kernel_fn, _TABLE, kernel, _FEATURES + key, partial(_candidates, kernel))
 
 
 _fwd = _tuned(K.attention_fwd_kernel, "fwd", ["HAS_KL", "WRITE_MAPS"])
 _preprocess = _tuned(K.attention_bwd_preprocess_kernel, "preprocess", ["HAS_DW"])
-_dkdv = _tuned(K.attention_bwd_dkdv_kernel, "dkdv", ["HAS_DW", "HAS_KL", "GROUP"], resident="N", streamed="M")
+_dkdv = _tuned(K.attention_bwd_dkdv_kernel, "dkdv", ["HAS_DW", "HAS_KL", "GROUP"])
 _dq = _tuned(K.attention_bwd_dq_kernel, "dq", ["HAS_DW", "HAS_KL", "WRITE_DS"])
 
 
@@ -205,9 +217,39 @@ def _common(q, k, v, mask, scale, is_causal):
         # a mask that does not vary along the query rows (key padding) is read as one vector per block
         KEY_MASK=mask is not None and mask_strides[2] == 0,
         FLOAT_MASK=mask is not None and not mask_bool, Q_SIGN=q_sign,
-        DOT_FP32=INTERPRET and q.dtype == torch.bfloat16, PRECISION=_precision(q.dtype, split_by_hand=True),
+        DOT_FP32=INTERPRET and q.dtype == torch.bfloat16,
+        PRECISION=_precision(q.dtype, split_by_hand=_split_fits(q, D, Dv)),
     )
     return mask_arg, mask_strides, (qk_scale, qk_scale * LOG2E), constexprs
+
+
+def _operands(constexprs, *tensors):
+    """The kernels' product operands and LO (see kernels/interaction_attention.py `_dot_parts`): the tensors
+    themselves and 0, or with PRECISION "3xtf32" their TF32 high parts, contiguous, in the first half
+    of one float32 buffer whose second half holds the low parts at the same places, LO elements on.
+    Costs two float32 copies of the tensors for the call; each part starts 64-byte aligned."""
+    if constexprs["PRECISION"] != "3xtf32":
+        return (*tensors, 0)
+    starts, lo = [], 0
+    for t in tensors:
+        starts.append(lo)
+        lo += triton.cdiv(t.numel(), SPLIT_ALIGN) * SPLIT_ALIGN
+    parts = torch.empty(2 * lo, dtype=torch.float32, device=tensors[0].device)
+    highs = []
+    for t, start in zip(tensors, starts):
+        n = t.numel()
+        if n:
+            K.tf32_split_kernel[(triton.cdiv(n, SPLIT_BLOCK),)](t.contiguous(), parts[start:], n, lo, BLOCK=SPLIT_BLOCK)
+        highs.append(parts[start:start + n].view(t.shape))
+    return (*highs, lo)
+
+
+def _split_fits(q, D: int, Dv: int) -> bool:
+    """Whether exact float32 takes the launcher's split ("3xtf32"): with sm_90's shared memory (where
+    the warpgroup products read both TF32 parts of the resident tiles from it; the config lists are
+    sm_90's) and head dims up to 128. Otherwise Triton's "tf32x3" splits the operands in registers
+    (see _launch._precision)."""
+    return max(_block(D), _block(Dv)) <= 128 and smem_limit(q.device) >= SMEM_LIMIT_SM90
 
 
 def _map_buffer(B, H, rows, N, dtype, device):
@@ -239,13 +281,14 @@ def attention_forward(q, k, v, mask, scale: float, is_causal: bool, w_start: int
     kl = tnorm = None
     if has_kl:
         kl, tnorm = (torch.empty(B, H, M, dtype=torch.float32, device=q.device) for _ in range(2))
+    q_op, k_op, v_op, lo = _operands(constexprs, q, k, v)
     _fwd(
         lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
-        q, k, v, mask_arg, out, stats, weights if write_maps else out,
+        q_op, k_op, v_op, mask_arg, out, stats, weights if write_maps else out,
         kl_target if has_kl else out, kl if has_kl else stats, tnorm if has_kl else stats,
-        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
+        *q_op.stride(), *k_op.stride(), *v_op.stride(), *mask_strides, *out.stride(),
         *_strides(weights if write_maps else None), *_broadcast_strides(kl_target, (B, H, M, N)),
-        H, H // Hkv, M, N, *scales, w_start, w_stop, size_key(M), size_key(N),
+        H, H // Hkv, M, N, *scales, w_start, w_stop, size_key(M), size_key(N), lo,
         HAS_KL=has_kl, WRITE_MAPS=maps_mode, **constexprs,
     )
     return out, stats, weights, kl, tnorm
@@ -282,13 +325,14 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale:
     has_kl = grad_kl is not None
     kl_args = (kl_target, tnorm, grad_kl) if has_kl else (q, stats, stats)
     kl_strides = (*_broadcast_strides(kl_target, (B, H, M, N)), *(grad_kl.stride() if has_kl else (0, 0, 0)))
-    sizes = (M, N, qk_scale, qk_scale2, w_start, w_stop, size_key(M), size_key(N))
+    q_op, k_op, v_op, do_op, lo = _operands(constexprs, q, k, v, grad_out)
+    sizes = (M, N, qk_scale, qk_scale2, w_start, w_stop, size_key(M), size_key(N), lo)
 
     delta = torch.empty(B, H, M, dtype=torch.float32, device=q.device)
     _preprocess(
         lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
-        out, grad_out, delta, q, k, mask_arg, stats, g_arg,
-        *out.stride(), *grad_out.stride(), *q.stride(), *k.stride(), *mask_strides, *g_strides,
+        out, grad_out, delta, q_op, k_op, mask_arg, stats, g_arg,
+        *out.stride(), *grad_out.stride(), *q_op.stride(), *k_op.stride(), *mask_strides, *g_strides,
         H, H // Hkv, *sizes,
         HAS_DW=has_dw, **constexprs,
     )
@@ -298,8 +342,8 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale:
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if dq_atomic else delta
     _dkdv(
         lambda meta: triton.cdiv(N, meta["BLOCK_N"]) * B * Hkv,
-        q, k, v, mask_arg, grad_out, g_arg, stats, delta, dk, dv, dq_acc, *kl_args,
-        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(), *g_strides,
+        q_op, k_op, v_op, mask_arg, do_op, g_arg, stats, delta, dk, dv, dq_acc, *kl_args,
+        *q_op.stride(), *k_op.stride(), *v_op.stride(), *mask_strides, *do_op.stride(), *g_strides,
         *dk.stride(), *dv.stride(), *_strides(dq_acc if dq_atomic else None), *kl_strides,
         H, Hkv, H // Hkv, M, N, float(scale), *sizes[2:],
         HAS_DW=has_dw, HAS_KL=has_kl, DQ_ATOMIC=dq_atomic, **constexprs,
@@ -312,8 +356,8 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale:
     ds = _map_buffer(B, H, M, N, torch.float32, q.device).zero_() if mask_grad else delta
     _dq(
         lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
-        q, k, v, mask_arg, grad_out, g_arg, stats, delta, dq, ds, *kl_args,
-        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(), *g_strides, *dq.stride(),
+        q_op, k_op, v_op, mask_arg, do_op, g_arg, stats, delta, dq, ds, *kl_args,
+        *q_op.stride(), *k_op.stride(), *v_op.stride(), *mask_strides, *do_op.stride(), *g_strides, *dq.stride(),
         *kl_strides,
         H, H // Hkv, M, N, float(scale), *sizes[2:],
         HAS_DW=has_dw, HAS_KL=has_kl, WRITE_DS=mask_grad, **constexprs,
