@@ -130,7 +130,8 @@ class Case:
     (bool (B, 1, 1, N)), float_mask, mask_grad (the float mask receives a gradient), gqa (H = 4,
     Hkv = 2), kl (kl_target (B, 1, M, N)), fp32_target (that target in float32), rows (maps of 4
     rows only), vit197 (M = N = 197), n200 (N = 200), cross (M = 16, N = 197), tf32_off (fp32 with
-    allow_tf32 = False); KL ops: dense / implicit teacher, key_mask, logits target."""
+    allow_tf32 = False), no_dout (a backward without dL/dout, as when every row's maps are returned);
+    KL ops: dense / implicit teacher, key_mask, logits target."""
     op: str
     dtype: str
     head_dim: int | None
@@ -246,9 +247,10 @@ def exact_fp32_cases():
 def ci_cases():
     """The CI test's grid: bf16/fp16 x D = 64/128 with maps off and on; every feature (alone, and
     with maps where LFI uses it) at bf16 D = 64 and at fp16 D = 128; the ragged shapes; the float32
-    cases; one attention_kl case and a dense and an implicit attention_kl_qk case."""
+    cases; the maps backward without dL/dout (bf16 D = 64); one attention_kl case and a dense and an
+    implicit attention_kl_qk case."""
     return (base_cases(("bf16", "fp16"), (64, 128)) + feature_cases("bf16", 64) + feature_cases("fp16", 128)
-            + ragged_cases() + fp32_cases()
+            + ragged_cases() + fp32_cases() + [_attention_case("bf16", 64, True, ("no_dout",))]
             + [Case("attention_kl", "bf16", None, features=("dense", "key_mask")),
                Case("attention_kl_qk", "bf16", 64, features=("dense",)),
                Case("attention_kl_qk", "fp16", 128, features=("implicit",))])
@@ -377,7 +379,7 @@ def _attention_calls(case: Case):
 
     def bwd():
         out, stats = torch.empty(B, H, M, D, dtype=dt), torch.empty(B, H, M, 2, dtype=torch.float32)
-        grad_out = torch.empty(B, H, M, D, dtype=dt)
+        grad_out = None if "no_dout" in f else torch.empty(B, H, M, D, dtype=dt)
         grad_w = torch.empty(B, H, w_stop - w_start, N, dtype=dt) if case.maps else None
         tnorm = grad_kl = None
         if kl_target is not None:

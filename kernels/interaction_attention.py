@@ -583,20 +583,24 @@ def attention_bwd_preprocess_kernel(
     H, GROUP, M, N, qk_scale, qk_scale2, w_start, w_stop, M_BUCKET, N_BUCKET, LO,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, KEY_MASK: tl.constexpr,
-    FLOAT_MASK: tl.constexpr, HAS_DW: tl.constexpr, Q_SIGN: tl.constexpr,
+    FLOAT_MASK: tl.constexpr, HAS_DW: tl.constexpr, HAS_DO: tl.constexpr, Q_SIGN: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """DELTA (B, H, M) float32 = rowsum(dO * O) + rowsum(P * G), G = dL/dW on the map rows. LO: see
+    """DELTA (B, H, M) float32 = rowsum(dO * O) + rowsum(P * G), G = dL/dW on the map rows; without
+    HAS_DO (no gradient reaches out) the first term is 0 and OUT, DOUT are not read. LO: see
     attention_fwd_kernel (Q and K only; DOUT is read as given)."""
     pid_m, pid_bh, b, h, offs_m, row_ok = _row_block(M, H, BLOCK_M)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    dv_ok = offs_dv < HEAD_DIM_V
-    o = _load_tile(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
-                   row_ok, dv_ok, True, BLOCK_DV != HEAD_DIM_V).to(tl.float32)
-    do = _load_tile(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-                    + offs_dv[None, :] * stride_dod, row_ok, dv_ok, True, BLOCK_DV != HEAD_DIM_V).to(tl.float32)
-    delta = tl.sum(o * do, 1)
+    if HAS_DO:
+        offs_dv = tl.arange(0, BLOCK_DV)
+        dv_ok = offs_dv < HEAD_DIM_V
+        o = _load_tile(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
+                       + offs_dv[None, :] * stride_od, row_ok, dv_ok, True, BLOCK_DV != HEAD_DIM_V).to(tl.float32)
+        do = _load_tile(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                        + offs_dv[None, :] * stride_dod, row_ok, dv_ok, True, BLOCK_DV != HEAD_DIM_V).to(tl.float32)
+        delta = tl.sum(o * do, 1)
+    else:
+        delta = tl.zeros([BLOCK_M], dtype=tl.float32)
     rows = pid_bh.to(tl.int64) * M + offs_m
     if HAS_DW:
         row_lo = pid_m * BLOCK_M
@@ -645,9 +649,9 @@ def _dkdv_tile(k, k_lo, v, v_lo, LO, dk, dv, start_m, q_base, q_offs, do_base, d
                M, scale, qk_scale, qk_scale2, w_start, w_stop,
                EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
                KEY_MASK: tl.constexpr, FLOAT_MASK: tl.constexpr, HAS_DW: tl.constexpr, HAS_KL: tl.constexpr,
-               DQ_ATOMIC: tl.constexpr, Q_SIGN: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+               HAS_DO: tl.constexpr, DQ_ATOMIC: tl.constexpr, Q_SIGN: tl.constexpr, HEAD_DIM: tl.constexpr,
+               HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_FP32: tl.constexpr,
+               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One query block of the dK/dV loop, computed transposed (keys along rows) so that no
     computed tile is transposed: S^T = K Q^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q. With
     DQ_ATOMIC, also dQ += scale dS K, added atomically into the float32 accumulator at dq_base.
@@ -689,12 +693,15 @@ def _dkdv_tile(k, k_lo, v, v_lo, LO, dk, dv, start_m, q_base, q_offs, do_base, d
         p_t = _probs(s_t, m[None, :], (log_l * LOG2E)[None, :], qk_scale2, FLOAT_MASK)
     else:
         p_t = _probs(s_t, ((m + log_l) * LOG2E)[None, :], m[None, :], qk_scale2, FLOAT_MASK)
-    do, do_lo = _load_operand(do_base + start_m * stride_dom + do_offs, LO, row_ok, offs_dv < HEAD_DIM_V,
-                              EDGE, BLOCK_DV != HEAD_DIM_V, PRECISION)
-    p_hi, p_lo = _parts(p_t.to(do.dtype), PRECISION)
-    dv = _dot_parts(p_hi, p_lo, do, do_lo, dv, DOT_FP32, PRECISION)
-    dp_t = _dot_parts(v, v_lo, tl.trans(do), tl.trans(do_lo), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32),
-                      DOT_FP32, PRECISION)
+    if HAS_DO:
+        do, do_lo = _load_operand(do_base + start_m * stride_dom + do_offs, LO, row_ok, offs_dv < HEAD_DIM_V,
+                                  EDGE, BLOCK_DV != HEAD_DIM_V, PRECISION)
+        p_hi, p_lo = _parts(p_t.to(do.dtype), PRECISION)
+        dv = _dot_parts(p_hi, p_lo, do, do_lo, dv, DOT_FP32, PRECISION)
+        dp_t = _dot_parts(v, v_lo, tl.trans(do), tl.trans(do_lo), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32),
+                          DOT_FP32, PRECISION)
+    else:
+        dp_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     if HAS_DW:
         w_rows = (offs_m >= w_start) & (offs_m < w_stop)
         g_t = tl.load(g_base + (offs_m - w_start)[None, :] * stride_gm,
@@ -741,14 +748,16 @@ def attention_bwd_dkdv_kernel(
     H, HKV, GROUP, M, N, scale, qk_scale, qk_scale2, w_start, w_stop, M_BUCKET, N_BUCKET, LO,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, KEY_MASK: tl.constexpr,
-    FLOAT_MASK: tl.constexpr, HAS_DW: tl.constexpr, HAS_KL: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    FLOAT_MASK: tl.constexpr, HAS_DW: tl.constexpr, HAS_KL: tl.constexpr, HAS_DO: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr,
     Q_SIGN: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (key block, b, kv head): dV = sum P^T dO and dK = |scale| sum dS^T Q over the
     GROUP query heads sharing the kv head, so dK and dV need no atomics. With DQ_ATOMIC the same
     tiles also add scale * dS K into DQ_ACC (B, H, M, D) float32 (zeroed by the launcher), and the
-    dQ kernel is not run. LO: see attention_fwd_kernel (Q, K, V and DOUT)."""
+    dQ kernel is not run. Without HAS_DO (no gradient reaches out) dO is not read: dV = 0, dP = G.
+    LO: see attention_fwd_kernel (Q, K, V and DOUT)."""
     pid_n, b, hk = _key_block(N, HKV, BLOCK_N)
     n_lo = pid_n * BLOCK_N
     offs_n = n_lo + tl.arange(0, BLOCK_N)
@@ -802,8 +811,8 @@ def attention_bwd_dkdv_kernel(
                         gkl_base, row_stats, offs_n, key_ok, key_mask_vals,
                         stride_qm, stride_dom, stride_dqm, stride_mm, stride_gm, stride_tm, stride_gklm,
                         M, scale, qk_scale, qk_scale2, w_start, w_stop,
-                        True, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_DW, HAS_KL, DQ_ATOMIC, Q_SIGN,
-                        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
+                        True, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_DW, HAS_KL, HAS_DO, DQ_ATOMIC,
+                        Q_SIGN, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
         for start_m in range(main_lo, main_hi, BLOCK_M):
             dk, dv = _dkdv_tile(
                 k, k_lo, v, v_lo, LO, dk, dv, start_m, q_base, q_offs, do_base, do_offs, dq_base, dq_offs, mask_base,
@@ -811,7 +820,7 @@ def attention_bwd_dkdv_kernel(
                 gkl_base, row_stats, offs_n, key_ok, key_mask_vals,
                 stride_qm, stride_dom, stride_dqm, stride_mm, stride_gm, stride_tm, stride_gklm,
                 M, scale, qk_scale, qk_scale2, w_start, w_stop,
-                False, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_DW, HAS_KL, DQ_ATOMIC, Q_SIGN,
+                False, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_DW, HAS_KL, HAS_DO, DQ_ATOMIC, Q_SIGN,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
         if main_hi < M:  # the ragged last query block
             dk, dv = _dkdv_tile(
@@ -820,7 +829,7 @@ def attention_bwd_dkdv_kernel(
                 gkl_base, row_stats, offs_n, key_ok, key_mask_vals,
                 stride_qm, stride_dom, stride_dqm, stride_mm, stride_gm, stride_tm, stride_gklm,
                 M, scale, qk_scale, qk_scale2, w_start, w_stop,
-                True, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_DW, HAS_KL, DQ_ATOMIC, Q_SIGN,
+                True, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_DW, HAS_KL, HAS_DO, DQ_ATOMIC, Q_SIGN,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
     tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              (dk * qk_scale).to(DK.dtype.element_ty), mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
@@ -834,9 +843,9 @@ def _dq_tile(q, q_lo, do, do_lo, LO, dq, start_n, k_base, v_base, k_offs, v_offs
              stride_tn, N, qk_scale, qk_scale2,
              EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
              KEY_MASK: tl.constexpr, FLOAT_MASK: tl.constexpr, HAS_DW: tl.constexpr, HAS_KL: tl.constexpr,
-             WRITE_DS: tl.constexpr, Q_SIGN: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-             BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+             HAS_DO: tl.constexpr, WRITE_DS: tl.constexpr, Q_SIGN: tl.constexpr, HEAD_DIM: tl.constexpr,
+             HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_FP32: tl.constexpr,
+             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key block of the dQ loop: each K tile is loaded once and read both ways. q (signed), do
     (q_lo, do_lo): the row block's tiles (and low parts, see _dot_parts)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -845,8 +854,9 @@ def _dq_tile(q, q_lo, do, do_lo, LO, dq, start_n, k_base, v_base, k_offs, v_offs
     key_ok = offs_n < N
     k, k_lo = _load_operand(k_base + start_n * stride_kn + k_offs, LO, key_ok, offs_d < HEAD_DIM,
                             EDGE, BLOCK_D != HEAD_DIM, PRECISION)
-    v, v_lo = _load_operand(v_base + start_n * stride_vn + v_offs, LO, key_ok, offs_dv < HEAD_DIM_V,
-                            EDGE, BLOCK_DV != HEAD_DIM_V, PRECISION)
+    if HAS_DO:
+        v, v_lo = _load_operand(v_base + start_n * stride_vn + v_offs, LO, key_ok, offs_dv < HEAD_DIM_V,
+                                EDGE, BLOCK_DV != HEAD_DIM_V, PRECISION)
     if KEY_MASK:
         mask_ptrs = mask_base + offs_n * stride_mn
     else:
@@ -856,8 +866,11 @@ def _dq_tile(q, q_lo, do, do_lo, LO, dq, start_n, k_base, v_base, k_offs, v_offs
     s = _mask_scores(s, mask_ptrs, offs_m, offs_n, row_ok, key_ok, qk_scale,
                      EDGE, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK)
     p = _probs(s, row_a[:, None], row_b[:, None], qk_scale2, FLOAT_MASK)
-    dp = _dot_parts(do, do_lo, tl.trans(v), tl.trans(v_lo), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
-                    DOT_FP32, PRECISION)
+    if HAS_DO:
+        dp = _dot_parts(do, do_lo, tl.trans(v), tl.trans(v_lo), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
+                        DOT_FP32, PRECISION)
+    else:
+        dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if HAS_DW:
         dp += _load_tile(g_base + offs_n[None, :] * stride_gn, w_rows, key_ok, True, EDGE).to(tl.float32)
     ds = p * (dp - delta[:, None])
@@ -891,7 +904,8 @@ def attention_bwd_dq_kernel(
     H, GROUP, M, N, scale, qk_scale, qk_scale2, w_start, w_stop, M_BUCKET, N_BUCKET, LO,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, KEY_MASK: tl.constexpr,
-    FLOAT_MASK: tl.constexpr, HAS_DW: tl.constexpr, HAS_KL: tl.constexpr, WRITE_DS: tl.constexpr,
+    FLOAT_MASK: tl.constexpr, HAS_DW: tl.constexpr, HAS_KL: tl.constexpr, HAS_DO: tl.constexpr,
+    WRITE_DS: tl.constexpr,
     Q_SIGN: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -899,7 +913,8 @@ def attention_bwd_dq_kernel(
     grad_kl * (P - T / Z) when HAS_KL). With WRITE_DS, also stores dS into the float32 buffer DS
     (B, H, M, cdiv(N, 16) * 16), contiguous, columns past N unwritten (the gradient of an additive
     mask: an N-element row stride made the dS stores scalar and the tile spill at N = 197). LO: see
-    attention_fwd_kernel (Q, K, V and DOUT)."""
+    attention_fwd_kernel (Q, K, V and DOUT). Without HAS_DO (no gradient reaches out) dO is not read.
+    """
     pid_m, pid_bh, b, h, offs_m, row_ok = _row_block(M, H, BLOCK_M)
     hk = h // GROUP
     row_lo = pid_m * BLOCK_M
@@ -910,9 +925,12 @@ def attention_bwd_dq_kernel(
                             PRECISION)
     q = _signed(q, Q_SIGN)
     q_lo = _signed(q_lo, Q_SIGN)
-    do, do_lo = _load_operand(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-                              + offs_dv[None, :] * stride_dod, LO, row_ok, offs_dv < HEAD_DIM_V, True,
-                              BLOCK_DV != HEAD_DIM_V, PRECISION)
+    if HAS_DO:
+        do, do_lo = _load_operand(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                                  + offs_dv[None, :] * stride_dod, LO, row_ok, offs_dv < HEAD_DIM_V, True,
+                                  BLOCK_DV != HEAD_DIM_V, PRECISION)
+    else:  # not read
+        do, do_lo = q, q_lo
     rows = pid_bh.to(tl.int64) * M + offs_m
     row_a, row_b = _row_offsets(STATS, rows, row_ok, FLOAT_MASK)
     delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
@@ -952,15 +970,15 @@ def attention_bwd_dq_kernel(
         dq = _dq_tile(q, q_lo, do, do_lo, LO, dq, start_n, k_base, v_base, k_offs, v_offs, mask_base, g_base, t_base,
                       ds_base, offs_m, row_ok, w_rows, row_a, row_b, delta, inv_z, grad_kl, stride_kn, stride_vn,
                       stride_mn, stride_gn, stride_tn, N, qk_scale, qk_scale2,
-                      False, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_DW, HAS_KL, WRITE_DS, Q_SIGN,
-                      HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
+                      False, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_DW, HAS_KL, HAS_DO, WRITE_DS,
+                      Q_SIGN, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
     for i in tl.static_range((BLOCK_M + BLOCK_N - 1) // BLOCK_N if IS_CAUSAL else 1):
         start_n = main_end + i * BLOCK_N
         if start_n < hi:
             dq = _dq_tile(q, q_lo, do, do_lo, LO, dq, start_n, k_base, v_base, k_offs, v_offs, mask_base, g_base,
                           t_base, ds_base, offs_m, row_ok, w_rows, row_a, row_b, delta, inv_z, grad_kl, stride_kn,
                           stride_vn, stride_mn, stride_gn, stride_tn, N, qk_scale, qk_scale2,
-                          True, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_DW, HAS_KL, WRITE_DS, Q_SIGN,
-                          HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
+                          True, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_DW, HAS_KL, HAS_DO, WRITE_DS,
+                          Q_SIGN, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])

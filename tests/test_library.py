@@ -96,6 +96,48 @@ def test_opcheck_bwd_cases(backend, case):
                                                  for n, t in named.items()}))
 
 
+def test_bwd_without_grad_out(backend):
+    """grad_out None (no gradient reaches out: losses on the maps or the KL only, and every row's maps
+    returned, where out is read through attention_pv) gives exactly the gradients of a zero dL/dout
+    (the kernels skip dV and dO V^T), and the op passes opcheck with it. GQA, a float mask's gradient."""
+    gen = make_gen("bwd_without_grad_out", backend)
+    B, H, M, N, D = 2, 2, 9, 11, 16
+    q, k, v = make_qkv(B, H, 1, M, N, D, gen=gen)
+    fwd = torch.ops.lfi.interaction_attention_fwd.default
+    named = dict(q=q, k=k, v=v, attn_mask=float_mask((1, 1, M, N), gen), scale=D ** -0.5, is_causal=False,
+                 weights_start=0, weights_stop=M, backend=backend)
+    out, stats, weights = fwd(*schema_args(fwd, named))[:3]
+    named.update(grad_weights=torch.randn(weights.shape, generator=gen).to(DEVICE), out=out, stats=stats,
+                 mask_grad=True)
+    bwd = torch.ops.lfi.interaction_attention_bwd.default
+    got = bwd(*schema_args(bwd, {**named, "grad_out": None}))
+    want = bwd(*schema_args(bwd, {**named, "grad_out": torch.zeros_like(out)}))
+    for name, g, w in zip(("dq", "dk", "dv", "dmask"), got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+    assert got[0].abs().sum() > 0 and not got[2].any()
+    torch.library.opcheck(bwd, schema_args(bwd, {**named, "grad_out": None}))
+
+
+def test_every_row_maps_pass_no_grad_out(monkeypatch):
+    """With every row's maps returned, out is read through attention_pv, and the maps op's backward
+    hands the backend no dL/dout (not a zero tensor: two of its matrix products would be wasted)."""
+    from lfi.backends.torch import interaction_attention as torch_backend
+
+    seen = []
+    backward = torch_backend.attention_backward
+
+    def spy(grad_out, *args, **kwargs):
+        seen.append(grad_out)
+        return backward(grad_out, *args, **kwargs)
+
+    monkeypatch.setattr(torch_backend, "attention_backward", spy)
+    gen = make_gen("every_row_maps_no_grad_out")
+    q, k, v = make_qkv(1, 2, 2, 5, 7, 8, gen=gen, requires_grad=True)
+    out, w = interaction_attention(q, k, v, need_weights=True, backend="torch")
+    (out.square().sum() + w.square().sum()).backward()
+    assert seen == [None] and q.grad.abs().sum() > 0 and v.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("case", [pytest.param(c, id=c["id"]) for c in OPCHECK_CASES[:3]])
 def test_op_direct_outputs(backend, case):
     """out, stats (float32 (row max, log row sum); lse = their sum is +inf on fully masked rows)

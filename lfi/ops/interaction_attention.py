@@ -87,13 +87,14 @@ def _(q, k, v, attn_mask, scale, is_causal, weights_start, weights_stop, kl_targ
 
 @torch.library.custom_op("lfi::interaction_attention_bwd", mutates_args=())
 def interaction_attention_bwd(
-    grad_out: Tensor, grad_weights: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+    grad_out: Optional[Tensor], grad_weights: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     stats: Tensor, attn_mask: Optional[Tensor], scale: float, is_causal: bool, weights_start: int,
     weights_stop: int, mask_grad: bool, kl_target: Optional[Tensor], tnorm: Optional[Tensor],
     grad_kl: Optional[Tensor], backend: str, probs: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, dmask); dmask has attn_mask's shape when mask_grad, else it is empty. probs: the
-    forward's P when the backend asked to keep it (see _setup_context), else None (recomputed)."""
+    """(dq, dk, dv, dmask); dmask has attn_mask's shape when mask_grad, else it is empty. grad_out None:
+    no gradient reaches out (dV = 0, dP = G). probs: the forward's P when the backend asked to keep it
+    (see _setup_context), else None (recomputed)."""
     return _backward_kernels(grad_out, grad_weights, q, k, v, out, stats, attn_mask, scale, is_causal,
                              weights_start, weights_stop, mask_grad, kl_target, tnorm, grad_kl, backend, probs)
 
@@ -147,8 +148,8 @@ def _backward(ctx, grad_out, grad_stats, grad_weights, grad_kl, grad_tnorm):
             kl_target, grad_kl,
         )
         return dq, dk, dv, dmask, None, None, None, None, None, None
-    if grad_out is None:  # only the maps or the KL enter the loss (or out is read through attention_pv)
-        grad_out = torch.zeros_like(out)
+    # grad_out is None when only the maps or the KL enter the loss, and whenever every row's maps are
+    # returned (out is then read through attention_pv): the backends skip the dO products.
     dq, dk, dv, dmask = ctx.backward_op(
         grad_out, grad_weights, q, k, v, out, stats, attn_mask, scale, is_causal,
         weights_start, weights_stop, mask_grad, kl_target, tnorm if grad_kl is not None else None, grad_kl,

@@ -8,6 +8,8 @@ k (B, Hkv, N, D), v (B, Hkv, N, Dv), any strides; mask (bool or float) and kl_ta
 """
 from __future__ import annotations
 
+import torch
+
 from lfi.backends.cuda import _ext
 
 
@@ -25,7 +27,10 @@ def attention_forward(q, k, v, mask, scale: float, is_causal: bool, w_start: int
 
 def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale: float, is_causal: bool,
                        w_start: int, w_stop: int, mask_grad: bool, kl_target=None, tnorm=None, grad_kl=None):
-    """Returns (dq, dk, dv, dmask), contiguous; dmask (the mask's shape and dtype) only when mask_grad."""
+    """Returns (dq, dk, dv, dmask), contiguous; dmask (the mask's shape and dtype) only when mask_grad.
+    grad_out None (no gradient reaches out) is read as zeros: the extension has no dO-free variant."""
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
     if grad_weights is not None and grad_weights.numel() == 0:
         grad_weights = None
     if grad_kl is None:

@@ -190,9 +190,9 @@ def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:
 def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale: float, is_causal: bool,
                        w_start: int, w_stop: int, mask_grad: bool, kl_target=None, tnorm=None, grad_kl=None,
                        probs=None):
-    """Gradients (dq, dk, dv, dmask) given dL/dout (B, H, M, Dv), dL/dweights (B, H, R, N) or None,
-    and dL/dkl (B, H, M) or None for the fused KL. probs: P of every row (see probs_to_keep), read
-    instead of recomputed (never written).
+    """Gradients (dq, dk, dv, dmask) given dL/dout (B, H, M, Dv) or None (then dV = 0, dP = G),
+    dL/dweights (B, H, R, N) or None, and dL/dkl (B, H, M) or None for the fused KL. probs: P of
+    every row (see probs_to_keep), read instead of recomputed (never written).
 
     dP = dO V^T + G, delta = rowsum(P * dP) (= rowsum(dO * O) + rowsum(P * G)), dS = P (dP - delta) + g (P - t),
     dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO; dmask = dS summed to the mask's shape.
@@ -222,10 +222,13 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale:
             del s
             if mask is not None:  # rows without an attended key (log l = +inf): zeros, as in the forward
                 p.masked_fill_(_rows(stats, r0, r1)[..., 1:] == float("inf"), 0.0)
-        do = _as(_rows(grad_out, r0, r1), dt)
-        part = _mm_kv(p.transpose(-1, -2), do, hkv)
-        dv = part if dv is None else dv.add_(part)
-        dp = _mm(do, v_dt.transpose(-1, -2), hkv)
+        if grad_out is not None:
+            do = _as(_rows(grad_out, r0, r1), dt)
+            part = _mm_kv(p.transpose(-1, -2), do, hkv)
+            dv = part if dv is None else dv.add_(part)
+            dp = _mm(do, v_dt.transpose(-1, -2), hkv)
+        else:
+            dp = torch.zeros_like(p)
         rows = _overlap(r0, r1, w_start, w_stop) if grad_weights is not None else None
         if rows is not None:
             a, b = rows
@@ -251,7 +254,8 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale:
                 dmask += part
             else:
                 dmask[:, :, r0:r1] += part
-    return dq, _as(dk, k.dtype), _as(dv, v.dtype), (_as(dmask, mask.dtype) if dmask is not None else None)
+    dv = _as(dv, v.dtype) if dv is not None else torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+    return dq, _as(dk, k.dtype), dv, (_as(dmask, mask.dtype) if dmask is not None else None)
 
 
 def attention_with_dropout(q, k, v, mask, scale: float, is_causal: bool, dropout_p: float,

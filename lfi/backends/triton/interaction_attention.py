@@ -190,9 +190,9 @@ def _tuned(kernel_fn, kernel: str, key):
 
 
 _fwd = _tuned(K.attention_fwd_kernel, "fwd", ["HAS_KL", "WRITE_MAPS"])
-_preprocess = _tuned(K.attention_bwd_preprocess_kernel, "preprocess", ["HAS_DW"])
-_dkdv = _tuned(K.attention_bwd_dkdv_kernel, "dkdv", ["HAS_DW", "HAS_KL", "GROUP"])
-_dq = _tuned(K.attention_bwd_dq_kernel, "dq", ["HAS_DW", "HAS_KL", "WRITE_DS"])
+_preprocess = _tuned(K.attention_bwd_preprocess_kernel, "preprocess", ["HAS_DW", "HAS_DO"])
+_dkdv = _tuned(K.attention_bwd_dkdv_kernel, "dkdv", ["HAS_DW", "HAS_KL", "HAS_DO", "GROUP"])
+_dq = _tuned(K.attention_bwd_dq_kernel, "dq", ["HAS_DW", "HAS_KL", "HAS_DO", "WRITE_DS"])
 
 
 def _common(q, k, v, mask, scale, is_causal):
@@ -310,9 +310,13 @@ def use_atomic_dq(mask_grad: bool) -> bool:
 
 def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale: float, is_causal: bool,
                        w_start: int, w_stop: int, mask_grad: bool, kl_target=None, tnorm=None, grad_kl=None):
-    """Returns (dq, dk, dv, dmask); dmask is None unless mask_grad (float mask only). grad_kl
-    (B, H, M), any strides, is the gradient of the fused per-row KL against kl_target."""
+    """Returns (dq, dk, dv, dmask); dmask is None unless mask_grad (float mask only). grad_out None:
+    no gradient reaches out (the kernels skip dV and dO V^T; dv is zeros). grad_kl (B, H, M), any
+    strides, is the gradient of the fused per-row KL against kl_target."""
     mask_arg, mask_strides, (qk_scale, qk_scale2), constexprs = _common(q, k, v, mask, scale, is_causal)
+    has_do = grad_out is not None
+    if not has_do:
+        grad_out = out  # a placeholder the kernels do not read
     B, H, M, _ = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     has_dw = grad_weights is not None and grad_weights.numel() > 0
@@ -325,7 +329,9 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale:
     has_kl = grad_kl is not None
     kl_args = (kl_target, tnorm, grad_kl) if has_kl else (q, stats, stats)
     kl_strides = (*_broadcast_strides(kl_target, (B, H, M, N)), *(grad_kl.stride() if has_kl else (0, 0, 0)))
-    q_op, k_op, v_op, do_op, lo = _operands(constexprs, q, k, v, grad_out)
+    *ops, lo = _operands(constexprs, q, k, v, *([grad_out] if has_do else []))
+    q_op, k_op, v_op = ops[:3]
+    do_op = ops[3] if has_do else out
     sizes = (M, N, qk_scale, qk_scale2, w_start, w_stop, size_key(M), size_key(N), lo)
 
     delta = torch.empty(B, H, M, dtype=torch.float32, device=q.device)
@@ -334,7 +340,7 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale:
         out, grad_out, delta, q_op, k_op, mask_arg, stats, g_arg,
         *out.stride(), *grad_out.stride(), *q_op.stride(), *k_op.stride(), *mask_strides, *g_strides,
         H, H // Hkv, *sizes,
-        HAS_DW=has_dw, **constexprs,
+        HAS_DW=has_dw, HAS_DO=has_do, **constexprs,
     )
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -346,7 +352,7 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale:
         *q_op.stride(), *k_op.stride(), *v_op.stride(), *mask_strides, *do_op.stride(), *g_strides,
         *dk.stride(), *dv.stride(), *_strides(dq_acc if dq_atomic else None), *kl_strides,
         H, Hkv, H // Hkv, M, N, float(scale), *sizes[2:],
-        HAS_DW=has_dw, HAS_KL=has_kl, DQ_ATOMIC=dq_atomic, **constexprs,
+        HAS_DW=has_dw, HAS_KL=has_kl, HAS_DO=has_do, DQ_ATOMIC=dq_atomic, **constexprs,
     )
     if dq_atomic:
         return dq_acc.to(q.dtype), dk, dv, None
@@ -360,7 +366,7 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale:
         *q_op.stride(), *k_op.stride(), *v_op.stride(), *mask_strides, *do_op.stride(), *g_strides, *dq.stride(),
         *kl_strides,
         H, H // Hkv, M, N, float(scale), *sizes[2:],
-        HAS_DW=has_dw, HAS_KL=has_kl, WRITE_DS=mask_grad, **constexprs,
+        HAS_DW=has_dw, HAS_KL=has_kl, HAS_DO=has_do, WRITE_DS=mask_grad, **constexprs,
     )
     dmask = None
     if mask_grad:
