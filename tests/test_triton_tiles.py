@@ -270,6 +270,27 @@ def test_exact_float32_split_fits_shared_memory(monkeypatch):
     assert not launcher._split_fits(q, 64, 40)
 
 
+def test_exact_float32_backward_refuses_head_dims_over_128(monkeypatch):
+    """Float32 without TF32 at head dim 256 ("tf32x3"): every backward tile exceeds sm_90's shared
+    memory (kernel_report: dK/dV 384 KB, dQ 320 KB), so the launcher refuses with a clear error before
+    anything is launched, naming the head dims and the ways out."""
+    from lfi.backends.triton import interaction_attention as launcher
+
+    monkeypatch.setattr(launcher, "_precision", lambda dtype, split_by_hand=False: "tf32x3")
+    q, k, v = (torch.randn(1, 1, 4, 256) for _ in range(3))
+    out, stats = torch.empty_like(q), torch.zeros(1, 1, 4, 2)
+    with pytest.raises(ValueError, match=r"head dims up to 128.*q.shape\[-1\]=256.*allow_tf32"):
+        launcher.attention_backward(torch.randn_like(q), None, q, k, v, out, stats, None, 0.1, False, 0, 0, False)
+    launched = []
+    monkeypatch.setattr(launcher, "_dq", lambda *a, **kw: launched.append("dq"))
+    monkeypatch.setattr(launcher, "_dkdv", lambda *a, **kw: launched.append("dkdv"))
+    monkeypatch.setattr(launcher, "_preprocess", lambda *a, **kw: launched.append("preprocess"))
+    q128 = torch.randn(1, 1, 4, 128)
+    launcher.attention_backward(torch.randn_like(q128), None, q128, q128, q128, q128, stats, None, 0.1, False, 0, 0,
+                                False)
+    assert launched == ["preprocess", "dkdv", "dq"]
+
+
 def test_ragged_sizes_take_their_own_configs():
     """M or N not a multiple of 16 compiles as a separate Triton variant, where some tiles spill (the
     compiled-kernel report): the maps forward and the dK/dV with map gradients then take their own

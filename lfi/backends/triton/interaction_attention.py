@@ -314,6 +314,13 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale:
     no gradient reaches out (the kernels skip dV and dO V^T; dv is zeros). grad_kl (B, H, M), any
     strides, is the gradient of the fused per-row KL against kl_target."""
     mask_arg, mask_strides, (qk_scale, qk_scale2), constexprs = _common(q, k, v, mask, scale, is_causal)
+    if constexprs["PRECISION"] == "tf32x3" and max(constexprs["BLOCK_D"], constexprs["BLOCK_DV"]) > 128:
+        # Every dK/dV and dQ tile measured needs more than sm_90's 227 KB there (32x64: 384 KB);
+        # Triton would fail at launch with "out of resource: shared memory".
+        raise ValueError(
+            f"backend='triton': the float32 backward without TF32 supports head dims up to 128, got "
+            f"q.shape[-1]={q.shape[-1]}, v.shape[-1]={v.shape[-1]} (its tiles exceed the GPU's shared memory); "
+            "allow TF32 (torch.backends.cuda.matmul.allow_tf32 = True) or use backend='torch' or 'cuda'")
     has_do = grad_out is not None
     if not has_do:
         grad_out = out  # a placeholder the kernels do not read
