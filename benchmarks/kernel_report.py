@@ -727,16 +727,21 @@ def launcher_reads_autotune_env() -> bool:
 
 
 def _config_label(block_m, block_n, warps, stages):
-    return f"{block_m}x{block_n} w{warps} s{stages}"
+    tile = f"{block_m}x{block_n} " if block_m is not None else ""  # a kernel without a tile (tf32_split)
+    return f"{tile}w{warps} s{stages}"
 
 
 def case_records(case: Case, launches: list[RawLaunch], targets, overrides=None) -> list[tuple[dict, CompileJob]]:
-    """(record without results, job) per launch x target."""
-    out = []
+    """(record without results, job) per launch x target; a launch compiled exactly as an earlier one
+    of the case (the TF32 split of Q, K, V and dO, say) is recorded once."""
+    out, seen = [], set()
     for launch in launches:
         kernel = launch.fn.fn.__name__
         for target in targets:
             job = bind(launch, target, overrides)
+            if job.key in seen:
+                continue
+            seen.add(job.key)
             rec = {"op": case.op, "stage": stage_of(kernel), "kernel": kernel, "dtype": case.dtype,
                    "head_dim": case.head_dim, "maps": case.maps, "features": list(case.features),
                    "tf32": case.tf32, "M": case.M, "N": case.N, "case": case.label,
