@@ -201,7 +201,7 @@ def full_attention_cases():
     128 / 80 x maps off/on; the float32 cases (fused KL, float32 KL target); float32 without TF32 with
     every feature at D = 64 and 128 (exact_fp32_cases); every feature (and feature with maps) at bf16
     D = 64 and D = 128; the features alone at fp16 D = 64; the ViT and cross-attention shapes."""
-    return (base_cases(("bf16", "fp16", "fp32"), (64, 128, 80)) + fp32_cases()[6:] + exact_fp32_cases()
+    return (base_cases(("bf16", "fp16", "fp32"), (64, 128, 80)) + float32_kl_cases() + exact_fp32_cases()
             + feature_cases("bf16", 64) + feature_cases("bf16", 128) + feature_cases("fp16", 64, with_maps=False)
             + shape_cases() + ragged_cases()[1:])
 
@@ -219,22 +219,27 @@ def kl_cases(dtypes=("bf16", "fp16", "fp32"), dims=(64, 128)):
     return cases
 
 
+def float32_kl_cases():
+    """The fused KL with float32: float32 q (TF32), maps off and on, and a bf16 call whose KL target
+    is float32 (the usual CLIP teacher). The KL forward did not compile before with a float32 target
+    (Triton's thread-locality pass)."""
+    return ([_attention_case("fp32", 64, m, ("kl",)) for m in (False, True)]
+            + [_attention_case("bf16", 64, True, ("kl", "fp32_target"))])
+
+
 def fp32_cases():
     """float32 at D = 64: without TF32 (3xTF32 products), maps off and on, and with one feature each
-    (maps with causal, GQA, a float mask's gradient; the fused KL without maps); the fused KL (TF32),
-    maps off and on; and a bf16 call whose KL target is float32 (the usual CLIP teacher). The KL
-    forward did not compile before with a float32 target (Triton's thread-locality pass)."""
+    (maps with causal, GQA, a float mask's gradient; the fused KL without maps); and float32_kl_cases."""
     return (base_cases(("fp32/no_tf32",), (64,))
             + [_attention_case("fp32", 64, maps, f + ("tf32_off",))
                for f, maps in ((("causal",), True), (("gqa",), True), (("float_mask", "mask_grad"), True),
                                (("kl",), False))]
-            + [_attention_case("fp32", 64, m, ("kl",)) for m in (False, True)]
-            + [_attention_case("bf16", 64, True, ("kl", "fp32_target"))])
+            + float32_kl_cases())
 
 
 def exact_fp32_cases():
     """Float32 without TF32 (the 3xTF32 kernels) at D = 64 and 128: maps off and on, each feature
-    alone, and with maps where LFI uses it, at the ViT shape with maps, and the ragged-size case."""
+    alone, and with maps where LFI uses it, and with maps at the ViT shape (M = N = 197: ragged)."""
     cases = []
     for d in (64, 128):
         cases += base_cases(("fp32/no_tf32",), (d,))

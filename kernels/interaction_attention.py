@@ -192,6 +192,14 @@ def _signed(q, Q_SIGN: tl.constexpr):
 
 
 @triton.jit
+def _load_q(ptrs, LO, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr, Q_SIGN: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """(q, q_lo) of _load_operand, both multiplied by sign(scale) (_signed)."""
+    q, q_lo = _load_operand(ptrs, LO, row_ok, col_ok, CHECK_ROWS, CHECK_COLS, PRECISION)
+    return _signed(q, Q_SIGN), _signed(q_lo, Q_SIGN)
+
+
+@triton.jit
 def _apply_mask(s, mvals, qk_scale, MASK_BOOL: tl.constexpr):
     """Raw q.k tile -> -inf where a bool mask is False; natural-unit qk_scale * q.k + mask with a
     float mask (mvals broadcast to s's shape)."""
@@ -434,11 +442,8 @@ def attention_fwd_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     row_lo = pid_m * BLOCK_M
 
-    q, q_lo = _load_operand(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
-                            + offs_d[None, :] * stride_qd, LO, row_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM,
-                            PRECISION)
-    q = _signed(q, Q_SIGN)
-    q_lo = _signed(q_lo, Q_SIGN)
+    q, q_lo = _load_q(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                      LO, row_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM, Q_SIGN, PRECISION)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     arange_n = tl.arange(0, BLOCK_N)
@@ -607,11 +612,9 @@ def attention_bwd_preprocess_kernel(
         if (row_lo < w_stop) & (row_lo + BLOCK_M > w_start):
             hk = h // GROUP
             offs_d = tl.arange(0, BLOCK_D)
-            q, q_lo = _load_operand(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
-                                    + offs_d[None, :] * stride_qd, LO, row_ok, offs_d < HEAD_DIM, True,
-                                    BLOCK_D != HEAD_DIM, PRECISION)
-            q = _signed(q, Q_SIGN)
-            q_lo = _signed(q_lo, Q_SIGN)
+            q, q_lo = _load_q(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+                              + offs_d[None, :] * stride_qd, LO, row_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM,
+                              Q_SIGN, PRECISION)
             row_a, row_b = _row_offsets(STATS, rows, row_ok, FLOAT_MASK)
             k_base = K + b * stride_kb + hk * stride_kh
             k_offs = offs_d[:, None] * stride_kd + tl.arange(0, BLOCK_N)[None, :] * stride_kn
@@ -660,10 +663,8 @@ def _dkdv_tile(k, k_lo, v, v_lo, LO, dk, dv, start_m, q_base, q_offs, do_base, d
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < M
-    q_t, q_t_lo = _load_operand(q_base + start_m * stride_qm + q_offs, LO, offs_d < HEAD_DIM, row_ok,
-                                BLOCK_D != HEAD_DIM, EDGE, PRECISION)
-    q_t = _signed(q_t, Q_SIGN)
-    q_t_lo = _signed(q_t_lo, Q_SIGN)
+    q_t, q_t_lo = _load_q(q_base + start_m * stride_qm + q_offs, LO, offs_d < HEAD_DIM, row_ok,
+                          BLOCK_D != HEAD_DIM, EDGE, Q_SIGN, PRECISION)
     s_t = _dot_parts(k, k_lo, q_t, q_t_lo, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_FP32, PRECISION)
     if HAS_MASK:
         if KEY_MASK:
@@ -920,11 +921,8 @@ def attention_bwd_dq_kernel(
     row_lo = pid_m * BLOCK_M
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q, q_lo = _load_operand(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
-                            + offs_d[None, :] * stride_qd, LO, row_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM,
-                            PRECISION)
-    q = _signed(q, Q_SIGN)
-    q_lo = _signed(q_lo, Q_SIGN)
+    q, q_lo = _load_q(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                      LO, row_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM, Q_SIGN, PRECISION)
     if HAS_DO:
         do, do_lo = _load_operand(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
                                   + offs_dv[None, :] * stride_dod, LO, row_ok, offs_dv < HEAD_DIM_V, True,

@@ -227,16 +227,20 @@ def _operands(constexprs, *tensors):
     """The kernels' product operands and LO (see kernels/interaction_attention.py `_dot_parts`): the tensors
     themselves and 0, or with PRECISION "3xtf32" their TF32 high parts, contiguous, in the first half
     of one float32 buffer whose second half holds the low parts at the same places, LO elements on.
-    Costs two float32 copies of the tensors for the call; each part starts 64-byte aligned."""
+    Costs two float32 copies of the tensors for the call; each part starts 64-byte aligned. None
+    stays None."""
     if constexprs["PRECISION"] != "3xtf32":
         return (*tensors, 0)
     starts, lo = [], 0
     for t in tensors:
         starts.append(lo)
-        lo += triton.cdiv(t.numel(), SPLIT_ALIGN) * SPLIT_ALIGN
+        lo += 0 if t is None else triton.cdiv(t.numel(), SPLIT_ALIGN) * SPLIT_ALIGN
     parts = torch.empty(2 * lo, dtype=torch.float32, device=tensors[0].device)
     highs = []
     for t, start in zip(tensors, starts):
+        if t is None:
+            highs.append(None)
+            continue
         n = t.numel()
         if n:
             K.tf32_split_kernel[(triton.cdiv(n, SPLIT_BLOCK),)](t.contiguous(), parts[start:], n, lo, BLOCK=SPLIT_BLOCK)
@@ -322,8 +326,9 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale:
             f"q.shape[-1]={q.shape[-1]}, v.shape[-1]={v.shape[-1]} (its tiles exceed the GPU's shared memory); "
             "allow TF32 (torch.backends.cuda.matmul.allow_tf32 = True) or use backend='torch' or 'cuda'")
     has_do = grad_out is not None
+    q_op, k_op, v_op, do_op, lo = _operands(constexprs, q, k, v, grad_out)
     if not has_do:
-        grad_out = out  # a placeholder the kernels do not read
+        grad_out = do_op = out  # placeholders the kernels do not read
     B, H, M, _ = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     has_dw = grad_weights is not None and grad_weights.numel() > 0
@@ -336,9 +341,6 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale:
     has_kl = grad_kl is not None
     kl_args = (kl_target, tnorm, grad_kl) if has_kl else (q, stats, stats)
     kl_strides = (*_broadcast_strides(kl_target, (B, H, M, N)), *(grad_kl.stride() if has_kl else (0, 0, 0)))
-    *ops, lo = _operands(constexprs, q, k, v, *([grad_out] if has_do else []))
-    q_op, k_op, v_op = ops[:3]
-    do_op = ops[3] if has_do else out
     sizes = (M, N, qk_scale, qk_scale2, w_start, w_stop, size_key(M), size_key(N), lo)
 
     delta = torch.empty(B, H, M, dtype=torch.float32, device=q.device)
