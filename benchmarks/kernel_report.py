@@ -129,8 +129,9 @@ class Case:
     """One representative call of an op. features: causal, bool_mask (B, H, M, N), key_padding
     (bool (B, 1, 1, N)), float_mask, mask_grad (the float mask receives a gradient), gqa (H = 4,
     Hkv = 2), kl (kl_target (B, 1, M, N)), fp32_target (that target in float32), rows (maps of 4
-    rows only), vit197 (M = N = 197), n200 (N = 200), cross (M = 16, N = 197), tf32_off (fp32 with
-    allow_tf32 = False), no_dout (a backward without dL/dout, as when every row's maps are returned);
+    rows only), vit197 (M = N = 197), n200 (N = 200), n1 (N = 1), cross (M = 16, N = 197),
+    tf32_off (fp32 with allow_tf32 = False), no_dout (a backward without dL/dout, as when every
+    row's maps are returned);
     KL ops: dense / implicit teacher, key_mask, logits target."""
     op: str
     dtype: str
@@ -190,10 +191,12 @@ def shape_cases():
 def ragged_cases():
     """Maps with M or N not a multiple of 16 (Triton compiles those calls as separate variants, whose
     registers differ): bf16 at the ViT-B/16 shape (M = N = 197; D = 64 plain, causal, GQA; D = 128)
-    and fp16 D = 64 with a key-padding mask at M = 64, N = 200."""
+    and fp16 D = 64 with a key-padding mask at M = 64, N = 200; and one key (N = 1, compiled as a
+    constant), causal with maps in float32 without TF32, whose 128-row forward crashed ptxas."""
     return ([_attention_case("bf16", 64, True, f + ("vit197",), M=197, N=197) for f in ((), ("causal",), ("gqa",))]
             + [_attention_case("bf16", 128, True, ("vit197",), M=197, N=197),
-               _attention_case("fp16", 64, True, ("key_padding", "n200"), M=64, N=200)])
+               _attention_case("fp16", 64, True, ("key_padding", "n200"), M=64, N=200),
+               _attention_case("fp32", 64, True, ("causal", "tf32_off", "n1"), M=9, N=1)])
 
 
 def full_attention_cases():

@@ -102,10 +102,33 @@ def _tf32_round(x):
 
 @triton.jit
 def _tf32_parts(x):
-    """(hi, lo), both exact in TF32, x = hi + lo within 2^-22 |x|: a tensor core that reads TF32
-    operands (ignoring the low 13 bits) multiplies them exactly, as the CPU interpreter does."""
+    """(hi, lo), both exact in TF32, x = hi + lo within 2^-22 |x|, hi the nearest TF32 value: a
+    tensor core that reads TF32 operands (ignoring the low 13 bits) multiplies them exactly, as the
+    CPU interpreter does. Non-finite x gives (0, x), so that a product with a finite b = (b_hi, b_lo)
+    reads x * b_hi (±inf, or NaN where b_hi = 0, as IEEE): as (x, 0) the product hi * b_lo would be
+    inf * 0 = NaN wherever b is exact in TF32 (inf * inf inside one product gives NaN, not inf: README,
+    Triton kernels). The test is on x, not on hi: the rounding carries the GPUs' canonical NaN
+    0x7FFFFFFF into the sign bit (-0.0); the finite x within half a TF32 ulp of the float32 maximum,
+    whose rounding overflows, also give (0, x) (then read truncated: 2^-10 relative)."""
     hi = _tf32_round(x)
-    return hi, _tf32_round(x - hi)
+    ok = (tl.abs(x) < float("inf")) & (tl.abs(hi) < float("inf"))
+    return tl.where(ok, hi, 0.0), tl.where(ok, _tf32_round(x - hi), x)
+
+
+@triton.jit
+def _tf32_parts_in_registers(x, MAY_BE_INF: tl.constexpr):
+    """(hi, lo) of a tile computed in the kernel, both exact in TF32, x = hi + lo within 2^-22 |x|,
+    for fewer instructions than _tf32_parts (these splits run once per score): hi is x truncated
+    (never overflows, and keeps a NaN whose payload has high bits, as every NaN the kernels compute:
+    0x7FFFFFFF on GPUs, 0x7FC00000 under the interpreter), so the dropped lo * lo term is at most
+    2^-21 of the product instead of 2^-22. MAY_BE_INF (dS): non-finite x gives (0, x) as in
+    _tf32_parts; without it (P, which is <= 1 or NaN) a NaN x gives (NaN, any), NaN either way."""
+    hi = (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    lo = _tf32_round(x - hi)
+    if MAY_BE_INF:
+        ok = tl.abs(x) < float("inf")
+        hi, lo = tl.where(ok, hi, 0.0), tl.where(ok, lo, x)
+    return hi, lo
 
 
 @triton.jit
@@ -145,10 +168,11 @@ def _dot_parts(a, a_lo, b, b_lo, acc, DOT_FP32: tl.constexpr, PRECISION: tl.cons
 
 
 @triton.jit
-def _parts(x, PRECISION: tl.constexpr):
-    """(hi, lo) of a computed float32 operand with PRECISION "3xtf32" (see _tf32_parts), else (x, x)."""
+def _parts(x, MAY_BE_INF: tl.constexpr, PRECISION: tl.constexpr):
+    """(hi, lo) of a computed float32 operand with PRECISION "3xtf32" (_tf32_parts_in_registers),
+    else (x, x)."""
     if PRECISION == "3xtf32":
-        return _tf32_parts(x)
+        return _tf32_parts_in_registers(x, MAY_BE_INF)
     else:
         return x, x
 
@@ -326,7 +350,7 @@ def _fwd_tile(q, q_lo, LO, start_n, k_base, v_base, k_offs, v_offs, mask_base, t
         offs_dv = tl.arange(0, BLOCK_DV)
         v, v_lo = _load_operand(v_base + start_n * stride_vn + v_offs, LO,
                                 key_ok, offs_dv < HEAD_DIM_V, EDGE, BLOCK_DV != HEAD_DIM_V, PRECISION)
-        p_hi, p_lo = _parts(p.to(v.dtype), PRECISION)
+        p_hi, p_lo = _parts(p.to(v.dtype), False, PRECISION)
         acc = _dot_parts(p_hi, p_lo, v, v_lo, acc, DOT_FP32, PRECISION)
     else:
         if FLOAT_MASK:
@@ -363,7 +387,7 @@ def _fwd_tile(q, q_lo, LO, start_n, k_base, v_base, k_offs, v_offs, mask_base, t
             v, v_lo = _load_operand(v_base + start_n * stride_vn + v_offs, LO,
                                     key_ok, offs_dv < HEAD_DIM_V, EDGE, BLOCK_DV != HEAD_DIM_V, PRECISION)
             acc = acc * alpha[:, None]
-            p_hi, p_lo = _parts(p.to(v.dtype), PRECISION)
+            p_hi, p_lo = _parts(p.to(v.dtype), False, PRECISION)
             acc = _dot_parts(p_hi, p_lo, v, v_lo, acc, DOT_FP32, PRECISION)
         m_i = m_new
     return m_i, l_i, acc, kl_a, kl_b, kl_z
@@ -697,7 +721,7 @@ def _dkdv_tile(k, k_lo, v, v_lo, LO, dk, dv, start_m, q_base, q_offs, do_base, d
     if HAS_DO:
         do, do_lo = _load_operand(do_base + start_m * stride_dom + do_offs, LO, row_ok, offs_dv < HEAD_DIM_V,
                                   EDGE, BLOCK_DV != HEAD_DIM_V, PRECISION)
-        p_hi, p_lo = _parts(p_t.to(do.dtype), PRECISION)
+        p_hi, p_lo = _parts(p_t.to(do.dtype), False, PRECISION)
         dv = _dot_parts(p_hi, p_lo, do, do_lo, dv, DOT_FP32, PRECISION)
         dp_t = _dot_parts(v, v_lo, tl.trans(do), tl.trans(do_lo), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32),
                           DOT_FP32, PRECISION)
@@ -719,7 +743,7 @@ def _dkdv_tile(k, k_lo, v, v_lo, LO, dk, dv, start_m, q_base, q_offs, do_base, d
         inv_z = tl.where(has_mass, tl.exp(-tl.where(has_mass, tnorm, 0.0)), 0.0)
         grad_kl = tl.where(has_mass, grad_kl, 0.0)
         ds_t += grad_kl[None, :] * (p_t - t_t * inv_z[None, :])
-    ds_hi, ds_lo = _parts(ds_t.to(q_t.dtype), PRECISION)
+    ds_hi, ds_lo = _parts(ds_t.to(q_t.dtype), True, PRECISION)
     dk = _dot_parts(ds_hi, ds_lo, tl.trans(q_t), tl.trans(q_t_lo), dk, DOT_FP32, PRECISION)
     if DQ_ATOMIC:
         dq = _dot_parts(tl.trans(ds_hi), tl.trans(ds_lo), k, k_lo, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32),
@@ -883,7 +907,7 @@ def _dq_tile(q, q_lo, do, do_lo, LO, dq, start_n, k_base, v_base, k_offs, v_offs
             tl.store(ds_base + offs_n[None, :], ds, mask=row_ok[:, None] & key_ok[None, :])
         else:
             tl.store(ds_base + offs_n[None, :], ds, mask=row_ok[:, None])
-    ds_hi, ds_lo = _parts(ds.to(k.dtype), PRECISION)
+    ds_hi, ds_lo = _parts(ds.to(k.dtype), True, PRECISION)
     return _dot_parts(ds_hi, ds_lo, k, k_lo, dq, DOT_FP32, PRECISION)
 
 

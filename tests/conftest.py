@@ -41,6 +41,16 @@ def pytest_report_header(config):
     ] + [f"lfi tests: backend {name!r} skipped: {reason}" for name, reason in BACKEND_SKIP.items()]
 
 
+def pytest_runtest_logreport(report):
+    """LFI_TEST_FAILURE_LOG=PATH: each failure's traceback appended to PATH as soon as it happens
+    (benchmarks/gpu_check.sh: a run cut short by its time limit still says what failed and why).
+    Under xdist only the controller writes, so each failure is written once."""
+    path = os.environ.get("LFI_TEST_FAILURE_LOG")
+    if path and report.failed and "PYTEST_XDIST_WORKER" not in os.environ:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"===== {report.nodeid} ({report.when})\n{report.longreprtext[-3000:]}\n")
+
+
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     """cuda when available, else cpu."""

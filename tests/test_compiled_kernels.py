@@ -102,8 +102,10 @@ def test_half_precision_tiles_use_tensor_cores(records):
 
 
 def test_main_loops_are_found(records):
-    """The per-score-element figure is measured for every tensor-core kernel (the loop finder works)."""
+    """The per-score-element figure is measured for every tensor-core kernel (the loop finder works),
+    except with one key (N = 1, a constant: the compiler removes the key loops)."""
     missing = [_where(r) for r in _checked(records) if r["error"] is None and r["tensor_cores"]
+               and "n1" not in r["features"]
                and not (r["sass_per_score_element"] and r["sass_per_score_element"] > 0 and r["loops"])]
     assert not missing, "no main loop found in:\n" + "\n".join(missing)
 

@@ -64,6 +64,16 @@ def test_shapes_fp32(backend, case):
     gen = make_gen("shapes", case["id"], backend)
     q, k, v = make_qkv(case["B"], case["H"], case["Hkv"], case["M"], case["N"], case["D"], case.get("Dv"),
                        gen=gen, requires_grad=True)
+    if backend == "triton" and q.is_cuda and case["D"] > 128 and not torch.backends.cuda.matmul.allow_tf32:
+        # Exact float32 on a GPU: the forward runs; the backward's tiles exceed sm_90's shared memory
+        # at head dims over 128, and it says so (README: backends).
+        out, w = interaction_attention(q, k, v, need_weights=True, backend=backend)
+        ref_out, ref_w = reference_attention(*detached64(q, k, v))
+        assert_close(out, ref_out, torch.float32, name="out")
+        assert_close(w, ref_w, torch.float32, name="weights")
+        with pytest.raises(ValueError, match="supports head dims up to 128"):
+            (out.sum() + w.sum()).backward()
+        return
     out, w, _ = run_and_compare(backend, q, k, v, need_weights=True, gen=gen)
     assert out.shape == (case["B"], case["H"], case["M"], case.get("Dv", case["D"]))
     assert w.shape == (case["B"], case["H"], case["M"], case["N"])

@@ -156,6 +156,21 @@ def test_cuda_triton_larger_shapes(dtype):
     run_and_compare("triton", q, k, v, is_causal=True, need_weights=True, average=True, gen=gen)
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device: the autotuner runs compiled kernels only")
+@pytest.mark.parametrize("atomic_dq", [False, True], ids=["dq_kernel", "dq_atomic"])
+def test_cuda_triton_autotuned(atomic_dq, monkeypatch):
+    """The first call of a shape bucket autotunes: each candidate config runs several times on the
+    caller's buffers before the real launch. Outputs, maps and gradients of that very call must
+    match the reference (the atomic dQ accumulator is zeroed around the timing runs)."""
+    monkeypatch.setenv("LFI_AUTOTUNE", "1")
+    monkeypatch.setenv("LFI_DQ_ATOMIC", "1" if atomic_dq else "0")
+    gen = make_gen("cuda_autotuned", str(atomic_dq))
+    B, H, M, N, D = 2, 4, 197 + atomic_dq, 197 + atomic_dq, 64  # a new autotune key for each case
+    q, k, v = make_qkv(B, H, H, M, N, D, dtype=torch.bfloat16, gen=gen, device="cuda", requires_grad=True)
+    run_and_compare("triton", q, k, v, need_weights=True, gen=gen)
+    run_and_compare("triton", q, k, v, is_causal=True, loss="out", gen=gen)
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_cuda_auto_picks_triton_and_matches():
     gen = make_gen("cuda_auto")

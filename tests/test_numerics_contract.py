@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from helpers import DEVICE
+from helpers import INTERPRETED
 from helpers import assert_same
 from helpers import backend_dtype_params
 from helpers import make_gen
@@ -36,7 +37,8 @@ from reference import eager_attention
 # The Triton CPU interpreter evaluates with numpy, which warns on the non-finite values these cases are about
 # (beyond helpers.INTERPRETER_NOISE, which conftest.py filters everywhere).
 pytestmark = [pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")]
+              pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")]
 
 NAN, INF = float("nan"), float("inf")
 B, H, HKV, M, N, D = 2, 4, 2, 20, 37, 16
@@ -149,12 +151,16 @@ MODES = {
 }
 
 
-def _attention_inputs(case, dtype, requires_grad=False):
+def _attention_inputs(case, dtype, requires_grad=False, gpu_nan=False):
+    """gpu_nan: every NaN input as 0x7FFFFFFF, the NaN that NVIDIA GPUs compute (numpy's is 0x7FC00000)."""
     gen = make_gen("numerics_attention", case["id"])
     q = randn((B, H, M, D), gen)
     k = randn((B, HKV, N, D), gen)
     v = randn((B, HKV, N, D), gen)
     mask, kw = case["setup"](q, k, v)
+    for t in (q, k, v, mask) if gpu_nan else ():
+        if t is not None and t.dtype == torch.float32:
+            t.view(torch.int32)[t.isnan()] = 0x7FFFFFFF
     q, k, v = (t.to(DEVICE, dtype).requires_grad_(requires_grad) for t in (q, k, v))
     if mask is not None:
         mask = mask.to(DEVICE) if mask.dtype == torch.bool else mask.to(DEVICE, dtype)
@@ -167,7 +173,29 @@ def _attention_inputs(case, dtype, requires_grad=False):
 def test_attention_nonfinite_inputs(backend, dtype, case, mode):
     """out and maps against eager float64: NaN / inf rows (and v's NaN / inf columns) exactly where
     eager has them, zeros on rows with no attended key, finite values within tolerance."""
-    q, k, v, mask, kw = _attention_inputs(case, dtype)
+    _check_nonfinite_inputs(backend, dtype, case, mode)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="forces the Triton kernels' exact-float32 split under the CPU interpreter")
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("case", [pytest.param(c, id=c["id"]) for c in ATTENTION_CASES])
+def test_attention_nonfinite_inputs_3xtf32(case, mode, monkeypatch):
+    """The same contract through the exact-float32 path of CUDA devices (float32 without TF32:
+    operands split into TF32 parts, three products each; kernels/interaction_attention.py
+    _tf32_parts), with the GPUs' NaN bit pattern: an inf operand or a NaN split wrongly gives NaN for
+    inf (0 * inf in a low-part product) or 0 for NaN."""
+    _force_3xtf32(monkeypatch)
+    _check_nonfinite_inputs("triton", torch.float32, case, mode, gpu_nan=True)
+
+
+def _force_3xtf32(monkeypatch):
+    from lfi.backends.triton import interaction_attention as launcher
+
+    monkeypatch.setattr(launcher, "_precision", lambda dtype, split_by_hand=False: "3xtf32")
+
+
+def _check_nonfinite_inputs(backend, dtype, case, mode, gpu_nan=False):
+    q, k, v, mask, kw = _attention_inputs(case, dtype, gpu_nan=gpu_nan)
     opts = MODES[mode]
     res = interaction_attention(q, k, v, mask, backend=backend, **kw, **opts)
     out, w = res if opts["need_weights"] else (res, None)
@@ -207,7 +235,19 @@ def test_attention_nonfinite_gradients(backend, dtype, case):
     """Gradients of a loss on out and maps: every (batch, head) slice whose forward is finite gets
     eager's gradients; a row whose maps are NaN gets a NaN dq row, and NaN reaches dk, dv of its
     kv head (as in eager autograd); rows with no attended key get a zero dq row."""
-    q, k, v, mask, kw = _attention_inputs(case, dtype, requires_grad=True)
+    _check_nonfinite_gradients(backend, dtype, case)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="forces the Triton kernels' exact-float32 split under the CPU interpreter")
+@pytest.mark.parametrize("case", [pytest.param(c, id=c["id"]) for c in ATTENTION_CASES if c["id"] in GRAD_CASES])
+def test_attention_nonfinite_gradients_3xtf32(case, monkeypatch):
+    """The gradients' contract through the exact-float32 split (see test_attention_nonfinite_inputs_3xtf32)."""
+    _force_3xtf32(monkeypatch)
+    _check_nonfinite_gradients("triton", torch.float32, case, gpu_nan=True)
+
+
+def _check_nonfinite_gradients(backend, dtype, case, gpu_nan=False):
+    q, k, v, mask, kw = _attention_inputs(case, dtype, requires_grad=True, gpu_nan=gpu_nan)
     out, w = interaction_attention(q, k, v, mask, need_weights=True, backend=backend, **kw)
     gen = make_gen("numerics_grad", case["id"])
     r_out, r_w = randn(out.shape, gen), randn(w.shape, gen)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from helpers import DEVICE
+from helpers import INTERPRETED
 from helpers import assert_same
 from helpers import backend_dtype_params
 from helpers import make_gen
@@ -176,6 +177,21 @@ def test_fused_kl_nonfinite(backend, dtype, case):
     """interaction_attention(..., kl_target=t): the KL of the attended keys (t renormalised there)
     against F.kl_div; NaN / +inf in the target or NaN in k make the affected rows NaN (dq NaN
     there), NaN target entries at masked keys are never read, rows with no attended key give 0."""
+    _check_fused_kl_nonfinite(backend, dtype, case)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="forces the Triton kernels' exact-float32 split under the CPU interpreter")
+@pytest.mark.parametrize("case", [pytest.param(c, id=c["id"]) for c in FUSED_CASES])
+def test_fused_kl_nonfinite_3xtf32(case, monkeypatch):
+    """The same through the exact-float32 split of CUDA devices, NaNs as GPUs compute them
+    (test_numerics_contract.py test_attention_nonfinite_inputs_3xtf32)."""
+    from lfi.backends.triton import interaction_attention as launcher
+
+    monkeypatch.setattr(launcher, "_precision", lambda dtype, split_by_hand=False: "3xtf32")
+    _check_fused_kl_nonfinite("triton", torch.float32, case, gpu_nan=True)
+
+
+def _check_fused_kl_nonfinite(backend, dtype, case, gpu_nan=False):
     gen = make_gen("numerics_fused", case["id"])
     q, k, v = randn((KB, KH, KM, D), gen), randn((KB, KH, KN, D), gen), randn((KB, KH, KN, D), gen)
     target = torch.softmax(randn((KB, 1, KM, KN), gen), -1)
@@ -189,6 +205,8 @@ def test_fused_kl_nonfinite(backend, dtype, case):
         target[case["idx"]] = case["value"]
     else:
         k[0, 1, 20, 2] = NAN
+    for t in (k, target) if gpu_nan else ():
+        t.view(torch.int32)[t.isnan()] = 0x7FFFFFFF
     q, k, v = (t.to(DEVICE, dtype).requires_grad_(True) for t in (q, k, v))
     target = target.to(DEVICE, dtype)
     out, kl = interaction_attention(q, k, v, mask, kl_target=target, kl_reduction="none", backend=backend)

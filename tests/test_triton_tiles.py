@@ -131,6 +131,19 @@ def test_atomic_dq(case, tile, monkeypatch):
     _run_case(case, tile)
 
 
+def test_atomic_dq_autotuner_zeroes_accumulator():
+    """Autotuning times each dK/dV config several times on the caller's buffers: the atomic dQ
+    accumulator must be zeroed around those runs (Triton's reset_to_zero), and a tuned config must
+    not carry over between the atomic and the plain variant (DQ_ATOMIC in the key)."""
+    from lfi.backends.triton import interaction_attention as launcher
+
+    dkdv = launcher._dkdv
+    assert dkdv.reset_to_zero == ["DQ_ACC"] and "DQ_ACC" in dkdv.kernel.arg_names
+    assert "DQ_ATOMIC" in dkdv.key
+    assert dkdv.autotuner.reset_to_zero == ["DQ_ACC"]
+    assert all(not tuned.reset_to_zero for tuned in (launcher._fwd, launcher._preprocess, launcher._dq))
+
+
 SPLIT_TF32_CASES = [c for c in CASES if c["id"] in ("causal_tall", "ragged_maps_window", "key_padding_float_rows",
                                                  "float_mask_dead_rows", "gqa_causal", "negative_scale")]
 
@@ -139,13 +152,17 @@ SPLIT_TF32_CASES = [c for c in CASES if c["id"] in ("causal_tall", "ragged_maps_
 def test_tf32_parts():
     """The launcher's split of exact-float32 operands (_operands -> tf32_split_kernel -> _tf32_parts):
     both parts exact in TF32 (low 13 mantissa bits clear), rounded to nearest, their sum within 2^-22
-    of x; inf and NaN kept; each tensor's high part a contiguous view, its low part LO elements on,
-    64-byte aligned."""
+    of x; non-finite x (the GPUs' canonical NaN 0x7FFFFFFF and a negative NaN among them, which the
+    rounding would carry into the sign bit) and the float32 maximum (whose rounding overflows) split
+    as (0, x); each tensor's high part a contiguous view, its low part LO elements on, 64-byte aligned."""
     from lfi.backends.triton import interaction_attention as launcher
 
     gen = make_gen("tf32_parts")
     x = torch.randn(4096, generator=gen) * torch.exp2(torch.randint(-60, 60, (4096,), generator=gen).float())
     x[:4] = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0])
+    special = x[4096 - 4:]
+    special.view(torch.int32)[:2] = torch.tensor([0x7FFFFFFF, -1], dtype=torch.int32)  # NaN payloads
+    special[2:] = torch.tensor([torch.finfo(torch.float32).max, -torch.finfo(torch.float32).max])
     x[4:6] = torch.tensor([1.0 + 2.0**-11, -(1.0 + 3 * 2.0**-11)])  # ties: away from zero
     other = torch.randn(3, 5, 7, generator=gen).transpose(0, 2)  # strided, 105 elements: a ragged block
     highs = launcher._operands({"PRECISION": "3xtf32"}, other, x)
@@ -160,13 +177,15 @@ def test_tf32_parts():
     hi, lo = highs[1], low(highs[1])
     torch.testing.assert_close(highs[0] + low(highs[0]), other, atol=0, rtol=2.0**-22)
     assert highs[0].shape == other.shape
-    for part in (hi, lo):
-        assert not (part[6:].view(torch.int32) & 0x1FFF).any()
-    assert hi[0] == float("inf") and hi[1] == -float("inf") and hi[2].isnan() and hi[3] == 0
+    for i in (0, 1, 2, 4092, 4093, 4094, 4095):
+        assert hi[i] == 0 and lo[i].view(torch.int32) == x[i].view(torch.int32), i  # (0, x), bit for bit
+    assert hi[3] == 0 and lo[3] == 0
     assert hi[4] == 1.0 + 2.0**-10 and hi[5] == -(1.0 + 2 * 2.0**-10)
-    x64, hi64 = x[6:].double(), hi[6:].double()
+    for part in (hi, lo):
+        assert not (part[6:4092].view(torch.int32) & 0x1FFF).any()
+    x64, hi64 = x[6:4092].double(), hi[6:4092].double()
     assert ((x64 - hi64).abs() <= x64.abs() * 2.0**-11).all()  # hi: nearest TF32 value
-    assert ((hi64 + lo[6:].double() - x64).abs() <= x64.abs() * 2.0**-22).all()
+    assert ((hi64 + lo[6:4092].double() - x64).abs() <= x64.abs() * 2.0**-22).all()
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="interpreter tile shapes are a CPU (TRITON_INTERPRET) test")
@@ -329,7 +348,7 @@ def test_unaligned_map_gradient_is_read_padded(monkeypatch):
     stats = launcher.attention_forward(q, k, v, None, 0.25, False, 0, 9)
     out, st, w = stats[0], stats[1], stats[2]
     dout = torch.randn_like(out)
-    dw = torch.randn(1, 2, 9, 19, generator=gen).to(w.dtype)
+    dw = torch.randn(1, 2, 9, 19, generator=gen).to(w.device, w.dtype)
     got = launcher.attention_backward(dout, dw, q, k, v, out, st, None, 0.25, False, 0, 9, False)
     padded = launcher._map_buffer(1, 2, 9, 19, dw.dtype, dw.device).copy_(dw)
     want = launcher.attention_backward(dout, padded, q, k, v, out, st, None, 0.25, False, 0, 9, False)

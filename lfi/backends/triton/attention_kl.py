@@ -16,9 +16,8 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-import triton
 
-from lfi.backends.triton._launch import TunedKernel, bucket, configs_from, fit_buckets
+from lfi.backends.triton._launch import TunedKernel, bucket, cdiv, configs_from, fit_buckets
 from lfi.kernels import attention_kl as K
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -95,7 +94,7 @@ def kl_forward(logits, target, key_mask, student_scale: float, target_scale: flo
     target_arg, t_strides = _target_arg(target, shape)
     mask_arg, m_strides, has_mask = _mask_arg(key_mask, shape, logits)
     _fwd(
-        lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
+        lambda meta: cdiv(M, meta["BLOCK_M"]) * B * H,
         logits, target_arg, mask_arg, kl, stats, tstats, logits.stride(), t_strides, m_strides,
         H, M, N, float(student_scale), float(target_scale), bucket(M), bucket(N),
         # The forward reads a key-padding mask as a tile: the compiled-kernel report counts 0.90 vs
@@ -118,7 +117,7 @@ def kl_backward(grad_kl, logits, target, key_mask, stats, tstats, student_scale:
     target_arg, t_strides = _target_arg(target, shape)
     mask_arg, m_strides, has_mask = _mask_arg(key_mask, shape, logits)
     _bwd(
-        lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
+        lambda meta: cdiv(M, meta["BLOCK_M"]) * B * H,
         grad_kl, logits, target_arg, mask_arg, _row_stats(stats), _row_stats(tstats), dlogits,
         grad_kl.expand(B, H, M).stride(), logits.stride(), t_strides, m_strides,
         H, M, N, float(student_scale), float(target_scale), bucket(M), bucket(N),

@@ -19,10 +19,18 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-import triton
 
 from lfi._numerics import MAX_HEAD_DIM
-from lfi.backends.triton._launch import TunedKernel, _block, _precision, bucket, configs_from, fit_buckets, smem_limit
+from lfi.backends.triton._launch import (
+    TunedKernel,
+    _block,
+    _precision,
+    bucket,
+    cdiv,
+    configs_from,
+    fit_buckets,
+    smem_limit,
+)
 from lfi.backends.triton.attention_kl import (
     SUPPORTED_DTYPES,
     _check_dtype,
@@ -220,7 +228,7 @@ def kl_qk_forward(q, k, target, q_t, k_t, key_mask, student_scale: float, target
         return kl, stats, tstats
     target_arg, qt_arg, kt_arg, mask_arg = pointers
     _fwd(
-        lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
+        lambda meta: cdiv(M, meta["BLOCK_M"]) * B * H,
         q, k, target_arg, qt_arg, kt_arg, mask_arg, kl, stats, tstats, q.stride(), k.stride(), *strides,
         H, H // Hkv, *heads, M, N, *scales, bucket(M), bucket(N),
         **constexprs,
@@ -244,14 +252,14 @@ def kl_qk_backward(grad_kl, q, k, target, q_t, k_t, key_mask, stats, tstats, stu
     stats, tstats = _row_stats(stats), _row_stats(tstats)
     g_strides = grad_kl.expand(B, H, M).stride()
     _dq(
-        lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
+        lambda meta: cdiv(M, meta["BLOCK_M"]) * B * H,
         grad_kl, q, k, target_arg, qt_arg, kt_arg, mask_arg, stats, tstats, dq,
         g_strides, q.stride(), k.stride(), *strides, dq.stride(),
         H, H // Hkv, *heads, M, N, *scales, bucket(M), bucket(N),
         **constexprs,
     )
     _dk(
-        lambda meta: triton.cdiv(N, meta["BLOCK_N"]) * B * Hkv,
+        lambda meta: cdiv(N, meta["BLOCK_N"]) * B * Hkv,
         grad_kl, q, k, target_arg, qt_arg, kt_arg, mask_arg, stats, tstats, dk,
         g_strides, q.stride(), k.stride(), *strides, dk.stride(),
         H, Hkv, H // Hkv, *heads, M, N, *scales, bucket(M), bucket(N),

@@ -19,7 +19,6 @@ import os
 from functools import partial
 
 import torch
-import triton
 
 from lfi.backends.triton._launch import (
     SMEM_LIMIT_SM90,
@@ -29,6 +28,7 @@ from lfi.backends.triton._launch import (
     _precision,
     _strides,
     bucket,
+    cdiv,
     configs_from,
     smem_limit,
 )
@@ -115,6 +115,8 @@ _TABLE = {
     ("dq", None, None, None, ""): configs_from("128x32x8x2 64x16x4x2"),
 }
 
+_N1_FWD = configs_from("64x16x4x2")[0]
+
 
 def _feature_class(kernel: str, named) -> str:
     if (kernel == "dkdv" and named.get("PRECISION") == "3xtf32"
@@ -153,8 +155,9 @@ def _lookup(kernel: str, named):
 
 def size_key(n: int) -> int:
     """M_BUCKET / N_BUCKET: bucket(n), minus one when n is not a multiple of 16, so that the
-    autotuner keys those calls apart (their candidates can differ: feature class "ragged")."""
-    return bucket(n) - (1 if n % 16 else 0)
+    autotuner keys those calls apart (their candidates can differ: feature class "ragged"); 1 for
+    n = 1 (a forward with one key has its own config, see _candidates)."""
+    return 1 if n == 1 else bucket(n) - (1 if n % 16 else 0)
 
 
 def _smem_bytes(kernel: str, cfg, named) -> int:
@@ -177,6 +180,11 @@ def _smem_bytes(kernel: str, cfg, named) -> int:
 def _candidates(kernel: str, named):
     """The table's list for the call, without configs over the device's shared memory and, when
     there are at most 64 rows, without 128-row blocks (the M loop of row-block kernels)."""
+    if kernel == "fwd" and named["N"] == 1:
+        # Triton compiles N == 1 as a constant; the causal maps variant at 128-row tiles then crashed
+        # ptxas (SIGSEGV; Triton 3.6's and 3.8's ptxas, float32, found on an H200). One key per row:
+        # the smallest tile is all the work needs. size_key keys N == 1 apart.
+        return [_N1_FWD]
     configs = _lookup(kernel, named)
     limit = smem_limit(named["Q"].device)
     kept = [c for c in configs if _smem_bytes(kernel, c, named) <= limit]
@@ -185,13 +193,17 @@ def _candidates(kernel: str, named):
     return kept or [min(configs, key=lambda c: _smem_bytes(kernel, c, named))]
 
 
-def _tuned(kernel_fn, kernel: str, key):
-    return TunedKernel.from_table(kernel_fn, _TABLE, kernel, _FEATURES + key, partial(_candidates, kernel))
+def _tuned(kernel_fn, kernel: str, key, reset_to_zero=()):
+    return TunedKernel.from_table(kernel_fn, _TABLE, kernel, _FEATURES + key, partial(_candidates, kernel),
+                                  reset_to_zero)
 
 
 _fwd = _tuned(K.attention_fwd_kernel, "fwd", ["HAS_KL", "WRITE_MAPS"])
 _preprocess = _tuned(K.attention_bwd_preprocess_kernel, "preprocess", ["HAS_DW", "HAS_DO"])
-_dkdv = _tuned(K.attention_bwd_dkdv_kernel, "dkdv", ["HAS_DW", "HAS_KL", "HAS_DO", "GROUP"])
+# DQ_ACC accumulates atomically (DQ_ATOMIC): zeroed around the autotuner's timing runs. Without
+# DQ_ATOMIC it is a one-element placeholder, so zeroing it costs nothing.
+_dkdv = _tuned(K.attention_bwd_dkdv_kernel, "dkdv", ["HAS_DW", "HAS_KL", "HAS_DO", "GROUP", "DQ_ATOMIC"],
+               reset_to_zero=["DQ_ACC"])
 _dq = _tuned(K.attention_bwd_dq_kernel, "dq", ["HAS_DW", "HAS_KL", "HAS_DO", "WRITE_DS"])
 
 
@@ -234,7 +246,7 @@ def _operands(constexprs, *tensors):
     starts, lo = [], 0
     for t in tensors:
         starts.append(lo)
-        lo += 0 if t is None else triton.cdiv(t.numel(), SPLIT_ALIGN) * SPLIT_ALIGN
+        lo += 0 if t is None else cdiv(t.numel(), SPLIT_ALIGN) * SPLIT_ALIGN
     parts = torch.empty(2 * lo, dtype=torch.float32, device=tensors[0].device)
     highs = []
     for t, start in zip(tensors, starts):
@@ -243,7 +255,7 @@ def _operands(constexprs, *tensors):
             continue
         n = t.numel()
         if n:
-            K.tf32_split_kernel[(triton.cdiv(n, SPLIT_BLOCK),)](t.contiguous(), parts[start:], n, lo, BLOCK=SPLIT_BLOCK)
+            K.tf32_split_kernel[(cdiv(n, SPLIT_BLOCK),)](t.contiguous(), parts[start:], n, lo, BLOCK=SPLIT_BLOCK)
         highs.append(parts[start:start + n].view(t.shape))
     return (*highs, lo)
 
@@ -258,7 +270,7 @@ def _split_fits(q, D: int, Dv: int) -> bool:
 
 def _map_buffer(B, H, rows, N, dtype, device):
     """(B, H, rows, N) maps as a view of a buffer whose row stride is a multiple of MAP_ROW_ALIGN."""
-    padded = triton.cdiv(N, MAP_ROW_ALIGN) * MAP_ROW_ALIGN
+    padded = cdiv(N, MAP_ROW_ALIGN) * MAP_ROW_ALIGN
     return torch.empty(B, H, rows, padded, dtype=dtype, device=device)[..., :N]
 
 
@@ -287,7 +299,7 @@ def attention_forward(q, k, v, mask, scale: float, is_causal: bool, w_start: int
         kl, tnorm = (torch.empty(B, H, M, dtype=torch.float32, device=q.device) for _ in range(2))
     q_op, k_op, v_op, lo = _operands(constexprs, q, k, v)
     _fwd(
-        lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
+        lambda meta: cdiv(M, meta["BLOCK_M"]) * B * H,
         q_op, k_op, v_op, mask_arg, out, stats, weights if write_maps else out,
         kl_target if has_kl else out, kl if has_kl else stats, tnorm if has_kl else stats,
         *q_op.stride(), *k_op.stride(), *v_op.stride(), *mask_strides, *out.stride(),
@@ -345,7 +357,7 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale:
 
     delta = torch.empty(B, H, M, dtype=torch.float32, device=q.device)
     _preprocess(
-        lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
+        lambda meta: cdiv(M, meta["BLOCK_M"]) * B * H,
         out, grad_out, delta, q_op, k_op, mask_arg, stats, g_arg,
         *out.stride(), *grad_out.stride(), *q_op.stride(), *k_op.stride(), *mask_strides, *g_strides,
         H, H // Hkv, *sizes,
@@ -354,9 +366,10 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale:
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     dq_atomic = use_atomic_dq(mask_grad)
-    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if dq_atomic else delta
+    dq_acc = (torch.zeros(q.shape, dtype=torch.float32, device=q.device) if dq_atomic
+              else torch.empty(1, dtype=torch.float32, device=q.device))
     _dkdv(
-        lambda meta: triton.cdiv(N, meta["BLOCK_N"]) * B * Hkv,
+        lambda meta: cdiv(N, meta["BLOCK_N"]) * B * Hkv,
         q_op, k_op, v_op, mask_arg, do_op, g_arg, stats, delta, dk, dv, dq_acc, *kl_args,
         *q_op.stride(), *k_op.stride(), *v_op.stride(), *mask_strides, *do_op.stride(), *g_strides,
         *dk.stride(), *dv.stride(), *_strides(dq_acc if dq_atomic else None), *kl_strides,
@@ -370,7 +383,7 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale:
     # In the maps' padded layout: the kernel's dS row stride is cdiv(N, MAP_ROW_ALIGN) * MAP_ROW_ALIGN.
     ds = _map_buffer(B, H, M, N, torch.float32, q.device).zero_() if mask_grad else delta
     _dq(
-        lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * B * H,
+        lambda meta: cdiv(M, meta["BLOCK_M"]) * B * H,
         q_op, k_op, v_op, mask_arg, do_op, g_arg, stats, delta, dq, ds, *kl_args,
         *q_op.stride(), *k_op.stride(), *v_op.stride(), *mask_strides, *do_op.stride(), *g_strides, *dq.stride(),
         *kl_strides,
