@@ -21,14 +21,13 @@ from lfi import benchmark as bench
 
 
 def _kernel_rows(prof, steps: int, top: int = 4):
-    """(total device us per step, [(kernel name, us per step)] of the `top` longest)."""
-    kernels = {}
-    for evt in prof.events():
-        if evt.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[evt.name] = kernels.get(evt.name, 0.0) + evt.device_time
-    total = sum(kernels.values()) / steps
-    rows = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
-    return total, [(name[:60], us / steps) for name, us in rows]
+    """(total device us per step, [(kernel name, us per step)] of the `top` longest). A kernel's row
+    in key_averages() holds its own device time (self_device_time_total); an operator's row holds
+    none of its own (its kernels' time is their rows'), so the sum over rows counts each kernel once."""
+    rows = [(evt.key, evt.self_device_time_total) for evt in prof.key_averages() if evt.self_device_time_total > 0]
+    total = sum(us for _, us in rows) / steps
+    rows.sort(key=lambda kv: -kv[1])
+    return total, [(name[:60], us / steps) for name, us in rows[:top]]
 
 
 def profile_case(impl_name: str, shape, mode: str, maps: bool, steps: int, dtype) -> str:
