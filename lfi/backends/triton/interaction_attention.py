@@ -65,9 +65,9 @@ _FEATURES = ["M_BUCKET", "N_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS
 # fused KL, a 2-D mask or a mask with map gradients, whose 32-row tile spills 4-352 B and, with maps
 # and causal or GQA, the pipelined 16-row one 32-204 B; the fused KL's forward spills 20-240 B at
 # 128-row tiles). At D = 128 the lists hold the tiles that fit the shared memory with the fewest
-# spills: none in the forward and dQ without maps, 28-424 B with maps, and 700-2100 B in dK/dV, at
-# every tile measured (RESULTS.md). TF32 with the fused KL: 128x64 and 64x64 forward tiles spill
-# 16-88 B without maps, the dQ 64x64 w4 tile 108 B.
+# spills: none in the forward without maps, 44 B in dQ with a float mask or the fused KL, 36-432 B
+# with maps, and 700-1920 B in dK/dV, at every tile measured (RESULTS.md, 2026-12-04). TF32 with
+# the fused KL: 128x64 and 64x64 forward tiles spill 16-88 B without maps, the dQ 64x64 w4 tile 108 B.
 # A data table, one row per key: rows alike by design (not code to fold into a function).
 _TABLE = {
     ("fwd", 64, "16", False, ""): configs_from("128x128x8x2 128x64x8x3 64x64x4x2"),
