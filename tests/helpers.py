@@ -307,6 +307,23 @@ INTERPRETED = not HAS_CUDA and os.environ.get("TRITON_INTERPRET") == "1"
 INTERPRETER_NOISE = "ignore:invalid value encountered:RuntimeWarning"
 
 
+def force_exact_fp32_split(monkeypatch):
+    """Makes the Triton attention launcher take the exact-float32 path of sm_90 GPUs (PRECISION
+    "3xtf32": operands split into TF32 parts) under the CPU interpreter, which multiplies the TF32
+    parts exactly, as tensor cores do."""
+    from lfi.backends.triton import interaction_attention as launcher
+
+    monkeypatch.setattr(launcher, "_precision", lambda dtype, split_by_hand=False: "3xtf32")
+
+
+def as_gpu_nans(*tensors):
+    """Rewrites, in place, every NaN of the float32 tensors (None skipped) as 0x7FFFFFFF, the NaN
+    NVIDIA GPUs compute (numpy's, and so the interpreter's, is 0x7FC00000)."""
+    for t in tensors:
+        if t is not None and t.dtype == torch.float32:
+            t.view(torch.int32)[t.isnan()] = 0x7FFFFFFF
+
+
 def backend_dtype_params(dtypes=None, skip_interpreter=None, cases=None):
     """(backend, dtype) params over the matrix where the backend runs the dtype on DEVICE (float64:
     torch, and cuda on CPU), ids "backend-dtype"; with `cases`, the product with them as

@@ -27,8 +27,10 @@ import torch
 
 from helpers import DEVICE
 from helpers import INTERPRETED
+from helpers import as_gpu_nans
 from helpers import assert_same
 from helpers import backend_dtype_params
+from helpers import force_exact_fp32_split
 from helpers import make_gen
 from helpers import randn
 from lfi.ops import interaction_attention
@@ -158,9 +160,8 @@ def _attention_inputs(case, dtype, requires_grad=False, gpu_nan=False):
     k = randn((B, HKV, N, D), gen)
     v = randn((B, HKV, N, D), gen)
     mask, kw = case["setup"](q, k, v)
-    for t in (q, k, v, mask) if gpu_nan else ():
-        if t is not None and t.dtype == torch.float32:
-            t.view(torch.int32)[t.isnan()] = 0x7FFFFFFF
+    if gpu_nan:
+        as_gpu_nans(q, k, v, mask)
     q, k, v = (t.to(DEVICE, dtype).requires_grad_(requires_grad) for t in (q, k, v))
     if mask is not None:
         mask = mask.to(DEVICE) if mask.dtype == torch.bool else mask.to(DEVICE, dtype)
@@ -184,14 +185,8 @@ def test_attention_nonfinite_inputs_3xtf32(case, mode, monkeypatch):
     operands split into TF32 parts, three products each; kernels/interaction_attention.py
     _tf32_parts), with the GPUs' NaN bit pattern: an inf operand or a NaN split wrongly gives NaN for
     inf (0 * inf in a low-part product) or 0 for NaN."""
-    _force_3xtf32(monkeypatch)
+    force_exact_fp32_split(monkeypatch)
     _check_nonfinite_inputs("triton", torch.float32, case, mode, gpu_nan=True)
-
-
-def _force_3xtf32(monkeypatch):
-    from lfi.backends.triton import interaction_attention as launcher
-
-    monkeypatch.setattr(launcher, "_precision", lambda dtype, split_by_hand=False: "3xtf32")
 
 
 def _check_nonfinite_inputs(backend, dtype, case, mode, gpu_nan=False):
@@ -242,7 +237,7 @@ def test_attention_nonfinite_gradients(backend, dtype, case):
 @pytest.mark.parametrize("case", [pytest.param(c, id=c["id"]) for c in ATTENTION_CASES if c["id"] in GRAD_CASES])
 def test_attention_nonfinite_gradients_3xtf32(case, monkeypatch):
     """The gradients' contract through the exact-float32 split (see test_attention_nonfinite_inputs_3xtf32)."""
-    _force_3xtf32(monkeypatch)
+    force_exact_fp32_split(monkeypatch)
     _check_nonfinite_gradients("triton", torch.float32, case, gpu_nan=True)
 
 

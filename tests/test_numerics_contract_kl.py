@@ -11,8 +11,10 @@ import torch
 
 from helpers import DEVICE
 from helpers import INTERPRETED
+from helpers import as_gpu_nans
 from helpers import assert_same
 from helpers import backend_dtype_params
+from helpers import force_exact_fp32_split
 from helpers import make_gen
 from helpers import randn
 from kl_cases import implicit_teacher
@@ -185,9 +187,7 @@ def test_fused_kl_nonfinite(backend, dtype, case):
 def test_fused_kl_nonfinite_3xtf32(case, monkeypatch):
     """The same through the exact-float32 split of CUDA devices, NaNs as GPUs compute them
     (test_numerics_contract.py test_attention_nonfinite_inputs_3xtf32)."""
-    from lfi.backends.triton import interaction_attention as launcher
-
-    monkeypatch.setattr(launcher, "_precision", lambda dtype, split_by_hand=False: "3xtf32")
+    force_exact_fp32_split(monkeypatch)
     _check_fused_kl_nonfinite("triton", torch.float32, case, gpu_nan=True)
 
 
@@ -205,8 +205,8 @@ def _check_fused_kl_nonfinite(backend, dtype, case, gpu_nan=False):
         target[case["idx"]] = case["value"]
     else:
         k[0, 1, 20, 2] = NAN
-    for t in (k, target) if gpu_nan else ():
-        t.view(torch.int32)[t.isnan()] = 0x7FFFFFFF
+    if gpu_nan:
+        as_gpu_nans(k, target)
     q, k, v = (t.to(DEVICE, dtype).requires_grad_(True) for t in (q, k, v))
     target = target.to(DEVICE, dtype)
     out, kl = interaction_attention(q, k, v, mask, kl_target=target, kl_reduction="none", backend=backend)
