@@ -1,13 +1,22 @@
 #!/usr/bin/env python
-"""Host time of the Triton attention launchers per call, without a GPU: the kernel launches are
-stubbed out (JITFunction.run does nothing), so what is timed is lfi's own Python between the op and
-Triton's launch (config choice, buffers, strides, grids). Heuristic configs (LFI_AUTOTUNE=0).
+"""Host time per call of the Triton path, without a GPU. Two measurements:
 
-    python benchmarks/launcher_overhead.py [--shape B,H,M,N,D] [--calls 2000] [--repeats 5]
+- ``launcher``: lfi's launchers alone (lfi.backends.triton.interaction_attention), with
+  JITFunction.run stubbed out: config choice, buffers, strides, grids.
+- ``call``: the whole call as a user makes it, ``interaction_attention(q, k, v, backend="triton")``
+  (validation, dispatch, the autograd layer, the launchers, TunedKernel, Triton's autotuner and
+  JITFunction.run with its argument binding and specialization), with only what needs a GPU faked:
+  Triton's driver reports an sm_90 device, compilation returns a kernel whose launch does nothing,
+  and autotuning's timings are constant (so it picks the first candidate). Forward under no_grad,
+  and forward + ``torch.autograd.grad`` of q, k, v, without maps.
 
-Prints the median and the spread over --repeats timings of --calls calls each, for the forward and
-the backward without maps, and the forward with maps (the maps backward copies a map-sized CPU
-buffer here, which a GPU does on the device, so it is left out). A measurement, not a test.
+    python benchmarks/launcher_overhead.py [--what call|launcher] [--shape B,H,M,N,D] [--calls N]
+                                           [--repeats 5] [--autotune 0|1]
+
+Tensors are CPU tensors that are never touched (torch.empty), so what is timed is host work; a
+GPU adds the driver's launch (a few us per kernel) and the CUDA caching allocator instead of
+malloc. Prints the median and the spread over --repeats timings of --calls calls each. A
+measurement, not a test.
 """
 from __future__ import annotations
 
@@ -16,43 +25,114 @@ import os
 import statistics
 import time
 
-os.environ.setdefault("LFI_AUTOTUNE", "0")
 os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
+
+
+class _NoLaunchKernel:
+    """What the faked compilation returns: JITFunction.run's launch of it does nothing."""
+
+    function = packed_metadata = None
+
+    def launch_metadata(self, *args):
+        return None
+
+    def run(self, *args):
+        return None
+
+
+class _Sm90WithoutGpu:
+    """Triton's driver as JITFunction.run and the autotuner use it, for a device that is not there."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_benchmarker(self):
+        return lambda kernel_call, quantiles=None, **kwargs: [1.0, 1.0, 1.0]
+
+
+def _compile_nothing(self, key, signature, device, constexprs, options, attrs, warmup):
+    kernel = _NoLaunchKernel()
+    self.device_caches[device][0][key] = kernel  # cached as a compiled kernel is
+    return kernel
+
+
+def _timed(fn, calls: int, repeats: int) -> list[float]:
+    for _ in range(min(50, calls)):
+        fn()
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        runs.append((time.perf_counter() - t0) / calls * 1e6)
+    return runs
+
+
+def launcher_cases(q, k, v, M):
+    JITFunction.run = lambda self, *a, **k: None  # no compilation, no launch
+    from lfi.backends.triton import interaction_attention as launcher
+
+    scale = q.shape[-1] ** -0.5
+    out, stats = launcher.attention_forward(q, k, v, None, scale, False, 0, 0)[:2]
+    return {
+        "launcher: forward, no maps": lambda: launcher.attention_forward(q, k, v, None, scale, False, 0, 0),
+        "launcher: forward, maps": lambda: launcher.attention_forward(q, k, v, None, scale, False, 0, M),
+        "launcher: backward, no maps": lambda: launcher.attention_backward(
+            out, None, q, k, v, out, stats, None, scale, False, 0, 0, False),
+    }
+
+
+def call_cases(q, k, v, M):
+    JITFunction._do_compile = _compile_nothing
+    from lfi import _dispatch
+
+    usable = _dispatch._unusable_reason  # the Triton backend refuses CPU tensors outside the interpreter
+    _dispatch._unusable_reason = lambda backend, device: None if backend == "triton" else usable(backend, device)
+    from lfi.ops import interaction_attention
+
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    grad = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype)
+
+    def forward():
+        with torch.no_grad():
+            interaction_attention(q, k, v, backend="triton")
+
+    def forward_backward():
+        torch.autograd.grad(interaction_attention(q, k, v, backend="triton"), (q, k, v), grad)
+
+    return {"call: forward, no maps": forward, "call: forward + backward, no maps": forward_backward}
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--what", default="call", choices=["call", "launcher"],
+                   help="the whole call, or the launchers alone (Triton is stubbed differently for each)")
     p.add_argument("--shape", default="64,12,197,197,64", help="B,H,M,N,D (bf16)")
-    p.add_argument("--calls", type=int, default=2000)
+    p.add_argument("--calls", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--autotune", default="1", choices=["0", "1"], help="LFI_AUTOTUNE (1: the default)")
     args = p.parse_args(argv)
-    JITFunction.run = lambda self, *a, **k: None  # no compilation, no launch
-    from lfi.backends.triton import interaction_attention as launcher
-
+    os.environ["LFI_AUTOTUNE"] = args.autotune
+    driver.set_active(_Sm90WithoutGpu())
     B, H, M, N, D = (int(x) for x in args.shape.split(","))
     q, k, v = (torch.empty(B, H, n, D, dtype=torch.bfloat16) for n in (M, N, N))
-    scale = D ** -0.5
-    out, stats = launcher.attention_forward(q, k, v, None, scale, False, 0, 0)[:2]
-    cases = {
-        "forward, no maps": lambda: launcher.attention_forward(q, k, v, None, scale, False, 0, 0),
-        "forward, maps": lambda: launcher.attention_forward(q, k, v, None, scale, False, 0, M),
-        "backward, no maps": lambda: launcher.attention_backward(out, None, q, k, v, out, stats, None, scale,
-                                                                 False, 0, 0, False),
-    }
-    print(f"| call (B, H, M, N, D = {args.shape}, bf16) | median us | min-max us ({args.repeats} x {args.calls}) |")
+    cases = launcher_cases(q, k, v, M) if args.what == "launcher" else call_cases(q, k, v, M)
+    print(f"| host time per call (B, H, M, N, D = {args.shape}, bf16, LFI_AUTOTUNE={args.autotune}) "
+          f"| median us | min-max us ({args.repeats} x {args.calls}) |")
     print("|---|---:|---|")
     for name, fn in cases.items():
-        for _ in range(50):
-            fn()
-        runs = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            for _ in range(args.calls):
-                fn()
-            runs.append((time.perf_counter() - t0) / args.calls * 1e6)
+        runs = _timed(fn, args.calls, args.repeats)
         print(f"| {name} | {statistics.median(runs):.1f} | {min(runs):.1f}-{max(runs):.1f} |")
 
 

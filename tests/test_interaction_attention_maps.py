@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
+from helpers import assert_close
+from helpers import backend_param
 from helpers import backend_supports
 from helpers import bool_mask
 from helpers import case_params
@@ -186,3 +190,55 @@ def test_attention_pv_opcheck():
     v = randn((2, 2, 7, 6), gen, requires_grad=True)
     out = (w.detach().unflatten(1, (2, 2)) @ v.detach().unsqueeze(2)).flatten(1, 2)
     torch.library.opcheck(torch.ops.lfi.attention_pv.default, (w, v, out))
+
+
+class _MapSizedAllocations(TorchDispatchMode):
+    """Records (op, dtype) of every tensor with at least `numel` elements created while active on
+    new memory (views and in-place results of an op's inputs excluded)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.seen = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        self.seen += [(func.__name__, t.dtype) for t in tree_leaves(out)
+                      if isinstance(t, torch.Tensor) and t.numel() >= self.numel
+                      and t.untyped_storage().data_ptr() not in inputs]
+        return out
+
+
+@pytest.mark.parametrize("backend", [backend_param("triton")])
+@pytest.mark.parametrize("hkv", [2, 1], ids=["mha", "gqa"])
+def test_maps_backward_allocates_one_map(backend, hkv, monkeypatch):
+    """Every row's maps returned (out read through attention_pv), 16-bit inputs, loss on out only:
+    the backward creates one map-sized tensor, dW = dO V^T in the inputs' dtype (as eager's backward
+    of w @ v), already in the maps' padded row layout, which the backend takes without a copy (no
+    float32 copies of W or dW: they were 3 float32 map-sized tensors, a cast and a padded copy)."""
+    from lfi.backends.triton import interaction_attention as triton_backend
+
+    seen_strides = []
+    backward = triton_backend.attention_backward
+
+    def spy(grad_out, grad_weights, *args, **kwargs):
+        seen_strides.append(grad_weights.stride())
+        return backward(grad_out, grad_weights, *args, **kwargs)
+
+    monkeypatch.setattr(triton_backend, "attention_backward", spy)
+    gen = make_gen("maps_backward_allocates", hkv)
+    B, H, M, N, D = 1, 2, 12, 37, 8  # a map (888 elements) is larger than q, k, v and padded v
+    q, k, v = make_qkv(B, H, hkv, M, N, D, dtype=torch.bfloat16, gen=gen, requires_grad=True)
+    out, w = interaction_attention(q, k, v, need_weights=True, backend=backend)
+    grad_out = randn(out.shape, gen, dtype=out.dtype)
+    with _MapSizedAllocations(B * H * M * N) as allocations:
+        out.backward(grad_out)
+    assert allocations.seen == [("bmm.default", torch.bfloat16)]
+    assert seen_strides == [w.stride()] and w.stride(-2) % 16 == 0 and w.stride(-2) > N
+    q64, k64, v64 = detached64(q, k, v)
+    for t in (q64, k64, v64):
+        t.requires_grad_(True)
+    ref_out, _ = reference_attention(q64, k64, v64)
+    ref_out.backward(grad_out.double())
+    for name, got, want in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
+        assert_close(got, want, torch.bfloat16, grad=True, name=name)

@@ -145,6 +145,83 @@ def test_atomic_dq_autotuner_zeroes_accumulator():
     assert all(not tuned.reset_to_zero for tuned in (launcher._fwd, launcher._preprocess, launcher._dq))
 
 
+class _RecordingKernel:
+    """Stands in for a compiled @triton.jit kernel (no GPU here): records each launch's grid size and
+    block sizes, as JITFunction.run receives them from the autotuner or a direct launch."""
+
+    arg_names = ["X", "N_BUCKET", "N", "HAS_MASK", "BLOCK_M", "BLOCK_N"]
+
+    def __init__(self):
+        self.fn = lambda: None  # what triton.autotune unwraps to find the kernel's Python function
+        self.launches = []
+
+    def run(self, *args, grid, warmup=False, **kwargs):
+        meta = {**dict(zip(self.arg_names, args)), **kwargs}
+        self.launches.append((grid(meta)[0] if callable(grid) else grid[0], meta["BLOCK_M"], meta["num_warps"]))
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.run(*args, grid=grid, **kwargs)
+
+
+def test_tuned_kernel_launches_the_chosen_config_directly(monkeypatch):
+    """Compiled mode (faked: no GPU here). The first call of a key autotunes (every candidate timed,
+    the fastest launched); later calls with that key launch the autotuner's pick directly, without
+    Triton's Autotuner.run and its per-call key building; a new key tunes again; LFI_AUTOTUNE=0
+    launches the default, computed once per key."""
+    import triton
+
+    from lfi.backends.triton import _launch
+
+    slow, fast = _launch.configs_from("16x16x4x1 32x32x8x2")
+    timings = {slow.kwargs["BLOCK_M"]: 2.0, fast.kwargs["BLOCK_M"]: 1.0}
+    benched = []
+
+    def bench(kernel_call, quantiles=None, **_):
+        kernel = tuned.kernel
+        kernel_call()
+        benched.append(kernel.launches.pop()[1])
+        return [timings[benched[-1]]] * 3
+
+    class Driver:
+        def get_benchmarker(self):
+            return bench
+
+    monkeypatch.setattr(triton.runtime.driver, "_active", Driver())
+    autotuner_runs = []
+    autotuner_run = triton.runtime.autotuner.Autotuner.run
+    monkeypatch.setattr(triton.runtime.autotuner.Autotuner, "run",
+                        lambda self, *a, **k: autotuner_runs.append(1) or autotuner_run(self, *a, **k))
+    monkeypatch.setattr(_launch, "INTERPRET", False)
+    monkeypatch.setenv("LFI_AUTOTUNE", "1")
+    defaults = []
+
+    def default(named):
+        defaults.append(named["N"])
+        return slow
+
+    tuned = _launch.TunedKernel(_RecordingKernel(), [slow, fast], ["N_BUCKET", "HAS_MASK"],
+                                lambda configs, named: configs, default)
+    x = torch.zeros(4)
+    grid = lambda meta: _launch.cdiv(1000, meta["BLOCK_M"])  # noqa: E731
+
+    tuned(grid, x, 64, 50, HAS_MASK=False)
+    assert benched == [16, 32] and tuned.kernel.launches == [(32, 32, 8)]
+    tuned(grid, x, 64, 60, HAS_MASK=False)  # same key: the pick, launched directly
+    assert benched == [16, 32] and tuned.kernel.launches == [(32, 32, 8)] * 2 and len(autotuner_runs) == 1
+    timings.update({16: 0.5})
+    tuned(grid, x, 128, 100, HAS_MASK=False)  # new bucket: tuned again, another pick
+    tuned(grid, x, 64, 50, HAS_MASK=True)  # a constexpr of the key: tuned again
+    assert benched == [16, 32] * 3 and tuned.kernel.launches[2:] == [(63, 16, 4)] * 2
+    tuned(grid, x, 128, 110, HAS_MASK=False)
+    assert len(benched) == 6 and tuned.kernel.launches[4] == (63, 16, 4) and len(autotuner_runs) == 3
+
+    monkeypatch.setenv("LFI_AUTOTUNE", "0")
+    tuned(grid, x, 64, 50, HAS_MASK=False)
+    tuned(grid, x, 64, 51, HAS_MASK=False)
+    assert defaults == [50] and len(benched) == 6 and tuned.kernel.launches[5:] == [(63, 16, 4)] * 2
+    assert len(autotuner_runs) == 3
+
+
 SPLIT_TF32_CASES = [c for c in CASES if c["id"] in ("causal_tall", "ragged_maps_window", "key_padding_float_rows",
                                                  "float_mask_dead_rows", "gqa_causal", "negative_scale")]
 

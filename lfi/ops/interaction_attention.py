@@ -199,20 +199,27 @@ def _pv_setup_context(ctx, inputs, output):
 
 
 def _pv_backward(ctx, grad_out):
-    """dW = dO V^T (B, H, M, N) in w's dtype, dV = W^T dO summed over each kv head's query heads,
-    in the compute dtype (float32 for 16-bit inputs) as the kernels accumulate; torch ops, so this
-    backward is itself differentiable (double backward)."""
+    """dW = dO V^T (B, H, M, N), dV = W^T dO (B, Hkv, N, Dv), as eager's backward of w @ v computes
+    them: matrix products in w's dtype (16-bit inputs: float32 accumulation, one rounding of the
+    result), the query heads of each kv head stacked into one product, so dV's sum over them is
+    accumulated in float32 too, as the kernels do, and no float32 copy of a map-sized tensor is made.
+    dW takes w's row stride (the Triton backend's maps have padded rows; its backward reads dW in
+    that layout without a copy). Torch ops, so this backward is itself differentiable (double
+    backward)."""
     w, v = ctx.saved_tensors
     if grad_out is None:
         return None, None, None
-    dt = compute_dtype(w.dtype)
-    do = grad_out.to(dt)
-    H, hkv = w.shape[1], v.shape[1]
+    B, H, M, N = w.shape
+    hkv, dv_dim = v.shape[1], v.shape[-1]
+    # (B, H, M, X) -> (B, Hkv, G*M, X): query head h = kv * G + g reads kv head kv
+    do = grad_out.reshape(B, hkv, -1, dv_dim)
     dw = dv = None
     if ctx.needs_input_grad[0]:
-        dw = torch.matmul(do, double_backward._expand_kv(v.to(dt), H).transpose(-1, -2)).to(w.dtype)
+        pad = max(w.stride(-2) - N, 0) if w.stride(-1) == 1 else 0
+        v_rows = F.pad(v, (0, 0, 0, pad)) if pad else v  # zero keys: the padding columns of dW
+        dw = torch.matmul(do, v_rows.transpose(-1, -2)).reshape(B, H, M, N + pad)[..., :N]
     if ctx.needs_input_grad[1]:
-        dv = double_backward._sum_kv(torch.matmul(w.to(dt).transpose(-1, -2), do), hkv).to(v.dtype)
+        dv = torch.matmul(w.reshape(B, hkv, -1, N).transpose(-1, -2), do)
     return dw, dv, None
 
 

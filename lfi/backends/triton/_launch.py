@@ -37,8 +37,9 @@ def autotune_enabled() -> bool:
 
 
 # Host-side integer helpers in plain Python: triton.cdiv / next_power_of_2 go through Triton's
-# constexpr-function wrapper, 8 calls per forward: benchmarks/launcher_overhead.py (launches stubbed
-# out, bf16 ViT-B shape, this project's CPU) measured 42 us per forward with them, 25 us without.
+# constexpr-function wrapper, 8 calls per forward: `benchmarks/launcher_overhead.py --what launcher`
+# (launches stubbed out, bf16 ViT-B shape, this project's CPU) measured 42 us per forward with them,
+# 25 us without.
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -129,8 +130,6 @@ class TunedKernel:
     prune(configs, named) -> the configs worth compiling for a call (named: the kernel's arguments
     by name, constexprs included); default(named) -> the one config used with LFI_AUTOTUNE=0.
     key: argument names the autotuner keys on (tensor dtypes are added by Triton).
-    pre_hook(named): called with the arguments and the chosen config's BLOCK_M / BLOCK_N before
-    each launch (e.g. to give tensor descriptors the config's block shape).
     reset_to_zero: names of output arguments the kernel accumulates into (atomics): the autotuner
     zeroes them before each timed run and before the real launch, since timing runs the kernel many
     times on the caller's buffers."""
@@ -142,16 +141,16 @@ class TunedKernel:
         return cls(kernel, table_configs(table, name), key, lambda configs, named: candidates(named),
                    lambda named: candidates(named)[0], reset_to_zero=reset_to_zero)
 
-    def __init__(self, kernel, configs, key, prune, default, pre_hook=None, reset_to_zero=()):
+    def __init__(self, kernel, configs, key, prune, default, reset_to_zero=()):
         self.kernel = kernel
         self.key = key
         self.prune = prune
         self.default = default
-        self.pre_hook = pre_hook
         self.reset_to_zero = list(reset_to_zero)
-        self.configs = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=pre_hook)
-                        for c in configs]
+        self.configs = list(configs)
         self._autotuner = None
+        self._chosen = {}  # our key -> the config the autotuner chose for it
+        self._key_args = None  # (positions of the key's positional arguments, names of the keyword ones)
 
     @property
     def autotuner(self):
@@ -163,17 +162,40 @@ class TunedKernel:
             )(self.kernel)
         return self._autotuner
 
+    def _tuning_key(self, args, constexprs) -> tuple:
+        """The autotuner's key for a call (the key arguments' values and the tensors' dtypes), from
+        positions found on the first call: Triton's Autotuner.run rebuilds it from every argument by
+        name on each call (a quadratic scan of ~70 names), which cost more host time than our whole
+        launcher. The launchers pass a tensor for every pointer argument (placeholders included), so
+        the tensors' positions do not change between calls."""
+        if self._key_args is None:
+            positional = self.kernel.arg_names[:len(args)]
+            self._key_args = ([positional.index(k) for k in self.key if k in positional],
+                              [k for k in self.key if k not in positional],
+                              [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)])
+        positions, names, tensors = self._key_args
+        return (*(args[i] for i in positions), *(constexprs.get(k) for k in names), *(args[i].dtype for i in tensors))
+
     def __call__(self, grid, *args, **constexprs):
-        """grid(meta) -> number of programs (1-D grid), meta holding BLOCK_M and BLOCK_N."""
-        if not INTERPRET and autotune_enabled():
-            self.autotuner[lambda meta: (grid(meta),)](*args, **constexprs)
-            return
-        named = {**dict(zip(self.kernel.arg_names, args)), **constexprs}
+        """grid(meta) -> number of programs (1-D grid), meta holding BLOCK_M and BLOCK_N. A call
+        whose key was seen before launches the config chosen then (the heuristic default, or the
+        autotuner's pick) directly: the same launch as the autotuner's, minus its per-call work."""
         if INTERPRET:
-            blocks, options = INTERPRETER_BLOCKS, {}
-        else:
-            cfg = self.default(named)
-            blocks, options = cfg.kwargs, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-        if self.pre_hook is not None:
-            self.pre_hook({**named, **blocks})
-        self.kernel[(grid(blocks),)](*args, **constexprs, **blocks, **options)
+            self._launch(grid, args, constexprs, INTERPRETER_BLOCKS)
+            return
+        tune = autotune_enabled()
+        key = (tune, *self._tuning_key(args, constexprs))
+        cfg = self._chosen.get(key)
+        if cfg is None and not tune:
+            cfg = self._chosen[key] = self.default({**dict(zip(self.kernel.arg_names, args)), **constexprs})
+        if cfg is not None:
+            self._launch(grid, args, constexprs, cfg.all_kwargs())
+            return
+        autotuner = self.autotuner
+        autotuner[lambda meta: (grid(meta),)](*args, **constexprs)
+        if isinstance(getattr(autotuner, "best_config", None), triton.Config):
+            self._chosen[key] = autotuner.best_config
+
+    def _launch(self, grid, args, constexprs, meta):
+        """One launch with the block sizes and options of `meta` (a config's all_kwargs())."""
+        self.kernel[(grid(meta),)](*args, **constexprs, **meta)
