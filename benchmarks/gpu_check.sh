@@ -4,7 +4,7 @@
 # without dependencies, runs the Triton backend's tests on the GPU (compiled kernels, heuristic
 # configs, plus the autotuned first call), then benchmarks at ViT shapes side by side with eager and
 # SDPA (autotuned), the whole timm ViT-B/16 patched and unpatched, and dQ by atomics. About 6 min on
-# an H200 with 16 cores (2026-12-04: tests 192 s, benchmarks ~110 s); the step limits add up to 8.5.
+# an H200 with 16 cores (2026-12-04: tests 192 s, benchmarks ~110 s); the step limits add up to 8.8.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
 #
@@ -84,8 +84,11 @@ TRITON_PRINT_AUTOTUNING=1 step bench 120 python -m pytest benchmarks/test_bench_
     --benchmark-only -q -p no:cacheprovider --lfi-dtype bf16 --lfi-target-time 0.5 \
     --lfi-shapes vit_b_n197,vit_b_n577,xattn_m16_n197 --lfi-impls eager,sdpa,lfi_auto,lfi_triton \
     --benchmark-json="$OUT/bench.json"
-# Device time per kernel against wall time per call (what the host costs), one shape.
-step profile 60 bash -c "python benchmarks/gpu_profile.py --shape vit_b_n197 >'$OUT/profile.md'"
+# Device time per kernel against wall time per call (what the host costs), two shapes; then the
+# host time of the Triton path on this machine's CPU with the launches faked (as measured on the
+# development machine, benchmarks/launcher_overhead.py), to relate the two machines' figures.
+step profile 80 bash -c "python benchmarks/gpu_profile.py --shapes vit_b_n197,xattn_m16_n197 >'$OUT/profile.md' \
+    && python benchmarks/launcher_overhead.py --calls 300 >>'$OUT/profile.md'"
 # The whole timm ViT-B/16 (B = 32, bf16): patched with lfi vs timm's SDPA and eager paths, maps
 # none / CLS row of the last layer / last layer / all layers.
 step bench_vit 60 python -m pytest benchmarks/test_bench_vit.py --benchmark-only -q -p no:cacheprovider \

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where the time of one call goes on a GPU: device time per kernel against the call's wall time.
 
-    python benchmarks/gpu_profile.py [--shape vit_b_n197] [--impls sdpa,lfi_triton] [--steps 20]
+    python benchmarks/gpu_profile.py [--shapes vit_b_n197,xattn_m16_n197] [--impls sdpa,lfi_triton] [--steps 20]
 
 For each implementation x mode (fwd, fwd+bwd) x maps (off, on), after a warm-up (compilation,
 autotuning), it times --steps steps with CUDA events (wall per step, the launches included) and
@@ -62,24 +62,27 @@ def profile_case(impl_name: str, shape, mode: str, maps: bool, steps: int, dtype
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", default="vit_b_n197", help="a shape name of lfi.benchmark.SHAPES_FULL")
+    p.add_argument("--shapes", default="vit_b_n197", help="shape names of lfi.benchmark.SHAPES_FULL, comma-separated")
     p.add_argument("--impls", default="sdpa,eager,lfi_triton,lfi_auto")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--dtype", default="bf16")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("gpu_profile.py needs a CUDA device")
-    shape = {s.name: s for s in bench.SHAPES_FULL}[args.shape]
+    shapes = {s.name: s for s in bench.SHAPES_FULL}
     dtype = bench.parse_dtype(args.dtype)
-    print(f"### {shape.name} ({bench.device_name(torch.device('cuda'))}, {args.dtype}, {args.steps} steps)\n")
-    print("| impl | mode | maps | wall us/step | kernels us/step | wall - kernels | longest kernels (us/step) |")
-    print("|---|---|---|---:|---:|---:|---|")
-    for impl in args.impls.split(","):
-        for mode in bench.MODES:
-            for maps in (False, True):
-                row = profile_case(impl.strip(), shape, mode, maps, args.steps, dtype)
-                if row:
-                    print(row, flush=True)
+    for name in args.shapes.split(","):
+        shape = shapes[name.strip()]
+        print(f"### {shape.name} ({bench.device_name(torch.device('cuda'))}, {args.dtype}, {args.steps} steps)\n")
+        print("| impl | mode | maps | wall us/step | kernels us/step | wall - kernels | longest kernels (us/step) |")
+        print("|---|---|---|---:|---:|---:|---|")
+        for impl in args.impls.split(","):
+            for mode in bench.MODES:
+                for maps in (False, True):
+                    row = profile_case(impl.strip(), shape, mode, maps, args.steps, dtype)
+                    if row:
+                        print(row, flush=True)
+        print()
 
 
 if __name__ == "__main__":

@@ -344,6 +344,10 @@ def test_config_tables():
     # at D = 128 one list per kernel, within sm_90's shared memory with both parts
     assert [[_shape(c) for c in pick(kernel, _named(D=128, **exact))] for kernel in ("fwd", "dkdv", "dq")] == [
         [(64, 16, 4, 2)], [(32, 64, 4, 1)], [(64, 16, 4, 1)]]
+    # TF32 dK/dV at D = 128: 16x128 tiles (the generic 32x64 spills with causal and takes twice the
+    # instructions per score)
+    assert [_shape(c) for c in pick("dkdv", _named(torch.float32, 128, IS_CAUSAL=True))] == [(16, 128, 8, 1),
+                                                                                          (16, 128, 8, 2)]
     # distinct configs per kernel, as RESULTS.md and README state them (the autotuners' lists)
     assert {kernel: len(table_configs(launcher._TABLE, kernel)) for kernel in ("fwd", "preprocess", "dkdv", "dq")} \
         == {"fwd": 7, "preprocess": 2, "dkdv": 9, "dq": 6}

@@ -149,7 +149,7 @@ class TunedKernel:
         self.reset_to_zero = list(reset_to_zero)
         self.configs = list(configs)
         self._autotuner = None
-        self._chosen = {}  # our key -> the config the autotuner chose for it
+        self._chosen = {}  # our key -> all_kwargs() of the config chosen for it (tuned or default)
         self._key_args = None  # (positions of the key's positional arguments, names of the keyword ones)
 
     @property
@@ -185,16 +185,18 @@ class TunedKernel:
             return
         tune = autotune_enabled()
         key = (tune, *self._tuning_key(args, constexprs))
-        cfg = self._chosen.get(key)
-        if cfg is None and not tune:
-            cfg = self._chosen[key] = self.default({**dict(zip(self.kernel.arg_names, args)), **constexprs})
-        if cfg is not None:
-            self._launch(grid, args, constexprs, cfg.all_kwargs())
+        meta = self._chosen.get(key)
+        if meta is None and not tune:
+            cfg = self.default({**dict(zip(self.kernel.arg_names, args)), **constexprs})
+            meta = self._chosen[key] = cfg.all_kwargs()
+        if meta is not None:
+            self._launch(grid, args, constexprs, meta)
             return
         autotuner = self.autotuner
+        autotuner.best_config = None  # set by this run (Autotuner.run records its pick there)
         autotuner[lambda meta: (grid(meta),)](*args, **constexprs)
-        if isinstance(getattr(autotuner, "best_config", None), triton.Config):
-            self._chosen[key] = autotuner.best_config
+        if isinstance(autotuner.best_config, triton.Config):
+            self._chosen[key] = autotuner.best_config.all_kwargs()
 
     def _launch(self, grid, args, constexprs, meta):
         """One launch with the block sizes and options of `meta` (a config's all_kwargs())."""
