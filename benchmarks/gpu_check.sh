@@ -3,7 +3,7 @@
 # pytest-xdist and pytest-benchmark are already installed and there is no network. It installs lfi
 # without dependencies, runs the Triton backend's tests on the GPU (compiled kernels, heuristic
 # configs, plus the autotuned first call), then benchmarks at ViT shapes side by side with eager and
-# SDPA (autotuned), the whole timm ViT-B/16 patched and unpatched, and dQ by atomics. About 6 min on
+# SDPA (autotuned), the whole timm ViT-B/16 patched and unpatched, and dQ by atomics. About 6.5 min on
 # an H200 with 16 cores (2026-12-04: tests 192 s, benchmarks ~110 s); the step limits add up to 8.8.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
