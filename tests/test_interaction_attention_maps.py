@@ -10,6 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from helpers import DEVICE
 from helpers import assert_close
 from helpers import backend_param
 from helpers import backend_supports
@@ -207,6 +208,30 @@ class _MapSizedAllocations(TorchDispatchMode):
                       if isinstance(t, torch.Tensor) and t.numel() >= self.numel
                       and t.untyped_storage().data_ptr() not in inputs]
         return out
+
+
+@pytest.mark.parametrize("backend", [backend_param("triton")])
+def test_maps_peak_memory_in_maps(backend):
+    """Peak memory of the benchmark suite's cases (lfi.benchmark.peak_tensor_bytes: every tensor a
+    call creates, per storage; what max_memory_allocated measures on a GPU, which matched it on the
+    H200), in maps: a forward with every row's maps needs the maps + 10 % over the same call without
+    them; forward + backward with gradients on out and the maps at most 3.1 maps more (the maps,
+    the gradient from out, autograd's sum of it with the maps' gradient; it was 4.2 with the float32
+    products of the maps' backward)."""
+    from lfi import benchmark as bench
+
+    shape = bench.Shape("t", 1, 1, 197, 197, 16)
+    one_map = 197 * 197 * 2
+
+    def peak(mode, maps):
+        case = bench.make_case(bench.get_impl("lfi_triton"), shape, torch.device(DEVICE), torch.bfloat16, mode, maps)
+        case.step()
+        for t in (case.q, case.k, case.v):
+            t.grad = None
+        return bench.peak_tensor_bytes(case.step, existing=(case.q, case.k, case.v, *case.grads))[1] / one_map
+
+    assert peak("fwd", True) <= peak("fwd", False) + 1.1
+    assert peak("fwd+bwd", True) <= peak("fwd+bwd", False) + 3.1
 
 
 @pytest.mark.parametrize("backend", [backend_param("triton")])

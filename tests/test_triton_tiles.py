@@ -413,13 +413,18 @@ def test_ragged_sizes_take_their_own_configs():
     assert _shape(pick("fwd", _named(N=197))[0]) == (128, 128, 8, 2)  # no maps: unchanged
     aligned = [_shape(c) for c in pick("dkdv", _named(HAS_DW=True))]
     for named in (_named(HAS_DW=True, M=197, N=197), _named(HAS_DW=True, M=64, N=200), _named(HAS_DW=True, GROUP=2)):
-        assert [_shape(c) for c in pick("dkdv", named)] == [(32, 128, 8, 2), (32, 64, 4, 2)] != aligned
+        assert [_shape(c) for c in pick("dkdv", named)] == [(32, 64, 4, 2), (32, 128, 8, 2)] != aligned
     assert [launcher.size_key(n) for n in (16, 197, 208, 256, 577, 1024)] == [16, 255, 256, 256, 1023, 1024]
 
 
-def test_unaligned_map_gradient_is_read_padded(monkeypatch):
-    """A dW whose rows are not 16-element aligned reaches the kernels in the maps' padded layout, with
-    its values (the gradients match those of an aligned copy)."""
+@pytest.mark.parametrize("dtype, D, copied", [(torch.float32, 16, True), (torch.bfloat16, 80, True),
+                                               (torch.bfloat16, 64, False), (torch.float16, 16, False)],
+                         ids=["fp32", "bf16_D80", "bf16_D64", "fp16_D16"])
+def test_unaligned_map_gradient(monkeypatch, dtype, D, copied):
+    """A dW whose rows are not 16-element aligned is copied into the maps' padded layout, except for
+    16-bit inputs at head dims <= 64, where the kernels read it in place (compiled-code report: no
+    spills there, and the copy costs more than the unaligned loads); the gradients are those of an
+    aligned copy either way, bit for bit."""
     from lfi.backends.triton import interaction_attention as launcher
 
     seen = []
@@ -431,18 +436,22 @@ def test_unaligned_map_gradient_is_read_padded(monkeypatch):
         return original(grid, *args, **constexprs)
 
     monkeypatch.setattr(launcher, "_preprocess", spy)
-    gen = make_gen("unaligned_dw")
-    q, k, v = make_qkv(1, 2, 2, 9, 19, 16, gen=gen)
+    gen = make_gen("unaligned_dw", str(dtype), D)
+    q, k, v = make_qkv(1, 2, 2, 9, 19, D, dtype=dtype, gen=gen)
     stats = launcher.attention_forward(q, k, v, None, 0.25, False, 0, 9)
     out, st, w = stats[0], stats[1], stats[2]
-    dout = torch.randn_like(out)
+    dout = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
     dw = torch.randn(1, 2, 9, 19, generator=gen).to(w.device, w.dtype)
     got = launcher.attention_backward(dout, dw, q, k, v, out, st, None, 0.25, False, 0, 9, False)
     padded = launcher._map_buffer(1, 2, 9, 19, dw.dtype, dw.device).copy_(dw)
     want = launcher.attention_backward(dout, padded, q, k, v, out, st, None, 0.25, False, 0, 9, False)
-    assert seen[0] == (32, 19) and seen[1] == (32, 19)
+    assert seen == [(32, 19) if copied else (19, 19), (32, 19)]
     for a, b in zip(got[:3], want[:3]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # a strided last dim (an expanded gradient, as w.sum() gives) is always copied
+    seen.clear()
+    launcher.attention_backward(dout, dw[..., :1].expand(dw.shape), q, k, v, out, st, None, 0.25, False, 0, 9, False)
+    assert seen == [(32, 19)]
 
 
 def test_autotune_env_and_buckets(monkeypatch):

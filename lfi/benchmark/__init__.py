@@ -29,7 +29,15 @@ from lfi.benchmark.env import (
     versions,
 )
 from lfi.benchmark.impls import IMPLS, Impl, cuda_ext_needs_build, get_impl
-from lfi.benchmark.measure import fmt_bytes, free_memory, is_oom, measure_peak_memory, time_ms, time_once_s
+from lfi.benchmark.measure import (
+    fmt_bytes,
+    free_memory,
+    is_oom,
+    measure_peak_memory,
+    peak_tensor_bytes,
+    time_ms,
+    time_once_s,
+)
 from lfi.benchmark.output import check_output_file, write_json_atomic
 from lfi.benchmark.shapes import SHAPES_CPU, SHAPES_FULL, Shape, parse_shape, shapes_for
 
@@ -57,6 +65,7 @@ __all__ = [
     "measure_peak_memory",
     "parse_dtype",
     "parse_shape",
+    "peak_tensor_bytes",
     "run_comparison",
     "shapes_for",
     "synchronize",

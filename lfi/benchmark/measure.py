@@ -5,13 +5,17 @@ import ctypes
 import ctypes.util
 import gc
 import time
+import weakref
 from typing import Any, Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from lfi.benchmark.env import synchronize
 
-__all__ = ["measure_peak_memory", "time_ms", "time_once_s", "free_memory", "is_oom", "fmt_bytes"]
+__all__ = ["measure_peak_memory", "peak_tensor_bytes", "time_ms", "time_once_s", "free_memory", "is_oom",
+           "fmt_bytes"]
 
 _LIBC = None
 
@@ -80,6 +84,51 @@ def measure_peak_memory(fn: Callable[[], Any], device: torch.device | str) -> tu
             return result, None
         return result, max(0, peak - before) * 1024
     return fn(), None
+
+
+class _LiveTensorBytes(TorchDispatchMode):
+    """Bytes of the storages that the ops run while active create, live at each moment (a storage
+    counts until the last tensor seen on it is freed), and their peak."""
+
+    def __init__(self, existing):
+        super().__init__()
+        self.existing = existing  # storages that were there before (inputs): not counted
+        self.tensors, self.nbytes = {}, {}  # storage pointer -> live tensors seen on it, its size
+        self.live = self.peak = 0
+
+    def _release(self, ptr):
+        self.tensors[ptr] -= 1
+        if not self.tensors[ptr]:
+            self.live -= self.nbytes.pop(ptr)
+            del self.tensors[ptr]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            ptr = t.untyped_storage().data_ptr()
+            if not ptr or ptr in self.existing:
+                continue
+            if ptr not in self.tensors:
+                self.tensors[ptr], self.nbytes[ptr] = 0, t.untyped_storage().nbytes()
+                self.live += self.nbytes[ptr]
+                self.peak = max(self.peak, self.live)
+            self.tensors[ptr] += 1
+            weakref.finalize(t, self._release, ptr)
+        return out
+
+
+def peak_tensor_bytes(fn: Callable[[], Any], existing=()) -> tuple[Any, int]:
+    """Run ``fn()`` once; return (its result, the peak bytes of the tensors it created), counted per
+    storage from the ops torch dispatches, on any device: what ``max_memory_allocated`` minus the
+    memory before measures on a GPU (without the caching allocator's rounding), also where no GPU
+    is (the Triton kernels under the CPU interpreter allocate nothing through torch). `existing`:
+    tensors whose storages do not count (inputs that ops may alias)."""
+    mode = _LiveTensorBytes({t.untyped_storage().data_ptr() for t in existing})
+    with mode:
+        result = fn()
+    return result, mode.peak
 
 
 def time_ms(fn: Callable[[], Any], min_run_time: float = 0.3) -> dict[str, float]:

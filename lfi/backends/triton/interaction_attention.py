@@ -58,7 +58,9 @@ _FEATURES = ["M_BUCKET", "N_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS
 # "ragged": a maps forward whose N is not a multiple of 16 (Triton compiles such calls apart, integer
 # arguments being specialized on divisibility by 16, and there the pipelined 128x128 tile spills 24 B:
 # N = 197, 577, 1000 measured), or a dK/dV with map gradients and M or N not a multiple of 16, or
-# with several query heads per kv head (its 64-row tiles spill 12-120 B there); "": none of those).
+# with several query heads per kv head (its 64-row tiles spill 12-120 B there; 32x64 first: with a dW
+# read in place (_copy_map_gradient) 32x128 takes 0.918 instructions per score, 32x64 0.656, and with
+# padded rows 0.637 and 0.656); "": none of those).
 # dK/dV tiles are BLOCK_M queries x BLOCK_N keys. Float32 without TF32 on sm_90 ("3xtf32": split
 # operands, both parts of the resident tiles in shared memory, see the kernels): at D <= 64 no
 # candidate spills, with or without maps, for every feature ("heavy": a dK/dV with causal, GQA, the
@@ -95,7 +97,7 @@ _TABLE = {
     ("preprocess", None, None, None, ""): configs_from("64x64x4x2 128x64x8x2"),
     ("dkdv", 64, "16", None, ""): configs_from("64x64x4x2 64x128x8x2"),
     ("dkdv", 64, "16", None, "kl"): configs_from("32x128x8x2 32x64x4x2"),
-    ("dkdv", 64, "16", None, "ragged"): configs_from("32x128x8x2 32x64x4x2"),
+    ("dkdv", 64, "16", None, "ragged"): configs_from("32x64x4x2 32x128x8x2"),
     ("dkdv", 64, "16", None, "gqa"): configs_from("64x128x8x2 32x128x8x2"),
     ("dkdv", 128, "16", None, ""): configs_from("32x128x8x2 32x128x8x1"),
     ("dkdv", 128, "16", None, "gqa"): configs_from("16x128x8x2"),
@@ -314,6 +316,21 @@ def attention_forward(q, k, v, mask, scale: float, is_causal: bool, w_start: int
     return out, stats, weights, kl, tnorm
 
 
+def _copy_map_gradient(grad_weights, q, constexprs) -> bool:
+    """Whether the backward copies dW into the maps' padded layout before the kernels read it: when
+    its last dim is strided, or its rows are not 16-element aligned (e.g. autograd's sum of the
+    gradient from out and a loss on the maps) except for 16-bit inputs at head dims <= 64. Compiled
+    for sm_90 at N = 197 (benchmarks/RESULTS.md, 2026-12-04): read in place, the D = 128 dQ tiles
+    spill (32-784 B) and the preprocess takes 3x the instructions; at D = 64 nothing spills and the
+    backward's instructions per score grow ~12 %, less than the copy costs (a map read and written,
+    and a map of memory at the backward's peak)."""
+    if grad_weights.stride(-1) != 1:
+        return True
+    if grad_weights.stride(-2) % MAP_ROW_ALIGN == 0:
+        return False
+    return q.element_size() != 2 or max(constexprs["BLOCK_D"], constexprs["BLOCK_DV"]) > 64
+
+
 def use_atomic_dq(mask_grad: bool) -> bool:
     """Whether the backward adds dQ atomically inside the dK/dV kernel (5 matrix products per tile
     pair instead of 7, as FlashAttention-2) instead of running the dQ kernel. Opt-in with
@@ -348,9 +365,7 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale:
     B, H, M, _ = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     has_dw = grad_weights is not None and grad_weights.numel() > 0
-    if has_dw and (grad_weights.stride(-1) != 1 or grad_weights.stride(-2) % MAP_ROW_ALIGN):
-        # dW read with the maps' padded rows: with N not a multiple of 16 the kernels' dW tile loads
-        # cannot vectorize, and the dK/dV and dQ tiles spilled (sm_90 report, N = 197, 200).
+    if has_dw and _copy_map_gradient(grad_weights, q, constexprs):
         grad_weights = _map_buffer(B, H, w_stop - w_start, N, grad_weights.dtype, q.device).copy_(grad_weights)
     g_arg = grad_weights if has_dw else grad_out
     g_strides = _strides(grad_weights if has_dw else None)
