@@ -167,14 +167,15 @@ class TunedKernel:
         positions found on the first call: Triton's Autotuner.run rebuilds it from every argument by
         name on each call (a quadratic scan of ~70 names), which cost more host time than our whole
         launcher. The launchers pass a tensor for every pointer argument (placeholders included), so
-        the tensors' positions do not change between calls."""
+        the tensors' positions do not change between calls (None there would key as None)."""
         if self._key_args is None:
             positional = self.kernel.arg_names[:len(args)]
             self._key_args = ([positional.index(k) for k in self.key if k in positional],
                               [k for k in self.key if k not in positional],
                               [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)])
         positions, names, tensors = self._key_args
-        return (*(args[i] for i in positions), *(constexprs.get(k) for k in names), *(args[i].dtype for i in tensors))
+        return (*(args[i] for i in positions), *(constexprs.get(k) for k in names),
+                *(getattr(args[i], "dtype", None) for i in tensors))
 
     def __call__(self, grid, *args, **constexprs):
         """grid(meta) -> number of programs (1-D grid), meta holding BLOCK_M and BLOCK_N. A call
