@@ -500,10 +500,10 @@ def bind(launch: RawLaunch, target: str, override: dict | None = None) -> Compil
 # Compilation and SASS analysis (run in worker processes)
 # ----------------------------------------------------------------------------------------------
 
-class _FakeDriver:
+class FakeDriver:
     """Enough of a Triton driver (an H100-like sm_90 device) for code that queries it while nothing
-    is launched: importing the tutorial, or a launcher that asks for the target or the device's
-    shared memory."""
+    is launched: importing the tutorial, a launcher that asks for the target or the device's shared
+    memory, or (benchmarks/launcher_overhead.py) JITFunction.run and the autotuner."""
 
     def __init__(self, arch=90):
         from triton.backends.compiler import GPUTarget
@@ -524,13 +524,17 @@ class _FakeDriver:
     def get_current_stream(self, device=None):
         return 0
 
+    def get_benchmarker(self):
+        """Constant timings: an autotuner keeps the first config of its pruned list."""
+        return lambda kernel_call, quantiles=None, **kwargs: [1.0, 1.0, 1.0]
+
 
 @contextlib.contextmanager
 def fake_driver():
     """A fake Triton driver and torch.cuda.get_device_capability() = (9, 0) while active."""
     from triton.runtime.driver import driver
     saved, saved_cap = driver._active, torch.cuda.get_device_capability
-    driver.set_active(_FakeDriver())
+    driver.set_active(FakeDriver())
     torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
     try:
         yield

@@ -28,7 +28,7 @@ import time
 os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+from kernel_report import FakeDriver  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
@@ -43,22 +43,6 @@ class _NoLaunchKernel:
 
     def run(self, *args):
         return None
-
-
-class _Sm90WithoutGpu:
-    """Triton's driver as JITFunction.run and the autotuner use it, for a device that is not there."""
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_benchmarker(self):
-        return lambda kernel_call, quantiles=None, **kwargs: [1.0, 1.0, 1.0]
 
 
 def _compile_nothing(self, key, signature, device, constexprs, options, attrs, warmup):
@@ -124,7 +108,7 @@ def main(argv=None) -> None:
     p.add_argument("--autotune", default="1", choices=["0", "1"], help="LFI_AUTOTUNE (1: the default)")
     args = p.parse_args(argv)
     os.environ["LFI_AUTOTUNE"] = args.autotune
-    driver.set_active(_Sm90WithoutGpu())
+    driver.set_active(FakeDriver())
     B, H, M, N, D = (int(x) for x in args.shape.split(","))
     q, k, v = (torch.empty(B, H, n, D, dtype=torch.bfloat16) for n in (M, N, N))
     cases = launcher_cases(q, k, v, M) if args.what == "launcher" else call_cases(q, k, v, M)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from helpers import DEVICE
 from helpers import assert_close
@@ -22,6 +20,7 @@ from helpers import make_gen
 from helpers import make_qkv
 from helpers import randn
 from helpers import run_and_compare
+from lfi import benchmark as bench
 from lfi.ops import interaction_attention
 from reference import reference_attention
 
@@ -193,33 +192,14 @@ def test_attention_pv_opcheck():
     torch.library.opcheck(torch.ops.lfi.attention_pv.default, (w, v, out))
 
 
-class _MapSizedAllocations(TorchDispatchMode):
-    """Records (op, dtype) of every tensor with at least `numel` elements created while active on
-    new memory (views and in-place results of an op's inputs excluded)."""
-
-    def __init__(self, numel):
-        super().__init__()
-        self.numel, self.seen = numel, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        self.seen += [(func.__name__, t.dtype) for t in tree_leaves(out)
-                      if isinstance(t, torch.Tensor) and t.numel() >= self.numel
-                      and t.untyped_storage().data_ptr() not in inputs]
-        return out
-
-
 @pytest.mark.parametrize("backend", [backend_param("triton")])
 def test_maps_peak_memory_in_maps(backend):
-    """Peak memory of the benchmark suite's cases (lfi.benchmark.peak_tensor_bytes: every tensor a
-    call creates, per storage; what max_memory_allocated measures on a GPU, which matched it on the
+    """Peak memory of the benchmark suite's cases (lfi.benchmark.TensorMemory: every tensor a call
+    creates, per storage; what max_memory_allocated measures on a GPU, which matched it on the
     H200), in maps: a forward with every row's maps needs the maps + 10 % over the same call without
     them; forward + backward with gradients on out and the maps at most 3.1 maps more (the maps,
     the gradient from out, autograd's sum of it with the maps' gradient; it was 4.2 with the float32
     products of the maps' backward)."""
-    from lfi import benchmark as bench
-
     shape = bench.Shape("t", 1, 1, 197, 197, 16)
     one_map = 197 * 197 * 2
 
@@ -228,7 +208,7 @@ def test_maps_peak_memory_in_maps(backend):
         case.step()
         for t in (case.q, case.k, case.v):
             t.grad = None
-        return bench.peak_tensor_bytes(case.step, existing=(case.q, case.k, case.v, *case.grads))[1] / one_map
+        return bench.peak_tensor_bytes(case.step)[1] / one_map
 
     assert peak("fwd", True) <= peak("fwd", False) + 1.1
     assert peak("fwd+bwd", True) <= peak("fwd+bwd", False) + 3.1
@@ -256,9 +236,10 @@ def test_maps_backward_allocates_one_map(backend, hkv, monkeypatch):
     q, k, v = make_qkv(B, H, hkv, M, N, D, dtype=torch.bfloat16, gen=gen, requires_grad=True)
     out, w = interaction_attention(q, k, v, need_weights=True, backend=backend)
     grad_out = randn(out.shape, gen, dtype=out.dtype)
-    with _MapSizedAllocations(B * H * M * N) as allocations:
+    with bench.TensorMemory() as memory:
         out.backward(grad_out)
-    assert allocations.seen == [("bmm.default", torch.bfloat16)]
+    map_sized = [(op, dtype) for op, dtype, nbytes in memory.allocations if nbytes >= B * H * M * N * 2]
+    assert map_sized == [("bmm.default", torch.bfloat16)]
     assert seen_strides == [w.stride()] and w.stride(-2) % 16 == 0 and w.stride(-2) > N
     q64, k64, v64 = detached64(q, k, v)
     for t in (q64, k64, v64):

@@ -30,6 +30,7 @@ from lfi.benchmark.env import (
 )
 from lfi.benchmark.impls import IMPLS, Impl, cuda_ext_needs_build, get_impl
 from lfi.benchmark.measure import (
+    TensorMemory,
     fmt_bytes,
     free_memory,
     is_oom,
@@ -43,6 +44,7 @@ from lfi.benchmark.shapes import SHAPES_CPU, SHAPES_FULL, Shape, parse_shape, sh
 
 __all__ = [
     "Impl",
+    "TensorMemory",
     "IMPLS",
     "Shape",
     "SHAPES_FULL",

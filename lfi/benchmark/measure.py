@@ -14,8 +14,8 @@ from torch.utils._pytree import tree_leaves
 
 from lfi.benchmark.env import synchronize
 
-__all__ = ["measure_peak_memory", "peak_tensor_bytes", "time_ms", "time_once_s", "free_memory", "is_oom",
-           "fmt_bytes"]
+__all__ = ["TensorMemory", "measure_peak_memory", "peak_tensor_bytes", "time_ms", "time_once_s", "free_memory",
+           "is_oom", "fmt_bytes"]
 
 _LIBC = None
 
@@ -86,15 +86,19 @@ def measure_peak_memory(fn: Callable[[], Any], device: torch.device | str) -> tu
     return fn(), None
 
 
-class _LiveTensorBytes(TorchDispatchMode):
-    """Bytes of the storages that the ops run while active create, live at each moment (a storage
-    counts until the last tensor seen on it is freed), and their peak."""
+class TensorMemory(TorchDispatchMode):
+    """While active, tracks the memory of the tensors that the ops torch dispatches create, on any
+    device: a storage counts from the op that creates it (an output not aliasing the op's inputs)
+    until the last tensor seen on it is freed. ``peak``: the most bytes live at once, what
+    ``max_memory_allocated`` minus the memory before measures on a GPU (without the caching
+    allocator's rounding), also where no GPU is (Triton kernels under the CPU interpreter allocate
+    nothing through torch); ``allocations``: (op name, dtype, bytes) of each storage created."""
 
-    def __init__(self, existing):
+    def __init__(self):
         super().__init__()
-        self.existing = existing  # storages that were there before (inputs): not counted
         self.tensors, self.nbytes = {}, {}  # storage pointer -> live tensors seen on it, its size
         self.live = self.peak = 0
+        self.allocations = []
 
     def _release(self, ptr):
         self.tensors[ptr] -= 1
@@ -104,31 +108,33 @@ class _LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = None
         for t in tree_leaves(out):
             if not isinstance(t, torch.Tensor) or t.device.type == "meta":
                 continue
-            ptr = t.untyped_storage().data_ptr()
-            if not ptr or ptr in self.existing:
-                continue
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
             if ptr not in self.tensors:
-                self.tensors[ptr], self.nbytes[ptr] = 0, t.untyped_storage().nbytes()
-                self.live += self.nbytes[ptr]
+                if inputs is None:
+                    inputs = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs))
+                              if isinstance(a, torch.Tensor)}
+                if not ptr or ptr in inputs:  # a view or in-place result of memory made before
+                    continue
+                self.tensors[ptr], self.nbytes[ptr] = 0, storage.nbytes()
+                self.allocations.append((func.__name__, t.dtype, storage.nbytes()))
+                self.live += storage.nbytes()
                 self.peak = max(self.peak, self.live)
             self.tensors[ptr] += 1
             weakref.finalize(t, self._release, ptr)
         return out
 
 
-def peak_tensor_bytes(fn: Callable[[], Any], existing=()) -> tuple[Any, int]:
-    """Run ``fn()`` once; return (its result, the peak bytes of the tensors it created), counted per
-    storage from the ops torch dispatches, on any device: what ``max_memory_allocated`` minus the
-    memory before measures on a GPU (without the caching allocator's rounding), also where no GPU
-    is (the Triton kernels under the CPU interpreter allocate nothing through torch). `existing`:
-    tensors whose storages do not count (inputs that ops may alias)."""
-    mode = _LiveTensorBytes({t.untyped_storage().data_ptr() for t in existing})
-    with mode:
+def peak_tensor_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """Run ``fn()`` once; return (its result, the peak bytes of the tensors it created: see
+    TensorMemory)."""
+    with TensorMemory() as memory:
         result = fn()
-    return result, mode.peak
+    return result, memory.peak
 
 
 def time_ms(fn: Callable[[], Any], min_run_time: float = 0.3) -> dict[str, float]:

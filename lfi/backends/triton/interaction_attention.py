@@ -274,15 +274,19 @@ def _split_fits(q, D: int, Dv: int) -> bool:
     return max(_block(D), _block(Dv)) <= 128 and smem_limit(q.device) >= SMEM_LIMIT_SM90
 
 
+def _padded_row(N: int) -> int:
+    """Row stride of the maps (and of dS, dW copies): N rounded up to a multiple of MAP_ROW_ALIGN."""
+    return cdiv(N, MAP_ROW_ALIGN) * MAP_ROW_ALIGN
+
+
 def _map_buffer(B, H, rows, N, dtype, device):
     """(B, H, rows, N) maps as a view of a buffer whose row stride is a multiple of MAP_ROW_ALIGN."""
-    padded = cdiv(N, MAP_ROW_ALIGN) * MAP_ROW_ALIGN
-    return torch.empty(B, H, rows, padded, dtype=dtype, device=device)[..., :N]
+    return torch.empty(B, H, rows, _padded_row(N), dtype=dtype, device=device)[..., :N]
 
 
 def map_strides(B: int, H: int, rows: int, N: int) -> tuple[int, int, int, int]:
     """Strides of the maps this backend returns (the op's fake implementation matches them)."""
-    padded = -(-N // MAP_ROW_ALIGN) * MAP_ROW_ALIGN
+    padded = _padded_row(N)
     return (H * rows * padded, rows * padded, padded, 1)
 
 
