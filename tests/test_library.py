@@ -118,9 +118,12 @@ def test_bwd_without_grad_out(backend):
     torch.library.opcheck(bwd, schema_args(bwd, {**named, "grad_out": None}))
 
 
-def test_every_row_maps_pass_no_grad_out(monkeypatch):
-    """With every row's maps returned, out is read through attention_pv, and the maps op's backward
-    hands the backend no dL/dout (not a zero tensor: two of its matrix products would be wasted)."""
+@pytest.mark.parametrize("hooked", [True, False], ids=["hooked", "fused"])
+def test_every_row_maps_pass_no_grad_out(monkeypatch, hooked):
+    """With every row's maps returned, out is read through attention_pv. When it computes dW (here
+    because a hook on the maps must see it), the maps op's backward hands the backend no dL/dout
+    (not a zero tensor: two of its matrix products would be wasted); when no one sees dW, it hands
+    the backend dO itself (and dV, dO V^T come from the backend)."""
     from lfi.backends.torch import interaction_attention as torch_backend
 
     seen = []
@@ -134,8 +137,14 @@ def test_every_row_maps_pass_no_grad_out(monkeypatch):
     gen = make_gen("every_row_maps_no_grad_out")
     q, k, v = make_qkv(1, 2, 2, 5, 7, 8, gen=gen, requires_grad=True)
     out, w = interaction_attention(q, k, v, need_weights=True, backend="torch")
+    if hooked:
+        w.register_hook(lambda g: None)
     (out.square().sum() + w.square().sum()).backward()
-    assert seen == [None] and q.grad.abs().sum() > 0 and v.grad.abs().sum() > 0
+    if hooked:
+        assert seen == [None]
+    else:
+        assert len(seen) == 1 and torch.equal(seen[0], 2 * out.detach())
+    assert q.grad.abs().sum() > 0 and v.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c["id"]) for c in OPCHECK_CASES[:3]])

@@ -92,7 +92,11 @@ class TensorMemory(TorchDispatchMode):
     until the last tensor seen on it is freed. ``peak``: the most bytes live at once, what
     ``max_memory_allocated`` minus the memory before measures on a GPU (without the caching
     allocator's rounding), also where no GPU is (Triton kernels under the CPU interpreter allocate
-    nothing through torch); ``allocations``: (op name, dtype, bytes) of each storage created."""
+    nothing through torch); ``allocations``: (op name, dtype, bytes) of each storage created.
+    It only observes: lfi's ops run their plain eager path under it (``observes_only``), the one
+    an unobserved call takes."""
+
+    observes_only = True
 
     def __init__(self):
         super().__init__()

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from lfi import _dispatch
 from lfi._numerics import compute_dtype
@@ -118,14 +119,15 @@ def _(grad_out, grad_weights, q, k, v, out, stats, attn_mask, scale, is_causal, 
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, keep_out=True):
+    """keep_out=False: out is not saved; _EagerPV holds it and hands it over (see _OutGradient)."""
     q, k, v, attn_mask, scale, is_causal, weights_start, weights_stop, kl_target, backend = inputs
     out, stats, weights, _, tnorm = output
     # A backend whose backward can read the returned maps instead of recomputing P says which
     # (the torch backend: maps of every row in its compute dtype, i.e. P itself, as eager keeps it).
     keep = getattr(_dispatch.implementation(backend, OP), "probs_to_keep", None)
     probs = keep(q, weights, weights_start, weights_stop) if keep is not None else None
-    ctx.save_for_backward(q, k, v, out, stats, attn_mask, kl_target, tnorm, probs)
+    ctx.save_for_backward(q, k, v, out if keep_out else None, stats, attn_mask, kl_target, tnorm, probs)
     ctx.args = (scale, is_causal, weights_start, weights_stop)
     ctx.backend = backend
     ctx.mark_non_differentiable(stats, tnorm)
@@ -140,6 +142,8 @@ def _backward(ctx, grad_out, grad_stats, grad_weights, grad_kl, grad_tnorm):
     mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
     if kl_target is None:
         grad_kl = None
+    if out is None:  # out (and dO when no one sees dW) from _EagerPV's backward, see _OutGradient
+        grad_out, out = ctx.out_gradient.take()
     if torch.is_grad_enabled():
         # A differentiable backward is asked for (create_graph=True, gradgradcheck, torch.func):
         # the same gradients from differentiable torch ops (lfi.ops._double_backward), not the kernels.
@@ -148,8 +152,12 @@ def _backward(ctx, grad_out, grad_stats, grad_weights, grad_kl, grad_tnorm):
             kl_target, grad_kl,
         )
         return dq, dk, dv, dmask, None, None, None, None, None, None
-    # grad_out is None when only the maps or the KL enter the loss, and whenever every row's maps are
-    # returned (out is then read through attention_pv): the backends skip the dO products.
+    # grad_out is None when only the maps or the KL enter the loss, and when every row's maps are
+    # returned (out is then read through attention_pv) unless attention_pv passed dO on: the
+    # backends then skip the dO products and read out's shape only (zeros where out stayed with
+    # attention_pv).
+    if out is None:
+        out = q.new_zeros(*q.shape[:-1], v.shape[-1])
     dq, dk, dv, dmask = ctx.backward_op(
         grad_out, grad_weights, q, k, v, out, stats, attn_mask, scale, is_causal,
         weights_start, weights_stop, mask_grad, kl_target, tnorm if grad_kl is not None else None, grad_kl,
@@ -206,7 +214,7 @@ def _pv_backward(ctx, grad_out):
     dW takes w's row stride (the Triton backend's maps have padded rows; its backward reads dW in
     that layout without a copy). Torch ops, so this backward is itself differentiable (double
     backward)."""
-    w, v = ctx.saved_tensors
+    w, v = ctx.saved_tensors[:2]
     if grad_out is None:
         return None, None, None
     B, H, M, N = w.shape
@@ -228,19 +236,84 @@ _vmap.register(attention_pv, [_vmap.FULL] * 3)
 
 
 class _EagerPV(torch.autograd.Function):
-    """attention_pv without the dispatcher (plain eager mode, see _plain_eager). Returns a copy of
-    the fused output, (B, H, M, Dv), small next to the maps: returning the input itself would make
-    the result a view created in a custom Function, on which autograd refuses in-place ops
-    (`out += x`), and marking it dirty instead would invalidate the maps op's saved output."""
+    """attention_pv without the dispatcher (plain eager mode, see _plain_eager), after an
+    _EagerForward that left out to it (out_via_pv). Returns out itself as a new tensor object (an
+    alias: no copy; in-place ops on it are allowed, as on eager's w @ v) and holds it for the maps
+    op's backward, which reads it from here (see _OutGradient). Its backward hands dO over as well,
+    instead of computing dW and dV, when no one can see dW. maps: the maps tensor the caller received
+    (saved, so that its hooks can be read in the backward); sentinel: _SENTINEL."""
 
     @staticmethod
-    def forward(ctx, w, v, out):
-        _pv_setup_context(ctx, (w, v, out), out)
-        return out.clone()
+    def forward(ctx, w, v, out, link, maps, sentinel):
+        ctx.save_for_backward(w, v, maps)  # maps shares w's storage: nothing more is kept
+        ctx.set_materialize_grads(False)
+        ctx.link, ctx.out = link, out
+        alias = out.detach()  # shares out's version counter: in-place changes are seen (below)
+        ctx.out_version = alias._version
+        return alias
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _pv_backward(ctx, grad_out)
+        out, ctx.out = ctx.out, None  # one backward reads it (a retained graph's next ones do without)
+        if out is not None and out._version == ctx.out_version and grad_out is not None and _maps_gradient_unseen(ctx):
+            ctx.link.give(grad_out, out)  # dW and dV come from the maps op's kernels
+            return None, None, None, None, None, None
+        return (*_pv_backward(ctx, grad_out), None, None, None)
+
+
+# --------------------------------------------------------------------------------------------------
+# dO V^T fused into the maps op's backward when no one can see dW (plain eager)
+# --------------------------------------------------------------------------------------------------
+# Eager's graph makes dW = dO V^T a tensor, and with a loss on the maps too, autograd adds the two
+# gradients into a third: two map-sized tensors at the backward's peak (three while the caller holds
+# the maps' gradient) and their passes through memory. The maps op's kernels can instead take dO
+# itself and add dO V^T to the maps' gradient tile by tile, as they do for maps that do not feed
+# out; then the backward makes no map-sized tensor. That changes nothing a caller can observe
+# unless dW itself is observed, which eager allows through: a hook or retain_grad() on the returned
+# maps (read from the saved maps tensor, whose Python object and hooks live as long as it is
+# saved), autograd.grad / backward(inputs=...) (the engine may be capturing dW: such a call does not
+# run _SENTINEL's node, which a plain backward runs), a differentiable backward (create_graph) and
+# compiled autograd. In each of those, and when out was changed in place (its values are no longer
+# the forward's, which the fused backward reads), attention_pv's backward computes dW and dV as
+# eager's does. Not seen: a pre-hook registered on the maps op's node itself
+# (grad_fn.register_prehook) receives the loss's gradient on the maps without dO V^T.
+
+_SENTINEL = torch.zeros(0, requires_grad=True)
+# An input of every _EagerPV node (its gradient is None): the engine runs its node in a backward
+# without `inputs` and not in one with them. Held here so that every node shares one accumulator.
+_SENTINEL_NODE = torch.autograd.graph.get_gradient_edge(_SENTINEL).node
+
+
+class _OutGradient:
+    """out (B, H, M, Dv) and dO, from _EagerPV's backward to the maps op's backward in the same
+    backward call (graph task; the engine runs attention_pv's node first: it consumes the maps op's
+    outputs). Empty when attention_pv computed dW itself, or did not run (no loss on out)."""
+
+    __slots__ = ("grad_out", "out", "task")
+
+    def __init__(self):
+        self.grad_out = self.out = None
+        self.task = -1
+
+    def give(self, grad_out: Tensor, out: Tensor) -> None:
+        self.grad_out, self.out, self.task = grad_out, out, torch._C._current_graph_task_id()
+
+    def take(self) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """(dO, out), or (None, None) when nothing was handed over in this backward call."""
+        taken = (self.grad_out, self.out) if self.task == torch._C._current_graph_task_id() else (None, None)
+        self.grad_out = self.out = None
+        self.task = -1
+        return taken
+
+
+def _maps_gradient_unseen(ctx) -> bool:
+    """True when dW is observable by no one (see the comment above _SENTINEL)."""
+    if torch.is_grad_enabled() or not ctx.needs_input_grad[0] or torch.compiler.is_compiling():
+        return False
+    maps = ctx.saved_tensors[2]
+    if maps._backward_hooks or maps.retains_grad:
+        return False
+    return torch._C._will_engine_execute_node(_SENTINEL_NODE)
 
 
 _FunctorchPV = functorch_function(
@@ -248,10 +321,12 @@ _FunctorchPV = functorch_function(
     "attention_pv with its autograd, for torch.func transforms (lfi.ops._functorch).")
 
 
-def _pv(w, v, out):
-    """out on the autograd path of w and v (see attention_pv), by the route _attention_forward takes."""
-    if _plain_eager(w, v, out):
-        return _EagerPV.apply(w, v, out)
+def _pv(w, v, out, maps):
+    """out on the autograd path of w and v (see attention_pv), by the route _attention_forward took.
+    maps: the maps tensor returned to the caller (w, or w without its head dimension)."""
+    link = getattr(out.grad_fn, "out_gradient", None) if _plain_eager(w, v, out) else None
+    if link is not None:  # an _EagerForward left out to attention_pv (out_via_pv)
+        return _EagerPV.apply(w, v, out, link, maps, _SENTINEL)
     if functorch_active():
         return _FunctorchPV.apply(w, v, out)
     return torch.ops.lfi.attention_pv(w, v, out)
@@ -266,15 +341,16 @@ class _EagerForward(torch.autograd.Function):
     (tests/test_sdpa_routing.py)."""
 
     @staticmethod
-    def forward(ctx, *inputs):  # the old style: a separate setup_context costs an inspect.signature bind
+    def forward(ctx, out_via_pv, *inputs):  # old style: a separate setup_context costs a signature bind
         output = _forward_kernels(*inputs)
-        _setup_context(ctx, inputs, output)
+        _setup_context(ctx, inputs, output, keep_out=not out_via_pv)
         ctx.backward_op = _backward_kernels
+        ctx.out_gradient = _OutGradient() if out_via_pv else None
         return output
 
     @staticmethod
     def backward(ctx, *grads):  # differentiable with grad mode on (double backward), see _backward
-        return _backward(ctx, *grads)
+        return None, *_backward(ctx, *grads)
 
 
 _FunctorchForward = functorch_function(
@@ -286,11 +362,16 @@ def _plain_eager(*tensors) -> bool:
     """True when the forward may skip the custom op: eager mode (not under torch.compile, export,
     jit tracing, functorch transforms, or a __torch_dispatch__ / __torch_function__ mode) on plain
     tensors (no tensor subclasses such as FakeTensor or DTensor). Everywhere else the custom ops,
-    with their fake kernels, are called."""
+    with their fake kernels, are called. A dispatch mode that declares `observes_only = True`
+    (lfi.benchmark.TensorMemory: it records the tensors ops create and changes nothing) leaves the
+    call on the plain path, so that it measures what an unobserved call runs."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
-    if (torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack()
-            or torch._C._are_functorch_transforms_active()):
+    if torch._C._len_torch_function_stack() or torch._C._are_functorch_transforms_active():
+        return False
+    if torch._C._len_torch_dispatch_stack() and not all(
+        getattr(mode, "observes_only", False) for mode in _get_current_dispatch_mode_stack()
+    ):
         return False
     return all(t is None or type(t) in _PLAIN_TENSORS for t in tensors)
 
@@ -298,9 +379,10 @@ def _plain_eager(*tensors) -> bool:
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
-def _attention_forward(q, k, v, mask, scale, is_causal, w_start, w_stop, kl_target, backend):
+def _attention_forward(q, k, v, mask, scale, is_causal, w_start, w_stop, kl_target, backend, out_via_pv=False):
     """torch.ops.lfi.interaction_attention_fwd, or in plain eager mode the same kernels and autograd
-    without the dispatcher (and without autograd at all when nothing requires grad)."""
+    without the dispatcher (and without autograd at all when nothing requires grad). out_via_pv: out
+    will be read through attention_pv (every row's maps on the autograd path)."""
     args = (q, k, v, mask, scale, is_causal, w_start, w_stop, kl_target, backend)
     if not _plain_eager(q, k, v, mask, kl_target):
         if functorch_active():
@@ -310,7 +392,7 @@ def _attention_forward(q, k, v, mask, scale, is_causal, w_start, w_stop, kl_targ
         q.requires_grad or k.requires_grad or v.requires_grad
         or (mask is not None and mask.requires_grad) or (kl_target is not None and kl_target.requires_grad)
     ):
-        return _EagerForward.apply(*args)
+        return _EagerForward.apply(out_via_pv, *args)
     return _forward_kernels(*args, need_stats=False)  # no backward will need the row statistics
 
 _warned_dropout_fallback = False
@@ -329,7 +411,8 @@ def _warn_dropout_fallback(backend: str) -> None:
         )
 
 
-def _run(q, k, v, mask, scale, is_causal, dropout_p, need_weights, w_start, w_stop, kl_target, M, backend):
+def _run(q, k, v, mask, scale, is_causal, dropout_p, need_weights, w_start, w_stop, kl_target, M, backend,
+         out_via_pv=False):
     """The op on our kernels (or the eager dropout path): (out, weights, kl)."""
     name = _dispatch.resolve(backend, q.device)
     if dropout_p > 0.0:
@@ -347,7 +430,7 @@ def _run(q, k, v, mask, scale, is_causal, dropout_p, need_weights, w_start, w_st
             # them from the results.
             rows = (0, M)
         out, _, weights, kl, _ = _attention_forward(
-            q, k, v, mask, float(scale), bool(is_causal), *rows, kl_target, name
+            q, k, v, mask, float(scale), bool(is_causal), *rows, kl_target, name, out_via_pv
         )
     return out, weights, kl
 
@@ -417,7 +500,10 @@ def interaction_attention(
           returns (out_fused, w); out = attention_pv(w, v, out_fused) returns out_fused's values
           and has the backward of w @ v (dW = dO V^T, dV = W^T dO); the fused op's backward then
           takes dW plus the gradient of any loss on w and runs one dS pass for dq, dk. So
-          w.retain_grad(), hooks on w and torch.autograd.grad(out, w) behave as in eager.
+          w.retain_grad(), hooks on w and torch.autograd.grad(out, w) behave as in eager. Where no
+          one can observe dW (eager mode, a backward without inputs= or create_graph, no hook or
+          retain_grad on w, out unchanged), dO goes to the fused op's backward instead and no
+          map-sized dW is made (see _OutGradient).
         * anything else (no maps, a row window, head-averaged maps): the maps are a side
           output; out does not depend on them, and they receive gradients only from losses on
           them (flowing into the same fused backward as out's).
@@ -486,11 +572,12 @@ def interaction_attention(
             scale=None if scale_in is None else float(scale_in), **gqa
         )
     else:
-        out, weights, kl = _run(q, k, v, mask, scale, is_causal, dropout_p, need_weights, w_start, w_stop,
-                                kl_target, M, backend)
         # Every row's maps, per head: out = W @ V on the autograd path, as in eager (attention_pv).
         maps_on_path = (need_weights and not average_attn_weights and (w_start, w_stop) == (0, M)
-                        and dropout_p == 0.0 and torch.is_grad_enabled() and (weights.requires_grad or v.requires_grad))
+                        and dropout_p == 0.0 and torch.is_grad_enabled()
+                        and any(t is not None and t.requires_grad for t in (q, k, v, mask, kl_target)))
+        out, weights, kl = _run(q, k, v, mask, scale, is_causal, dropout_p, need_weights, w_start, w_stop,
+                                kl_target, M, backend, maps_on_path)
     results = [out]
     if need_weights:
         if average_attn_weights:
@@ -498,7 +585,7 @@ def interaction_attention(
         elif three_d:
             weights = weights.squeeze(1)
         if maps_on_path:  # the returned tensor itself feeds out (3-D: through the unsqueeze)
-            results[0] = _pv(weights.unsqueeze(1) if three_d else weights, v, out)
+            results[0] = _pv(weights.unsqueeze(1) if three_d else weights, v, out, weights)
         results.append(weights)
     if three_d:
         results[0] = results[0].squeeze(1)
