@@ -341,7 +341,8 @@ class _EagerForward(torch.autograd.Function):
     (tests/test_sdpa_routing.py)."""
 
     @staticmethod
-    def forward(ctx, out_via_pv, *inputs):  # old style: a separate setup_context costs a signature bind
+    def forward(ctx, *inputs):  # the old style: a separate setup_context costs an inspect.signature bind
+        *inputs, out_via_pv = inputs  # last, so that ctx.needs_input_grad has the op's indices
         output = _forward_kernels(*inputs)
         _setup_context(ctx, inputs, output, keep_out=not out_via_pv)
         ctx.backward_op = _backward_kernels
@@ -350,7 +351,7 @@ class _EagerForward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):  # differentiable with grad mode on (double backward), see _backward
-        return None, *_backward(ctx, *grads)
+        return *_backward(ctx, *grads), None
 
 
 _FunctorchForward = functorch_function(
@@ -392,7 +393,7 @@ def _attention_forward(q, k, v, mask, scale, is_causal, w_start, w_stop, kl_targ
         q.requires_grad or k.requires_grad or v.requires_grad
         or (mask is not None and mask.requires_grad) or (kl_target is not None and kl_target.requires_grad)
     ):
-        return _EagerForward.apply(out_via_pv, *args)
+        return _EagerForward.apply(*args, out_via_pv)
     return _forward_kernels(*args, need_stats=False)  # no backward will need the row statistics
 
 _warned_dropout_fallback = False
