@@ -231,6 +231,8 @@ def test_full_maps_gradient_fused_unless_observed(backend, observer, monkeypatch
         got["w"] = seen[0].reshape(want["w"].shape)
     elif observer == "retain_grad":
         got["w"] = w.grad
+    if observer in ("hook", "hook_then_del", "3d_hook", "multi_grad_hook", "retain_grad", "grad_inputs"):
+        assert got.get("w") is not None, f"{observer}: the maps' gradient was not seen"
     for name, grad in got.items():
         torch.testing.assert_close(grad.double(), want[name], **_tol(dtype), msg=lambda m, n=name: f"{n}: {m}")
     # fused: no dW from attention_pv; a retained graph's second backward computes it
