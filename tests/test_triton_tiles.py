@@ -350,7 +350,7 @@ def test_config_tables():
                                                                                           (16, 128, 8, 2)]
     # distinct configs per kernel, as RESULTS.md and README state them (the autotuners' lists)
     assert {kernel: len(table_configs(launcher._TABLE, kernel)) for kernel in ("fwd", "preprocess", "dkdv", "dq")} \
-        == {"fwd": 7, "preprocess": 2, "dkdv": 9, "dq": 6}
+        == {"fwd": 7, "preprocess": 2, "dkdv": 10, "dq": 6}
     # candidates compiled per call (RESULTS.md: at most 3), for bf16 D = 64, fp16 D = 128, TF32 D = 64
     # and bf16 D = 256
     calls = (_named(), _named(torch.float16, 128), _named(torch.float32, 64), _named(D=256))
@@ -412,8 +412,11 @@ def test_ragged_sizes_take_their_own_configs():
     assert _shape(pick("fwd", _named(maps=2, N=197))[0]) == (128, 128, 8, 1)
     assert _shape(pick("fwd", _named(N=197))[0]) == (128, 128, 8, 2)  # no maps: unchanged
     aligned = [_shape(c) for c in pick("dkdv", _named(HAS_DW=True))]
-    for named in (_named(HAS_DW=True, M=197, N=197), _named(HAS_DW=True, M=64, N=200), _named(HAS_DW=True, GROUP=2)):
+    for named in (_named(HAS_DW=True, M=197, N=197, GROUP=2), _named(HAS_DW=True, GROUP=2),
+                  _named(HAS_DW=True, M=197, N=197, HAS_KL=True)):
         assert [_shape(c) for c in pick("dkdv", named)] == [(32, 64, 4, 2), (32, 128, 8, 2)] != aligned
+    for named in (_named(HAS_DW=True, M=197, N=197), _named(HAS_DW=True, M=64, N=200)):  # no GQA, KL, 2-D mask
+        assert [_shape(c) for c in pick("dkdv", named)] == [(64, 64, 4, 1), (32, 64, 4, 2)] != aligned
     assert [launcher.size_key(n) for n in (16, 197, 208, 256, 577, 1024)] == [16, 255, 256, 256, 1023, 1024]
 
 

@@ -60,7 +60,9 @@ _FEATURES = ["M_BUCKET", "N_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS
 # N = 197, 577, 1000 measured), or a dK/dV with map gradients and M or N not a multiple of 16, or
 # with several query heads per kv head (its 64-row tiles spill 12-120 B there; 32x64 first: with a dW
 # read in place (_copy_map_gradient) 32x128 takes 0.918 instructions per score, 32x64 0.656, and with
-# padded rows 0.637 and 0.656); "": none of those).
+# padded rows 0.637 and 0.656); "ragged_light": such a dK/dV with neither grouped heads, the fused KL
+# nor a 2-D mask, where 64x64 w4 s1 does not spill (0.530 per score at M = N = 197, plain or causal;
+# with those features it spills 8-324 B); "": none of those).
 # dK/dV tiles are BLOCK_M queries x BLOCK_N keys. Float32 without TF32 on sm_90 ("3xtf32": split
 # operands, both parts of the resident tiles in shared memory, see the kernels): at D <= 64 no
 # candidate spills, with or without maps, for every feature ("heavy": a dK/dV with causal, GQA, the
@@ -98,10 +100,12 @@ _TABLE = {
     ("dkdv", 64, "16", None, ""): configs_from("64x64x4x2 64x128x8x2"),
     ("dkdv", 64, "16", None, "kl"): configs_from("32x128x8x2 32x64x4x2"),
     ("dkdv", 64, "16", None, "ragged"): configs_from("32x64x4x2 32x128x8x2"),
+    ("dkdv", 64, "16", None, "ragged_light"): configs_from("64x64x4x1 32x64x4x2"),
     ("dkdv", 64, "16", None, "gqa"): configs_from("64x128x8x2 32x128x8x2"),
     ("dkdv", 128, "16", None, ""): configs_from("32x128x8x2 32x128x8x1"),
     ("dkdv", 128, "16", None, "gqa"): configs_from("16x128x8x2"),
     ("dkdv", 128, "16", None, "ragged"): configs_from("16x128x8x2"),
+    ("dkdv", 128, "16", None, "ragged_light"): configs_from("16x128x8x2"),
     ("dkdv", 128, "16", None, "kl"): configs_from("32x128x8x2 16x128x8x2"),
     ("dkdv", 64, "tf32", None, ""): configs_from("32x128x8x2 32x64x4x2"),
     ("dkdv", 128, "tf32", None, ""): configs_from("16x128x8x1 16x128x8x2"),
@@ -131,7 +135,9 @@ def _feature_class(kernel: str, named) -> str:
         return "heavy"
     ragged = named.get("M", 0) % 16 or named.get("N", 0) % 16
     if kernel == "dkdv" and named.get("HAS_DW") and (ragged or named.get("GROUP", 1) > 1):
-        return "ragged"
+        heavy = (named.get("GROUP", 1) > 1 or named.get("HAS_KL")
+                 or named.get("HAS_MASK") and not named.get("KEY_MASK"))
+        return "ragged" if heavy else "ragged_light"
     if named.get("HAS_KL"):
         return "kl"
     if named.get("HAS_MASK") and not named.get("KEY_MASK") or named.get("WRITE_DS"):
