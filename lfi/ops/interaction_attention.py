@@ -144,6 +144,8 @@ def _backward(ctx, grad_out, grad_stats, grad_weights, grad_kl, grad_tnorm):
         grad_kl = None
     if out is None:  # out (and dO when no one sees dW) from _EagerPV's backward, see _OutGradient
         grad_out, out = ctx.out_gradient.take()
+        if out is None:  # attention_pv kept it (or did not run): the backends read out's shape only
+            out = q.new_zeros(*q.shape[:-1], v.shape[-1])
     if torch.is_grad_enabled():
         # A differentiable backward is asked for (create_graph=True, gradgradcheck, torch.func):
         # the same gradients from differentiable torch ops (lfi.ops._double_backward), not the kernels.
@@ -154,10 +156,7 @@ def _backward(ctx, grad_out, grad_stats, grad_weights, grad_kl, grad_tnorm):
         return dq, dk, dv, dmask, None, None, None, None, None, None
     # grad_out is None when only the maps or the KL enter the loss, and when every row's maps are
     # returned (out is then read through attention_pv) unless attention_pv passed dO on: the
-    # backends then skip the dO products and read out's shape only (zeros where out stayed with
-    # attention_pv).
-    if out is None:
-        out = q.new_zeros(*q.shape[:-1], v.shape[-1])
+    # backends then skip the dO products.
     dq, dk, dv, dmask = ctx.backward_op(
         grad_out, grad_weights, q, k, v, out, stats, attn_mask, scale, is_causal,
         weights_start, weights_stop, mask_grad, kl_target, tnorm if grad_kl is not None else None, grad_kl,
@@ -380,6 +379,10 @@ def _plain_eager(*tensors) -> bool:
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
+def _requires_grad(*tensors) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
 def _attention_forward(q, k, v, mask, scale, is_causal, w_start, w_stop, kl_target, backend, out_via_pv=False):
     """torch.ops.lfi.interaction_attention_fwd, or in plain eager mode the same kernels and autograd
     without the dispatcher (and without autograd at all when nothing requires grad). out_via_pv: out
@@ -389,10 +392,7 @@ def _attention_forward(q, k, v, mask, scale, is_causal, w_start, w_stop, kl_targ
         if functorch_active():
             return _FunctorchForward.apply(*args)
         return torch.ops.lfi.interaction_attention_fwd(*args)
-    if torch.is_grad_enabled() and (
-        q.requires_grad or k.requires_grad or v.requires_grad
-        or (mask is not None and mask.requires_grad) or (kl_target is not None and kl_target.requires_grad)
-    ):
+    if torch.is_grad_enabled() and _requires_grad(q, k, v, mask, kl_target):
         return _EagerForward.apply(*args, out_via_pv)
     return _forward_kernels(*args, need_stats=False)  # no backward will need the row statistics
 
@@ -575,8 +575,7 @@ def interaction_attention(
     else:
         # Every row's maps, per head: out = W @ V on the autograd path, as in eager (attention_pv).
         maps_on_path = (need_weights and not average_attn_weights and (w_start, w_stop) == (0, M)
-                        and dropout_p == 0.0 and torch.is_grad_enabled()
-                        and any(t is not None and t.requires_grad for t in (q, k, v, mask, kl_target)))
+                        and dropout_p == 0.0 and torch.is_grad_enabled() and _requires_grad(q, k, v, mask, kl_target))
         out, weights, kl = _run(q, k, v, mask, scale, is_causal, dropout_p, need_weights, w_start, w_stop,
                                 kl_target, M, backend, maps_on_path)
     results = [out]

@@ -133,20 +133,20 @@ def _feature_class(kernel: str, named) -> str:
             and (named.get("IS_CAUSAL") or named.get("GROUP", 1) > 1 or named.get("HAS_KL")
                  or named.get("HAS_MASK") and (not named.get("KEY_MASK") or named.get("HAS_DW")))):
         return "heavy"
+    if named.get("HAS_KL"):
+        feature = "kl"
+    elif named.get("HAS_MASK") and not named.get("KEY_MASK") or named.get("WRITE_DS"):
+        feature = "mask"
+    elif kernel == "dkdv" and named.get("GROUP", 1) > 1:
+        feature = "gqa"
+    else:
+        feature = ""
     ragged = named.get("M", 0) % 16 or named.get("N", 0) % 16
     if kernel == "dkdv" and named.get("HAS_DW") and (ragged or named.get("GROUP", 1) > 1):
-        heavy = (named.get("GROUP", 1) > 1 or named.get("HAS_KL")
-                 or named.get("HAS_MASK") and not named.get("KEY_MASK"))
-        return "ragged" if heavy else "ragged_light"
-    if named.get("HAS_KL"):
-        return "kl"
-    if named.get("HAS_MASK") and not named.get("KEY_MASK") or named.get("WRITE_DS"):
-        return "mask"
-    if kernel == "dkdv" and named.get("GROUP", 1) > 1:
-        return "gqa"
-    if kernel == "fwd" and named.get("WRITE_MAPS") and named.get("N", 0) % 16:
+        return "ragged" if feature else "ragged_light"
+    if kernel == "fwd" and named.get("WRITE_MAPS") and named.get("N", 0) % 16 and not feature:
         return "ragged"
-    return ""
+    return feature
 
 
 def _lookup(kernel: str, named):
