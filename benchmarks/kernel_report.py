@@ -199,14 +199,30 @@ def ragged_cases():
                _attention_case("fp32", 64, True, ("causal", "tf32_off", "n1"), M=9, N=1)])
 
 
+def combination_cases():
+    """Features together, where the register demand peaks (each spilled before its own list or dK/dV's
+    edge-tile loop): GQA + causal with maps at the ViT shape, GQA + the fused KL with a 2-D mask at
+    the ViT shape and with causal masking at D = 128 (fp16), a 2-D mask with causal masking and maps
+    at D = 128; at D = 128 and the ViT shape without maps, a bool mask with causal masking (fp16) and
+    the fused KL with a float mask's gradient and causal masking."""
+    vit = dict(M=197, N=197)
+    return [_attention_case("bf16", 64, True, ("gqa", "causal", "vit197"), **vit),
+            _attention_case("bf16", 64, True, ("gqa", "kl", "bool_mask", "vit197"), **vit),
+            _attention_case("fp16", 128, True, ("gqa", "kl", "causal")),
+            _attention_case("bf16", 128, True, ("bool_mask", "causal")),
+            _attention_case("fp16", 128, False, ("bool_mask", "causal", "vit197"), **vit),
+            _attention_case("bf16", 128, False, ("kl", "float_mask", "mask_grad", "causal", "vit197"), **vit)]
+
+
 def full_attention_cases():
-    """The full report's interaction_attention grid (89 cases): bf16, fp16, fp32 (tf32) x D = 64 /
+    """The full report's interaction_attention grid (96 cases): bf16, fp16, fp32 (tf32) x D = 64 /
     128 / 80 x maps off/on; the float32 cases (fused KL, float32 KL target); float32 without TF32 with
     every feature at D = 64 and 128 (exact_fp32_cases); every feature (and feature with maps) at bf16
-    D = 64 and D = 128; the features alone at fp16 D = 64; the ViT and cross-attention shapes."""
+    D = 64 and D = 128; the features alone at fp16 D = 64; the ViT and cross-attention shapes; features
+    together (combination_cases)."""
     return (base_cases(("bf16", "fp16", "fp32"), (64, 128, 80)) + float32_kl_cases() + exact_fp32_cases()
             + feature_cases("bf16", 64) + feature_cases("bf16", 128) + feature_cases("fp16", 64, with_maps=False)
-            + shape_cases() + ragged_cases()[1:])
+            + shape_cases() + ragged_cases()[1:] + combination_cases())
 
 
 def kl_cases(dtypes=("bf16", "fp16", "fp32"), dims=(64, 128)):
@@ -254,11 +270,11 @@ def exact_fp32_cases():
 
 def ci_cases():
     """The CI test's grid: bf16/fp16 x D = 64/128 with maps off and on; every feature (alone, and
-    with maps where LFI uses it) at bf16 D = 64 and at fp16 D = 128; the ragged shapes; the float32
-    cases; the maps backward without dL/dout (bf16 D = 64); one attention_kl case and a dense and an
-    implicit attention_kl_qk case."""
+    with maps where LFI uses it) at bf16 D = 64 and at fp16 D = 128; the ragged shapes; features
+    together (combination_cases); the float32 cases; the maps backward without dL/dout (bf16 D = 64);
+    one attention_kl case and a dense and an implicit attention_kl_qk case."""
     return (base_cases(("bf16", "fp16"), (64, 128)) + feature_cases("bf16", 64) + feature_cases("fp16", 128)
-            + ragged_cases() + fp32_cases() + [_attention_case("bf16", 64, True, ("no_dout",))]
+            + ragged_cases() + combination_cases() + fp32_cases() + [_attention_case("bf16", 64, True, ("no_dout",))]
             + [Case("attention_kl", "bf16", None, features=("dense", "key_mask")),
                Case("attention_kl_qk", "bf16", 64, features=("dense",)),
                Case("attention_kl_qk", "fp16", 128, features=("implicit",))])

@@ -18,7 +18,8 @@ qk_scale2 with qk_scale2 >= 0 (Q_SIGN = -1; Q_SIGN = 0 for scale = 0, where ever
 
 Loop structure: key (or query) blocks that cannot cross N, M or the causal diagonal run in a main
 loop without bounds or causal predicates; the one ragged block and the diagonal blocks run after it
-(EDGE tiles, unrolled, so each kernel keeps one loop per pass). Keys above the causal diagonal are
+(EDGE tiles, unrolled, so each kernel keeps one loop per pass; dK/dV with grouped heads or the 16-bit
+fused KL runs its edge tiles in a second loop, see attention_bwd_dkdv_kernel). Keys above the causal diagonal are
 never visited. A key-padding mask (stride 0 along the query rows, e.g. (B, 1, 1, N)) is read as one
 vector per key block (KEY_MASK). WRITE_MAPS, HAS_KL, HAS_DW and the mask kinds are constexprs: a
 call without maps compiles no maps code.
@@ -736,7 +737,12 @@ def _dkdv_tile(k, k_lo, v, v_lo, LO, dk, dv, start_m, q_base, q_offs, do_base, d
     if HAS_KL:
         t_t = tl.load(t_base + offs_m[None, :] * stride_tm,
                       mask=key_ok[:, None] & row_ok[None, :], other=0.0).to(tl.float32)
-        t_t = tl.where(s_t > float("-inf"), t_t, 0.0)
+        # Zero on the keys the student does not attend; without a mask those are the causal ones,
+        # recomputed so that s_t need not stay live across the dP product (GQA + KL spilled).
+        if HAS_MASK:
+            t_t = tl.where(s_t > float("-inf"), t_t, 0.0)
+        elif EDGE and IS_CAUSAL:
+            t_t = tl.where(offs_n[:, None] <= offs_m[None, :], t_t, 0.0)
         tnorm = tl.load(TNORM + row_stats + offs_m, mask=row_ok, other=float("-inf"))
         grad_kl = tl.load(gkl_base + offs_m * stride_gklm, mask=row_ok, other=0.0).to(tl.float32)
         has_mass = tnorm != float("-inf")  # NaN (a NaN target) propagates to the gradient
@@ -757,6 +763,25 @@ def _dkdv_tile(k, k_lo, v, v_lo, LO, dk, dv, start_m, q_base, q_offs, do_base, d
 
 
 @triton.jit
+def _dkdv_head(Q, MASK, DOUT, DQ_ACC, DW, T, GKL, b, h, H, M, offs_n, key_ok,
+               stride_qb, stride_qh, stride_mb, stride_mh, stride_mn, stride_dob, stride_doh,
+               stride_gb, stride_gh, stride_gn, stride_dqb, stride_dqh, stride_tb, stride_th, stride_tn,
+               stride_gklb, stride_gklh, HAS_MASK: tl.constexpr, KEY_MASK: tl.constexpr, MASK_BOOL: tl.constexpr):
+    """Query head h's bases for dK/dV's tiles (and its key-padding mask values)."""
+    mask_base = MASK + b * stride_mb + h * stride_mh + offs_n[:, None] * stride_mn
+    key_mask_vals = key_ok
+    if HAS_MASK:
+        if KEY_MASK:
+            key_mask_vals = tl.load(MASK + b * stride_mb + h * stride_mh + offs_n * stride_mn, mask=key_ok,
+                                    other=0 if MASK_BOOL else float("-inf"))
+    return (Q + b * stride_qb + h * stride_qh, DOUT + b * stride_dob + h * stride_doh,
+            DQ_ACC + b * stride_dqb + h * stride_dqh, mask_base, key_mask_vals,
+            DW + b * stride_gb + h * stride_gh + offs_n[:, None] * stride_gn,
+            T + b * stride_tb + h * stride_th + offs_n[:, None] * stride_tn,
+            GKL + b * stride_gklb + h * stride_gklh, (b * H + h) * M)
+
+
+@triton.jit
 def attention_bwd_dkdv_kernel(
     Q, K, V, MASK, DOUT, DW, STATS, DELTA, DK, DV, DQ_ACC, T, TNORM, GKL,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -774,7 +799,7 @@ def attention_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, KEY_MASK: tl.constexpr,
     FLOAT_MASK: tl.constexpr, HAS_DW: tl.constexpr, HAS_KL: tl.constexpr, HAS_DO: tl.constexpr,
-    DQ_ATOMIC: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr, EDGE_LOOP: tl.constexpr,
     Q_SIGN: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -782,7 +807,8 @@ def attention_bwd_dkdv_kernel(
     GROUP query heads sharing the kv head, so dK and dV need no atomics. With DQ_ATOMIC the same
     tiles also add scale * dS K into DQ_ACC (B, H, M, D) float32 (zeroed by the launcher), and the
     dQ kernel is not run. Without HAS_DO (no gradient reaches out) dO is not read: dV = 0, dP = G.
-    LO: see attention_fwd_kernel (Q, K, V and DOUT)."""
+    EDGE_LOOP: the edge tiles run in their own loop (see below; the launcher sets it for grouped heads
+    and for the 16-bit fused KL). LO: see attention_fwd_kernel (Q, K, V and DOUT)."""
     pid_n, b, hk = _key_block(N, HKV, BLOCK_N)
     n_lo = pid_n * BLOCK_N
     offs_n = n_lo + tl.arange(0, BLOCK_N)
@@ -809,24 +835,22 @@ def attention_bwd_dkdv_kernel(
         diag_lo = (n_lo // BLOCK_M) * BLOCK_M
         main_lo = diag_lo + ((BLOCK_N + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
     else:
+        diag_lo = 0
         main_lo = 0
     main_hi = tl.maximum(main_lo, m_full)
+    # Edge tiles: the cdiv(BLOCK_N, BLOCK_M) blocks on the causal diagonal and the ragged last query
+    # block. Without EDGE_LOOP they run unrolled around the main loop (fewest instructions); with it,
+    # after every head's main loop, in one loop over (head, edge block): unrolled inside the head loop
+    # they kept more registers live (GQA with causal masking or the fused KL spilled 12-832 B at D = 64
+    # and 20-500 B at D = 128 with map gradients, M = N = 197, sm_90), and unrolled around the fused
+    # KL's main loop 4-140 B at D = 128 with a mask or causal masking.
     for g in range(0, GROUP):
-        h = hk * GROUP + g
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DOUT + b * stride_dob + h * stride_doh
-        dq_base = DQ_ACC + b * stride_dqb + h * stride_dqh
-        mask_base = MASK + b * stride_mb + h * stride_mh + offs_n[:, None] * stride_mn
-        key_mask_vals = key_ok
-        if HAS_MASK:
-            if KEY_MASK:
-                key_mask_vals = tl.load(MASK + b * stride_mb + h * stride_mh + offs_n * stride_mn, mask=key_ok,
-                                        other=0 if MASK_BOOL else float("-inf"))
-        g_base = DW + b * stride_gb + h * stride_gh + offs_n[:, None] * stride_gn
-        t_base = T + b * stride_tb + h * stride_th + offs_n[:, None] * stride_tn
-        gkl_base = GKL + b * stride_gklb + h * stride_gklh
-        row_stats = (b * H + h) * M
-        if IS_CAUSAL:
+        (q_base, do_base, dq_base, mask_base, key_mask_vals, g_base, t_base, gkl_base,
+         row_stats) = _dkdv_head(Q, MASK, DOUT, DQ_ACC, DW, T, GKL, b, hk * GROUP + g, H, M, offs_n, key_ok,
+                                 stride_qb, stride_qh, stride_mb, stride_mh, stride_mn, stride_dob, stride_doh,
+                                 stride_gb, stride_gh, stride_gn, stride_dqb, stride_dqh, stride_tb, stride_th,
+                                 stride_tn, stride_gklb, stride_gklh, HAS_MASK, KEY_MASK, MASK_BOOL)
+        if IS_CAUSAL and not EDGE_LOOP:
             for i in tl.static_range((BLOCK_N + BLOCK_M - 1) // BLOCK_M):
                 start_m = diag_lo + i * BLOCK_M
                 if start_m < M:
@@ -847,9 +871,32 @@ def attention_bwd_dkdv_kernel(
                 M, scale, qk_scale, qk_scale2, w_start, w_stop,
                 False, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_DW, HAS_KL, HAS_DO, DQ_ATOMIC, Q_SIGN,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
-        if main_hi < M:  # the ragged last query block
+        if not EDGE_LOOP:
+            if main_hi < M:  # the ragged last query block
+                dk, dv = _dkdv_tile(
+                    k, k_lo, v, v_lo, LO, dk, dv, main_hi, q_base, q_offs, do_base, do_offs, dq_base, dq_offs,
+                    mask_base, g_base, t_base, STATS, DELTA, TNORM,
+                    gkl_base, row_stats, offs_n, key_ok, key_mask_vals,
+                    stride_qm, stride_dom, stride_dqm, stride_mm, stride_gm, stride_tm, stride_gklm,
+                    M, scale, qk_scale, qk_scale2, w_start, w_stop,
+                    True, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_DW, HAS_KL, HAS_DO, DQ_ATOMIC,
+                    Q_SIGN, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
+    if EDGE_LOOP:
+        diag_blocks = 0
+        if IS_CAUSAL:
+            diag_blocks = tl.minimum((BLOCK_N + BLOCK_M - 1) // BLOCK_M,
+                                     (tl.maximum(M - diag_lo, 0) + BLOCK_M - 1) // BLOCK_M)
+        edge_blocks = diag_blocks + (main_hi < M).to(tl.int32)
+        for i in range(0, GROUP * edge_blocks):
+            g = i // edge_blocks
+            start_m = tl.where(i - g * edge_blocks < diag_blocks, diag_lo + (i - g * edge_blocks) * BLOCK_M, main_hi)
+            (q_base, do_base, dq_base, mask_base, key_mask_vals, g_base, t_base, gkl_base,
+             row_stats) = _dkdv_head(Q, MASK, DOUT, DQ_ACC, DW, T, GKL, b, hk * GROUP + g, H, M, offs_n, key_ok,
+                                     stride_qb, stride_qh, stride_mb, stride_mh, stride_mn, stride_dob, stride_doh,
+                                     stride_gb, stride_gh, stride_gn, stride_dqb, stride_dqh, stride_tb, stride_th,
+                                     stride_tn, stride_gklb, stride_gklh, HAS_MASK, KEY_MASK, MASK_BOOL)
             dk, dv = _dkdv_tile(
-                k, k_lo, v, v_lo, LO, dk, dv, main_hi, q_base, q_offs, do_base, do_offs, dq_base, dq_offs, mask_base,
+                k, k_lo, v, v_lo, LO, dk, dv, start_m, q_base, q_offs, do_base, do_offs, dq_base, dq_offs, mask_base,
                 g_base, t_base, STATS, DELTA, TNORM,
                 gkl_base, row_stats, offs_n, key_ok, key_mask_vals,
                 stride_qm, stride_dom, stride_dqm, stride_mm, stride_gm, stride_tm, stride_gklm,

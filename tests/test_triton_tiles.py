@@ -16,6 +16,7 @@ import torch
 
 from helpers import BACKENDS
 from helpers import DEVICE
+from helpers import assert_close
 from helpers import bool_mask
 from helpers import float_mask
 from helpers import force_exact_fp32_split
@@ -37,6 +38,9 @@ CASES = [
     dict(id="key_padding_float_rows", M=21, N=47, mask="key_float", rows=(0, 5)),
     dict(id="float_mask_dead_rows", M=24, N=40, mask="float_dead"),
     dict(id="gqa_causal", M=33, N=33, causal=True, H=4, Hkv=2),
+    dict(id="gqa_causal_wide_mask", M=19, N=45, causal=True, H=4, Hkv=2, mask="bool"),
+    dict(id="gqa_causal_tall_rows", M=45, N=19, causal=True, H=6, Hkv=2, rows=(3, 40)),
+    dict(id="gqa_key_padding_ragged", M=21, N=47, H=4, Hkv=2, mask="key_float", rows=(0, 5)),
     dict(id="negative_scale", M=18, N=34, scale=-0.4),
     dict(id="zero_scale_causal", M=18, N=34, scale=0.0, causal=True, mask="key_bool"),
 ]
@@ -88,15 +92,21 @@ def test_tile_paths(case, tile, monkeypatch, poisoned_empty):
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="interpreter tile shapes are a CPU (TRITON_INTERPRET) test")
 @pytest.mark.parametrize("tile", TILES, ids=[f"{m}x{n}" for m, n in TILES])
-def test_fused_kl_tiles(tile, monkeypatch, poisoned_empty):
-    """The fused KL's online pieces across EDGE tiles and both map modes."""
+@pytest.mark.parametrize("mask_kind, Hkv, dtype", [("key_bool", 1, torch.float32), (None, 1, torch.float32),
+                                                   (None, 2, torch.float32), ("key_bool", 2, torch.float16)],
+                         ids=["key_mask_gqa", "gqa", "heads", "key_mask_fp16"])
+def test_fused_kl_tiles(tile, mask_kind, Hkv, dtype, monkeypatch, poisoned_empty):
+    """The fused KL's online pieces across EDGE tiles and both map modes (H = 2): with grouped heads
+    (Hkv = 1) or 16-bit inputs, dK/dV runs its edge tiles in their own loop, otherwise unrolled; with a
+    key mask and with causal masking alone (where dK/dV zeroes the target above the diagonal without
+    the scores)."""
     from lfi.backends.triton import _launch
     from lfi.ops import interaction_attention
 
     monkeypatch.setattr(_launch, "INTERPRETER_BLOCKS", {"BLOCK_M": tile[0], "BLOCK_N": tile[1]})
-    gen = make_gen("kl_tiles", tile)
-    q, k, v = make_qkv(2, 2, 1, 21, 37, 24, gen=gen, requires_grad=True)
-    mask = _mask("key_bool", 2, 2, 21, 37, gen)
+    gen = make_gen("kl_tiles", tile, mask_kind, Hkv, dtype)
+    q, k, v = make_qkv(2, 2, Hkv, 21, 37, 24, dtype=dtype, gen=gen, requires_grad=True)
+    mask = _mask(mask_kind, 2, 2, 21, 37, gen)
     target = torch.softmax(torch.randn(2, 1, 21, 37, generator=gen), -1).to(DEVICE)
     for rows in (None, (4, 15)):
         kw = dict(need_weights=rows is not None, weights_rows=rows, kl_target=target, kl_reduction="none",
@@ -104,13 +114,13 @@ def test_fused_kl_tiles(tile, monkeypatch, poisoned_empty):
         got = interaction_attention(q, k, v, mask, backend="triton", **kw)
         q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
         want = interaction_attention(q64, k64, v64, mask, backend="torch", **kw)
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g.double(), w, atol=2e-5, rtol=2e-5)
+        for n, (g, w) in enumerate(zip(got, want)):
+            assert_close(g, w, dtype, name=f"output {n} rows={rows}")
         weights = [torch.randn(w.shape, generator=gen).to(DEVICE) for w in want]
-        grads = torch.autograd.grad(sum((g * r).sum() for g, r in zip(got, weights)), (q, k, v))
+        grads = torch.autograd.grad(sum((g.float() * r).sum() for g, r in zip(got, weights)), (q, k, v))
         grads64 = torch.autograd.grad(sum((w * r.double()).sum() for w, r in zip(want, weights)), (q64, k64, v64))
         for name, g, w in zip("qkv", grads, grads64):
-            torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-4, msg=f"grad {name}")
+            assert_close(g, w, dtype, grad=True, name=f"grad {name} rows={rows}")
 
 
 ATOMIC_CASES = [c for c in CASES if c["id"] in ("causal_tall", "gqa_causal", "key_padding_float_rows",
@@ -350,7 +360,7 @@ def test_config_tables():
                                                                                           (16, 128, 8, 2)]
     # distinct configs per kernel, as RESULTS.md and README state them (the autotuners' lists)
     assert {kernel: len(table_configs(launcher._TABLE, kernel)) for kernel in ("fwd", "preprocess", "dkdv", "dq")} \
-        == {"fwd": 7, "preprocess": 2, "dkdv": 10, "dq": 6}
+        == {"fwd": 11, "preprocess": 2, "dkdv": 13, "dq": 10}
     # candidates compiled per call (RESULTS.md: at most 3), for bf16 D = 64, fp16 D = 128, TF32 D = 64
     # and bf16 D = 256
     calls = (_named(), _named(torch.float16, 128), _named(torch.float32, 64), _named(D=256))
@@ -413,11 +423,83 @@ def test_ragged_sizes_take_their_own_configs():
     assert _shape(pick("fwd", _named(N=197))[0]) == (128, 128, 8, 2)  # no maps: unchanged
     aligned = [_shape(c) for c in pick("dkdv", _named(HAS_DW=True))]
     for named in (_named(HAS_DW=True, M=197, N=197, GROUP=2), _named(HAS_DW=True, GROUP=2),
-                  _named(HAS_DW=True, M=197, N=197, HAS_KL=True)):
-        assert [_shape(c) for c in pick("dkdv", named)] == [(32, 64, 4, 2), (32, 128, 8, 2)] != aligned
+                  _named(HAS_DW=True, M=197, N=197, HAS_MASK=True)):
+        assert [_shape(c) for c in pick("dkdv", named)] == [(32, 64, 4, 2), (32, 128, 8, 1)] != aligned
     for named in (_named(HAS_DW=True, M=197, N=197), _named(HAS_DW=True, M=64, N=200)):  # no GQA, KL, 2-D mask
         assert [_shape(c) for c in pick("dkdv", named)] == [(64, 64, 4, 1), (32, 64, 4, 2)] != aligned
     assert [launcher.size_key(n) for n in (16, 197, 208, 256, 577, 1024)] == [16, 255, 256, 256, 1023, 1024]
+
+
+def test_heavy_dkdv_calls_take_their_own_configs():
+    """dK/dV lists by register demand (compiled-kernel report, sm_90, M = N = 197 and 1024, bf16 and fp16): the
+    fused KL keeps its own list at every size, maps or not, and with grouped heads a smaller one (the
+    KL's 32-row tiles spilled 4-292 B there; at D = 128 only 16x32 w8 held every combination); grouped
+    heads with a 2-D mask stay on the GQA list (the plain D = 128 list spilled 8-76 B); at D = 128 a
+    2-D mask, or map gradients, drop the plain list's unpipelined 32x128 tile (4-24 B with causal
+    masking), and both together keep 16x128 only; the forward and dQ lists of the same sweep."""
+    from lfi.backends.triton import interaction_attention as launcher
+
+    def shapes(**named):
+        return [_shape(c) for c in launcher._candidates("dkdv", _named(**named))]
+
+    for extra in ({}, dict(HAS_DW=True), dict(HAS_DW=True, M=197, N=197), dict(IS_CAUSAL=True, HAS_MASK=True)):
+        assert shapes(GROUP=2, HAS_KL=True, **extra) == [(16, 64, 4, 1), (16, 128, 8, 1)], extra
+        assert shapes(D=128, GROUP=2, HAS_KL=True, **extra) == [(16, 32, 8, 1)], extra
+    for extra in ({}, dict(HAS_DW=True), dict(M=197, N=197), dict(IS_CAUSAL=True, HAS_MASK=True)):
+        assert shapes(HAS_KL=True, **extra) == [(32, 128, 8, 2), (32, 64, 4, 2)], extra
+        assert shapes(D=128, HAS_KL=True, **extra) == [(16, 128, 8, 1), (16, 64, 8, 1)], extra
+    # the fused KL with map gradients at ragged sizes: its own lists
+    for ragged in (dict(M=197, N=197), dict(M=64, N=200, HAS_MASK=True, KEY_MASK=True)):
+        assert shapes(HAS_KL=True, HAS_DW=True, **ragged) == [(32, 64, 4, 1), (32, 128, 8, 2)]
+        assert shapes(D=128, HAS_KL=True, HAS_DW=True, **ragged) == [(16, 64, 8, 1)]
+    for mask in (dict(HAS_MASK=True), dict(WRITE_DS=True, HAS_MASK=True)):
+        assert shapes(D=128, GROUP=2, **mask) == [(16, 128, 8, 2)]
+        assert shapes(D=128, **mask) == shapes(D=128, HAS_DW=True) == [(32, 128, 8, 2), (16, 128, 8, 2)]
+        # with map gradients too: 32x128 spilled 12 B (fp16, bool mask, causal masking)
+        assert shapes(D=128, HAS_DW=True, **mask) == [(16, 128, 8, 2)]
+        assert shapes(HAS_DW=True, **mask) == shapes()
+    assert shapes(D=128) == [(32, 128, 8, 2), (32, 128, 8, 1)]
+    assert shapes(HAS_DW=True) == shapes(HAS_MASK=True) == shapes()  # D = 64: the plain list
+    # the maps forward with a 2-D mask at D = 128: the pipelined 128x64 tile (64x64 w4 spilled 44-56 B,
+    # fp16, M = N = 197)
+    assert [_shape(c) for c in launcher._candidates("fwd", _named(D=128, maps=2, HAS_MASK=True))] == [
+        (128, 64, 8, 3)]
+    def fwd(**named):
+        return [_shape(c) for c in launcher._candidates("fwd", _named(**named))]
+
+    # the forward at D = 128 with the fused KL, or without maps with a 2-D mask at N not a multiple of
+    # 16: 16-key tiles (128x64 / 64x64 / 64x32 spilled 4 B - 7 KB there, fp16 and bf16, N = 197)
+    for named in (dict(HAS_KL=True), dict(HAS_KL=True, maps=1, N=197), dict(HAS_MASK=True, N=197),
+                  dict(HAS_MASK=True, IS_CAUSAL=True, N=197), dict(HAS_KL=True, HAS_MASK=True)):
+        assert fwd(D=128, **named) == [(128, 16, 8, 2), (64, 16, 4, 2)], named
+    assert fwd(D=128, HAS_MASK=True)[0] == (128, 64, 8, 3)
+    # without maps at N = 197 the 128x128 tile spilled 3.4-4 KB with a 2-D mask (D = 64) and 12 B with
+    # a key-padding mask (D = 128)
+    assert fwd(HAS_MASK=True, N=197) == fwd(D=128, HAS_MASK=True, KEY_MASK=True, N=197) == [(128, 64, 8, 3),
+                                                                                           (64, 64, 4, 2)]
+    assert fwd(HAS_MASK=True, KEY_MASK=True, N=197) == fwd(N=197)  # D = 64 key padding: the plain list
+    # the fused KL at D = 64: with a 2-D mask 64x64 at 8 warps (174-234 registers; 128x64 / 128x32 /
+    # 64x32 spilled 4-92 B with masks and causal masking at N = 197); without, 128x64 w8 s2 (s3 spilled
+    # 8 B with a key-padding mask and causal masking) and 64x64 unpipelined (s2 16 B with a row window)
+    assert fwd(HAS_KL=True, HAS_MASK=True) == fwd(HAS_KL=True, HAS_MASK=True, N=197) == [(64, 64, 8, 1),
+                                                                                        (64, 64, 8, 2)]
+    assert fwd(HAS_KL=True) == fwd(HAS_KL=True, HAS_MASK=True, KEY_MASK=True) == [(128, 64, 8, 2), (64, 64, 4, 1)]
+    # dQ (compiled sweep, N = 197 and 1024): the fused KL at D = 128 and with a 2-D mask or its gradient
+    # (128x64 spilled 8-736 B, 64x32 w4 4-56 B with map gradients and causal masking at N = 197), a
+    # 2-D mask at D = 128 (128x32: 8 B, 64x32 w4 s2 8 B) and the D = 64 mask list's pipelined 128x64
+    # (16 B with a float mask's gradient and causal masking)
+    def dq(**named):
+        return [_shape(c) for c in launcher._candidates("dq", _named(**named))]
+
+    assert dq(D=128, HAS_KL=True) == dq(D=128, HAS_KL=True, WRITE_DS=True) == [(128, 16, 8, 2), (64, 16, 4, 2)]
+    assert dq(HAS_KL=True, HAS_MASK=True) == dq(HAS_KL=True, WRITE_DS=True) == [(128, 32, 8, 2), (64, 64, 8, 1)]
+    assert dq(HAS_KL=True) == dq()
+    assert dq(D=128, HAS_MASK=True) == [(128, 16, 8, 2), (64, 32, 8, 2)]
+    assert dq(HAS_MASK=True) == [(64, 64, 4, 3), (128, 64, 8, 1)]
+    # the forward and dQ run per query head: grouping does not change their lists
+    for kernel in ("fwd", "dq"):
+        assert launcher._candidates(kernel, _named(GROUP=2, HAS_KL=True)) == launcher._candidates(
+            kernel, _named(HAS_KL=True))
 
 
 @pytest.mark.parametrize("dtype, D, copied", [(torch.float32, 16, True), (torch.bfloat16, 80, True),

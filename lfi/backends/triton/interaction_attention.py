@@ -54,15 +54,40 @@ _FEATURES = ["M_BUCKET", "N_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS
 # Head-dim class: the larger of the q/k and v head-dim blocks (64: <= 64, 128, 256). dtype class:
 # "16" (float16/bfloat16), "tf32" and "3xtf32" (float32, see _launch._precision). maps: the forward
 # writes maps (None: either). Feature class: the feature that needs the most registers ("kl": fused
-# KL; "mask": a 2-D mask tile or a mask gradient; "gqa": several query heads per kv head in dK/dV;
-# "ragged": a maps forward whose N is not a multiple of 16 (Triton compiles such calls apart, integer
-# arguments being specialized on divisibility by 16, and there the pipelined 128x128 tile spills 24 B:
-# N = 197, 577, 1000 measured), or a dK/dV with map gradients and M or N not a multiple of 16, or
-# with several query heads per kv head (its 64-row tiles spill 12-120 B there; 32x64 first: with a dW
-# read in place (_copy_map_gradient) 32x128 takes 0.918 instructions per score, 32x64 0.656, and with
-# padded rows 0.637 and 0.656); "ragged_light": such a dK/dV with neither grouped heads, the fused KL
-# nor a 2-D mask, where 64x64 w4 s1 does not spill (0.530 per score at M = N = 197, plain or causal;
-# with those features it spills 8-324 B); "": none of those).
+# KL, at every size, with or without map gradients; "kl_gqa": the fused KL in a dK/dV with several
+# query heads per kv head (with masks the KL's own 32-row tiles spilled 4-292 B there; at D = 128
+# 16x32 w8 s1 is the one tile found without spills with masks, causal masking and map gradients at
+# M = N = 197, 16x64 w8 / 16x128 / 32x32 / 16x32 w4 spilling 4-100 B; the plain KL's D = 128 list is
+# 16x128 w8 s1 and 16x64 w8 s1, its 32x128 tiles spilling 4-144 B with a mask or causal masking;
+# "kl_ragged": the fused KL with map gradients at M or N not a multiple of 16, where 16x128 spilled
+# 4-20 B with masks at D = 128 and 32x64 w4 s2 4 B at D = 64);
+# "mask": a 2-D mask tile or a mask gradient; "gqa": several query heads per kv head in dK/dV, also
+# with a 2-D mask (the plain D = 128 list spilled 8-76 B there); "dw": a dK/dV with map gradients
+# and none of the others (at D = 128, as "mask", without the plain list's unpipelined 32x128 tile,
+# which spilled 4-24 B with causal masking and a mask); "mask_dw": map gradients with a 2-D mask
+# (D = 128: 16x128 w8 s2, 230 registers; 32x128 w8 s2 holds 255 and spilled 12 B with an fp16 bool
+# mask and causal masking, 32x64 w4 24-36 B; D = 64: the plain list); "ragged": a maps forward whose N is not a
+# multiple of 16 (Triton compiles such calls apart, integer arguments being specialized on
+# divisibility by 16, and there the pipelined 128x128 tile spills 24 B: N = 197, 577, 1000
+# measured), or a dK/dV with map gradients and M or N not a multiple of 16, or with several query
+# heads per kv head (its 64-row tiles spill 12-120 B there; 32x64 first: with a dW read in place
+# (_copy_map_gradient) 32x128 takes 0.918 instructions per score, 32x64 0.656, and with padded rows
+# 0.637 and 0.656; 32x128 unpipelined: pipelined it spilled 4 B with GQA + KL); "ragged_light": such
+# a dK/dV with neither grouped heads nor a 2-D mask, where 64x64 w4 s1 does not spill (0.530 per
+# score at M = N = 197, plain or causal; with those features it spills 8-324 B); "mask_ragged": a
+# forward without maps with a 2-D mask at N not a multiple of 16 (D = 128: 128x64 / 64x64 spilled
+# 0.5-1.4 KB, 64x32 / 128x32 0-4 B; 16-key tiles, as the fused KL's D = 128 forward, whose 64-key
+# tiles spilled 4 B - 7 KB with masks, causal masking or ragged N); "kl_mask": the fused KL with a
+# 2-D mask (or its gradient) in the forward or dQ, 16-bit (D = 64 forward: 128x64, 128x32 and 64x32
+# spilled 4-92 B at N = 197 with causal masking, 64x64 at 8 warps holds 174-234 registers; dQ 64x64 /
+# 128x64 8-72 B, 64x32 w4 4-56 B with map gradients; at D = 128 the 16-key tiles of the KL); "": none
+# of those). The plain KL forward at D = 64: 128x64 w8 s2 (s3 spilled 8 B with a key-padding mask
+# and causal masking). dQ at D = 128: the fused KL's and the 2-D mask's 128x64 / 128x32 tiles spilled
+# 8-736 B and 8 B, the mask's 64x32 w4 s2 8 B; the D = 64 mask list's pipelined 128x64 w8 16 B with a
+# float mask's gradient and causal masking.
+# The 16-bit lists of every kernel were compiled for every combination of causal masking, GQA, the
+# fused KL, a key-padding / bool / float mask (with its gradient) and maps of every row (off / on) at
+# D = 64 and 128, M = N = 197 and 1024 (RESULTS.md, 2026-12-05): no candidate spills.
 # dK/dV tiles are BLOCK_M queries x BLOCK_N keys. Float32 without TF32 on sm_90 ("3xtf32": split
 # operands, both parts of the resident tiles in shared memory, see the kernels): at D <= 64 no
 # candidate spills, with or without maps, for every feature ("heavy": a dK/dV with causal, GQA, the
@@ -81,11 +106,17 @@ _TABLE = {
     ("fwd", 64, "16", True, ""): configs_from("128x128x8x2 128x64x8x3 64x64x4x2"),
     ("fwd", 64, "16", True, "ragged"): configs_from("128x128x8x1 128x64x8x3 64x64x4x2"),
     ("fwd", 64, "16", True, "mask"): configs_from("128x64x8x3 64x64x4x2"),
-    ("fwd", 64, "16", None, "kl"): configs_from("128x64x8x3 64x64x4x2"),
+    ("fwd", 64, "16", None, "kl"): configs_from("128x64x8x2 64x64x4x1"),
+    ("fwd", 64, "16", None, "kl_mask"): configs_from("64x64x8x1 64x64x8x2"),
+    ("fwd", 64, "16", False, "mask_ragged"): configs_from("128x64x8x3 64x64x4x2"),
     ("fwd", 128, "16", False, ""): configs_from("128x128x8x2 128x64x8x3 64x64x4x2"),
     ("fwd", 128, "16", False, "mask"): configs_from("128x64x8x3 64x64x4x2"),
     ("fwd", 128, "16", True, ""): configs_from("64x64x4x2 128x64x8x3"),
-    ("fwd", 128, "16", None, "kl"): configs_from("128x64x8x3"),
+    ("fwd", 128, "16", True, "mask"): configs_from("128x64x8x3"),
+    ("fwd", 128, "16", None, "kl"): configs_from("128x16x8x2 64x16x4x2"),
+    ("fwd", 128, "16", None, "kl_mask"): configs_from("128x16x8x2 64x16x4x2"),
+    ("fwd", 128, "16", False, "mask_ragged"): configs_from("128x16x8x2 64x16x4x2"),
+    ("fwd", 128, "16", False, "key_ragged"): configs_from("128x64x8x3 64x64x4x2"),
     ("fwd", 256, "16", None, ""): configs_from("128x32x8x2 64x16x4x2"),
     ("fwd", 64, "tf32", False, ""): configs_from("128x64x8x3 64x64x4x2"),
     ("fwd", 64, "tf32", True, ""): configs_from("128x64x8x3 64x16x4x2"),
@@ -99,14 +130,21 @@ _TABLE = {
     ("preprocess", None, None, None, ""): configs_from("64x64x4x2 128x64x8x2"),
     ("dkdv", 64, "16", None, ""): configs_from("64x64x4x2 64x128x8x2"),
     ("dkdv", 64, "16", None, "kl"): configs_from("32x128x8x2 32x64x4x2"),
-    ("dkdv", 64, "16", None, "ragged"): configs_from("32x64x4x2 32x128x8x2"),
+    ("dkdv", 64, "16", None, "ragged"): configs_from("32x64x4x2 32x128x8x1"),
     ("dkdv", 64, "16", None, "ragged_light"): configs_from("64x64x4x1 32x64x4x2"),
     ("dkdv", 64, "16", None, "gqa"): configs_from("64x128x8x2 32x128x8x2"),
+    ("dkdv", 64, "16", None, "kl_gqa"): configs_from("16x64x4x1 16x128x8x1"),
+    ("dkdv", 64, "16", None, "kl_ragged"): configs_from("32x64x4x1 32x128x8x2"),
     ("dkdv", 128, "16", None, ""): configs_from("32x128x8x2 32x128x8x1"),
     ("dkdv", 128, "16", None, "gqa"): configs_from("16x128x8x2"),
+    ("dkdv", 128, "16", None, "kl_gqa"): configs_from("16x32x8x1"),
     ("dkdv", 128, "16", None, "ragged"): configs_from("16x128x8x2"),
     ("dkdv", 128, "16", None, "ragged_light"): configs_from("16x128x8x2"),
-    ("dkdv", 128, "16", None, "kl"): configs_from("32x128x8x2 16x128x8x2"),
+    ("dkdv", 128, "16", None, "kl"): configs_from("16x128x8x1 16x64x8x1"),
+    ("dkdv", 128, "16", None, "kl_ragged"): configs_from("16x64x8x1"),
+    ("dkdv", 128, "16", None, "mask"): configs_from("32x128x8x2 16x128x8x2"),
+    ("dkdv", 128, "16", None, "dw"): configs_from("32x128x8x2 16x128x8x2"),
+    ("dkdv", 128, "16", None, "mask_dw"): configs_from("16x128x8x2"),
     ("dkdv", 64, "tf32", None, ""): configs_from("32x128x8x2 32x64x4x2"),
     ("dkdv", 128, "tf32", None, ""): configs_from("16x128x8x1 16x128x8x2"),
     ("dkdv", None, None, None, ""): configs_from("32x64x8x2"),
@@ -117,9 +155,11 @@ _TABLE = {
     ("dq", 128, "3xtf32", None, ""): configs_from("64x16x4x1"),
     ("dq", 64, "16", None, ""): configs_from("64x64x4x3 128x64x8x2"),
     ("dq", 128, "16", None, ""): configs_from("128x64x8x2 64x64x4x2"),
-    ("dq", 64, "16", None, "mask"): configs_from("64x64x4x3 128x64x8x2"),
-    ("dq", 128, "16", None, "mask"): configs_from("128x32x8x2"),
-    ("dq", 128, "16", None, "kl"): configs_from("128x64x8x2"),
+    ("dq", 64, "16", None, "mask"): configs_from("64x64x4x3 128x64x8x1"),
+    ("dq", 64, "16", None, "kl_mask"): configs_from("128x32x8x2 64x64x8x1"),
+    ("dq", 128, "16", None, "mask"): configs_from("128x16x8x2 64x32x8x2"),
+    ("dq", 128, "16", None, "kl_mask"): configs_from("128x16x8x2 64x16x4x2"),
+    ("dq", 128, "16", None, "kl"): configs_from("128x16x8x2 64x16x4x2"),
     ("dq", 64, "tf32", None, ""): configs_from("128x64x8x2 64x64x4x2"),
     ("dq", 64, "tf32", None, "kl"): configs_from("128x64x8x2"),
     ("dq", None, None, None, ""): configs_from("128x32x8x2 64x16x4x2"),
@@ -133,19 +173,31 @@ def _feature_class(kernel: str, named) -> str:
             and (named.get("IS_CAUSAL") or named.get("GROUP", 1) > 1 or named.get("HAS_KL")
                  or named.get("HAS_MASK") and (not named.get("KEY_MASK") or named.get("HAS_DW")))):
         return "heavy"
+    grouped = kernel == "dkdv" and named.get("GROUP", 1) > 1
+    half = named["Q"].element_size() == 2
+    mask_2d = named.get("HAS_MASK") and not named.get("KEY_MASK")
     if named.get("HAS_KL"):
-        feature = "kl"
-    elif named.get("HAS_MASK") and not named.get("KEY_MASK") or named.get("WRITE_DS"):
-        feature = "mask"
-    elif kernel == "dkdv" and named.get("GROUP", 1) > 1:
+        heavy_kl = kernel != "dkdv" and half and (mask_2d or named.get("WRITE_DS"))
+        feature = "kl_gqa" if grouped else ("kl_mask" if heavy_kl else "kl")
+    elif grouped:
         feature = "gqa"
+    elif mask_2d or named.get("WRITE_DS"):
+        feature = "mask"
     else:
         feature = ""
     ragged = named.get("M", 0) % 16 or named.get("N", 0) % 16
-    if kernel == "dkdv" and named.get("HAS_DW") and (ragged or named.get("GROUP", 1) > 1):
-        return "ragged" if feature else "ragged_light"
+    if feature == "kl" and kernel == "dkdv" and named.get("HAS_DW") and ragged:
+        return "kl_ragged"
+    if feature in ("kl", "kl_gqa", "kl_mask"):
+        return feature
+    if kernel == "dkdv" and named.get("HAS_DW"):
+        if ragged or grouped:
+            return "ragged" if feature else "ragged_light"
+        return "mask_dw" if feature else "dw"
     if kernel == "fwd" and named.get("WRITE_MAPS") and named.get("N", 0) % 16 and not feature:
         return "ragged"
+    if kernel == "fwd" and half and not named.get("WRITE_MAPS") and named.get("HAS_MASK") and named.get("N", 0) % 16:
+        return "mask_ragged" if feature == "mask" else "key_ragged"
     return feature
 
 
@@ -395,6 +447,9 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale:
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     dq_atomic = use_atomic_dq(mask_grad)
+    # dK/dV's separate edge-tile loop: with grouped heads it spills less at every dtype; with the fused
+    # KL alone only for 16-bit inputs (float32's KL kernels spilled 4-48 B more with it, sm_90).
+    edge_loop = H > Hkv or (has_kl and q.element_size() == 2)
     dq_acc = (torch.zeros(q.shape, dtype=torch.float32, device=q.device) if dq_atomic
               else torch.empty(1, dtype=torch.float32, device=q.device))
     _dkdv(
@@ -403,7 +458,7 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale:
         *q_op.stride(), *k_op.stride(), *v_op.stride(), *mask_strides, *do_op.stride(), *g_strides,
         *dk.stride(), *dv.stride(), *_strides(dq_acc if dq_atomic else None), *kl_strides,
         H, Hkv, H // Hkv, M, N, float(scale), *sizes[2:],
-        HAS_DW=has_dw, HAS_KL=has_kl, HAS_DO=has_do, DQ_ATOMIC=dq_atomic, **constexprs,
+        HAS_DW=has_dw, HAS_KL=has_kl, HAS_DO=has_do, DQ_ATOMIC=dq_atomic, EDGE_LOOP=edge_loop, **constexprs,
     )
     if dq_atomic:
         return dq_acc.to(q.dtype), dk, dv, None
