@@ -430,13 +430,14 @@ def test_ragged_sizes_take_their_own_configs():
     assert [launcher.size_key(n) for n in (16, 197, 208, 256, 577, 1024)] == [16, 255, 256, 256, 1023, 1024]
 
 
-def test_heavy_dkdv_calls_take_their_own_configs():
-    """dK/dV lists by register demand (compiled-kernel report, sm_90, M = N = 197 and 1024, bf16 and fp16): the
-    fused KL keeps its own list at every size, maps or not, and with grouped heads a smaller one (the
-    KL's 32-row tiles spilled 4-292 B there; at D = 128 only 16x32 w8 held every combination); grouped
-    heads with a 2-D mask stay on the GQA list (the plain D = 128 list spilled 8-76 B); at D = 128 a
-    2-D mask, or map gradients, drop the plain list's unpipelined 32x128 tile (4-24 B with causal
-    masking), and both together keep 16x128 only; the forward and dQ lists of the same sweep."""
+def test_heavy_calls_take_their_own_configs():
+    """Forward, dK/dV and dQ lists by register demand (compiled-kernel report, sm_90, M = N = 197 and 1024,
+    bf16 and fp16): the fused KL keeps its own list at every size, maps or not, and with grouped heads a
+    smaller one (the KL's 32-row tiles spilled 4-292 B there; at D = 128 only 16x32 w8 held every
+    combination); grouped heads with a 2-D mask stay on the GQA list (the plain D = 128 list spilled
+    8-76 B); at D = 128 a 2-D mask, or map gradients, drop the plain list's unpipelined 32x128 tile
+    (4-24 B with causal masking), and both together keep 16x128 only; the forward and dQ lists of the
+    same sweep."""
     from lfi.backends.triton import interaction_attention as launcher
 
     def shapes(**named):

@@ -63,8 +63,8 @@ _FEATURES = ["M_BUCKET", "N_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS
 # 4-20 B with masks at D = 128 and 32x64 w4 s2 4 B at D = 64);
 # "mask": a 2-D mask tile or a mask gradient; "gqa": several query heads per kv head in dK/dV, also
 # with a 2-D mask (the plain D = 128 list spilled 8-76 B there); "dw": a dK/dV with map gradients
-# and none of the others (at D = 128, as "mask", without the plain list's unpipelined 32x128 tile,
-# which spilled 4-24 B with causal masking and a mask); "mask_dw": map gradients with a 2-D mask
+# and none of the others (at D = 128 without the plain list's unpipelined 32x128 tile, which spilled
+# 4 B with a key-padding mask and causal masking, 4-24 B with a 2-D mask); "mask_dw": map gradients with a 2-D mask
 # (D = 128: 16x128 w8 s2, 230 registers; 32x128 w8 s2 holds 255 and spilled 12 B with an fp16 bool
 # mask and causal masking, 32x64 w4 24-36 B; D = 64: the plain list); "ragged": a maps forward whose N is not a
 # multiple of 16 (Triton compiles such calls apart, integer arguments being specialized on
