@@ -360,7 +360,7 @@ def test_config_tables():
                                                                                           (16, 128, 8, 2)]
     # distinct configs per kernel, as RESULTS.md and README state them (the autotuners' lists)
     assert {kernel: len(table_configs(launcher._TABLE, kernel)) for kernel in ("fwd", "preprocess", "dkdv", "dq")} \
-        == {"fwd": 11, "preprocess": 2, "dkdv": 13, "dq": 10}
+        == {"fwd": 12, "preprocess": 2, "dkdv": 13, "dq": 11}
     # candidates compiled per call (RESULTS.md: at most 3), for bf16 D = 64, fp16 D = 128, TF32 D = 64
     # and bf16 D = 256
     calls = (_named(), _named(torch.float16, 128), _named(torch.float32, 64), _named(D=256))
@@ -501,6 +501,57 @@ def test_heavy_calls_take_their_own_configs():
     for kernel in ("fwd", "dq"):
         assert launcher._candidates(kernel, _named(GROUP=2, HAS_KL=True)) == launcher._candidates(
             kernel, _named(HAS_KL=True))
+
+
+def test_float32_combinations_take_their_own_configs():
+    """Float32 forward and TF32 dQ lists from the compiled sweep of feature combinations (sm_90, TF32 and exact
+    float32, D = 64 and 128, M = N = 197 and 1024, every combination of causal masking, GQA, the fused
+    KL, the mask kinds and maps): each list holds tiles that spilled in none of the combinations of
+    its class, where the lists before spilled 4-796 B (RESULTS.md, "Float32 feature combinations")."""
+    from lfi.backends.triton import interaction_attention as launcher
+
+    def fwd(dtype_class="tf32", **named):
+        exact = dict(precision="3xtf32") if dtype_class == "3xtf32" else {}
+        return [_shape(c) for c in launcher._candidates("fwd", _named(torch.float32, **exact, **named))]
+
+    mask_2d = dict(HAS_MASK=True)
+    # TF32, D = 64: the maps forward's pipelined 128x64 spilled 16-48 B with causal masking or a 2-D
+    # mask; without maps the fused KL's 128x32 w8 s2 4 B with key padding + causal masking, 88-272 B
+    # with a 2-D mask (128x32 w8 s1 4-12 B at N = 197), where only 64x16 held every combination
+    assert fwd(maps=2) == fwd(maps=2, IS_CAUSAL=True) == [(128, 64, 8, 1), (64, 64, 4, 1)]
+    assert fwd(maps=2, **mask_2d) == fwd(maps=2, N=197) == [(128, 32, 8, 2), (64, 16, 4, 2)]
+    assert fwd(**mask_2d) == fwd(N=197, **mask_2d) == [(128, 64, 8, 3), (64, 64, 4, 1)]
+    assert fwd() == [(128, 64, 8, 3), (64, 64, 4, 2)]
+    for named in ({}, dict(HAS_MASK=True, KEY_MASK=True), mask_2d):
+        assert fwd(HAS_KL=True, **named) == [(64, 16, 4, 2)], named
+    assert fwd(HAS_KL=True, maps=2) == fwd(HAS_KL=True, maps=2, **mask_2d) == [(128, 32, 8, 2), (64, 16, 4, 2)]
+    # TF32, D = 128: the fused KL, and a 2-D mask with maps or at N not a multiple of 16, take 128x16 w8
+    # (128x32 spilled 8-796 B there, 64x16 w4 4-140 B)
+    for named in (dict(maps=2, **mask_2d), dict(N=197, **mask_2d), dict(HAS_KL=True), dict(HAS_KL=True, maps=2),
+                  dict(HAS_KL=True, **mask_2d)):
+        assert fwd(D=128, **named) == [(128, 16, 8, 2)], named
+    assert fwd(D=128) == fwd(D=128, **mask_2d) == [(128, 32, 8, 2), (64, 16, 4, 2)]
+    # exact float32 (3xTF32), D = 64: maps with causal masking spilled 12-16 B at 128x64 w8 s2 (s1
+    # none at M = N = 1024; at ragged N 128x32 only), a 2-D mask without maps 4-64 B at 128x32 where N
+    # is not a multiple of 16
+    assert fwd("3xtf32", maps=2) == [(128, 64, 8, 1), (128, 32, 8, 2)]
+    assert fwd("3xtf32", maps=2, N=197) == fwd("3xtf32", maps=2, **mask_2d) == [(128, 32, 8, 2)]
+    assert fwd("3xtf32", N=197, **mask_2d) == [(128, 16, 8, 2)]
+    assert fwd("3xtf32", **mask_2d) == [(128, 32, 8, 2)]
+    assert fwd("3xtf32") == [(128, 64, 8, 2), (128, 32, 8, 2)]
+    assert fwd("3xtf32", HAS_KL=True, **mask_2d) == fwd("3xtf32", HAS_KL=True) == [(64, 16, 4, 2)]
+    # exact float32, D = 128 with maps: 128x16 w8 only, at every M (64x16 w4 spilled 60-316 B, 128x16
+    # 4-24 B: no tile found without spills there)
+    assert fwd("3xtf32", D=128, maps=2) == fwd("3xtf32", D=128, maps=2, M=16) == [(128, 16, 8, 2)]
+    assert fwd("3xtf32", D=128) == [(64, 16, 4, 2)]
+    # TF32 dQ at D = 64 with a 2-D mask, its gradient or the fused KL: 128x32 w8, 64x32 w4 (64x64 w4
+    # spilled 28-192 B, 128x64 w8 4-276 B)
+    def dq(**named):
+        return [_shape(c) for c in launcher._candidates("dq", _named(torch.float32, **named))]
+
+    for named in (mask_2d, dict(WRITE_DS=True, **mask_2d), dict(HAS_KL=True), dict(HAS_KL=True, **mask_2d)):
+        assert dq(**named) == [(128, 32, 8, 2), (64, 32, 4, 2)], named
+    assert dq() == dq(HAS_MASK=True, KEY_MASK=True) == [(128, 64, 8, 2), (64, 64, 4, 2)]
 
 
 @pytest.mark.parametrize("dtype, D, copied", [(torch.float32, 16, True), (torch.bfloat16, 80, True),

@@ -97,6 +97,17 @@ _FEATURES = ["M_BUCKET", "N_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS
 # spills: none in the forward without maps, 44 B in dQ with a float mask or the fused KL, 36-432 B
 # with maps, and 700-1920 B in dK/dV, at every tile measured (RESULTS.md, 2026-12-04). TF32 with
 # the fused KL: 128x64 and 64x64 forward tiles spill 16-88 B without maps, the dQ 64x64 w4 tile 108 B.
+# Float32 forward lists from the same combination sweep (TF32 and exact, D = 64 and 128, M = N = 197
+# and 1024; RESULTS.md, "Float32 feature combinations"): TF32 maps at D = 64 unpipelined 128x64
+# (s3 spilled 16-48 B with causal masking), a 2-D mask with maps 128x32 (128x64 20-48 B); a 2-D
+# mask without maps 64x64 w4 s1 as the small tile (s2 4-32 B); the fused KL without maps 64x16 only
+# (128x32 w8 s2 4-272 B, s1 4-12 B, 64x64 w4 16-264 B with masks at N = 197); at D = 128 a 2-D mask
+# with maps or at N not a multiple of 16, and the fused KL, 128x16 w8 (128x32 8-796 B, 64x16 w4
+# 4-140 B); exact float32 maps at D = 64 unpipelined 128x64 (12-16 B pipelined with causal
+# masking), 128x32 at N not a multiple of 16, a 2-D mask without maps at such N 128x16 (128x32 4-64
+# B); exact float32 at D = 128 with maps 128x16 w8 (4-24 B; 64x16 w4 60-316 B: no tile without).
+# TF32 dQ at D = 64 with a 2-D mask, its gradient or the fused KL: 128x32 w8, 64x32 w4 (64x64 w4
+# spilled 28-192 B, 128x64 w8 4-276 B; with the KL and a 2-D mask at N = 197 these still 8-176 B).
 # TF32 dK/dV at D = 128 (M = N = 197): 16x128 w8 tiles, half the instructions per score of the generic
 # 32x64 w8 (1.17-1.91 vs 2.58-4.29) and no spills without maps (32x64: 244 B with causal); with maps
 # 16-72 B (causal, KL, GQA; 32x64: 16-328 B).
@@ -119,13 +130,24 @@ _TABLE = {
     ("fwd", 128, "16", False, "key_ragged"): configs_from("128x64x8x3 64x64x4x2"),
     ("fwd", 256, "16", None, ""): configs_from("128x32x8x2 64x16x4x2"),
     ("fwd", 64, "tf32", False, ""): configs_from("128x64x8x3 64x64x4x2"),
-    ("fwd", 64, "tf32", True, ""): configs_from("128x64x8x3 64x16x4x2"),
+    ("fwd", 64, "tf32", False, "mask"): configs_from("128x64x8x3 64x64x4x1"),
+    ("fwd", 64, "tf32", True, ""): configs_from("128x64x8x1 64x64x4x1"),
+    ("fwd", 64, "tf32", True, "mask"): configs_from("128x32x8x2 64x16x4x2"),
     ("fwd", 64, "tf32", True, "ragged"): configs_from("128x32x8x2 64x16x4x2"),
     ("fwd", 64, "tf32", None, "kl"): configs_from("128x32x8x2 64x16x4x2"),
+    ("fwd", 64, "tf32", False, "kl"): configs_from("64x16x4x2"),
+    ("fwd", 64, "tf32", False, "mask_ragged"): configs_from("128x64x8x3 64x64x4x1"),
+    ("fwd", 128, "tf32", True, "mask"): configs_from("128x16x8x2"),
+    ("fwd", 128, "tf32", False, "mask_ragged"): configs_from("128x16x8x2"),
+    ("fwd", 128, "tf32", None, "kl"): configs_from("128x16x8x2"),
     ("fwd", 64, "3xtf32", None, ""): configs_from("128x64x8x2 128x32x8x2"),
+    ("fwd", 64, "3xtf32", True, ""): configs_from("128x64x8x1 128x32x8x2"),
+    ("fwd", 64, "3xtf32", True, "ragged"): configs_from("128x32x8x2"),
     ("fwd", 64, "3xtf32", None, "kl"): configs_from("64x16x4x2"),
     ("fwd", 64, "3xtf32", None, "mask"): configs_from("128x32x8x2"),
+    ("fwd", 64, "3xtf32", False, "mask_ragged"): configs_from("128x16x8x2"),
     ("fwd", 128, "3xtf32", None, ""): configs_from("64x16x4x2"),
+    ("fwd", 128, "3xtf32", True, ""): configs_from("128x16x8x2"),
     ("fwd", None, None, None, ""): configs_from("128x32x8x2 64x16x4x2"),
     ("preprocess", None, None, None, ""): configs_from("64x64x4x2 128x64x8x2"),
     ("dkdv", 64, "16", None, ""): configs_from("64x64x4x2 64x128x8x2"),
@@ -161,7 +183,8 @@ _TABLE = {
     ("dq", 128, "16", None, "kl_mask"): configs_from("128x16x8x2 64x16x4x2"),
     ("dq", 128, "16", None, "kl"): configs_from("128x16x8x2 64x16x4x2"),
     ("dq", 64, "tf32", None, ""): configs_from("128x64x8x2 64x64x4x2"),
-    ("dq", 64, "tf32", None, "kl"): configs_from("128x64x8x2"),
+    ("dq", 64, "tf32", None, "kl"): configs_from("128x32x8x2 64x32x4x2"),
+    ("dq", 64, "tf32", None, "mask"): configs_from("128x32x8x2 64x32x4x2"),
     ("dq", None, None, None, ""): configs_from("128x32x8x2 64x16x4x2"),
 }
 
@@ -196,7 +219,7 @@ def _feature_class(kernel: str, named) -> str:
         return "mask_dw" if feature else "dw"
     if kernel == "fwd" and named.get("WRITE_MAPS") and named.get("N", 0) % 16 and not feature:
         return "ragged"
-    if kernel == "fwd" and half and not named.get("WRITE_MAPS") and named.get("HAS_MASK") and named.get("N", 0) % 16:
+    if kernel == "fwd" and not named.get("WRITE_MAPS") and named.get("HAS_MASK") and named.get("N", 0) % 16:
         return "mask_ragged" if feature == "mask" else "key_ragged"
     return feature
 
