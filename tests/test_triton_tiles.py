@@ -504,7 +504,7 @@ def test_heavy_calls_take_their_own_configs():
 
 
 def test_float32_combinations_take_their_own_configs():
-    """Float32 forward and TF32 dQ lists from the compiled sweep of feature combinations (sm_90, TF32 and exact
+    """Float32 forward, TF32 dQ and dK/dV lists from the compiled sweep of feature combinations (sm_90, TF32 and exact
     float32, D = 64 and 128, M = N = 197 and 1024, every combination of causal masking, GQA, the fused
     KL, the mask kinds and maps): each list holds tiles that spilled in none of the combinations of
     its class, where the lists before spilled 4-796 B (RESULTS.md, "Float32 feature combinations")."""
@@ -552,6 +552,20 @@ def test_float32_combinations_take_their_own_configs():
     for named in (mask_2d, dict(WRITE_DS=True, **mask_2d), dict(HAS_KL=True), dict(HAS_KL=True, **mask_2d)):
         assert dq(**named) == [(128, 32, 8, 2), (64, 32, 4, 2)], named
     assert dq() == dq(HAS_MASK=True, KEY_MASK=True) == [(128, 64, 8, 2), (64, 64, 4, 2)]
+    # TF32 dK/dV at D = 64 (32x64 w4 spilled 8-792 B, 32x128 w8 s2 12-660 B with grouped heads, the
+    # fused KL or map gradients with a 2-D mask): 16-row tiles for the KL and for map gradients with
+    # grouped heads or at ragged sizes with a mask, the pipelined 32x128 first with grouped heads alone
+    def dkdv(**named):
+        return [_shape(c) for c in launcher._candidates("dkdv", _named(torch.float32, **named))]
+
+    for named in (dict(HAS_KL=True), dict(HAS_KL=True, HAS_DW=True, M=197, N=197), dict(HAS_KL=True, IS_CAUSAL=True)):
+        assert dkdv(**named) == [(16, 128, 8, 1), (16, 64, 4, 1)], named
+    assert dkdv(HAS_KL=True, GROUP=2) == dkdv(HAS_KL=True, GROUP=2, HAS_DW=True) == [(16, 64, 4, 1), (16, 128, 8, 1)]
+    assert dkdv(GROUP=2) == dkdv(GROUP=2, **mask_2d) == [(32, 128, 8, 2), (16, 128, 8, 1)]
+    assert dkdv(GROUP=2, HAS_DW=True) == dkdv(HAS_DW=True, M=197, N=197, **mask_2d) == [(16, 128, 8, 1),
+                                                                                      (16, 64, 4, 1)]
+    assert dkdv(HAS_DW=True, **mask_2d) == [(32, 128, 8, 2), (32, 128, 8, 1)]
+    assert dkdv() == dkdv(HAS_DW=True) == dkdv(**mask_2d) == [(32, 128, 8, 2), (32, 64, 4, 2)]
 
 
 @pytest.mark.parametrize("dtype, D, copied", [(torch.float32, 16, True), (torch.bfloat16, 80, True),

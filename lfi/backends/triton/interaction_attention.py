@@ -108,6 +108,13 @@ _FEATURES = ["M_BUCKET", "N_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS
 # B); exact float32 at D = 128 with maps 128x16 w8 (4-24 B; 64x16 w4 60-316 B: no tile without).
 # TF32 dQ at D = 64 with a 2-D mask, its gradient or the fused KL: 128x32 w8, 64x32 w4 (64x64 w4
 # spilled 28-192 B, 128x64 w8 4-276 B; with the KL and a 2-D mask at N = 197 these still 8-176 B).
+# TF32 dK/dV at D = 64: the fused KL (also with map gradients at ragged sizes) 16x128 w8 s1, 16x64 w4
+# s1 (32x128 w8 s2 12-88 B, 32x64 w4 12-228 B), with grouped heads the 16-bit kl_gqa list (32-row
+# tiles 48-792 B; 16-row ones still 8-64 B with a mask), grouped heads 32x128 w8 s2 first (0 B
+# without map gradients), with map gradients ("ragged") 16x128 w8 s1, 16x64 w4 s1 (32x128 12-136 B),
+# map gradients with a 2-D mask 32x128 w8 s2, s1 (32x64 w4 8-36 B). At D = 128 the TF32 dK/dV tiles
+# smaller than 16x128 w8 spill more, except 16x32 with grouped heads at 1.8-3.2x the instructions
+# per score: the list stays.
 # TF32 dK/dV at D = 128 (M = N = 197): 16x128 w8 tiles, half the instructions per score of the generic
 # 32x64 w8 (1.17-1.91 vs 2.58-4.29) and no spills without maps (32x64: 244 B with causal); with maps
 # 16-72 B (causal, KL, GQA; 32x64: 16-328 B).
@@ -168,6 +175,12 @@ _TABLE = {
     ("dkdv", 128, "16", None, "dw"): configs_from("32x128x8x2 16x128x8x2"),
     ("dkdv", 128, "16", None, "mask_dw"): configs_from("16x128x8x2"),
     ("dkdv", 64, "tf32", None, ""): configs_from("32x128x8x2 32x64x4x2"),
+    ("dkdv", 64, "tf32", None, "gqa"): configs_from("32x128x8x2 16x128x8x1"),
+    ("dkdv", 64, "tf32", None, "kl"): configs_from("16x128x8x1 16x64x4x1"),
+    ("dkdv", 64, "tf32", None, "kl_ragged"): configs_from("16x128x8x1 16x64x4x1"),
+    ("dkdv", 64, "tf32", None, "kl_gqa"): configs_from("16x64x4x1 16x128x8x1"),
+    ("dkdv", 64, "tf32", None, "ragged"): configs_from("16x128x8x1 16x64x4x1"),
+    ("dkdv", 64, "tf32", None, "mask_dw"): configs_from("32x128x8x2 32x128x8x1"),
     ("dkdv", 128, "tf32", None, ""): configs_from("16x128x8x1 16x128x8x2"),
     ("dkdv", None, None, None, ""): configs_from("32x64x8x2"),
     ("dkdv", 64, "3xtf32", None, ""): configs_from("32x128x8x2 16x128x8x1"),
