@@ -4,6 +4,7 @@
     python benchmarks/kernel_report.py [--quick | --ci] [--json PATH] [--md PATH] [--targets sm_80,sm_90]
                                        [--tutorial PATH] [--filter REGEX] [--configs all|candidates|default]
                                        [--jobs N] [--dry-run] [--from-json PATH]
+    python benchmarks/kernel_report.py --sweep bf16,fp16,fp32,fp32/no_tf32 [--filter REGEX] [--tiles 'BMxBNxWxS ...']
     python benchmarks/kernel_report.py --cuda [--json PATH] [--md PATH] [--targets sm_90]
 
 Without --quick/--ci: the full grid (full_attention_cases + kl_cases), every config, sm_80 and
@@ -11,6 +12,10 @@ sm_90 (~8,500 compilations with the 20-config launchers: hours on 2 cores; --con
 --targets sm_90 cut it). --quick: bf16/fp16, D = 64/128, sm_90, the attention op (~530). --ci: the
 test's set, one config per kernel and case, plus a spill-detection probe (~125). --filter REGEX
 selects on "op stage kernel case" (e.g. "fwd_kernel bf16 D64"); --from-json re-renders a saved run.
+--sweep: features together (sweep_cases: every combination of causal, GQA, fused KL, mask kinds and
+maps, D = 64 / 128, M = N = 197 / 1024) for the given dtypes, every candidate, and a table of the
+compilations that spill; with --tiles, the given tiles instead of the lists (with --filter to pick
+calls: how the lists' tiles were chosen). The float32 sweep is ~2,800 compilations, ~70 min on 2 cores.
 
 What it measures, and how:
 
@@ -76,6 +81,7 @@ import hashlib  # noqa: E402
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
 import io  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import multiprocessing  # noqa: E402
 import pickle  # noqa: E402
@@ -269,6 +275,23 @@ def exact_fp32_cases():
         cases += [_attention_case("fp32", d, False, f + ("tf32_off",)) for f in FEATURES]
         cases += [_attention_case("fp32", d, True, f + ("tf32_off",)) for f in FEATURES_WITH_MAPS]
         cases.append(_attention_case("fp32", d, True, ("vit197", "tf32_off"), M=197, N=197))
+    return cases
+
+
+SWEEP_MASKS = ((), ("bool_mask",), ("key_padding",), ("float_mask",), ("float_mask", "mask_grad"))
+
+
+def sweep_cases(dtypes=("bf16", "fp16")):
+    """--sweep: features together, 320 calls per dtype (bf16, fp16, fp32 = TF32, fp32/no_tf32 = exact
+    float32): every combination of causal masking, GQA, the fused KL and no / bool / key-padding /
+    float mask / float mask with its gradient, maps of every row off and on, D = 64 and 128, at
+    M = N = 1024 and at the ViT shape (M = N = 197, where Triton compiles its own variants)."""
+    cases = []
+    for dtype, d, maps, vit in itertools.product(dtypes, (64, 128), (False, True), (False, True)):
+        for mask, causal, gqa, kl in itertools.product(SWEEP_MASKS, (False, True), (False, True), (False, True)):
+            features = (mask + ("causal",) * causal + ("gqa",) * gqa + ("kl",) * kl + ("vit197",) * vit
+                        + ("tf32_off",) * dtype.endswith("/no_tf32"))
+            cases.append(_attention_case(dtype.split("/")[0], d, maps, features, **(dict(M=197, N=197) if vit else {})))
     return cases
 
 
@@ -1219,15 +1242,32 @@ def markdown(records, tutorial_rows, meta) -> str:
 # Main
 # ----------------------------------------------------------------------------------------------
 
-def build(cases, targets, configs="all", workers=2, filter_re=None, probe=False, dry_run=False):
+def forced_tile_jobs(cases, targets, tiles) -> list[tuple[dict, CompileJob]]:
+    """--tiles: every tiled launch of the cases bound with each tile of `tiles` ("BMxBNxWARPSxSTAGES
+    ..."), whatever the launchers' lists hold (records marked forced, not candidates)."""
+    overrides = [dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), map(int, t.split("x"))))
+                 for t in tiles.split()]
+    out = []
+    for case in cases:
+        launches = [launch for launch in capture_case(case) if {"BLOCK_M", "BLOCK_N"} <= set(launch.kwargs)]
+        for override in overrides:
+            out += [({**rec, "candidate": False, "forced": True}, job)
+                    for rec, job in case_records(case, launches, targets, override)]
+    return out
+
+
+def build(cases, targets, configs="all", workers=2, filter_re=None, probe=False, dry_run=False, tiles=None):
     """Captures, compiles and returns the records (and the number of unique compilations);
-    dry_run: capture and bind only (records without results)."""
-    pairs = capture_jobs(cases, targets)
-    pairs = merge_defaults(pairs, default_jobs(cases, targets))
+    dry_run: capture and bind only (records without results); tiles: forced tiles instead of the
+    launchers' configs (forced_tile_jobs)."""
+    if tiles:
+        pairs = forced_tile_jobs(cases, targets, tiles)
+    else:
+        pairs = merge_defaults(capture_jobs(cases, targets), default_jobs(cases, targets))
     if filter_re:
         rx = re.compile(filter_re)
         pairs = [(r, j) for r, j in pairs if rx.search(f"{r['op']} {r['stage']} {r['kernel']} {r['case']}")]
-    pairs = select_configs(pairs, configs)
+    pairs = select_configs(pairs, "all" if tiles else configs)
     if probe:
         pairs += probe_pairs(targets)
     jobs = {job.key: job for _, job in pairs}
@@ -1236,6 +1276,33 @@ def build(cases, targets, configs="all", workers=2, filter_re=None, probe=False,
         return [rec for rec, _ in pairs], len(jobs)
     results = compile_all(jobs, workers)
     return [finish_record(rec, results[job.key]) for rec, job in pairs], len(jobs)
+
+
+def spill_summary(records, meta) -> str:
+    """--sweep / --tiles markdown: per stage, dtype and head dim the compilations that spilled (or
+    exceed shared memory, or failed) out of all, with the byte range; then each such record (for
+    --tiles every record) with its registers and main-loop SASS instructions per score element."""
+    groups = {}
+    for r in records:
+        dtype = r["dtype"] + ("" if r["tf32"] is None else ("/tf32" if r["tf32"] else "/no_tf32"))
+        groups.setdefault((r["stage"], dtype, r["head_dim"]), []).append(r)
+    bad = [r for r in records if r["error"] or r["spill_bytes"] or r["fits_smem"] is False]
+    lines = [f"# Spill sweep ({meta['date']})", "", f"`{meta['command']}`: {meta['cases']} calls, "
+             f"{meta['compilations']} compilations, {meta['wall_s']:.0f} s on {meta['workers']} processes. "
+             "One record per call x config (a compilation shared by several calls counts once per call).", "",
+             "| stage | dtype | D | spilling / over smem / failed | spill bytes |", "|---|---|---|---:|---|"]
+    for (stage, dtype, d), recs in sorted(groups.items(), key=str):
+        worse = [r for r in recs if r in bad]
+        spills = [r["spill_bytes"] for r in worse if r["spill_bytes"]]
+        lines.append(f"| {stage} | {dtype} | {d} | {len(worse)} of {len(recs)} | "
+                     f"{f'{min(spills)}-{max(spills)}' if spills else ''} |")
+    shown = records if any(r.get("forced") for r in records) else bad
+    lines += ["", "| stage | call | config | spill B | regs | smem KB | per score | error |",
+              "|---|---|---|---:|---:|---:|---:|---|"]
+    for r in sorted(shown, key=lambda r: (r["stage"], r["case"], r["config"])):
+        lines.append(f"| {r['stage']} | {r['case']} | {r['config']} | {r['spill_bytes']} | {r['regs']} | "
+                     f"{(r['smem_bytes'] or 0) / 1024:.0f} | {r['sass_per_score_element']} | {r['error'] or ''} |")
+    return "\n".join(lines) + "\n"
 
 
 def write_outputs(args, records, text: str, t0: float) -> int:
@@ -1260,6 +1327,12 @@ def main(argv=None):
                                                      "plus a spill-detection probe")
     p.add_argument("--exact", action="store_true", help="float32 without TF32 (3xTF32) with every feature, D = 64 "
                                                         "and 128, sm_90, candidates")
+    p.add_argument("--sweep", metavar="DTYPES",
+                   help="features together (sweep_cases) for these dtypes (comma list of bf16, fp16, fp32, "
+                        "fp32/no_tf32), sm_90, candidates; a spill summary instead of the report's tables")
+    p.add_argument("--tiles", metavar="'BMxBNxWxS ...'",
+                   help="compile these tiles for every tiled launch of the selected cases (with --sweep and "
+                        "--filter: forced-tile comparisons)")
     p.add_argument("--json", help="write the records to this file")
     p.add_argument("--md", help="write the markdown here (default: stdout)")
     p.add_argument("--targets", default=None, help="comma list of sm_80, sm_90 (default both; sm_90 with --quick/--ci)")
@@ -1286,7 +1359,9 @@ def main(argv=None):
         text = markdown(records, None, meta)
         Path(args.md).write_text(text) if args.md else print(text)
         return 0
-    if args.ci:
+    if args.sweep:
+        cases, targets, configs, grid = sweep_cases(args.sweep.split(",")), ["sm_90"], "candidates", [sweep_cases]
+    elif args.ci:
         cases, targets, configs, grid = ci_cases(), ["sm_90"], "default", [ci_cases]
     elif args.quick:
         cases, targets, configs, grid = quick_cases(), ["sm_90"], "all", [quick_cases]
@@ -1297,7 +1372,8 @@ def main(argv=None):
         grid = [full_attention_cases, kl_cases]
     targets = args.targets.split(",") if args.targets else targets
     configs = args.configs or configs
-    records, n_jobs = build(cases, targets, configs, args.jobs, args.filter, probe=args.ci, dry_run=args.dry_run)
+    records, n_jobs = build(cases, targets, configs, args.jobs, args.filter, probe=args.ci, dry_run=args.dry_run,
+                            tiles=args.tiles)
     if args.dry_run:
         from collections import Counter
         stages = Counter((r["stage"], r["target"]) for r in records)
@@ -1309,7 +1385,8 @@ def main(argv=None):
             "compilations": n_jobs, "wall_s": time.time() - t0, "workers": args.jobs, "tutorial": args.tutorial,
             "grid": " ".join(" ".join(f.__doc__.split()) for f in grid) + f" Configs: {configs}; targets: "
                     f"{', '.join(targets)}; sizes: B = 2, H = 4, M = N = 1024 unless stated."}
-    return write_outputs(args, records, markdown(records, tutorial_rows, meta), t0)
+    text = spill_summary(records, meta) if args.sweep or args.tiles else markdown(records, tutorial_rows, meta)
+    return write_outputs(args, records, text, t0)
 
 
 # ----------------------------------------------------------------------------------------------
