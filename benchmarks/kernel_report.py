@@ -255,15 +255,18 @@ def float32_kl_cases():
 def fp32_cases():
     """float32 at D = 64: without TF32 (3xTF32 products), maps off and on, and with one feature each
     (maps with causal, GQA, a float mask's gradient; the fused KL without maps); float32_kl_cases;
-    and TF32 with features together (GQA + causal + a float mask's gradient with maps at the ViT
-    shape, the fused KL + causal + key padding without maps), where the lists before spilled."""
+    and features together (TF32: GQA + causal + a float mask's gradient with maps at the ViT shape,
+    the fused KL + causal + key padding without maps, the fused KL + a bool mask + causal at the ViT
+    shape; exact: the fused KL + a bool mask at the ViT shape), where the lists before spilled."""
     return (base_cases(("fp32/no_tf32",), (64,))
             + [_attention_case("fp32", 64, maps, f + ("tf32_off",))
                for f, maps in ((("causal",), True), (("gqa",), True), (("float_mask", "mask_grad"), True),
                                (("kl",), False))]
             + float32_kl_cases()
             + [_attention_case("fp32", 64, True, ("gqa", "causal", "float_mask", "mask_grad", "vit197"), M=197, N=197),
-               _attention_case("fp32", 64, False, ("kl", "causal", "key_padding"))])
+               _attention_case("fp32", 64, False, ("kl", "causal", "key_padding")),
+               _attention_case("fp32", 64, False, ("kl", "causal", "bool_mask", "vit197"), M=197, N=197),
+               _attention_case("fp32", 64, False, ("kl", "bool_mask", "vit197", "tf32_off"), M=197, N=197)])
 
 
 def exact_fp32_cases():

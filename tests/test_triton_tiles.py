@@ -11,6 +11,8 @@ so that any element a kernel fails to write fails the comparison. The launchers'
 """
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -360,7 +362,7 @@ def test_config_tables():
                                                                                           (16, 128, 8, 2)]
     # distinct configs per kernel, as RESULTS.md and README state them (the autotuners' lists)
     assert {kernel: len(table_configs(launcher._TABLE, kernel)) for kernel in ("fwd", "preprocess", "dkdv", "dq")} \
-        == {"fwd": 12, "preprocess": 2, "dkdv": 13, "dq": 11}
+        == {"fwd": 12, "preprocess": 3, "dkdv": 13, "dq": 11}
     # candidates compiled per call (RESULTS.md: at most 3), for bf16 D = 64, fp16 D = 128, TF32 D = 64
     # and bf16 D = 256
     calls = (_named(), _named(torch.float16, 128), _named(torch.float32, 64), _named(D=256))
@@ -545,13 +547,32 @@ def test_float32_combinations_take_their_own_configs():
     assert fwd("3xtf32", D=128, maps=2) == fwd("3xtf32", D=128, maps=2, M=16) == [(128, 16, 8, 2)]
     assert fwd("3xtf32", D=128) == [(64, 16, 4, 2)]
     # TF32 dQ at D = 64 with a 2-D mask, its gradient or the fused KL: 128x32 w8, 64x32 w4 (64x64 w4
-    # spilled 28-192 B, 128x64 w8 4-276 B)
-    def dq(**named):
-        return [_shape(c) for c in launcher._candidates("dq", _named(torch.float32, **named))]
+    # spilled 28-192 B, 128x64 w8 4-276 B); the fused KL with a 2-D mask or its gradient 16-key tiles
+    # (128x32 w8 s2 spilled 8-80 B there at N = 197, 64x32 w4 76-176 B)
+    def dq(dtype_class="tf32", **named):
+        exact = dict(precision="3xtf32") if dtype_class == "3xtf32" else {}
+        return [_shape(c) for c in launcher._candidates("dq", _named(torch.float32, **exact, **named))]
 
-    for named in (mask_2d, dict(WRITE_DS=True, **mask_2d), dict(HAS_KL=True), dict(HAS_KL=True, **mask_2d)):
+    for named in (mask_2d, dict(WRITE_DS=True, **mask_2d), dict(HAS_KL=True)):
         assert dq(**named) == [(128, 32, 8, 2), (64, 32, 4, 2)], named
+    assert dq(HAS_KL=True, **mask_2d) == dq(HAS_KL=True, WRITE_DS=True) == [(128, 16, 8, 2), (64, 16, 4, 2)]
     assert dq() == dq(HAS_MASK=True, KEY_MASK=True) == [(128, 64, 8, 2), (64, 64, 4, 2)]
+    # exact float32 dQ at D = 64: 128x32 w8 s2 spilled 4-28 B with a 2-D mask (or its gradient) and
+    # causal masking without a map gradient, 4-308 B with the fused KL too; 64x16 w4 s2 held the mask
+    # alone (88-104 B with the KL); with a map gradient and no KL 128x32 did not spill
+    assert dq("3xtf32", **mask_2d) == dq("3xtf32", WRITE_DS=True) == [(128, 16, 8, 2), (64, 16, 4, 2)]
+    for named in (mask_2d, dict(WRITE_DS=True), dict(HAS_DW=True, **mask_2d), dict(HAS_DW=True, WRITE_DS=True)):
+        assert dq("3xtf32", HAS_KL=True, **named) == [(128, 16, 8, 2)], named
+    assert dq("3xtf32") == dq("3xtf32", HAS_KL=True) == dq("3xtf32", HAS_MASK=True, KEY_MASK=True) == dq(
+        "3xtf32", HAS_DW=True, **mask_2d) == [(128, 32, 8, 2)]
+    # the forward's lists for the fused KL with a 2-D mask are the plain KL's, in float32 as before
+    for dtype_class, D, maps in itertools.product(("tf32", "3xtf32"), (64, 128), (0, 2)):
+        assert fwd(dtype_class, D=D, maps=maps, HAS_KL=True, **mask_2d) == fwd(dtype_class, D=D, maps=maps,
+                                                                                HAS_KL=True)
+    # exact float32 preprocess at D = 128: 64x32 w4 s2 (64x64 w4 s2 spilled 16-52 B with map gradients
+    # and a 2-D mask)
+    assert [_shape(c) for c in launcher._candidates("preprocess", _named(torch.float32, 128, precision="3xtf32",
+                                                                         HAS_DW=True, **mask_2d))] == [(64, 32, 4, 2)]
     # TF32 dK/dV at D = 64 (32x64 w4 spilled 8-792 B, 32x128 w8 s2 12-660 B with grouped heads, the
     # fused KL or map gradients with a 2-D mask): 16-row tiles for the KL and for map gradients with
     # grouped heads or at ragged sizes with a mask, the pipelined 32x128 first with grouped heads alone

@@ -53,11 +53,12 @@ _FEATURES = ["M_BUCKET", "N_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS
 # registers, all use wgmma, and the order follows the SASS instructions per score element.
 # Head-dim class: the larger of the q/k and v head-dim blocks (64: <= 64, 128, 256). dtype class:
 # "16" (float16/bfloat16), "tf32" and "3xtf32" (float32, see _launch._precision). maps: the forward
-# writes maps (None: either). Feature class: the feature that needs the most registers ("kl": fused
-# KL, at every size, with or without map gradients; "kl_gqa": the fused KL in a dK/dV with several
-# query heads per kv head (with masks the KL's own 32-row tiles spilled 4-292 B there; at D = 128
-# 16x32 w8 s1 is the one tile found without spills with masks, causal masking and map gradients at
-# M = N = 197, 16x64 w8 / 16x128 / 32x32 / 16x32 w4 spilling 4-100 B; the plain KL's D = 128 list is
+# writes maps, the backward receives their gradient (None: either). Feature class: the feature that
+# needs the most registers ("kl": fused KL, at every size, with or without map gradients; "kl_gqa":
+# the fused KL in a dK/dV with several query heads per kv head (with masks the KL's own 32-row tiles
+# spilled 4-292 B there; at D = 128 16x32 w8 s1 is the one tile found without spills with masks,
+# causal masking and map gradients at M = N = 197, 16x64 w8 / 16x128 / 32x32 / 16x32 w4 spilling
+# 4-100 B; the plain KL's D = 128 list is
 # 16x128 w8 s1 and 16x64 w8 s1, its 32x128 tiles spilling 4-144 B with a mask or causal masking;
 # "kl_ragged": the fused KL with map gradients at M or N not a multiple of 16, where 16x128 spilled
 # 4-20 B with masks at D = 128 and 32x64 w4 s2 4 B at D = 64);
@@ -78,9 +79,10 @@ _FEATURES = ["M_BUCKET", "N_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS
 # forward without maps with a 2-D mask at N not a multiple of 16 (D = 128: 128x64 / 64x64 spilled
 # 0.5-1.4 KB, 64x32 / 128x32 0-4 B; 16-key tiles, as the fused KL's D = 128 forward, whose 64-key
 # tiles spilled 4 B - 7 KB with masks, causal masking or ragged N); "kl_mask": the fused KL with a
-# 2-D mask (or its gradient) in the forward or dQ, 16-bit (D = 64 forward: 128x64, 128x32 and 64x32
-# spilled 4-92 B at N = 197 with causal masking, 64x64 at 8 warps holds 174-234 registers; dQ 64x64 /
-# 128x64 8-72 B, 64x32 w4 4-56 B with map gradients; at D = 128 the 16-key tiles of the KL); "": none
+# 2-D mask (or its gradient) in the forward or dQ (float32 forward: the plain KL's lists; 16-bit
+# D = 64 forward: 128x64, 128x32 and 64x32 spilled 4-92 B at N = 197 with causal masking, 64x64 at 8
+# warps holds 174-234 registers; dQ 64x64 / 128x64 8-72 B, 64x32 w4 4-56 B with map gradients; at
+# D = 128 the 16-key tiles of the KL); "": none
 # of those). The plain KL forward at D = 64: 128x64 w8 s2 (s3 spilled 8 B with a key-padding mask
 # and causal masking). dQ at D = 128: the fused KL's and the 2-D mask's 128x64 / 128x32 tiles spilled
 # 8-736 B and 8 B, the mask's 64x32 w4 s2 8 B; the D = 64 mask list's pipelined 128x64 w8 16 B with a
@@ -107,7 +109,14 @@ _FEATURES = ["M_BUCKET", "N_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS
 # masking), 128x32 at N not a multiple of 16, a 2-D mask without maps at such N 128x16 (128x32 4-64
 # B); exact float32 at D = 128 with maps 128x16 w8 (4-24 B; 64x16 w4 60-316 B: no tile without).
 # TF32 dQ at D = 64 with a 2-D mask, its gradient or the fused KL: 128x32 w8, 64x32 w4 (64x64 w4
-# spilled 28-192 B, 128x64 w8 4-276 B; with the KL and a 2-D mask at N = 197 these still 8-176 B).
+# spilled 28-192 B, 128x64 w8 4-276 B); the fused KL with a 2-D mask ("kl_mask") and no map gradient
+# 128x16 w8 s2, 64x16 w4 s2 (128x32 w8 s2 8-80 B and 64x32 w4 76-176 B at N = 197; 1.07-1.17x the
+# instructions per score of 128x32 s2 there), with a map gradient the KL's (none spills there).
+# Exact float32 dQ at D = 64 with the fused KL and a 2-D mask (or its gradient), and with such a
+# mask and no map gradient, 128x16 w8 s2 (128x32 w8 s2 spilled 4-308 B with the KL, 4-28 B with
+# causal masking without; 64x16 w4 s2 held the mask alone, 88-104 B with the KL; 1.3-1.4x the
+# instructions per score of 128x32). Exact float32 preprocess at D = 128 with map gradients 64x32 w4
+# s2 (64x64 w4 s2 spilled 16-52 B with a 2-D mask).
 # TF32 dK/dV at D = 64: the fused KL (also with map gradients at ragged sizes) 16x128 w8 s1, 16x64 w4
 # s1 (32x128 w8 s2 12-88 B, 32x64 w4 12-228 B), with grouped heads the 16-bit kl_gqa list (32-row
 # tiles 48-792 B; 16-row ones still 8-64 B with a mask), grouped heads 32x128 w8 s2 first (0 B
@@ -143,20 +152,25 @@ _TABLE = {
     ("fwd", 64, "tf32", True, "ragged"): configs_from("128x32x8x2 64x16x4x2"),
     ("fwd", 64, "tf32", None, "kl"): configs_from("128x32x8x2 64x16x4x2"),
     ("fwd", 64, "tf32", False, "kl"): configs_from("64x16x4x2"),
+    ("fwd", 64, "tf32", None, "kl_mask"): configs_from("128x32x8x2 64x16x4x2"),
+    ("fwd", 64, "tf32", False, "kl_mask"): configs_from("64x16x4x2"),
     ("fwd", 64, "tf32", False, "mask_ragged"): configs_from("128x64x8x3 64x64x4x1"),
     ("fwd", 128, "tf32", True, "mask"): configs_from("128x16x8x2"),
     ("fwd", 128, "tf32", False, "mask_ragged"): configs_from("128x16x8x2"),
     ("fwd", 128, "tf32", None, "kl"): configs_from("128x16x8x2"),
+    ("fwd", 128, "tf32", None, "kl_mask"): configs_from("128x16x8x2"),
     ("fwd", 64, "3xtf32", None, ""): configs_from("128x64x8x2 128x32x8x2"),
     ("fwd", 64, "3xtf32", True, ""): configs_from("128x64x8x1 128x32x8x2"),
     ("fwd", 64, "3xtf32", True, "ragged"): configs_from("128x32x8x2"),
     ("fwd", 64, "3xtf32", None, "kl"): configs_from("64x16x4x2"),
+    ("fwd", 64, "3xtf32", None, "kl_mask"): configs_from("64x16x4x2"),
     ("fwd", 64, "3xtf32", None, "mask"): configs_from("128x32x8x2"),
     ("fwd", 64, "3xtf32", False, "mask_ragged"): configs_from("128x16x8x2"),
     ("fwd", 128, "3xtf32", None, ""): configs_from("64x16x4x2"),
     ("fwd", 128, "3xtf32", True, ""): configs_from("128x16x8x2"),
     ("fwd", None, None, None, ""): configs_from("128x32x8x2 64x16x4x2"),
     ("preprocess", None, None, None, ""): configs_from("64x64x4x2 128x64x8x2"),
+    ("preprocess", 128, "3xtf32", True, ""): configs_from("64x32x4x2"),
     ("dkdv", 64, "16", None, ""): configs_from("64x64x4x2 64x128x8x2"),
     ("dkdv", 64, "16", None, "kl"): configs_from("32x128x8x2 32x64x4x2"),
     ("dkdv", 64, "16", None, "ragged"): configs_from("32x64x4x2 32x128x8x1"),
@@ -187,6 +201,8 @@ _TABLE = {
     ("dkdv", 64, "3xtf32", None, "heavy"): configs_from("16x128x8x1"),
     ("dkdv", 128, "3xtf32", None, ""): configs_from("32x64x4x1"),
     ("dq", 64, "3xtf32", None, ""): configs_from("128x32x8x2"),
+    ("dq", 64, "3xtf32", False, "mask"): configs_from("128x16x8x2 64x16x4x2"),
+    ("dq", 64, "3xtf32", None, "kl_mask"): configs_from("128x16x8x2"),
     ("dq", 128, "3xtf32", None, ""): configs_from("64x16x4x1"),
     ("dq", 64, "16", None, ""): configs_from("64x64x4x3 128x64x8x2"),
     ("dq", 128, "16", None, ""): configs_from("128x64x8x2 64x64x4x2"),
@@ -197,6 +213,8 @@ _TABLE = {
     ("dq", 128, "16", None, "kl"): configs_from("128x16x8x2 64x16x4x2"),
     ("dq", 64, "tf32", None, ""): configs_from("128x64x8x2 64x64x4x2"),
     ("dq", 64, "tf32", None, "kl"): configs_from("128x32x8x2 64x32x4x2"),
+    ("dq", 64, "tf32", False, "kl_mask"): configs_from("128x16x8x2 64x16x4x2"),
+    ("dq", 64, "tf32", True, "kl_mask"): configs_from("128x32x8x2 64x32x4x2"),
     ("dq", 64, "tf32", None, "mask"): configs_from("128x32x8x2 64x32x4x2"),
     ("dq", None, None, None, ""): configs_from("128x32x8x2 64x16x4x2"),
 }
@@ -210,10 +228,9 @@ def _feature_class(kernel: str, named) -> str:
                  or named.get("HAS_MASK") and (not named.get("KEY_MASK") or named.get("HAS_DW")))):
         return "heavy"
     grouped = kernel == "dkdv" and named.get("GROUP", 1) > 1
-    half = named["Q"].element_size() == 2
     mask_2d = named.get("HAS_MASK") and not named.get("KEY_MASK")
     if named.get("HAS_KL"):
-        heavy_kl = kernel != "dkdv" and half and (mask_2d or named.get("WRITE_DS"))
+        heavy_kl = kernel != "dkdv" and (mask_2d or named.get("WRITE_DS"))
         feature = "kl_gqa" if grouped else ("kl_mask" if heavy_kl else "kl")
     elif grouped:
         feature = "gqa"
@@ -243,7 +260,8 @@ def _lookup(kernel: str, named):
     block_d = max(named["BLOCK_D"], named["BLOCK_DV"])
     d_class = 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
     dtype_class = "16" if named["Q"].element_size() == 2 else named["PRECISION"]
-    maps = named.get("WRITE_MAPS", 0) != 0
+    # maps: the forward writes them; the backward kernels receive their gradient
+    maps = named.get("WRITE_MAPS", 0) != 0 or bool(named.get("HAS_DW"))
     feature = _feature_class(kernel, named)
     for key in ((kernel, d_class, dtype_class, maps, feature), (kernel, d_class, dtype_class, None, feature),
                 (kernel, d_class, dtype_class, maps, ""), (kernel, d_class, dtype_class, None, ""),
