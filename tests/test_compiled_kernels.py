@@ -133,7 +133,8 @@ def test_sweep_with_forced_tiles(tmp_path):
     out = tmp_path / "sweep.json"
     proc = subprocess.run([sys.executable, str(REPORT), "--sweep", "fp32", "--filter",
                            "bwd_dq .*D64 nomaps float_mask causal kl vit197$",
-                           "--tiles", "128x32x8x2 64x32x4x2 128x16x8x2", "--json", str(out)], env=env, capture_output=True, text=True, timeout=900)
+                           "--tiles", "128x32x8x2 64x32x4x2 128x16x8x2", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = json.loads(out.read_text())
     assert sorted(r["config"] for r in records) == ["128x16 w8 s2", "128x32 w8 s2", "64x32 w4 s2"]
