@@ -565,6 +565,14 @@ def test_float32_combinations_take_their_own_configs():
         assert dq("3xtf32", HAS_KL=True, **named) == [(128, 16, 8, 2)], named
     assert dq("3xtf32") == dq("3xtf32", HAS_KL=True) == dq("3xtf32", HAS_MASK=True, KEY_MASK=True) == dq(
         "3xtf32", HAS_DW=True, **mask_2d) == [(128, 32, 8, 2)]
+    # TF32 dQ at D = 128: the fused KL with a 2-D mask, and without a map gradient the KL or a 2-D mask,
+    # 128x16 w8 s2 (the generic 128x32 w8 s2 spilled 4-312 B there, 64x16 w4 s2 8-56 B); with a map
+    # gradient and only one of them the generic list, which did not spill
+    for named in (dict(HAS_KL=True), dict(HAS_KL=True, **mask_2d), dict(HAS_KL=True, HAS_DW=True, WRITE_DS=True),
+                  mask_2d, dict(WRITE_DS=True)):
+        assert dq(D=128, **named) == [(128, 16, 8, 2)], named
+    assert dq(D=128) == dq(D=128, HAS_DW=True, **mask_2d) == dq(D=128, HAS_DW=True, HAS_KL=True) == [
+        (128, 32, 8, 2), (64, 16, 4, 2)]
     # the forward's lists for the fused KL with a 2-D mask are the plain KL's, in float32 as before
     for dtype_class, D, maps in itertools.product(("tf32", "3xtf32"), (64, 128), (0, 2)):
         assert fwd(dtype_class, D=D, maps=maps, HAS_KL=True, **mask_2d) == fwd(dtype_class, D=D, maps=maps,

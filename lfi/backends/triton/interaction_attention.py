@@ -116,7 +116,9 @@ _FEATURES = ["M_BUCKET", "N_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS
 # mask and no map gradient, 128x16 w8 s2 (128x32 w8 s2 spilled 4-308 B with the KL, 4-28 B with
 # causal masking without; 64x16 w4 s2 held the mask alone, 88-104 B with the KL; 1.3-1.4x the
 # instructions per score of 128x32). Exact float32 preprocess at D = 128 with map gradients 64x32 w4
-# s2 (64x64 w4 s2 spilled 16-52 B with a 2-D mask).
+# s2 (64x64 w4 s2 spilled 16-52 B with a 2-D mask). TF32 dQ at D = 128 with the fused KL and a 2-D
+# mask (or its gradient), and without a map gradient with the KL or such a mask: 128x16 w8 s2 (the
+# generic 128x32 w8 s2 spilled 4-312 B, 64x16 w4 s2 8-56 B; 1.2-1.4x the instructions per score).
 # TF32 dK/dV at D = 64: the fused KL (also with map gradients at ragged sizes) 16x128 w8 s1, 16x64 w4
 # s1 (32x128 w8 s2 12-88 B, 32x64 w4 12-228 B), with grouped heads the 16-bit kl_gqa list (32-row
 # tiles 48-792 B; 16-row ones still 8-64 B with a mask), grouped heads 32x128 w8 s2 first (0 B
@@ -216,6 +218,9 @@ _TABLE = {
     ("dq", 64, "tf32", False, "kl_mask"): configs_from("128x16x8x2 64x16x4x2"),
     ("dq", 64, "tf32", True, "kl_mask"): configs_from("128x32x8x2 64x32x4x2"),
     ("dq", 64, "tf32", None, "mask"): configs_from("128x32x8x2 64x32x4x2"),
+    ("dq", 128, "tf32", False, "kl"): configs_from("128x16x8x2"),
+    ("dq", 128, "tf32", None, "kl_mask"): configs_from("128x16x8x2"),
+    ("dq", 128, "tf32", False, "mask"): configs_from("128x16x8x2"),
     ("dq", None, None, None, ""): configs_from("128x32x8x2 64x16x4x2"),
 }
 
