@@ -58,8 +58,8 @@ _FEATURES = ["M_BUCKET", "N_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS
 # the fused KL in a dK/dV with several query heads per kv head (with masks the KL's own 32-row tiles
 # spilled 4-292 B there; at D = 128 16x32 w8 s1 is the one tile found without spills with masks,
 # causal masking and map gradients at M = N = 197, 16x64 w8 / 16x128 / 32x32 / 16x32 w4 spilling
-# 4-100 B; the plain KL's D = 128 list is
-# 16x128 w8 s1 and 16x64 w8 s1, its 32x128 tiles spilling 4-144 B with a mask or causal masking;
+# 4-100 B; the plain KL's D = 128 list is 16x128 w8 s1 and 16x64 w8 s1, its 32x128 tiles spilling
+# 4-144 B with a mask or causal masking;
 # "kl_ragged": the fused KL with map gradients at M or N not a multiple of 16, where 16x128 spilled
 # 4-20 B with masks at D = 128 and 32x64 w4 s2 4 B at D = 64);
 # "mask": a 2-D mask tile or a mask gradient; "gqa": several query heads per kv head in dK/dV, also
@@ -82,11 +82,10 @@ _FEATURES = ["M_BUCKET", "N_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS
 # 2-D mask (or its gradient) in the forward or dQ (float32 forward: the plain KL's lists; 16-bit
 # D = 64 forward: 128x64, 128x32 and 64x32 spilled 4-92 B at N = 197 with causal masking, 64x64 at 8
 # warps holds 174-234 registers; dQ 64x64 / 128x64 8-72 B, 64x32 w4 4-56 B with map gradients; at
-# D = 128 the 16-key tiles of the KL); "": none
-# of those). The plain KL forward at D = 64: 128x64 w8 s2 (s3 spilled 8 B with a key-padding mask
-# and causal masking). dQ at D = 128: the fused KL's and the 2-D mask's 128x64 / 128x32 tiles spilled
-# 8-736 B and 8 B, the mask's 64x32 w4 s2 8 B; the D = 64 mask list's pipelined 128x64 w8 16 B with a
-# float mask's gradient and causal masking.
+# D = 128 the 16-key tiles of the KL); "": none of those). The plain KL forward at D = 64: 128x64 w8
+# s2 (s3 spilled 8 B with a key-padding mask and causal masking). dQ at D = 128: the fused KL's and
+# the 2-D mask's 128x64 / 128x32 tiles spilled 8-736 B and 8 B, the mask's 64x32 w4 s2 8 B; the D = 64
+# mask list's pipelined 128x64 w8 16 B with a float mask's gradient and causal masking.
 # The 16-bit lists of every kernel were compiled for every combination of causal masking, GQA, the
 # fused KL, a key-padding / bool / float mask (with its gradient) and maps of every row (off / on) at
 # D = 64 and 128, M = N = 197 and 1024 (RESULTS.md, 2026-12-05): no candidate spills.
@@ -265,7 +264,6 @@ def _lookup(kernel: str, named):
     block_d = max(named["BLOCK_D"], named["BLOCK_DV"])
     d_class = 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
     dtype_class = "16" if named["Q"].element_size() == 2 else named["PRECISION"]
-    # maps: the forward writes them; the backward kernels receive their gradient
     maps = named.get("WRITE_MAPS", 0) != 0 or bool(named.get("HAS_DW"))
     feature = _feature_class(kernel, named)
     for key in ((kernel, d_class, dtype_class, maps, feature), (kernel, d_class, dtype_class, None, feature),
