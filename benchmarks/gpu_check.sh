@@ -4,7 +4,7 @@
 # without dependencies, runs the Triton backend's tests on the GPU (compiled kernels, heuristic
 # configs, plus the autotuned first call), then benchmarks at ViT shapes side by side with eager and
 # SDPA (autotuned), the whole timm ViT-B/16 patched and unpatched, and dQ by atomics. About 6.5 min on
-# an H200 with 16 cores (2026-12-04: tests 192 s, benchmarks ~110 s); the step limits add up to 8.8.
+# an H200 with 16 cores (2026-12-04: tests 192 s, benchmarks ~110 s); the step limits add up to 9.3.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
 #
@@ -87,8 +87,11 @@ TRITON_PRINT_AUTOTUNING=1 step bench 120 python -m pytest benchmarks/test_bench_
 # Device time per kernel against wall time per call (what the host costs), two shapes; then the
 # host time of the Triton path on this machine's CPU with the launches faked (as measured on the
 # development machine, benchmarks/launcher_overhead.py), to relate the two machines' figures.
-step profile 80 bash -c "python benchmarks/gpu_profile.py --shapes vit_b_n197,xattn_m16_n197 >'$OUT/profile.md' \
-    && python benchmarks/launcher_overhead.py --calls 300 >>'$OUT/profile.md'"
+# Then lfi_triton with every launch through Triton's JITFunction.run (--direct-launch 0), against the first.
+step profile 110 bash -c "python benchmarks/gpu_profile.py --shapes vit_b_n197,xattn_m16_n197 >'$OUT/profile.md' \
+    && python benchmarks/launcher_overhead.py --calls 300 >>'$OUT/profile.md' \
+    && python benchmarks/gpu_profile.py --shapes vit_b_n197,xattn_m16_n197 --impls lfi_triton --direct-launch 0 \
+       >>'$OUT/profile.md' && python benchmarks/launcher_overhead.py --calls 300 --direct-launch 0 >>'$OUT/profile.md'"
 # The whole timm ViT-B/16 (B = 32, bf16): patched with lfi vs timm's SDPA and eager paths, maps
 # none / CLS row of the last layer / last layer / all layers.
 step bench_vit 60 python -m pytest benchmarks/test_bench_vit.py --benchmark-only -q -p no:cacheprovider \

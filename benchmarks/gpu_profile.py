@@ -2,12 +2,15 @@
 """Where the time of one call goes on a GPU: device time per kernel against the call's wall time.
 
     python benchmarks/gpu_profile.py [--shapes vit_b_n197,xattn_m16_n197] [--impls sdpa,lfi_triton] [--steps 20]
+                                     [--direct-launch 0|1]
 
 For each implementation x mode (fwd, fwd+bwd) x maps (off, on), after a warm-up (compilation,
 autotuning), it times --steps steps with CUDA events (wall per step, the launches included) and
 profiles the same steps with torch.profiler: the sum of the device kernels' time per step and the
 top kernels. Wall minus kernel time is what the host and the gaps between launches cost: at ViT
 shapes a few kernels of tens of microseconds each, so a launch path of 100 us shows directly.
+--direct-launch 0 sends every Triton launch through Triton's JITFunction.run (TunedKernel.fast_launch
+= False), to time what the direct launches save.
 Markdown out (benchmarks/gpu_check.sh puts it in its summary). A measurement, not a test.
 """
 from __future__ import annotations
@@ -66,14 +69,19 @@ def main(argv=None) -> None:
     p.add_argument("--impls", default="sdpa,eager,lfi_triton,lfi_auto")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--dtype", default="bf16")
+    p.add_argument("--direct-launch", default="1", choices=["0", "1"],
+                   help="0: every Triton launch through JITFunction.run")
     args = p.parse_args(argv)
+    from lfi.backends.triton._launch import TunedKernel
+    TunedKernel.fast_launch = args.direct_launch == "1"
     if not torch.cuda.is_available():
         raise SystemExit("gpu_profile.py needs a CUDA device")
     shapes = {s.name: s for s in bench.SHAPES_FULL}
     dtype = bench.parse_dtype(args.dtype)
     for name in args.shapes.split(","):
         shape = shapes[name.strip()]
-        print(f"### {shape.name} ({bench.device_name(torch.device('cuda'))}, {args.dtype}, {args.steps} steps)\n")
+        print(f"### {shape.name} ({bench.device_name(torch.device('cuda'))}, {args.dtype}, {args.steps} steps, "
+              f"direct launches {args.direct_launch})\n")
         print("| impl | mode | maps | wall us/step | kernels us/step | wall - kernels | longest kernels (us/step) |")
         print("|---|---|---|---:|---:|---:|---|")
         for impl in args.impls.split(","):

@@ -5,13 +5,15 @@
   JITFunction.run stubbed out: config choice, buffers, strides, grids.
 - ``call``: the whole call as a user makes it, ``interaction_attention(q, k, v, backend="triton")``
   (validation, dispatch, the autograd layer, the launchers, TunedKernel, Triton's autotuner and
-  JITFunction.run with its argument binding and specialization), with only what needs a GPU faked:
+  JITFunction.run with its argument binding and specialization, or for a launch seen before
+  TunedKernel's direct launch of the compiled kernel; `--direct-launch 0`: every launch through
+  JITFunction.run), with only what needs a GPU faked:
   Triton's driver reports an sm_90 device, compilation returns a kernel whose launch does nothing,
   and autotuning's timings are constant (so it picks the first candidate). Forward under no_grad,
   and forward + ``torch.autograd.grad`` of q, k, v, without maps.
 
     python benchmarks/launcher_overhead.py [--what call|launcher] [--shape B,H,M,N,D] [--calls N]
-                                           [--repeats 5] [--autotune 0|1]
+                                           [--repeats 5] [--autotune 0|1] [--direct-launch 0|1]
 
 Tensors are CPU tensors that are never touched (torch.empty), so what is timed is host work; a
 GPU adds the driver's launch (a few us per kernel) and the CUDA caching allocator instead of
@@ -106,13 +108,18 @@ def main(argv=None) -> None:
     p.add_argument("--calls", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--autotune", default="1", choices=["0", "1"], help="LFI_AUTOTUNE (1: the default)")
+    p.add_argument("--direct-launch", default="1", choices=["0", "1"],
+                   help="0: every launch through Triton's JITFunction.run (TunedKernel.fast_launch = False)")
     args = p.parse_args(argv)
     os.environ["LFI_AUTOTUNE"] = args.autotune
     driver.set_active(FakeDriver())
+    from lfi.backends.triton._launch import TunedKernel
+    TunedKernel.fast_launch = args.direct_launch == "1"
     B, H, M, N, D = (int(x) for x in args.shape.split(","))
     q, k, v = (torch.empty(B, H, n, D, dtype=torch.bfloat16) for n in (M, N, N))
     cases = launcher_cases(q, k, v, M) if args.what == "launcher" else call_cases(q, k, v, M)
-    print(f"| host time per call (B, H, M, N, D = {args.shape}, bf16, LFI_AUTOTUNE={args.autotune}) "
+    print(f"| host time per call (B, H, M, N, D = {args.shape}, bf16, LFI_AUTOTUNE={args.autotune}, "
+          f"direct launches {args.direct_launch}) "
           f"| median us | min-max us ({args.repeats} x {args.calls}) |")
     print("|---|---:|---|")
     for name, fn in cases.items():

@@ -198,6 +198,9 @@ def test_tuned_kernel_launches_the_chosen_config_directly(monkeypatch):
         def get_benchmarker(self):
             return bench
 
+        def get_current_device(self):
+            return 0
+
     monkeypatch.setattr(triton.runtime.driver, "_active", Driver())
     autotuner_runs = []
     autotuner_run = triton.runtime.autotuner.Autotuner.run

@@ -8,6 +8,8 @@ A kernel is launched in one of three ways, decided by one flag each:
   does not tune again;
 - on a GPU with LFI_AUTOTUNE=0, with the documented heuristic default of each kernel (no tuning:
   one compilation per kernel and feature combination).
+On a GPU, a launch whose arguments key as one made before calls the compiled kernel's launcher
+directly, without Triton's per-launch argument binding (TunedKernel, "Direct launches").
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import os
 
 import torch
 import triton
+from triton import knobs
+from triton.runtime import driver
 
 from lfi.kernels import INTERPRET
 
@@ -151,6 +155,7 @@ class TunedKernel:
         self._autotuner = None
         self._chosen = {}  # our key -> all_kwargs() of the config chosen for it (tuned or default)
         self._key_args = None  # (positions of the key's positional arguments, names of the keyword ones)
+        self._launches = {}  # launch key -> (compiled kernel, config's all_kwargs(), arguments after args)
 
     @property
     def autotuner(self):
@@ -180,18 +185,29 @@ class TunedKernel:
     def __call__(self, grid, *args, **constexprs):
         """grid(meta) -> number of programs (1-D grid), meta holding BLOCK_M and BLOCK_N. A call
         whose key was seen before launches the config chosen then (the heuristic default, or the
-        autotuner's pick) directly: the same launch as the autotuner's, minus its per-call work."""
+        autotuner's pick) directly: the same launch as the autotuner's, minus its per-call work; a
+        call whose launch key was seen before launches the compiled kernel directly (`_launch_key`)."""
         if INTERPRET:
             self._launch(grid, args, constexprs, INTERPRETER_BLOCKS)
             return
         tune = autotune_enabled()
+        device = driver.active.get_current_device()
+        launch_key = self._launch_key(device, tune, args, constexprs)
+        seen = self._launches.get(launch_key) if launch_key is not None else None
+        if seen is not None and not self._hooked():
+            compiled, meta, tail = seen
+            compiled.run(grid(meta), 1, 1, driver.active.get_current_stream(device), compiled.function,
+                         compiled.packed_metadata, None, None, None, *args, *tail)
+            return
         key = (tune, *self._tuning_key(args, constexprs))
         meta = self._chosen.get(key)
         if meta is None and not tune:
             cfg = self.default({**dict(zip(self.kernel.arg_names, args)), **constexprs})
             meta = self._chosen[key] = cfg.all_kwargs()
         if meta is not None:
-            self._launch(grid, args, constexprs, meta)
+            compiled = self._launch(grid, args, constexprs, meta)
+            if launch_key is not None:
+                self._remember(launch_key, compiled, meta, len(args), constexprs)
             return
         autotuner = self.autotuner
         autotuner.best_config = None  # set by this run (Autotuner.run records its pick there)
@@ -200,5 +216,66 @@ class TunedKernel:
             self._chosen[key] = autotuner.best_config.all_kwargs()
 
     def _launch(self, grid, args, constexprs, meta):
-        """One launch with the block sizes and options of `meta` (a config's all_kwargs())."""
-        self.kernel[(grid(meta),)](*args, **constexprs, **meta)
+        """One launch with the block sizes and options of `meta` (a config's all_kwargs()) through
+        Triton's JITFunction.run; returns its compiled kernel (None under the interpreter)."""
+        return self.kernel[(grid(meta),)](*args, **constexprs, **meta)
+
+    # Direct launches. Triton's JITFunction.run binds and specializes every argument (~55 per
+    # launch here), builds its cache key and looks the kernel up on each call: ~23 us of the ~80 us a
+    # launch cost on the host (benchmarks/launcher_overhead.py, this project's CPU), 4 launches per
+    # forward + backward. A launch whose key was seen before calls the compiled kernel's launcher
+    # with the same arguments JITFunction.run would pass. The key holds every value Triton
+    # specializes on, or a finer one: the current device, the knobs that change compile options, the
+    # autotune flag (which decides the config with the rest), each constexpr, each integer argument's
+    # value (Triton: 1, divisibility by 16, 32/64-bit; also inside tuples of integers), each tensor's
+    # dtype and 16-byte alignment, and the type of other arguments (floats are not specialized).
+    # Not repeated: JITFunction.run's check that the kernels' global constants were not reassigned.
+    fast_launch = True  # False: every launch goes through JITFunction.run (the tests compare both)
+    max_launches = 4096  # remembered launch keys per kernel; the cache is emptied when full
+
+    def _launch_key(self, device, tune, args, constexprs):
+        if not self.fast_launch:
+            return None
+        key = [device, tune, knobs.runtime.debug, knobs.compilation.instrumentation_mode, *constexprs.items()]
+        append = key.append
+        for a in args:
+            cls = a.__class__
+            if cls is int:
+                append(a)
+            elif isinstance(a, torch.Tensor):
+                append(a.dtype)
+                append(a.data_ptr() % 16 == 0)
+            elif cls is float:
+                append(float)
+            elif a is None or cls is bool:
+                append((cls, a))
+            elif cls is tuple and all(x.__class__ is int for x in a):  # strides passed as one argument
+                append(a)
+            else:
+                return None  # not an argument kind the key knows: JITFunction.run decides
+        return tuple(key)
+
+    def _remember(self, launch_key, compiled, meta, n_args, constexprs):
+        """Remembers a launch made through JITFunction.run: its compiled kernel, config, and the
+        arguments after the positional ones as Triton's binder fills them (constexprs, the config's
+        block sizes, defaults), which the key fixes."""
+        compiled = compiled.result() if hasattr(compiled, "result") else compiled  # an async compile's future
+        if not all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata")):
+            return
+        named = {**constexprs, **meta}
+        tail = tuple(named[p.name] if p.name in named else p.default for p in self.kernel.params[n_args:])
+        if len(self._launches) >= self.max_launches:
+            self._launches.clear()
+        self._launches[launch_key] = (compiled, meta, tail)
+
+    def _hooked(self) -> bool:
+        """Whether anything observes launches (a profiler's launch hooks, Triton's pre-run or pass
+        hooks): such launches go through JITFunction.run, which calls them."""
+        runtime = knobs.runtime
+        return bool(self.kernel.pre_run_hooks or getattr(runtime, "add_stages_inspection_hook", None)
+                    or _hook_set(runtime.launch_enter_hook) or _hook_set(runtime.launch_exit_hook))
+
+
+def _hook_set(hook) -> bool:
+    """A launch hook that does something: Triton >= 3.5 keeps a HookChain, empty by default."""
+    return hook is not None and bool(getattr(hook, "calls", True))
