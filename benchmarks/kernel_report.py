@@ -257,7 +257,8 @@ def fp32_cases():
     (maps with causal, GQA, a float mask's gradient; the fused KL without maps); float32_kl_cases;
     and features together (TF32: GQA + causal + a float mask's gradient with maps at the ViT shape,
     the fused KL + causal + key padding without maps, the fused KL + a bool mask + causal at the ViT
-    shape; exact: the fused KL + a bool mask at the ViT shape), where the lists before spilled."""
+    shape; exact: the fused KL + a bool mask at the ViT shape, and with GQA and causal masking,
+    whose dK/dV runs as two launches), where the lists or the one dK/dV kernel before spilled."""
     return (base_cases(("fp32/no_tf32",), (64,))
             + [_attention_case("fp32", 64, maps, f + ("tf32_off",))
                for f, maps in ((("causal",), True), (("gqa",), True), (("float_mask", "mask_grad"), True),
@@ -266,7 +267,8 @@ def fp32_cases():
             + [_attention_case("fp32", 64, True, ("gqa", "causal", "float_mask", "mask_grad", "vit197"), M=197, N=197),
                _attention_case("fp32", 64, False, ("kl", "causal", "key_padding")),
                _attention_case("fp32", 64, False, ("kl", "causal", "bool_mask", "vit197"), M=197, N=197),
-               _attention_case("fp32", 64, False, ("kl", "bool_mask", "vit197", "tf32_off"), M=197, N=197)])
+               _attention_case("fp32", 64, False, ("kl", "bool_mask", "vit197", "tf32_off"), M=197, N=197),
+               _attention_case("fp32", 64, False, ("kl", "gqa", "causal", "bool_mask", "tf32_off"))])
 
 
 def exact_fp32_cases():
@@ -512,6 +514,7 @@ class CompileJob:
     num_warps: int
     num_stages: int
     key: str = ""
+    variant: str = ""  # the key without the config (block sizes, warps, stages): one launch of a kernel
 
 
 def _backend(target: str):
@@ -539,6 +542,10 @@ def bind(launch: RawLaunch, target: str, override: dict | None = None) -> Compil
     ident = (job.module, job.name, target, sorted(signature.items()), sorted(constexprs.items(), key=repr),
              sorted(attrs.items()), sorted((k, repr(v)) for k, v in opts.items()))
     job.key = hashlib.sha1(repr(ident).encode()).hexdigest()[:16]
+    tiles = {(fn.arg_names.index(n),) for n in ("BLOCK_M", "BLOCK_N") if n in fn.arg_names}  # keyed by path
+    variant = (job.module, job.name, target, sorted(signature.items()),
+               sorted(((k, v) for k, v in constexprs.items() if k not in tiles), key=repr), sorted(attrs.items()))
+    job.variant = hashlib.sha1(repr(variant).encode()).hexdigest()[:16]
     return job
 
 
@@ -807,7 +814,8 @@ def case_records(case: Case, launches: list[RawLaunch], targets, overrides=None)
                    "num_stages": job.num_stages,
                    "config": _config_label(job.block_m, job.block_n, job.num_warps, job.num_stages),
                    "target": target, "candidate": bool(launch.candidate), "default": False,
-                   "source": launch.source, "configs_in_list": launch.n_configs, "compile_key": job.key}
+                   "source": launch.source, "configs_in_list": launch.n_configs, "compile_key": job.key,
+                   "variant": job.variant}
             out.append((rec, job))
     return out
 
@@ -864,7 +872,8 @@ def merge_defaults(pairs, defaults):
 
 
 def select_configs(pairs, mode: str):
-    """all: every config; candidates: candidates only; default: per (case, kernel, target) the
+    """all: every config; candidates: candidates only; default: per (case, kernel, target, variant:
+    a launch of the kernel with its own constexprs, e.g. dK/dV's two exact-float32 parts) the
     heuristic default, else the first candidate (else the first config)."""
     if mode == "all":
         return pairs
@@ -872,7 +881,7 @@ def select_configs(pairs, mode: str):
         return [(r, j) for r, j in pairs if r["candidate"]]
     groups = {}
     for rec, job in pairs:
-        groups.setdefault((rec["case"], rec["kernel"], rec["target"]), []).append((rec, job))
+        groups.setdefault((rec["case"], rec["kernel"], rec["target"], rec["variant"]), []).append((rec, job))
     chosen = []
     for group in groups.values():
         pick = ([p for p in group if p[0]["default"]] or [p for p in group if p[0]["candidate"]] or group)[0]

@@ -677,13 +677,14 @@ def _dkdv_tile(k, k_lo, v, v_lo, LO, dk, dv, start_m, q_base, q_offs, do_base, d
                M, scale, qk_scale, qk_scale2, w_start, w_stop,
                EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
                KEY_MASK: tl.constexpr, FLOAT_MASK: tl.constexpr, HAS_DW: tl.constexpr, HAS_KL: tl.constexpr,
-               HAS_DO: tl.constexpr, DQ_ATOMIC: tl.constexpr, Q_SIGN: tl.constexpr, HEAD_DIM: tl.constexpr,
-               HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_FP32: tl.constexpr,
-               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+               HAS_DO: tl.constexpr, DQ_ATOMIC: tl.constexpr, DK_DV: tl.constexpr, Q_SIGN: tl.constexpr,
+               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+               DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One query block of the dK/dV loop, computed transposed (keys along rows) so that no
     computed tile is transposed: S^T = K Q^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q. With
     DQ_ATOMIC, also dQ += scale dS K, added atomically into the float32 accumulator at dq_base.
-    k, v (k_lo, v_lo): the key block's tiles (and low parts, see _dot_parts)."""
+    k, v (k_lo, v_lo): the key block's tiles (and low parts, see _dot_parts). DK_DV: which of dK (1),
+    dV (2) or both (3) the tile adds to."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -722,43 +723,46 @@ def _dkdv_tile(k, k_lo, v, v_lo, LO, dk, dv, start_m, q_base, q_offs, do_base, d
     if HAS_DO:
         do, do_lo = _load_operand(do_base + start_m * stride_dom + do_offs, LO, row_ok, offs_dv < HEAD_DIM_V,
                                   EDGE, BLOCK_DV != HEAD_DIM_V, PRECISION)
-        p_hi, p_lo = _parts(p_t.to(do.dtype), False, PRECISION)
-        dv = _dot_parts(p_hi, p_lo, do, do_lo, dv, DOT_FP32, PRECISION)
-        dp_t = _dot_parts(v, v_lo, tl.trans(do), tl.trans(do_lo), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32),
-                          DOT_FP32, PRECISION)
-    else:
-        dp_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    if HAS_DW:
-        w_rows = (offs_m >= w_start) & (offs_m < w_stop)
-        g_t = tl.load(g_base + (offs_m - w_start)[None, :] * stride_gm,
-                      mask=key_ok[:, None] & w_rows[None, :], other=0.0)
-        dp_t += g_t.to(tl.float32)
-    ds_t = p_t * (dp_t - delta[None, :])
-    if HAS_KL:
-        t_t = tl.load(t_base + offs_m[None, :] * stride_tm,
-                      mask=key_ok[:, None] & row_ok[None, :], other=0.0).to(tl.float32)
-        # Zero on the keys the student does not attend; without a mask those are the causal ones,
-        # recomputed so that s_t need not stay live across the dP product (GQA + KL spilled).
-        if HAS_MASK:
-            t_t = tl.where(s_t > float("-inf"), t_t, 0.0)
-        elif EDGE and IS_CAUSAL:
-            t_t = tl.where(offs_n[:, None] <= offs_m[None, :], t_t, 0.0)
-        tnorm = tl.load(TNORM + row_stats + offs_m, mask=row_ok, other=float("-inf"))
-        grad_kl = tl.load(gkl_base + offs_m * stride_gklm, mask=row_ok, other=0.0).to(tl.float32)
-        has_mass = tnorm != float("-inf")  # NaN (a NaN target) propagates to the gradient
-        inv_z = tl.where(has_mass, tl.exp(-tl.where(has_mass, tnorm, 0.0)), 0.0)
-        grad_kl = tl.where(has_mass, grad_kl, 0.0)
-        ds_t += grad_kl[None, :] * (p_t - t_t * inv_z[None, :])
-    ds_hi, ds_lo = _parts(ds_t.to(q_t.dtype), True, PRECISION)
-    dk = _dot_parts(ds_hi, ds_lo, tl.trans(q_t), tl.trans(q_t_lo), dk, DOT_FP32, PRECISION)
-    if DQ_ATOMIC:
-        dq = _dot_parts(tl.trans(ds_hi), tl.trans(ds_lo), k, k_lo, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32),
-                        DOT_FP32, PRECISION)
-        dq_ptrs = dq_base + start_m * stride_dqm + dq_offs
-        if EDGE:
-            tl.atomic_add(dq_ptrs, dq * scale, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], sem="relaxed")
+        if DK_DV != 1:
+            p_hi, p_lo = _parts(p_t.to(do.dtype), False, PRECISION)
+            dv = _dot_parts(p_hi, p_lo, do, do_lo, dv, DOT_FP32, PRECISION)
+    if DK_DV != 2:
+        if HAS_DO:
+            dp_t = _dot_parts(v, v_lo, tl.trans(do), tl.trans(do_lo), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32),
+                              DOT_FP32, PRECISION)
         else:
-            tl.atomic_add(dq_ptrs, dq * scale, mask=(offs_d < HEAD_DIM)[None, :], sem="relaxed")
+            dp_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        if HAS_DW:
+            w_rows = (offs_m >= w_start) & (offs_m < w_stop)
+            g_t = tl.load(g_base + (offs_m - w_start)[None, :] * stride_gm,
+                          mask=key_ok[:, None] & w_rows[None, :], other=0.0)
+            dp_t += g_t.to(tl.float32)
+        ds_t = p_t * (dp_t - delta[None, :])
+        if HAS_KL:
+            t_t = tl.load(t_base + offs_m[None, :] * stride_tm,
+                          mask=key_ok[:, None] & row_ok[None, :], other=0.0).to(tl.float32)
+            # Zero on the keys the student does not attend; without a mask those are the causal ones,
+            # recomputed so that s_t need not stay live across the dP product (GQA + KL spilled).
+            if HAS_MASK:
+                t_t = tl.where(s_t > float("-inf"), t_t, 0.0)
+            elif EDGE and IS_CAUSAL:
+                t_t = tl.where(offs_n[:, None] <= offs_m[None, :], t_t, 0.0)
+            tnorm = tl.load(TNORM + row_stats + offs_m, mask=row_ok, other=float("-inf"))
+            grad_kl = tl.load(gkl_base + offs_m * stride_gklm, mask=row_ok, other=0.0).to(tl.float32)
+            has_mass = tnorm != float("-inf")  # NaN (a NaN target) propagates to the gradient
+            inv_z = tl.where(has_mass, tl.exp(-tl.where(has_mass, tnorm, 0.0)), 0.0)
+            grad_kl = tl.where(has_mass, grad_kl, 0.0)
+            ds_t += grad_kl[None, :] * (p_t - t_t * inv_z[None, :])
+        ds_hi, ds_lo = _parts(ds_t.to(q_t.dtype), True, PRECISION)
+        dk = _dot_parts(ds_hi, ds_lo, tl.trans(q_t), tl.trans(q_t_lo), dk, DOT_FP32, PRECISION)
+        if DQ_ATOMIC:
+            dq = _dot_parts(tl.trans(ds_hi), tl.trans(ds_lo), k, k_lo, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32),
+                            DOT_FP32, PRECISION)
+            dq_ptrs = dq_base + start_m * stride_dqm + dq_offs
+            if EDGE:
+                tl.atomic_add(dq_ptrs, dq * scale, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq * scale, mask=(offs_d < HEAD_DIM)[None, :], sem="relaxed")
     return dk, dv
 
 
@@ -799,7 +803,7 @@ def attention_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, KEY_MASK: tl.constexpr,
     FLOAT_MASK: tl.constexpr, HAS_DW: tl.constexpr, HAS_KL: tl.constexpr, HAS_DO: tl.constexpr,
-    DQ_ATOMIC: tl.constexpr, EDGE_LOOP: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr, EDGE_LOOP: tl.constexpr, DK_DV: tl.constexpr,
     Q_SIGN: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -807,6 +811,8 @@ def attention_bwd_dkdv_kernel(
     GROUP query heads sharing the kv head, so dK and dV need no atomics. With DQ_ATOMIC the same
     tiles also add scale * dS K into DQ_ACC (B, H, M, D) float32 (zeroed by the launcher), and the
     dQ kernel is not run. Without HAS_DO (no gradient reaches out) dO is not read: dV = 0, dP = G.
+    DK_DV: 3 computes and stores both; 2 only dV (no dP or dS), 1 only dK (and the atomic dQ), for
+    the launcher's two launches where one kernel for both spills (see the launcher's dkdv_parts).
     EDGE_LOOP: the edge tiles run in their own loop (see below; the launcher sets it for grouped heads
     and for the 16-bit fused KL). LO: see attention_fwd_kernel (Q, K, V and DOUT)."""
     pid_n, b, hk = _key_block(N, HKV, BLOCK_N)
@@ -861,7 +867,7 @@ def attention_bwd_dkdv_kernel(
                         stride_qm, stride_dom, stride_dqm, stride_mm, stride_gm, stride_tm, stride_gklm,
                         M, scale, qk_scale, qk_scale2, w_start, w_stop,
                         True, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_DW, HAS_KL, HAS_DO, DQ_ATOMIC,
-                        Q_SIGN, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
+                        DK_DV, Q_SIGN, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
         for start_m in range(main_lo, main_hi, BLOCK_M):
             dk, dv = _dkdv_tile(
                 k, k_lo, v, v_lo, LO, dk, dv, start_m, q_base, q_offs, do_base, do_offs, dq_base, dq_offs, mask_base,
@@ -869,8 +875,8 @@ def attention_bwd_dkdv_kernel(
                 gkl_base, row_stats, offs_n, key_ok, key_mask_vals,
                 stride_qm, stride_dom, stride_dqm, stride_mm, stride_gm, stride_tm, stride_gklm,
                 M, scale, qk_scale, qk_scale2, w_start, w_stop,
-                False, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_DW, HAS_KL, HAS_DO, DQ_ATOMIC, Q_SIGN,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
+                False, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_DW, HAS_KL, HAS_DO, DQ_ATOMIC,
+                DK_DV, Q_SIGN, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
         if not EDGE_LOOP:
             if main_hi < M:  # the ragged last query block
                 dk, dv = _dkdv_tile(
@@ -880,7 +886,7 @@ def attention_bwd_dkdv_kernel(
                     stride_qm, stride_dom, stride_dqm, stride_mm, stride_gm, stride_tm, stride_gklm,
                     M, scale, qk_scale, qk_scale2, w_start, w_stop,
                     True, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_DW, HAS_KL, HAS_DO, DQ_ATOMIC,
-                    Q_SIGN, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
+                    DK_DV, Q_SIGN, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
     if EDGE_LOOP:
         diag_blocks = 0
         if IS_CAUSAL:
@@ -901,12 +907,14 @@ def attention_bwd_dkdv_kernel(
                 gkl_base, row_stats, offs_n, key_ok, key_mask_vals,
                 stride_qm, stride_dom, stride_dqm, stride_mm, stride_gm, stride_tm, stride_gklm,
                 M, scale, qk_scale, qk_scale2, w_start, w_stop,
-                True, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_DW, HAS_KL, HAS_DO, DQ_ATOMIC, Q_SIGN,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
-    tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-             (dk * qk_scale).to(DK.dtype.element_ty), mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
-    tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=key_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
+                True, IS_CAUSAL, HAS_MASK, MASK_BOOL, KEY_MASK, FLOAT_MASK, HAS_DW, HAS_KL, HAS_DO, DQ_ATOMIC,
+                DK_DV, Q_SIGN, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N)
+    if DK_DV != 2:
+        tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+                 (dk * qk_scale).to(DK.dtype.element_ty), mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+    if DK_DV != 1:
+        tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
+                 dv.to(DV.dtype.element_ty), mask=key_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
 
 
 @triton.jit

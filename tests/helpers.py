@@ -316,6 +316,21 @@ def force_exact_fp32_split(monkeypatch):
     monkeypatch.setattr(launcher, "_precision", lambda dtype, split_by_hand=False: "3xtf32")
 
 
+def record_dkdv_parts(monkeypatch) -> list:
+    """The DK_DV constexpr of every dK/dV launch of the Triton attention launcher, appended as the
+    launches happen (3: one kernel for dK and dV; 2, then 1: dV and dK in two launches)."""
+    from lfi.backends.triton import interaction_attention as launcher
+
+    parts, dkdv = [], launcher._dkdv
+
+    def recording(grid, *args, **constexprs):
+        parts.append(constexprs["DK_DV"])
+        return dkdv(grid, *args, **constexprs)
+
+    monkeypatch.setattr(launcher, "_dkdv", recording)
+    return parts
+
+
 def as_gpu_nans(*tensors):
     """Rewrites, in place, every NaN of the float32 tensors (None skipped) as 0x7FFFFFFF, the NaN
     NVIDIA GPUs compute (numpy's, and so the interpreter's, is 0x7FC00000)."""

@@ -110,6 +110,17 @@ def test_main_loops_are_found(records):
     assert not missing, "no main loop found in:\n" + "\n".join(missing)
 
 
+def test_exact_dkdv_runs_in_two_launches(records):
+    """Exact float32 dK/dV with the fused KL, GQA, causal masking and a bool mask (one kernel for
+    both spilled 92 B) is launched twice, dV then dK (the launcher's dkdv_parts): two distinct
+    compilations per config, checked above like every other (no spill, shared memory)."""
+    recs = [r for r in _checked(records) if r["stage"] == "bwd_dkdv" and r["dtype"] == "fp32" and not r["tf32"]
+            and {"kl", "gqa", "causal", "bool_mask"} <= set(r["features"])]
+    configs = {r["config"] for r in recs}
+    assert configs and len(recs) == 2 * len(configs), [(r["config"], r["compile_key"]) for r in recs]
+    assert len({r["compile_key"] for r in recs}) == len(recs)
+
+
 def test_spill_and_scalar_detection_work(records):
     """The report's own probe (an fp32 "ieee" dot on CUDA cores whose 256 x 128 accumulator needs more
     registers than a thread has, launched, bound and compiled like the kernels above) must be reported

@@ -16,6 +16,7 @@ import torch
 
 from helpers import DEVICE
 from helpers import DTYPE_IDS
+from helpers import INTERPRETED
 from helpers import assert_close
 from helpers import backend_dtype_params
 from helpers import backend_params
@@ -23,9 +24,11 @@ from helpers import bool_mask
 from helpers import case_params
 from helpers import detached64
 from helpers import float_mask
+from helpers import force_exact_fp32_split
 from helpers import make_gen
 from helpers import make_qkv
 from helpers import randn
+from helpers import record_dkdv_parts
 from helpers import schema_args
 from kl_cases import REDUCTIONS
 from kl_cases import make_target
@@ -107,6 +110,11 @@ def _target(shape, gen, zero_rows=()):
 # Cases: masks (with fully masked rows), causal with M != N, broadcast targets, GQA, weights
 # --------------------------------------------------------------------------------------------------
 
+# Exact float32: the fused KL with causal masking or GQA runs dK/dV as two launches (dV, then dK;
+# the launcher's dkdv_parts), with a 2-D mask alone as one.
+DKDV_PARTS_3XTF32 = {"gqa4-2_boolmask_fullrow_zeromass": [2, 1], "causal_M7_N20_111N": [2, 1],
+                     "causal_boolmask_M20_N9": [2, 1], "floatmask_neginf_grad": [3]}
+
 CASES = [
     dict(id="plain_B1MN", B=2, H=2, Hkv=2, M=9, N=33, tshape="B1MN"),
     dict(id="gqa4-2_boolmask_fullrow_zeromass", B=2, H=4, Hkv=2, M=7, N=20, tshape="BHMN", mask="bool"),
@@ -160,6 +168,19 @@ def test_matches_reference(backend, case):
         assert grads["attn_mask"].shape == mask.shape
     if case["N"] == 1:
         assert (kl == 0).all()
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="forces the Triton kernels' exact-float32 split under the CPU interpreter")
+@pytest.mark.parametrize("case", [pytest.param(c, id=c["id"]) for c in CASES if c["id"] in DKDV_PARTS_3XTF32])
+def test_matches_reference_3xtf32(case, monkeypatch):
+    """The fused KL with GQA, causal masking or a 2-D mask through the exact-float32 path of CUDA
+    devices (operands split into TF32 parts, multiplied exactly by the interpreter), dK/dV in two
+    launches where the launcher splits them: every output and gradient against the float64
+    references at float32 tolerances."""
+    force_exact_fp32_split(monkeypatch)
+    parts = record_dkdv_parts(monkeypatch)
+    test_matches_reference("triton", case)
+    assert parts == DKDV_PARTS_3XTF32[case["id"]]
 
 
 # --------------------------------------------------------------------------------------------------

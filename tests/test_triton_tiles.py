@@ -24,6 +24,7 @@ from helpers import float_mask
 from helpers import force_exact_fp32_split
 from helpers import make_gen
 from helpers import make_qkv
+from helpers import record_dkdv_parts
 from helpers import run_and_compare
 
 pytestmark = pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton backend is not usable here")
@@ -238,7 +239,11 @@ def test_tuned_kernel_launches_the_chosen_config_directly(monkeypatch):
 
 
 SPLIT_TF32_CASES = [c for c in CASES if c["id"] in ("causal_tall", "ragged_maps_window", "key_padding_float_rows",
-                                                 "float_mask_dead_rows", "gqa_causal", "negative_scale")]
+                                                 "float_mask_dead_rows", "gqa_causal", "negative_scale",
+                                                 "bool_mask_causal", "gqa_causal_wide_mask")]
+# A 2-D mask with causal masking or grouped heads: exact float32 dK/dV in two launches (the
+# launcher's dkdv_parts).
+DKDV_SPLIT_CASES = {"bool_mask_causal", "gqa_causal_wide_mask"}
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="interpreter tile shapes are a CPU (TRITON_INTERPRET) test")
@@ -287,21 +292,33 @@ def test_3xtf32_path(case, monkeypatch, poisoned_empty):
     """Float32 with allow_tf32 off compiles to 3xTF32 products (PRECISION "3xtf32"): Q, K, V and dO
     split into TF32 parts by the launcher, P and dS by the kernels; the interpreter multiplies the TF32
     parts exactly, as tensor cores do, so this runs that code against the float64 reference at
-    float32 tolerances (a missing product or a low part read from the wrong place fails it)."""
+    float32 tolerances (a missing product or a low part read from the wrong place fails it). With a
+    2-D mask and causal masking or GQA, dK/dV run as two launches (dV, then dK) when dO reaches the
+    kernels: here without maps (with them, autograd.grad(inputs=...) observes the maps' gradient, so
+    attention_pv computes dV and the kernels run without dO)."""
     from lfi.backends.triton import _launch
 
     force_exact_fp32_split(monkeypatch)
+    parts = record_dkdv_parts(monkeypatch)
     monkeypatch.setattr(_launch, "INTERPRETER_BLOCKS", {"BLOCK_M": 16, "BLOCK_N": 32})
     _run_case(case, (16, 32))
+    if case["id"] in DKDV_SPLIT_CASES:
+        parts.clear()
+        _run_case(case, (16, 32), need_weights=False)
+        assert parts == [2, 1]
+    else:
+        assert parts == [3]
 
 
-def _run_case(case, tile):
-    gen = make_gen("tiles", case["id"], tile)
+def _run_case(case, tile, need_weights=True):
+    gen = make_gen("tiles", case["id"], tile, *(() if need_weights else ("no_maps",)))
     B, H, Hkv, M, N = 2, case.get("H", 2), case.get("Hkv", 2), case["M"], case["N"]
     q, k, v = make_qkv(B, H, Hkv, M, N, 40, gen=gen, requires_grad=True)
     mask = _mask(case.get("mask"), B, H, M, N, gen)
     run_and_compare("triton", q, k, v, mask, is_causal=case.get("causal", False), scale=case.get("scale"),
-                    need_weights=True, rows=case.get("rows"), gen=gen)
+                    need_weights=need_weights, rows=case.get("rows") if need_weights else None,
+                    loss="both" if need_weights else "out", gen=gen)
+
 
 
 def test_maps_buffer_rows_are_padded():
@@ -330,6 +347,26 @@ def _named(dtype=torch.bfloat16, D=64, M=1024, maps=0, precision="tf32", N=1024,
 
 def _shape(cfg):
     return (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)
+
+
+def test_dkdv_parts():
+    """Exact float32 dK/dV runs as two launches (dV, then dK) only at head dims <= 64, with dO, and
+    with the fused KL or a 2-D mask together with causal masking or grouped heads."""
+    from lfi.backends.triton.interaction_attention import dkdv_parts
+
+    def parts(precision="3xtf32", d=64, causal=False, mask=None, has_do=True, kl=False, grouped=False):
+        constexprs = {"PRECISION": precision, "BLOCK_D": d, "BLOCK_DV": d, "IS_CAUSAL": causal,
+                      "HAS_MASK": mask is not None, "KEY_MASK": mask == "key"}
+        return dkdv_parts(constexprs, has_do, kl, grouped)
+
+    for split in (dict(kl=True, causal=True), dict(kl=True, grouped=True), dict(mask="2d", causal=True),
+                  dict(mask="2d", grouped=True), dict(kl=True, mask="key", causal=True, grouped=True)):
+        assert parts(**split) == (2, 1), split
+        for other in (dict(precision="tf32"), dict(precision="ieee"), dict(d=128), dict(has_do=False)):
+            assert parts(**{**split, **other}) == (3,), (split, other)
+    for whole in (dict(), dict(kl=True), dict(mask="2d"), dict(causal=True, grouped=True), dict(kl=True, mask="2d"),
+                  dict(mask="key", causal=True, grouped=True)):
+        assert parts(**whole) == (3,), whole
 
 
 def test_config_tables():

@@ -94,9 +94,11 @@ _FEATURES = ["M_BUCKET", "N_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS
 # candidate spills, with or without maps, for every feature ("heavy": a dK/dV with causal, GQA, the
 # fused KL, a 2-D mask or a mask with map gradients, whose 32-row tile spills 4-352 B and, with maps
 # and causal or GQA, the pipelined 16-row one 32-204 B; the fused KL's forward spills 20-240 B at
-# 128-row tiles). At D = 128 the lists hold the tiles that fit the shared memory with the fewest
-# spills: none in the forward without maps, 44 B in dQ with a float mask or the fused KL, 36-432 B
-# with maps, and 700-1920 B in dK/dV, at every tile measured (RESULTS.md, 2026-12-04). TF32 with
+# 128-row tiles; the heavy 16x128 w8 s1 itself spilled 4-112 B with the fused KL or a 2-D mask and
+# causal masking or GQA, where dV and dK now run as two launches, see dkdv_parts). At D = 128 the
+# lists hold the tiles that fit the shared memory with the fewest spills: none in the forward
+# without maps, 44 B in dQ with a float mask or the fused KL, 36-432 B with maps, and 700-1920 B in
+# dK/dV, at every tile measured (RESULTS.md, 2026-12-04). TF32 with
 # the fused KL: 128x64 and 64x64 forward tiles spill 16-88 B without maps, the dQ 64x64 w4 tile 108 B.
 # Float32 forward lists from the same combination sweep (TF32 and exact, D = 64 and 128, M = N = 197
 # and 1024; RESULTS.md, "Float32 feature combinations"): TF32 maps at D = 64 unpipelined 128x64
@@ -323,8 +325,8 @@ _fwd = _tuned(K.attention_fwd_kernel, "fwd", ["HAS_KL", "WRITE_MAPS"])
 _preprocess = _tuned(K.attention_bwd_preprocess_kernel, "preprocess", ["HAS_DW", "HAS_DO"])
 # DQ_ACC accumulates atomically (DQ_ATOMIC): zeroed around the autotuner's timing runs. Without
 # DQ_ATOMIC it is a one-element placeholder, so zeroing it costs nothing.
-_dkdv = _tuned(K.attention_bwd_dkdv_kernel, "dkdv", ["HAS_DW", "HAS_KL", "HAS_DO", "GROUP", "DQ_ATOMIC"],
-               reset_to_zero=["DQ_ACC"])
+_dkdv = _tuned(K.attention_bwd_dkdv_kernel, "dkdv",
+               ["HAS_DW", "HAS_KL", "HAS_DO", "GROUP", "DQ_ATOMIC", "DK_DV"], reset_to_zero=["DQ_ACC"])
 _dq = _tuned(K.attention_bwd_dq_kernel, "dq", ["HAS_DW", "HAS_KL", "HAS_DO", "WRITE_DS"])
 
 
@@ -450,6 +452,22 @@ def _copy_map_gradient(grad_weights, q, constexprs) -> bool:
     return q.element_size() != 2 or max(constexprs["BLOCK_D"], constexprs["BLOCK_DV"]) > 64
 
 
+def dkdv_parts(constexprs, has_do: bool, has_kl: bool, grouped: bool) -> tuple[int, ...]:
+    """DK_DV of each dK/dV launch: (3,) one launch computing both; (2, 1) dV first, then dK (each
+    program recomputes S; the dK launch also dP). Split for exact float32 (3xTF32) at head dims
+    <= 64 with the fused KL or a 2-D mask and causal masking or grouped heads: one kernel for both
+    holds two float32 accumulators and both TF32 parts of K, V and of each tile's Q and dO, and its
+    tile (16x128 w8 s1; every other tile measured spills more) spilled 4-112 B in 82 of those 96
+    calls of the combination sweep (sm_90, M = N = 197 and 1024, maps off and on); each part alone
+    on that tile spills in none, for 1.27x the main-loop instructions per score (median; 1.18-1.45x;
+    benchmarks/RESULTS.md, "Exact float32 dK/dV in two launches"). The other exact calls did not
+    spill. Without dO there is no dV product to split off."""
+    if not has_do or constexprs["PRECISION"] != "3xtf32" or max(constexprs["BLOCK_D"], constexprs["BLOCK_DV"]) > 64:
+        return (3,)
+    mask_2d = constexprs["HAS_MASK"] and not constexprs["KEY_MASK"]
+    return (2, 1) if (has_kl or mask_2d) and (constexprs["IS_CAUSAL"] or grouped) else (3,)
+
+
 def use_atomic_dq(mask_grad: bool) -> bool:
     """Whether the backward adds dQ atomically inside the dK/dV kernel (5 matrix products per tile
     pair instead of 7, as FlashAttention-2) instead of running the dQ kernel. Opt-in with
@@ -509,14 +527,16 @@ def attention_backward(grad_out, grad_weights, q, k, v, out, stats, mask, scale:
     edge_loop = H > Hkv or (has_kl and q.element_size() == 2)
     dq_acc = (torch.zeros(q.shape, dtype=torch.float32, device=q.device) if dq_atomic
               else torch.empty(1, dtype=torch.float32, device=q.device))
-    _dkdv(
-        lambda meta: cdiv(N, meta["BLOCK_N"]) * B * Hkv,
-        q_op, k_op, v_op, mask_arg, do_op, g_arg, stats, delta, dk, dv, dq_acc, *kl_args,
-        *q_op.stride(), *k_op.stride(), *v_op.stride(), *mask_strides, *do_op.stride(), *g_strides,
-        *dk.stride(), *dv.stride(), *_strides(dq_acc if dq_atomic else None), *kl_strides,
-        H, Hkv, H // Hkv, M, N, float(scale), *sizes[2:],
-        HAS_DW=has_dw, HAS_KL=has_kl, HAS_DO=has_do, DQ_ATOMIC=dq_atomic, EDGE_LOOP=edge_loop, **constexprs,
-    )
+    for part in dkdv_parts(constexprs, has_do, has_kl, H > Hkv):
+        _dkdv(
+            lambda meta: cdiv(N, meta["BLOCK_N"]) * B * Hkv,
+            q_op, k_op, v_op, mask_arg, do_op, g_arg, stats, delta, dk, dv, dq_acc, *kl_args,
+            *q_op.stride(), *k_op.stride(), *v_op.stride(), *mask_strides, *do_op.stride(), *g_strides,
+            *dk.stride(), *dv.stride(), *_strides(dq_acc if dq_atomic else None), *kl_strides,
+            H, Hkv, H // Hkv, M, N, float(scale), *sizes[2:],
+            HAS_DW=has_dw, HAS_KL=has_kl, HAS_DO=has_do, DQ_ATOMIC=dq_atomic, EDGE_LOOP=edge_loop, DK_DV=part,
+            **constexprs,
+        )
     if dq_atomic:
         return dq_acc.to(q.dtype), dk, dv, None
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
