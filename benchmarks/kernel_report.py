@@ -539,13 +539,14 @@ def bind(launch: RawLaunch, target: str, override: dict | None = None) -> Compil
     job = CompileJob(fn.module, fn.fn.__qualname__, fn.fn.__code__.co_filename, target, signature, constexprs,
                      attrs, opts, kwargs.get("BLOCK_M"), kwargs.get("BLOCK_N"), opts["num_warps"],
                      opts["num_stages"])
-    ident = (job.module, job.name, target, sorted(signature.items()), sorted(constexprs.items(), key=repr),
-             sorted(attrs.items()), sorted((k, repr(v)) for k, v in opts.items()))
-    job.key = hashlib.sha1(repr(ident).encode()).hexdigest()[:16]
+    # The variant is the launch without its config; the key adds the config (block sizes, options).
     tiles = {(fn.arg_names.index(n),) for n in ("BLOCK_M", "BLOCK_N") if n in fn.arg_names}  # keyed by path
     variant = (job.module, job.name, target, sorted(signature.items()),
                sorted(((k, v) for k, v in constexprs.items() if k not in tiles), key=repr), sorted(attrs.items()))
+    config = (sorted((k, v) for k, v in constexprs.items() if k in tiles),
+              sorted((k, repr(v)) for k, v in opts.items()))
     job.variant = hashlib.sha1(repr(variant).encode()).hexdigest()[:16]
+    job.key = hashlib.sha1(repr((variant, config)).encode()).hexdigest()[:16]
     return job
 
 
