@@ -9,8 +9,10 @@
   TunedKernel's direct launch of the compiled kernel; `--direct-launch 0`: every launch through
   JITFunction.run), with only what needs a GPU faked:
   Triton's driver reports an sm_90 device, compilation returns a kernel whose launch does nothing,
-  and autotuning's timings are constant (so it picks the first candidate). Forward under no_grad,
-  and forward + ``torch.autograd.grad`` of q, k, v, without maps.
+  and autotuning's timings are constant (so it picks the first candidate). Forward under no_grad
+  and forward + backward: without maps (``torch.autograd.grad`` of q, k, v), with every row's maps
+  (``backward()`` of a loss on out and the maps, as the benchmark suite's cases) and with the fused
+  KL against a (B, 1, M, N) target (a loss on out and the KL), as interaction queries train.
 
     python benchmarks/launcher_overhead.py [--what call|launcher] [--shape B,H,M,N,D] [--calls N]
                                            [--repeats 5] [--autotune 0|1] [--direct-launch 0|1]
@@ -85,10 +87,16 @@ def call_cases(q, k, v, M):
 
     usable = _dispatch._unusable_reason  # the Triton backend refuses CPU tensors outside the interpreter
     _dispatch._unusable_reason = lambda backend, device: None if backend == "triton" else usable(backend, device)
+    import lfi.ops._kl
     from lfi.ops import interaction_attention
 
+    lfi.ops._kl.checks_values_free = lambda t: False  # target values unchecked, as on a GPU
+
     q, k, v = (t.requires_grad_() for t in (q, k, v))
+    B, H, _, N = *q.shape[:3], k.shape[2]
     grad = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype)
+    grad_maps = torch.empty(B, H, M, N, dtype=q.dtype)
+    target = torch.empty(B, 1, M, N, dtype=q.dtype)  # a teacher's maps, shared by the heads
 
     def forward():
         with torch.no_grad():
@@ -97,7 +105,29 @@ def call_cases(q, k, v, M):
     def forward_backward():
         torch.autograd.grad(interaction_attention(q, k, v, backend="triton"), (q, k, v), grad)
 
-    return {"call: forward, no maps": forward, "call: forward + backward, no maps": forward_backward}
+    def forward_maps():
+        with torch.no_grad():
+            interaction_attention(q, k, v, need_weights=True, backend="triton")
+
+    def forward_backward_maps():
+        # As the benchmark suite's cases: a loss on out and on the maps, backward() into .grad
+        # (reset, so that accumulating them is not CPU work the GPU would not do).
+        q.grad = k.grad = v.grad = None
+        torch.autograd.backward(interaction_attention(q, k, v, need_weights=True, backend="triton"),
+                                (grad, grad_maps))
+
+    def forward_backward_kl():
+        q.grad = k.grad = v.grad = None
+        out, kl = interaction_attention(q, k, v, kl_target=target, backend="triton")
+        torch.autograd.backward((out, kl), (grad, torch.ones((), dtype=kl.dtype)))
+
+    return {
+        "call: forward, no maps": forward,
+        "call: forward + backward, no maps": forward_backward,
+        "call: forward, maps": forward_maps,
+        "call: forward + backward, maps (loss on out and maps)": forward_backward_maps,
+        "call: forward + backward, fused KL (loss on out and KL)": forward_backward_kl,
+    }
 
 
 def main(argv=None) -> None:

@@ -200,9 +200,11 @@ LFI_HD void kl_add(KLSums<T>& acc, T s, T tg, bool keep, T sh, T shu, T t_scale,
     acc.c += e > T(0) ? e * (u - (s - sh)) : T(0);
   } else {
     const T t = keep ? tg : T(0);
-    const bool pos = t > T(0);
-    acc.y += pos ? t * log_(pos ? t : T(1)) : T(0);
-    acc.c += pos ? t * (s - sh) : T(0);
+    // `!= 0`, not `> 0`: a negative probability (not checked on a GPU: it would synchronise, see
+    // lfi/ops/_kl.py) makes the row's KL NaN through its log, as F.kl_div, never a wrong number.
+    const bool nonzero = t != T(0);
+    acc.y += nonzero ? t * log_(nonzero ? t : T(1)) : T(0);
+    acc.c += nonzero ? t * (s - sh) : T(0);
     acc.x += t;
   }
 }

@@ -82,7 +82,7 @@ def _kl_step(s, tg, keep, m, l, x, y, c, t_scale, TARGET_IS_LOGITS: tl.constexpr
         y = mu_new
     else:
         t = tl.where(keep, tg, 0.0)
-        pos = t > 0.0
+        pos = t != 0.0  # a negative probability gives NaN through its log (see interaction_attention's)
         y += tl.sum(tl.where(pos, t * _log2(tl.where(pos, t, 1.0)), 0.0), 1)
         c += x * (sh_old - sh) + tl.sum(tl.where(pos, t * ds, 0.0), 1)
         x += tl.sum(t, 1)

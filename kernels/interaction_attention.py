@@ -374,7 +374,9 @@ def _fwd_tile(q, q_lo, LO, start_n, k_base, v_base, k_offs, v_offs, mask_base, t
             # Online pieces of KL(t || softmax(s)): kl_a = sum t ln t, kl_b = sum t (s - m) centred on
             # the running max (in the kernel's units), kl_z = sum t.
             t = _kl_target(t_base + offs_n[None, :] * stride_tn, row_ok, key_ok, s, EDGE, HAS_MASK)
-            pos = t > 0.0
+            # `!= 0`, not `> 0`: a negative probability (not checked on a GPU: it would synchronise,
+            # see lfi.ops._kl) makes the row's KL NaN through its log, as F.kl_div, never a wrong number.
+            pos = t != 0.0
             if FLOAT_MASK:
                 s_units = s
             else:

@@ -43,6 +43,7 @@ from helpers import float_mask
 from helpers import make_gen
 from helpers import make_qkv
 from lfi.backends.cuda import _ext
+from lfi.backends.torch import attention_kl_qk as RQ
 
 
 @pytest.fixture(scope="module")
@@ -290,3 +291,28 @@ def test_emulated_tc_kl_qk(emu, case, dtype):
     # enters the tensor-core products rounded to b16 (as on the GPU) and dq / dk are b16.
     bwd_tol = 4e-2 if dtype == torch.bfloat16 else 8e-3
     check_kl_qk(emu, q, k, target, q_t, k_t, key_mask, g, D ** -0.5, 0.8, logits, 1e-4, bwd_tol)
+
+
+# A negative target probability, which a GPU call does not check (a check would synchronise, see
+# lfi.ops._kl.checks_values_free), gives its row's KL NaN, as the float64 reference (F.kl_div's
+# formula) does, and leaves the other rows as they were: the fused KL (lfi_math.h's kl_add) and
+# attention_kl_qk's tensor-core loops, CHECKED edge tiles and FAST interior ones (N = 200).
+@pytest.mark.parametrize("tdtype", ["fp32", "b16"])
+@pytest.mark.parametrize("M,N", [(9, 37), (70, 200)], ids=["edge_tiles", "fast_tiles"])
+def test_emulated_negative_probability_gives_nan_row(emu, M, N, tdtype):
+    gen = make_gen("emu-negative-target", M, N, tdtype)
+    dtype, D = torch.bfloat16, 64
+    q, k, v = make_qkv(1, 1, 1, M, N, D, dtype=dtype, gen=gen, device="cpu")
+    target = torch.rand(1, 1, M, N, generator=gen)
+    target = target.to(dtype) if tdtype == "b16" else target
+    bad = target.clone()
+    bad[0, 0, 3, N // 2] = -0.25
+    scale = D ** -0.5
+    kl_qk = [emu.kl_qk_fwd(q, k, t, None, None, None, scale, 1.0, False)[0] for t in (target, bad)]
+    fused = [attention_fwd(emu, q, k, v, None, t, scale, False, (0, 0))[0][3] for t in (target, bad)]
+    want = RQ.kl_qk_forward(q.double(), k.double(), bad.double(), None, None, None, scale, 1.0, False)[0]
+    for name, (good_kl, bad_kl) in (("attention_kl_qk", kl_qk), ("fused KL", fused)):
+        assert torch.isnan(bad_kl[0, 0, 3]) and torch.isnan(want[0, 0, 3]), name
+        assert torch.isfinite(good_kl).all(), name
+        others = torch.arange(M) != 3
+        assert torch.equal(bad_kl[0, 0, others], good_kl[0, 0, others]), name

@@ -439,10 +439,13 @@ __device__ __forceinline__ void qk_fwd_tile(float (&m)[2], float (&l)[2], KLSums
       const float ev = ex2(du2);
       xs[rr] += ev;
       cs[rr] = fmaf(ev, fmaxf(du2, kFinite) - dc, cs[rr]);
-    } else {  // x += t, y += t lg2 t, c += t (s - sh) over t > 0 (tp = 0 otherwise, NaN t stays in x)
+    } else {  // x += t, y += t lg2 t, c += t (s - sh) over t > 0 (tp = 0 otherwise, NaN t stays in x).
+      // lg2(t + FLT_MIN): finite at t = 0 (and on subnormals, which lg2.approx.ftz flushes), NaN for
+      // a negative t (unchecked on a GPU, see lfi/ops/_kl.py: the row's KL is NaN, as F.kl_div),
+      // one FADD as the clamp it replaces (a negative subnormal, |t| < FLT_MIN, counts as 0 here).
       const float t = tg[nt][e], tp = fmaxf(t, 0.0f);
       xs[rr] += t;
-      ys[rr] = fmaf(tp, lg2(fmaxf(t, 1.17549435e-38f)), ys[rr]);
+      ys[rr] = fmaf(tp, lg2(t + 1.17549435e-38f), ys[rr]);
       cs[rr] = fmaf(tp, dc, cs[rr]);
     }
   });

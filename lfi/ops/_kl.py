@@ -33,13 +33,23 @@ def check_dense_target(target, shape, student: torch.Tensor, target_is: str, val
     if target.device != student.device:
         raise ValueError(f"target is on {target.device} but the student is on {student.device}")
     target4 = as_4d("target", target, shape, "(B, H, M, N)")
-    # Data-dependent checks synchronise; they are skipped while torch.compile traces.
+    # Checks of the values are skipped while torch.compile traces (they are data-dependent).
     if not torch.compiler.is_compiling():
-        if target_is == "probs" and bool((target < 0).any()):
+        if target_is == "probs" and (validate or checks_values_free(target)) and bool((target < 0).any()):
             raise ValueError("target has negative probabilities (target_is='probs' needs target >= 0)")
         if validate:
             _check_rows_sum_to_one(target, target_is)
     return target4
+
+
+def checks_values_free(t: torch.Tensor) -> bool:
+    """Whether a check of t's values runs on every call. On the CPU it costs a pass over t; on a
+    GPU reading its result waits for the device: a host-device synchronisation per call, which
+    drains the launch queue (the host then launches every following kernel while the GPU idles) and
+    is not allowed while a CUDA graph is captured. There the values are checked only with
+    validate=True; unchecked, a negative probability makes its row's KL NaN in every backend (as
+    F.kl_div), never a wrong number."""
+    return t.device.type == "cpu"
 
 
 def _check_rows_sum_to_one(target: torch.Tensor, target_is: str) -> None:

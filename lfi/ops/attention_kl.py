@@ -102,15 +102,19 @@ def attention_kl(
         student_logits: (B, H, M, N) attention logits (any leading layout of 2 to 4 dims, rows over
             the last dim); float16/bfloat16/float32 (float64 on the torch backend).
         target: teacher rows broadcastable to the student's shape, e.g. (B, 1, M, N) for one map per
-            query shared by all heads. target_is="probs": non-negative weights; "logits": softmax
-            of target / temperature; "log_probs": softmax of target (temperature not applied).
+            query shared by all heads. target_is="probs": non-negative weights (a negative one
+            raises ValueError on the CPU or with validate=True; elsewhere it is not checked, a
+            check would synchronise with the GPU, and gives that row's KL NaN, as F.kl_div);
+            "logits": softmax of target / temperature; "log_probs": softmax of target
+            (temperature not applied).
         key_mask: bool, True = keep, broadcastable to the student's shape (e.g. (B, 1, 1, N)).
             Dropped keys are excluded from both distributions, which are renormalised over the kept
             keys. Rows with no kept key, or with zero target mass, contribute 0.
         reduction: "none" -> per-row KL (student shape without the last dim); "sum" -> sum over
             rows; "mean" -> sum / number of rows (B*H*M; unlike F.kl_div, not / B*H*M*N);
             "batchmean" -> sum / B (the student's first dim, as F.kl_div).
-        validate: also check that target rows sum to 1 (probs, log_probs); raises ValueError.
+        validate: also check that target rows sum to 1 (probs, log_probs) and, on any device, that
+            probabilities are non-negative; raises ValueError. Synchronises with the device.
         backend: "auto" | "torch" | "triton".
 
     Returns:

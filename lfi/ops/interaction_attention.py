@@ -482,7 +482,9 @@ def interaction_attention(
         kl_target: teacher probabilities broadcastable to (B, H, M, N) (e.g. (B, 1, M, N)): also
             return KL(kl_target || P) per row, computed in the same pass over the keys. The target
             is restricted to the keys each row attends (mask, causal) and renormalised there; rows
-            without target mass give 0. No gradient flows to the target.
+            without target mass give 0. No gradient flows to the target. A negative probability
+            raises ValueError on the CPU; on a GPU it is not checked (a check would synchronise)
+            and gives that row's KL NaN (as F.kl_div).
         kl_reduction: "batchmean" (sum / B), "mean" (sum / (B*H*M) rows), "sum" or "none"
             (per row, (B, H, M)), as in attention_kl.
         enable_gqa: as in SDPA: True allows grouped-query heads (H % Hkv == 0); False requires
