@@ -12,7 +12,8 @@
   and autotuning's timings are constant (so it picks the first candidate). Forward under no_grad
   and forward + backward: without maps (``torch.autograd.grad`` of q, k, v), with every row's maps
   (``backward()`` of a loss on out and the maps, as the benchmark suite's cases) and with the fused
-  KL against a (B, 1, M, N) target (a loss on out and the KL), as interaction queries train.
+  KL against a (B, 1, M, N) target (a loss on out and the KL); and attention_kl_qk's forward +
+  backward against that target, as InteractionLoss computes it per supervised layer.
 
     python benchmarks/launcher_overhead.py [--what call|launcher] [--shape B,H,M,N,D] [--calls N]
                                            [--repeats 5] [--autotune 0|1] [--direct-launch 0|1]
@@ -88,7 +89,7 @@ def call_cases(q, k, v, M):
     usable = _dispatch._unusable_reason  # the Triton backend refuses CPU tensors outside the interpreter
     _dispatch._unusable_reason = lambda backend, device: None if backend == "triton" else usable(backend, device)
     import lfi.ops._kl
-    from lfi.ops import interaction_attention
+    from lfi.ops import attention_kl_qk, interaction_attention
 
     lfi.ops._kl.checks_values_free = lambda t: False  # target values unchecked, as on a GPU
 
@@ -121,12 +122,17 @@ def call_cases(q, k, v, M):
         out, kl = interaction_attention(q, k, v, kl_target=target, backend="triton")
         torch.autograd.backward((out, kl), (grad, torch.ones((), dtype=kl.dtype)))
 
+    def forward_backward_kl_qk():  # InteractionLoss's call per supervised layer (via="qk")
+        q.grad = k.grad = None
+        attention_kl_qk(q, k, target, backend="triton").backward()
+
     return {
         "call: forward, no maps": forward,
         "call: forward + backward, no maps": forward_backward,
         "call: forward, maps": forward_maps,
         "call: forward + backward, maps (loss on out and maps)": forward_backward_maps,
         "call: forward + backward, fused KL (loss on out and KL)": forward_backward_kl,
+        "call: attention_kl_qk(q, k, target), forward + backward": forward_backward_kl_qk,
     }
 
 

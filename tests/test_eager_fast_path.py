@@ -1,7 +1,7 @@
-"""Our kernels called in plain eager mode (issue 10, part 5): interaction_attention runs the kernels
-directly, without custom-op dispatcher round trips, with the custom ops' own autograd, and gives bit
-for bit what the custom ops torch.ops.lfi.* give (outputs and gradients, with and without autograd);
-under a dispatch mode (as in tracing) the custom op runs.
+"""Our kernels called in plain eager mode (issue 10, part 5): interaction_attention, attention_kl and
+attention_kl_qk run the kernels directly, without custom-op dispatcher round trips, with the custom
+ops' own autograd, and give bit for bit what the custom ops torch.ops.lfi.* give (outputs and
+gradients, with and without autograd); under a dispatch mode (as in tracing) the custom ops run.
 """
 from __future__ import annotations
 
@@ -148,3 +148,79 @@ def test_eager_path_autograd_flags():
     # only the maps enter the loss: out's gradient arrives as None and is treated as zero
     gq, = torch.autograd.grad(interaction_attention(q, k, v, need_weights=True, backend="torch")[1].sum(), q)
     assert torch.isfinite(gq).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# The KL ops likewise (attention_kl, attention_kl_qk: InteractionLoss calls one per supervised layer)
+# --------------------------------------------------------------------------------------------------
+
+KL_CASES = {
+    "kl_probs_mask": ("attention_kl", dict(target_is="probs", key_mask=True)),
+    "kl_logits_T2": ("attention_kl", dict(target_is="logits", temperature=2.0)),
+    "kl_qk_probs_gqa": ("attention_kl_qk", dict(target_is="probs", Hkv=1)),
+    "kl_qk_implicit_mask": ("attention_kl_qk", dict(implicit=True, key_mask=True)),
+}
+
+
+def _kl_call(op, kw, *, grad):
+    """The op's per-row KL on fixed inputs, and with grad the gradients of a weighted sum of it."""
+    import lfi.ops
+
+    kw = dict(kw)
+    B, H, M, N, D = 2, 2, 5, 11, 8
+    gen = make_gen("eager_kl", op, tuple(kw.items()))
+    key_mask = (torch.rand(B, 1, 1, N, generator=gen) < 0.7).to(DEVICE) if kw.pop("key_mask", False) else None
+    target = torch.softmax(randn((B, 1, M, N), gen), -1)
+    if kw.get("target_is") == "logits":
+        target = randn((B, 1, M, N), gen)
+    if op == "attention_kl":
+        leaves = [randn((B, H, M, N), gen, requires_grad=grad)]
+        kl = lfi.ops.attention_kl(leaves[0], target, key_mask=key_mask, reduction="none", backend="torch", **kw)
+    else:
+        leaves = [randn((B, H, M, D), gen, requires_grad=grad), randn((B, kw.pop("Hkv", H), N, D), gen,
+                                                                     requires_grad=grad)]
+        if kw.pop("implicit", False):
+            target = (randn((B, 1, M, 4), gen), randn((B, 1, N, 4), gen))
+        kl = lfi.ops.attention_kl_qk(*leaves, target, key_mask=key_mask, reduction="none", backend="torch", **kw)
+    if not grad:
+        return [kl]
+    return [kl.detach(), *torch.autograd.grad((kl * randn(kl.shape, gen)).sum(), leaves)]
+
+
+@pytest.mark.parametrize("case", list(KL_CASES))
+def test_kl_eager_path_bit_identical_to_custom_ops(monkeypatch, case):
+    op, kw = KL_CASES[case]
+    direct = _kl_call(op, kw, grad=True)
+    with torch.no_grad():
+        direct_no_grad = _kl_call(op, kw, grad=False)
+    monkeypatch.setattr(sys.modules[f"lfi.ops.{op}"], "plain_eager", lambda *tensors: False)
+    via_ops = _kl_call(op, kw, grad=True)
+    for got, want in ((direct, via_ops), (direct_no_grad, via_ops[:1])):
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("op", ["attention_kl", "attention_kl_qk"])
+def test_kl_eager_path_skips_the_custom_ops_only_in_plain_eager_mode(monkeypatch, op):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    kw = dict(KL_CASES["kl_probs_mask" if op == "attention_kl" else "kl_qk_probs_gqa"][1])
+    with Passthrough():  # resolves the ops' redispatch targets before they are patched (see above)
+        _kl_call(op, kw, grad=True)
+    seen = []
+    for name in (f"{op}_fwd", f"{op}_bwd"):
+        real = getattr(torch.ops.lfi, name)
+        monkeypatch.setattr(torch.ops.lfi, name,
+                            lambda *args, _real=real, _name=name: seen.append(_name) or _real(*args))
+    _kl_call(op, kw, grad=True)
+    with torch.no_grad():
+        _kl_call(op, kw, grad=False)
+    assert seen == []
+    with Passthrough():
+        _kl_call(op, kw, grad=True)
+    assert seen == [f"{op}_fwd", f"{op}_bwd"]

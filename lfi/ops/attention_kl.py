@@ -14,7 +14,7 @@ from lfi import _dispatch
 from lfi._numerics import compute_dtype
 from lfi.ops import _double_backward as double_backward
 from lfi.ops import _vmap
-from lfi.ops._functorch import functorch_active, functorch_function
+from lfi.ops._functorch import eager_function, functorch_active, functorch_function, plain_eager, requires_grad
 from lfi.ops._kl import check_dense_target, check_options, reduce_rows, target_scale
 from lfi.ops._validation import check_key_mask, check_tensor
 
@@ -33,6 +33,11 @@ def attention_kl_fwd(
     """kl (B, H, M) per row and the row statistics the backward needs, kept as pairs: stats
     (B, H, M, 2) = the student's (row max, log l), tstats (B, H, M, 2) = the target's (shift, log
     normaliser); float32 (float64 for float64 logits)."""
+    return _forward_kernels(logits, target, key_mask, student_scale, target_scale, target_is_logits, backend)
+
+
+def _forward_kernels(logits, target, key_mask, student_scale, target_scale, target_is_logits, backend):
+    """The body of attention_kl_fwd (also run directly in plain eager mode)."""
     return _dispatch.implementation(backend, OP).kl_forward(
         logits, target, key_mask, student_scale, target_scale, target_is_logits
     )
@@ -51,6 +56,13 @@ def attention_kl_bwd(
     student_scale: float, target_scale: float, target_is_logits: bool, backend: str,
 ) -> Tensor:
     """dlogits (B, H, M, N) in logits.dtype."""
+    return _backward_kernels(grad_kl, logits, target, key_mask, stats, tstats, student_scale, target_scale,
+                             target_is_logits, backend)
+
+
+def _backward_kernels(grad_kl, logits, target, key_mask, stats, tstats, student_scale, target_scale,
+                      target_is_logits, backend):
+    """The body of attention_kl_bwd (also run directly by _EagerKL's backward)."""
     return _dispatch.implementation(backend, OP).kl_backward(
         grad_kl, logits, target, key_mask, stats, tstats, student_scale, target_scale, target_is_logits
     )
@@ -67,16 +79,19 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(logits, target, key_mask, stats, tstats)
     ctx.args = (student_scale, target_scale, target_is_logits, backend)
     ctx.mark_non_differentiable(stats, tstats)
+    ctx.backward_op = torch.ops.lfi.attention_kl_bwd
 
 
 def _backward(ctx, grad_kl, grad_stats, grad_tstats):
+    if grad_kl is None:  # no gradient reached kl (plain eager: gradients are not materialized)
+        return (None,) * 7
     logits, target, key_mask, stats, tstats = ctx.saved_tensors
     if torch.is_grad_enabled():
         # A differentiable backward is asked for (create_graph=True, gradgradcheck, torch.func): the
         # same gradient from differentiable torch ops (lfi.ops._double_backward), not the kernels.
         dlogits = double_backward.kl_backward(grad_kl, logits, target, key_mask, *ctx.args[:3])
     else:
-        dlogits = torch.ops.lfi.attention_kl_bwd(grad_kl, logits, target, key_mask, stats, tstats, *ctx.args)
+        dlogits = ctx.backward_op(grad_kl, logits, target, key_mask, stats, tstats, *ctx.args)
     return dlogits, None, None, None, None, None, None
 
 
@@ -89,6 +104,19 @@ _vmap.register(attention_kl_bwd, [_vmap.FULL, _vmap.FULL, _vmap.BCAST, _vmap.BCA
 _FunctorchKL = functorch_function(
     torch.ops.lfi.attention_kl_fwd, _setup_context, _backward,
     "attention_kl_fwd with its autograd, for torch.func transforms (lfi.ops._functorch).")
+_EagerKL = eager_function(
+    _forward_kernels, _backward_kernels, _setup_context, _backward,
+    "attention_kl_fwd with its autograd, without the dispatcher (plain eager mode, lfi.ops._functorch).")
+
+
+def _kl_rows(*args) -> Tensor:
+    """Per-row KL from the arguments of attention_kl_fwd, by the route the mode allows."""
+    logits, target, key_mask = args[:3]
+    if not plain_eager(logits, target, key_mask):
+        return (_FunctorchKL.apply if functorch_active() else torch.ops.lfi.attention_kl_fwd)(*args)[0]
+    if requires_grad(logits):
+        return _EagerKL.apply(*args)[0]
+    return _forward_kernels(*args)[0]
 
 
 def attention_kl(
@@ -133,8 +161,6 @@ def attention_kl(
     target4 = check_dense_target(target, logits.shape, logits, target_is, validate)
     mask4 = check_key_mask(key_mask, logits.shape, logits.device)
     name = _dispatch.resolve(backend, logits.device)
-    kl, _, _ = (_FunctorchKL.apply if functorch_active() else torch.ops.lfi.attention_kl_fwd)(
-        logits, target4, mask4, 1.0 / float(temperature), target_scale(target_is, float(temperature)),
-        target_is != "probs", name,
-    )
+    kl = _kl_rows(logits, target4, mask4, 1.0 / float(temperature), target_scale(target_is, float(temperature)),
+                  target_is != "probs", name)
     return reduce_rows(kl.reshape(row_shape), reduction, batch)

@@ -15,7 +15,7 @@ from lfi import _dispatch
 from lfi._numerics import MAX_HEAD_DIM, compute_dtype
 from lfi.ops import _double_backward as double_backward
 from lfi.ops import _vmap
-from lfi.ops._functorch import functorch_active, functorch_function
+from lfi.ops._functorch import eager_function, functorch_active, functorch_function, plain_eager, requires_grad
 from lfi.ops._kl import check_dense_target, check_options, reduce_rows, target_scale
 from lfi.ops._validation import check_float, check_key_mask, check_qkv, check_tensor, empty_dims
 
@@ -29,6 +29,11 @@ def attention_kl_qk_fwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """kl (B, H, M) per row and the row statistics stats, tstats (B, H, M, 2) (see
     lfi::attention_kl_fwd); float32 (float64 for float64 inputs)."""
+    return _forward_kernels(q, k, target, q_t, k_t, key_mask, student_scale, target_scale, target_is_logits, backend)
+
+
+def _forward_kernels(q, k, target, q_t, k_t, key_mask, student_scale, target_scale, target_is_logits, backend):
+    """The body of attention_kl_qk_fwd (also run directly in plain eager mode)."""
     return _dispatch.implementation(backend, OP).kl_qk_forward(
         q, k, target, q_t, k_t, key_mask, student_scale, target_scale, target_is_logits
     )
@@ -49,6 +54,13 @@ def attention_kl_qk_bwd(
     target_is_logits: bool, backend: str,
 ) -> tuple[Tensor, Tensor]:
     """(dq, dk) in q's and k's dtypes."""
+    return _backward_kernels(grad_kl, q, k, target, q_t, k_t, key_mask, stats, tstats, student_scale, target_scale,
+                             target_is_logits, backend)
+
+
+def _backward_kernels(grad_kl, q, k, target, q_t, k_t, key_mask, stats, tstats, student_scale, target_scale,
+                      target_is_logits, backend):
+    """The body of attention_kl_qk_bwd (also run directly by _EagerKLQK's backward)."""
     return _dispatch.implementation(backend, OP).kl_qk_backward(
         grad_kl, q, k, target, q_t, k_t, key_mask, stats, tstats, student_scale, target_scale, target_is_logits
     )
@@ -66,17 +78,19 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, target, q_t, k_t, key_mask, stats, tstats)
     ctx.args = (student_scale, target_scale, target_is_logits, backend)
     ctx.mark_non_differentiable(stats, tstats)
+    ctx.backward_op = torch.ops.lfi.attention_kl_qk_bwd
 
 
 def _backward(ctx, grad_kl, grad_stats, grad_tstats):
+    if grad_kl is None:  # no gradient reached kl (plain eager: gradients are not materialized)
+        return (None,) * 10
     q, k, target, q_t, k_t, key_mask, stats, tstats = ctx.saved_tensors
     if torch.is_grad_enabled():
         # A differentiable backward is asked for (create_graph=True, gradgradcheck, torch.func): the
         # same gradients from differentiable torch ops (lfi.ops._double_backward), not the kernels.
         dq, dk = double_backward.kl_qk_backward(grad_kl, q, k, target, q_t, k_t, key_mask, *ctx.args[:3])
     else:
-        dq, dk = torch.ops.lfi.attention_kl_qk_bwd(grad_kl, q, k, target, q_t, k_t, key_mask, stats, tstats,
-                                                   *ctx.args)
+        dq, dk = ctx.backward_op(grad_kl, q, k, target, q_t, k_t, key_mask, stats, tstats, *ctx.args)
     return dq, dk, None, None, None, None, None, None, None, None
 
 
@@ -89,6 +103,19 @@ _vmap.register(attention_kl_qk_bwd, [_FULL, _FULL, _FULL, _BCAST, _FULL, _FULL, 
 _FunctorchKLQK = functorch_function(
     torch.ops.lfi.attention_kl_qk_fwd, _setup_context, _backward,
     "attention_kl_qk_fwd with its autograd, for torch.func transforms (lfi.ops._functorch).")
+_EagerKLQK = eager_function(
+    _forward_kernels, _backward_kernels, _setup_context, _backward,
+    "attention_kl_qk_fwd with its autograd, without the dispatcher (plain eager mode, lfi.ops._functorch).")
+
+
+def _kl_rows(*args) -> Tensor:
+    """Per-row KL from the arguments of attention_kl_qk_fwd, by the route the mode allows."""
+    q, k, target, q_t, k_t, key_mask = args[:6]
+    if not plain_eager(q, k, target, q_t, k_t, key_mask):
+        return (_FunctorchKLQK.apply if functorch_active() else torch.ops.lfi.attention_kl_qk_fwd)(*args)[0]
+    if requires_grad(q, k):
+        return _EagerKLQK.apply(*args)[0]
+    return _forward_kernels(*args)[0]
 
 
 def _check_teacher(q_t, k_t, q: Tensor, k: Tensor) -> None:
@@ -159,6 +186,5 @@ def attention_kl_qk(
         t_scale, is_logits = target_scale(target_is, temperature), target_is != "probs"
     mask4 = check_key_mask(key_mask, (B, H, M, N), q.device)
     name = _dispatch.resolve(backend, q.device)
-    fwd = _FunctorchKLQK.apply if functorch_active() else torch.ops.lfi.attention_kl_qk_fwd
-    kl, _, _ = fwd(q, k, dense, q_t, k_t, mask4, student_scale, t_scale, is_logits, name)
+    kl = _kl_rows(q, k, dense, q_t, k_t, mask4, student_scale, t_scale, is_logits, name)
     return reduce_rows(kl, reduction, B)

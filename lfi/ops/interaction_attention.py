@@ -16,7 +16,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from lfi import _dispatch
 from lfi._numerics import compute_dtype
@@ -24,6 +23,8 @@ from lfi.backends.torch import interaction_attention as reference
 from lfi.ops import _double_backward as double_backward
 from lfi.ops import _vmap
 from lfi.ops._functorch import functorch_active, functorch_function
+from lfi.ops._functorch import plain_eager as _plain_eager
+from lfi.ops._functorch import requires_grad as _requires_grad
 from lfi.ops._kl import check_dense_target, check_options, reduce_rows
 from lfi.ops._validation import (
     check_enable_gqa,
@@ -358,31 +359,6 @@ _FunctorchForward = functorch_function(
     "interaction_attention_fwd with its autograd, for torch.func transforms (lfi.ops._functorch).")
 
 
-def _plain_eager(*tensors) -> bool:
-    """True when the forward may skip the custom op: eager mode (not under torch.compile, export,
-    jit tracing, functorch transforms, or a __torch_dispatch__ / __torch_function__ mode) on plain
-    tensors (no tensor subclasses such as FakeTensor or DTensor). Everywhere else the custom ops,
-    with their fake kernels, are called. A dispatch mode that declares `observes_only = True`
-    (lfi.benchmark.TensorMemory: it records the tensors ops create and changes nothing) leaves the
-    call on the plain path, so that it measures what an unobserved call runs."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False
-    if torch._C._len_torch_function_stack() or torch._C._are_functorch_transforms_active():
-        return False
-    if torch._C._len_torch_dispatch_stack() and not all(
-        getattr(mode, "observes_only", False) for mode in _get_current_dispatch_mode_stack()
-    ):
-        return False
-    return all(t is None or type(t) in _PLAIN_TENSORS for t in tensors)
-
-
-_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
-
-
-def _requires_grad(*tensors) -> bool:
-    return any(t is not None and t.requires_grad for t in tensors)
-
-
 def _attention_forward(q, k, v, mask, scale, is_causal, w_start, w_stop, kl_target, backend, out_via_pv=False):
     """torch.ops.lfi.interaction_attention_fwd, or in plain eager mode the same kernels and autograd
     without the dispatcher (and without autograd at all when nothing requires grad). out_via_pv: out
@@ -392,7 +368,7 @@ def _attention_forward(q, k, v, mask, scale, is_causal, w_start, w_stop, kl_targ
         if functorch_active():
             return _FunctorchForward.apply(*args)
         return torch.ops.lfi.interaction_attention_fwd(*args)
-    if torch.is_grad_enabled() and _requires_grad(q, k, v, mask, kl_target):
+    if _requires_grad(q, k, v, mask, kl_target):
         return _EagerForward.apply(*args, out_via_pv)
     return _forward_kernels(*args, need_stats=False)  # no backward will need the row statistics
 
@@ -577,7 +553,7 @@ def interaction_attention(
     else:
         # Every row's maps, per head: out = W @ V on the autograd path, as in eager (attention_pv).
         maps_on_path = (need_weights and not average_attn_weights and (w_start, w_stop) == (0, M)
-                        and dropout_p == 0.0 and torch.is_grad_enabled() and _requires_grad(q, k, v, mask, kl_target))
+                        and dropout_p == 0.0 and _requires_grad(q, k, v, mask, kl_target))
         out, weights, kl = _run(q, k, v, mask, scale, is_causal, dropout_p, need_weights, w_start, w_stop,
                                 kl_target, M, backend, maps_on_path)
     results = [out]
