@@ -224,3 +224,24 @@ def test_kl_eager_path_skips_the_custom_ops_only_in_plain_eager_mode(monkeypatch
     with Passthrough():
         _kl_call(op, kw, grad=True)
     assert seen == [f"{op}_fwd", f"{op}_bwd"]
+
+
+@pytest.mark.parametrize("op", ["attention_kl", "attention_kl_qk"])
+def test_kl_eager_path_grad_flags_match_custom_ops(monkeypatch, op):
+    """A target that requires grad (a teacher not detached) with a frozen student: kl requires grad
+    as it does through the custom op, and its backward leaves the target without a gradient."""
+    import lfi.ops
+
+    gen = make_gen("eager_kl_flags", op)
+    target = torch.softmax(randn((2, 1, 3, 7), gen), -1).requires_grad_()
+    student = (randn((2, 2, 3, 7), gen),) if op == "attention_kl" else (randn((2, 2, 3, 4), gen),
+                                                                         randn((2, 2, 7, 4), gen))
+    flags = []
+    for route in ("plain", "custom_op"):
+        if route == "custom_op":
+            monkeypatch.setattr(sys.modules[f"lfi.ops.{op}"], "plain_eager", lambda *tensors: False)
+        kl = getattr(lfi.ops, op)(*student, target, backend="torch")
+        flags.append(kl.requires_grad)
+        kl.backward()
+        assert target.grad is None
+    assert flags == [True, True]

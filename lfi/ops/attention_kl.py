@@ -1,6 +1,7 @@
 """attention_kl: KL(target || softmax(student_logits / T)) per attention row, fused.
 
-Layers: backend kernels -> custom ops `lfi::attention_kl_fwd/_bwd` (fake + autograd) -> API.
+Layers: backend kernels -> custom ops `lfi::attention_kl_fwd/_bwd` (fake + autograd) -> API; in plain
+eager mode the API runs the kernels with the same autograd without the dispatcher (lfi.ops._functorch).
 No gradient flows to the target (it is a teacher signal).
 """
 from __future__ import annotations
@@ -114,7 +115,7 @@ def _kl_rows(*args) -> Tensor:
     logits, target, key_mask = args[:3]
     if not plain_eager(logits, target, key_mask):
         return (_FunctorchKL.apply if functorch_active() else torch.ops.lfi.attention_kl_fwd)(*args)[0]
-    if requires_grad(logits):
+    if requires_grad(logits, target, key_mask):  # as the custom op's autograd would (dtarget is None)
         return _EagerKL.apply(*args)[0]
     return _forward_kernels(*args)[0]
 

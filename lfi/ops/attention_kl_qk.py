@@ -2,7 +2,8 @@
 
 The target is a dense tensor or an implicit teacher (q_t, k_t) whose logits scale_t * q_t k_t^T are
 never materialized either. Extra memory is O(B * H * M) in forward and backward.
-Layers: backend kernels -> custom ops `lfi::attention_kl_qk_fwd/_bwd` (fake + autograd) -> API.
+Layers: backend kernels -> custom ops `lfi::attention_kl_qk_fwd/_bwd` (fake + autograd) -> API; in plain
+eager mode the API runs the kernels with the same autograd without the dispatcher (lfi.ops._functorch).
 """
 from __future__ import annotations
 
@@ -113,7 +114,7 @@ def _kl_rows(*args) -> Tensor:
     q, k, target, q_t, k_t, key_mask = args[:6]
     if not plain_eager(q, k, target, q_t, k_t, key_mask):
         return (_FunctorchKLQK.apply if functorch_active() else torch.ops.lfi.attention_kl_qk_fwd)(*args)[0]
-    if requires_grad(q, k):
+    if requires_grad(q, k, target, q_t, k_t):  # as the custom op's autograd would (the teacher's are None)
         return _EagerKLQK.apply(*args)[0]
     return _forward_kernels(*args)[0]
 
