@@ -24,6 +24,8 @@ from helpers import float_mask
 from helpers import make_gen
 from helpers import make_qkv
 from helpers import randn
+from integration_models import timm_model
+from kl_cases import key_mask_of
 from kl_cases import make_target
 from lfi.ops import attention_kl
 from lfi.ops import attention_kl_qk
@@ -84,16 +86,11 @@ def _attention(Hkv=H, **kw):
     return setup
 
 
-def _key_mask(gen):
-    mask = bool_mask((B, 1, 1, N), gen)
-    mask[..., 0] = True
-    return mask
-
-
 def _kl(target_is="probs", key_mask=False):
     def setup(backend, gen):
         logits = randn((B, H, M, N), gen, requires_grad=True)
-        target, mask = make_target((B, 1, M, N), target_is, gen), _key_mask(gen) if key_mask else None
+        target = make_target((B, 1, M, N), target_is, gen)
+        mask = key_mask_of("B11N", B, H, M, N, gen) if key_mask else None
         return lambda: attention_kl(logits, target, target_is=target_is, key_mask=mask, backend=backend).backward()
     return setup
 
@@ -101,25 +98,19 @@ def _kl(target_is="probs", key_mask=False):
 def _kl_qk(target_is="probs", key_mask=False):
     def setup(backend, gen):
         q, k = randn((B, H, M, D), gen, requires_grad=True), randn((B, H, N, D), gen, requires_grad=True)
-        target, mask = make_target((B, 1, M, N), target_is, gen), _key_mask(gen) if key_mask else None
+        target = make_target((B, 1, M, N), target_is, gen)
+        mask = key_mask_of("B11N", B, H, M, N, gen) if key_mask else None
         return lambda: attention_kl_qk(q, k, target, target_is=target_is, key_mask=mask, backend=backend).backward()
     return setup
 
 
-TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=4)
-
-
 def _timm_patched_capture(backend, gen):
     """A timm ViT patched by lfi, every layer's maps captured, a loss on logits and maps."""
-    import timm
-
     import lfi
     import lfi.integrations.timm as lfi_timm
 
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_VIT).to(DEVICE)
+    model, images = timm_model("vit")
     lfi_timm.patch(model, backend=backend)
-    images = randn((2, 3, 32, 32), gen)
 
     def step():
         with lfi.capture_attention(model, grad=True) as maps:
@@ -136,7 +127,8 @@ def _interaction_vit_loss(backend, gen):
     from lfi.teachers.base import TeacherMaps
 
     torch.manual_seed(0)
-    student = InteractionViT("vit_tiny_patch16_224", num_queries=3, backend=backend, **TINY_VIT).to(DEVICE)
+    student = InteractionViT("vit_tiny_patch16_224", num_queries=3, backend=backend, img_size=32, patch_size=8,
+                             embed_dim=32, depth=2, num_heads=2, num_classes=4).to(DEVICE)
     images, labels = randn((2, 3, 32, 32), gen), torch.tensor([0, 3], device=DEVICE)
     teacher = TeacherMaps(torch.softmax(randn((2, 3, 16), gen), -1).view(2, 3, 4, 4))
     interaction_loss = InteractionLoss(backend=backend)

@@ -45,6 +45,18 @@ def requires_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def call_op(args: tuple, tensors: tuple, op: Callable, functorch_fn: type, eager_fn: type,
+            forward_kernels: Callable):
+    """A forward custom op's outputs for `args` (`tensors`: those of them that are tensors or None),
+    by the route the mode allows: in plain eager mode the kernels (through `eager_fn`, the op's
+    eager_function, when autograd needs them), under functorch transforms `functorch_fn`, else `op`."""
+    if not plain_eager(*tensors):
+        return (functorch_fn.apply if functorch_active() else op)(*args)
+    if requires_grad(*tensors):  # any input, as the custom op's autograd decides
+        return eager_fn.apply(*args)
+    return forward_kernels(*args)
+
+
 def eager_function(forward_kernels: Callable, backward_kernels: Callable, setup_context: Callable,
                    backward: Callable, doc: str) -> type:
     """A torch.autograd.Function for plain eager mode: its forward runs `forward_kernels` (the body

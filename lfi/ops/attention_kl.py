@@ -15,7 +15,7 @@ from lfi import _dispatch
 from lfi._numerics import compute_dtype
 from lfi.ops import _double_backward as double_backward
 from lfi.ops import _vmap
-from lfi.ops._functorch import eager_function, functorch_active, functorch_function, plain_eager, requires_grad
+from lfi.ops._functorch import call_op, eager_function, functorch_function
 from lfi.ops._kl import check_dense_target, check_options, reduce_rows, target_scale
 from lfi.ops._validation import check_key_mask, check_tensor
 
@@ -110,16 +110,6 @@ _EagerKL = eager_function(
     "attention_kl_fwd with its autograd, without the dispatcher (plain eager mode, lfi.ops._functorch).")
 
 
-def _kl_rows(*args) -> Tensor:
-    """Per-row KL from the arguments of attention_kl_fwd, by the route the mode allows."""
-    logits, target, key_mask = args[:3]
-    if not plain_eager(logits, target, key_mask):
-        return (_FunctorchKL.apply if functorch_active() else torch.ops.lfi.attention_kl_fwd)(*args)[0]
-    if requires_grad(logits, target, key_mask):  # as the custom op's autograd would (dtarget is None)
-        return _EagerKL.apply(*args)[0]
-    return _forward_kernels(*args)[0]
-
-
 def attention_kl(
     student_logits: Tensor, target: Tensor, *, target_is: str = "probs", temperature: float = 1.0,
     reduction: str = "batchmean", key_mask: Optional[Tensor] = None, validate: bool = False,
@@ -162,6 +152,8 @@ def attention_kl(
     target4 = check_dense_target(target, logits.shape, logits, target_is, validate)
     mask4 = check_key_mask(key_mask, logits.shape, logits.device)
     name = _dispatch.resolve(backend, logits.device)
-    kl = _kl_rows(logits, target4, mask4, 1.0 / float(temperature), target_scale(target_is, float(temperature)),
-                  target_is != "probs", name)
+    args = (logits, target4, mask4, 1.0 / float(temperature), target_scale(target_is, float(temperature)),
+            target_is != "probs", name)
+    kl, _, _ = call_op(args, (logits, target4, mask4), torch.ops.lfi.attention_kl_fwd, _FunctorchKL, _EagerKL,
+                       _forward_kernels)
     return reduce_rows(kl.reshape(row_shape), reduction, batch)

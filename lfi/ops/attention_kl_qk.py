@@ -16,7 +16,7 @@ from lfi import _dispatch
 from lfi._numerics import MAX_HEAD_DIM, compute_dtype
 from lfi.ops import _double_backward as double_backward
 from lfi.ops import _vmap
-from lfi.ops._functorch import eager_function, functorch_active, functorch_function, plain_eager, requires_grad
+from lfi.ops._functorch import call_op, eager_function, functorch_function
 from lfi.ops._kl import check_dense_target, check_options, reduce_rows, target_scale
 from lfi.ops._validation import check_float, check_key_mask, check_qkv, check_tensor, empty_dims
 
@@ -109,16 +109,6 @@ _EagerKLQK = eager_function(
     "attention_kl_qk_fwd with its autograd, without the dispatcher (plain eager mode, lfi.ops._functorch).")
 
 
-def _kl_rows(*args) -> Tensor:
-    """Per-row KL from the arguments of attention_kl_qk_fwd, by the route the mode allows."""
-    q, k, target, q_t, k_t, key_mask = args[:6]
-    if not plain_eager(q, k, target, q_t, k_t, key_mask):
-        return (_FunctorchKLQK.apply if functorch_active() else torch.ops.lfi.attention_kl_qk_fwd)(*args)[0]
-    if requires_grad(q, k, target, q_t, k_t):  # as the custom op's autograd would (the teacher's are None)
-        return _EagerKLQK.apply(*args)[0]
-    return _forward_kernels(*args)[0]
-
-
 def _check_teacher(q_t, k_t, q: Tensor, k: Tensor) -> None:
     B, H, M, _ = q.shape
     N = k.shape[2]
@@ -187,5 +177,7 @@ def attention_kl_qk(
         t_scale, is_logits = target_scale(target_is, temperature), target_is != "probs"
     mask4 = check_key_mask(key_mask, (B, H, M, N), q.device)
     name = _dispatch.resolve(backend, q.device)
-    kl = _kl_rows(q, k, dense, q_t, k_t, mask4, student_scale, t_scale, is_logits, name)
+    args = (q, k, dense, q_t, k_t, mask4, student_scale, t_scale, is_logits, name)
+    kl, _, _ = call_op(args, args[:6], torch.ops.lfi.attention_kl_qk_fwd, _FunctorchKLQK, _EagerKLQK,
+                       _forward_kernels)
     return reduce_rows(kl, reduction, B)
